@@ -1,0 +1,286 @@
+use crate::primitives::{activation, batchnorm, conv2d, dense, structural};
+use crate::Value;
+use hvp_tensor::conv::ConvGeometry;
+use hvp_tensor::{Float, Tensor};
+
+/// Index of a node in a [`Graph`].
+pub type NodeId = usize;
+
+/// One primitive application. Parameter and buffer operands are indices into the
+/// parameter list and buffer list passed to [`Graph::forward`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// The batch of inputs (always node 0).
+    Input,
+    Dense {
+        input: NodeId,
+        weight: usize,
+        bias: Option<usize>,
+    },
+    Conv2d {
+        input: NodeId,
+        weight: usize,
+        bias: Option<usize>,
+        geometry: ConvGeometry,
+    },
+    /// Eval-mode BatchNorm; `mean` and `var` are buffers (constants).
+    BatchNorm {
+        input: NodeId,
+        weight: usize,
+        bias: usize,
+        mean: usize,
+        var: usize,
+        eps: f64,
+    },
+    Relu {
+        input: NodeId,
+    },
+    Tanh {
+        input: NodeId,
+    },
+    Add {
+        a: NodeId,
+        b: NodeId,
+    },
+    GlobalAvgPool {
+        input: NodeId,
+    },
+    AvgPool {
+        input: NodeId,
+        kernel: usize,
+        stride: usize,
+    },
+    Flatten {
+        input: NodeId,
+    },
+}
+
+impl Op {
+    fn inputs(&self) -> Vec<NodeId> {
+        match *self {
+            Op::Input => vec![],
+            Op::Dense { input, .. }
+            | Op::Conv2d { input, .. }
+            | Op::BatchNorm { input, .. }
+            | Op::Relu { input }
+            | Op::Tanh { input }
+            | Op::GlobalAvgPool { input }
+            | Op::AvgPool { input, .. }
+            | Op::Flatten { input } => vec![input],
+            Op::Add { a, b } => vec![a, b],
+        }
+    }
+
+    fn has_params(&self) -> bool {
+        matches!(self, Op::Dense { .. } | Op::Conv2d { .. } | Op::BatchNorm { .. })
+    }
+}
+
+/// A straight-line program of primitives; the last node is the output (logits).
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    nodes: Vec<Op>,
+    /// Whether a node's value depends on the parameters: only those nodes need a
+    /// cotangent, so the input's gradient is never computed.
+    needs_grad: Vec<bool>,
+}
+
+/// The value of every node of one forward pass, consumed by the backward pass.
+pub struct Tape<V> {
+    values: Vec<Option<V>>,
+}
+
+impl<V> Tape<V> {
+    /// The output node's value.
+    pub fn output(&self) -> &V {
+        self.values
+            .last()
+            .and_then(|v| v.as_ref())
+            .expect("a tape holds the output until the backward pass")
+    }
+
+    /// Maps every stored value (e.g. dual → primal, to run a plain backward pass
+    /// after a forward-mode pass).
+    pub fn map<W>(self, f: impl Fn(V) -> W) -> Tape<W> {
+        Tape {
+            values: self.values.into_iter().map(|v| v.map(&f)).collect(),
+        }
+    }
+}
+
+fn accumulate<T: Float, V: Value<T>>(slot: &mut Option<V>, v: V) {
+    match slot {
+        Some(s) => s.add_assign(&v),
+        None => *slot = Some(v),
+    }
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the input node (node 0).
+    pub fn input(&mut self) -> NodeId {
+        assert!(self.nodes.is_empty(), "the input must be the first node");
+        self.push(Op::Input)
+    }
+
+    /// Appends a node whose operands are earlier nodes.
+    pub fn push(&mut self, op: Op) -> NodeId {
+        let id = self.nodes.len();
+        for i in op.inputs() {
+            assert!(i < id, "node {id} uses node {i}, which is not earlier");
+        }
+        let needs = op.has_params() || op.inputs().iter().any(|&i| self.needs_grad[i]);
+        self.nodes.push(op);
+        self.needs_grad.push(needs);
+        id
+    }
+
+    pub fn nodes(&self) -> &[Op] {
+        &self.nodes
+    }
+
+    /// Runs the graph on `input`, keeping every node's value for [`Graph::backward`].
+    pub fn forward<T: Float, V: Value<T>>(&self, params: &[V], buffers: &[Tensor<T>], input: V) -> Tape<V> {
+        let mut values: Vec<Option<V>> = Vec::with_capacity(self.nodes.len());
+        let mut input = Some(input);
+        for op in &self.nodes {
+            let val = |i: NodeId| values[i].as_ref().expect("earlier node has a value");
+            let out = match *op {
+                Op::Input => input.take().expect("a single input node"),
+                Op::Dense { input, weight, bias } => {
+                    dense::forward(val(input), &params[weight], bias.map(|b| &params[b]))
+                }
+                Op::Conv2d {
+                    input,
+                    weight,
+                    bias,
+                    geometry,
+                } => conv2d::forward(val(input), &params[weight], bias.map(|b| &params[b]), geometry),
+                Op::BatchNorm {
+                    input,
+                    weight,
+                    bias,
+                    mean,
+                    var,
+                    eps,
+                } => {
+                    let st = batchnorm::Stats {
+                        mean: &buffers[mean],
+                        var: &buffers[var],
+                        eps,
+                    };
+                    batchnorm::forward(val(input), &params[weight], &params[bias], &st)
+                }
+                Op::Relu { input } => activation::relu(val(input)),
+                Op::Tanh { input } => activation::tanh(val(input)),
+                Op::Add { a, b } => val(a).add(val(b)),
+                Op::GlobalAvgPool { input } => structural::global_avg_pool(val(input)),
+                Op::AvgPool { input, kernel, stride } => structural::avg_pool(val(input), kernel, stride),
+                Op::Flatten { input } => structural::flatten(val(input)),
+            };
+            values.push(Some(out));
+        }
+        Tape { values }
+    }
+
+    /// Replays `tape` backwards from the output cotangent `output_cot` and returns
+    /// each parameter's cotangent (`None` for parameters the output does not use).
+    /// Node values are freed as soon as no earlier node needs them.
+    pub fn backward<T: Float, V: Value<T>>(
+        &self,
+        params: &[V],
+        buffers: &[Tensor<T>],
+        tape: Tape<V>,
+        output_cot: V,
+    ) -> Vec<Option<V>> {
+        let mut values = tape.values;
+        let n = self.nodes.len();
+        assert_eq!(values.len(), n, "tape from another graph");
+        let mut cots: Vec<Option<V>> = (0..n).map(|_| None).collect();
+        let mut grads: Vec<Option<V>> = (0..params.len()).map(|_| None).collect();
+        cots[n - 1] = Some(output_cot);
+        for i in (0..n).rev() {
+            let Some(gy) = cots[i].take() else {
+                values[i] = None;
+                continue;
+            };
+            let val = |j: NodeId| values[j].as_ref().expect("input value kept until its users ran");
+            let need = |j: NodeId| self.needs_grad[j];
+            let mut to_inputs: Vec<(NodeId, V)> = Vec::with_capacity(2);
+            match self.nodes[i] {
+                Op::Input => {}
+                Op::Dense { input, weight, bias } => {
+                    let (gx, gw, gb) = dense::vjp(val(input), &params[weight], bias.is_some(), &gy, need(input));
+                    to_inputs.extend(gx.map(|g| (input, g)));
+                    accumulate(&mut grads[weight], gw);
+                    if let (Some(b), Some(gb)) = (bias, gb) {
+                        accumulate(&mut grads[b], gb);
+                    }
+                }
+                Op::Conv2d {
+                    input,
+                    weight,
+                    bias,
+                    geometry,
+                } => {
+                    let (gx, gw, gb) =
+                        conv2d::vjp(val(input), &params[weight], bias.is_some(), &gy, geometry, need(input));
+                    to_inputs.extend(gx.map(|g| (input, g)));
+                    accumulate(&mut grads[weight], gw);
+                    if let (Some(b), Some(gb)) = (bias, gb) {
+                        accumulate(&mut grads[b], gb);
+                    }
+                }
+                Op::BatchNorm {
+                    input,
+                    weight,
+                    bias,
+                    mean,
+                    var,
+                    eps,
+                } => {
+                    let st = batchnorm::Stats {
+                        mean: &buffers[mean],
+                        var: &buffers[var],
+                        eps,
+                    };
+                    let (gx, gg, gb) =
+                        batchnorm::vjp(val(input), &params[weight], &params[bias], &st, &gy, need(input));
+                    to_inputs.extend(gx.map(|g| (input, g)));
+                    accumulate(&mut grads[weight], gg);
+                    accumulate(&mut grads[bias], gb);
+                }
+                Op::Relu { input } => to_inputs.push((input, activation::relu_vjp(val(input), &gy))),
+                Op::Tanh { input } => to_inputs.push((input, activation::tanh_vjp(val(input), &gy))),
+                Op::Add { a, b } => {
+                    if need(a) {
+                        to_inputs.push((a, gy.clone()));
+                    }
+                    to_inputs.push((b, gy));
+                }
+                Op::GlobalAvgPool { input } => {
+                    let s = val(input).primal().shape();
+                    to_inputs.push((input, structural::global_avg_pool_vjp(&gy, s[2], s[3])));
+                }
+                Op::AvgPool { input, kernel, stride } => {
+                    let s = val(input).primal().shape();
+                    to_inputs.push((input, structural::avg_pool_vjp(&gy, kernel, stride, s[2], s[3])));
+                }
+                Op::Flatten { input } => {
+                    let s = val(input).primal().shape().to_vec();
+                    to_inputs.push((input, structural::flatten_vjp(&gy, &s)));
+                }
+            }
+            for (j, g) in to_inputs {
+                if need(j) {
+                    accumulate(&mut cots[j], g);
+                }
+            }
+            values[i] = None;
+        }
+        grads
+    }
+}

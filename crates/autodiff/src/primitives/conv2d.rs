@@ -1,0 +1,35 @@
+//! 2-D convolution (PyTorch's `Conv2d`, groups = 1) with optional bias.
+
+use crate::Value;
+use hvp_tensor::conv::{self, ConvGeometry};
+use hvp_tensor::{channel, Float};
+
+/// x `[B, C, H, W]`, w `[O, C, kh, kw]`, b `[O]` → `[B, O, Ho, Wo]`.
+pub fn forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: ConvGeometry) -> V {
+    let y = V::bilinear(x, w, |x, w| conv::forward(x, w, g));
+    match b {
+        Some(b) => {
+            let shape = y.primal().shape().to_vec();
+            y.add(&b.linear(|b| channel::broadcast(b, &shape)))
+        }
+        None => y,
+    }
+}
+
+/// Cotangents `(gx, gw, gb)`; `gx` only when `need_input`.
+pub fn vjp<T: Float, V: Value<T>>(
+    x: &V,
+    w: &V,
+    has_bias: bool,
+    gy: &V,
+    g: ConvGeometry,
+    need_input: bool,
+) -> (Option<V>, V, Option<V>) {
+    let xs = x.primal().shape();
+    let hw = (xs[2], xs[3]);
+    let w_shape = w.primal().shape().to_vec();
+    let gx = need_input.then(|| V::bilinear(gy, w, |gy, w| conv::backward_input(gy, w, hw, g)));
+    let gw = V::bilinear(x, gy, |x, gy| conv::backward_weight(x, gy, &w_shape, g));
+    let gb = has_bias.then(|| gy.linear(channel::sum));
+    (gx, gw, gb)
+}

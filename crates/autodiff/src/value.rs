@@ -1,0 +1,152 @@
+use hvp_tensor::{elementwise, Float, Tensor};
+
+/// What a primitive computes on: a plain tensor (reverse mode) or a [`Dual`]
+/// (forward mode, and forward-over-reverse when the backward pass runs on them).
+///
+/// Primitives are written with these four operations only, so that each one is
+/// differentiable in forward mode by construction.
+pub trait Value<T: Float>: Clone + Send + Sync + Sized {
+    /// The value itself (without tangent).
+    fn primal(&self) -> &Tensor<T>;
+    /// A value that does not depend on the parameters (zero tangent).
+    fn constant(t: Tensor<T>) -> Self;
+    /// `f(x)` for a map `f` linear in `x`: the tangent maps through `f` too.
+    fn linear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>) -> Self;
+    /// `f(a, b)` for a map bilinear in `(a, b)`: tangent `f(ȧ, b) + f(a, ḃ)`.
+    fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self;
+    /// `f(x)` for any differentiable `f`, with its JVP rule `jvp(x, ẋ)`.
+    fn nonlinear(
+        &self,
+        f: impl Fn(&Tensor<T>) -> Tensor<T>,
+        jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
+    ) -> Self;
+    /// `self + other`.
+    fn add(&self, other: &Self) -> Self;
+    /// `self += other` (cotangent accumulation).
+    fn add_assign(&mut self, other: &Self);
+    /// The tangent, when there is one.
+    fn tangent(&self) -> Option<&Tensor<T>>;
+    /// Drops the tangent.
+    fn into_primal(self) -> Tensor<T>;
+}
+
+impl<T: Float> Value<T> for Tensor<T> {
+    fn primal(&self) -> &Tensor<T> {
+        self
+    }
+    fn constant(t: Tensor<T>) -> Self {
+        t
+    }
+    fn linear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>) -> Self {
+        f(self)
+    }
+    fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self {
+        f(a, b)
+    }
+    fn nonlinear(
+        &self,
+        f: impl Fn(&Tensor<T>) -> Tensor<T>,
+        _jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
+    ) -> Self {
+        f(self)
+    }
+    fn add(&self, other: &Self) -> Self {
+        elementwise::add(self, other)
+    }
+    fn add_assign(&mut self, other: &Self) {
+        elementwise::add_assign(self, other)
+    }
+    fn tangent(&self) -> Option<&Tensor<T>> {
+        None
+    }
+    fn into_primal(self) -> Tensor<T> {
+        self
+    }
+}
+
+/// A value with an optional tangent (`None` = structurally zero, skipped).
+#[derive(Clone, Debug)]
+pub struct Dual<T> {
+    primal: Tensor<T>,
+    tangent: Option<Tensor<T>>,
+}
+
+impl<T: Float> Dual<T> {
+    pub fn new(primal: Tensor<T>, tangent: Option<Tensor<T>>) -> Self {
+        if let Some(t) = &tangent {
+            assert_eq!(t.shape(), primal.shape(), "tangent shape differs from primal");
+        }
+        Self { primal, tangent }
+    }
+
+    /// The tangent, or zeros when it is structurally zero.
+    pub fn tangent_or_zeros(&self) -> Tensor<T> {
+        self.tangent
+            .clone()
+            .unwrap_or_else(|| Tensor::zeros(self.primal.shape()))
+    }
+
+    pub fn into_parts(self) -> (Tensor<T>, Option<Tensor<T>>) {
+        (self.primal, self.tangent)
+    }
+}
+
+fn add_opt<T: Float>(a: Option<Tensor<T>>, b: Option<Tensor<T>>) -> Option<Tensor<T>> {
+    match (a, b) {
+        (Some(mut x), Some(y)) => {
+            elementwise::add_assign(&mut x, &y);
+            Some(x)
+        }
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+impl<T: Float> Value<T> for Dual<T> {
+    fn primal(&self) -> &Tensor<T> {
+        &self.primal
+    }
+    fn constant(t: Tensor<T>) -> Self {
+        Self { primal: t, tangent: None }
+    }
+    fn linear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>) -> Self {
+        Self {
+            primal: f(&self.primal),
+            tangent: self.tangent.as_ref().map(&f),
+        }
+    }
+    fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self {
+        let from_a = a.tangent.as_ref().map(|ta| f(ta, &b.primal));
+        let from_b = b.tangent.as_ref().map(|tb| f(&a.primal, tb));
+        Self {
+            primal: f(&a.primal, &b.primal),
+            tangent: add_opt(from_a, from_b),
+        }
+    }
+    fn nonlinear(
+        &self,
+        f: impl Fn(&Tensor<T>) -> Tensor<T>,
+        jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
+    ) -> Self {
+        Self {
+            primal: f(&self.primal),
+            tangent: self.tangent.as_ref().map(|t| jvp(&self.primal, t)),
+        }
+    }
+    fn add(&self, other: &Self) -> Self {
+        Self {
+            primal: elementwise::add(&self.primal, &other.primal),
+            tangent: add_opt(self.tangent.clone(), other.tangent.clone()),
+        }
+    }
+    fn add_assign(&mut self, other: &Self) {
+        elementwise::add_assign(&mut self.primal, &other.primal);
+        self.tangent = add_opt(self.tangent.take(), other.tangent.clone());
+    }
+    fn tangent(&self) -> Option<&Tensor<T>> {
+        self.tangent.as_ref()
+    }
+    fn into_primal(self) -> Tensor<T> {
+        self.primal
+    }
+}
