@@ -1,1 +1,196 @@
+//! Gradient, Hessian-vector and Gauss-Newton-vector products of the training
+//! loss `L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)` over a whole dataset, streamed batch
+//! by batch: memory is one batch of activations (plus their tangents) whatever
+//! N is, and per-batch results are accumulated in f64 whatever the compute dtype,
+//! so the result does not depend on the batch size beyond rounding.
+//!
+//! * Hessian: forward-over-reverse (the backward pass on dual numbers whose
+//!   tangent is `v`); the gradient's tangent is `H v`.
+//! * GGN: `Jᵀ H_out J v` — a JVP of the logits, the softmax cross-entropy's
+//!   output-space Hessian, then one plain VJP.
 
+use hvp_autodiff::{loss, Dual, Graph, Tape, Value};
+use hvp_data::{check_labels, Batch, DataError, Dataset};
+use hvp_model::{Model, ParamVector, Weights};
+use hvp_tensor::{Float, Tensor};
+
+/// Which curvature matrix a product is taken with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Curvature {
+    /// The exact Hessian of the training loss.
+    Hessian,
+    /// The generalised Gauss-Newton matrix `Jᵀ H_out J` (positive semi-definite).
+    Ggn,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CurvatureError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("the data does not fit the model: {0}")]
+    Input(String),
+    #[error("the dataset is empty")]
+    Empty,
+    #[error("the {what} contains NaN or infinite values after batch {batch}; the model or vector overflows in this dtype (try --dtype f64)")]
+    NonFinite { what: &'static str, batch: usize },
+}
+
+/// A model, its weights and a dataset: the training loss whose derivatives we take.
+pub struct Problem<'a> {
+    pub model: &'a Model,
+    pub weights: &'a Weights,
+    pub data: &'a dyn Dataset,
+    pub batch_size: usize,
+}
+
+/// Result of one pass over the data.
+#[derive(Clone, Debug)]
+pub struct PassResult {
+    /// Mean loss over the N examples.
+    pub loss: f64,
+    /// Gradient or product, in f64.
+    pub value: ParamVector,
+    pub examples: usize,
+}
+
+impl<'a> Problem<'a> {
+    /// Checks that the data fits the model (shape, label range) before any pass.
+    pub fn new(model: &'a Model, weights: &'a Weights, data: &'a dyn Dataset, batch_size: usize) -> Result<Self, CurvatureError> {
+        if data.is_empty() {
+            return Err(CurvatureError::Empty);
+        }
+        model.check_input(&data.sample_shape()).map_err(CurvatureError::Input)?;
+        check_labels(data, model.num_classes)?;
+        Ok(Problem {
+            model,
+            weights,
+            data,
+            batch_size: batch_size.max(1),
+        })
+    }
+
+    fn input<T: Float>(&self, batch: &Batch) -> Tensor<T> {
+        let mut shape = vec![batch.len()];
+        shape.extend(self.data.sample_shape());
+        Tensor::new(shape, batch.x.iter().map(|&v| T::from_f64(v)).collect()).expect("batch matches sample shape")
+    }
+
+    /// Streams the data in batches, calling `per_batch(input, labels)` with the loss
+    /// weight 1/N, and sums the returned (loss, parameter tensors) in f64.
+    fn stream<T: Float>(
+        &self,
+        progress: &dyn Fn(usize),
+        what: &'static str,
+        mut per_batch: impl FnMut(Tensor<T>, &[usize], f64) -> (f64, Vec<Option<Tensor<T>>>),
+    ) -> Result<PassResult, CurvatureError> {
+        let n = self.data.len();
+        let weight = 1.0 / n as f64;
+        let mut acc = ParamVector::zeros(self.model);
+        let mut loss_sum = 0.0;
+        let mut batch = Batch::default();
+        let mut indices = Vec::with_capacity(self.batch_size);
+        for (k, start) in (0..n).step_by(self.batch_size).enumerate() {
+            indices.clear();
+            indices.extend(start..(start + self.batch_size).min(n));
+            self.data.read(&indices, &mut batch)?;
+            let (loss, parts) = per_batch(self.input(&batch), &batch.labels, weight);
+            loss_sum += loss;
+            for (a, p) in acc.tensors.iter_mut().zip(parts) {
+                if let Some(p) = p {
+                    a.data_mut().iter_mut().zip(p.data()).for_each(|(x, &y)| *x += y.to_f64());
+                }
+            }
+            if !loss.is_finite() || acc.tensors.iter().any(|t| !t.all_finite()) {
+                return Err(CurvatureError::NonFinite { what, batch: k });
+            }
+            progress(indices.len());
+        }
+        Ok(PassResult {
+            loss: loss_sum / n as f64,
+            value: acc,
+            examples: n,
+        })
+    }
+
+    /// `∇L(θ)`.
+    pub fn gradient<T: Float>(&self, progress: &dyn Fn(usize)) -> Result<PassResult, CurvatureError> {
+        let params: Vec<Tensor<T>> = self.weights.params_as();
+        let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
+        let graph = &self.model.graph;
+        self.stream(progress, "gradient", |x, labels, w| {
+            let tape = graph.forward(&params, &buffers, x);
+            let out = loss::softmax_cross_entropy(tape.output(), labels, w);
+            let grads = graph.backward(&params, &buffers, tape, out.cotangent);
+            (out.losses.iter().sum(), grads)
+        })
+    }
+
+    /// `M v` with M the Hessian or the GGN of L at θ.
+    pub fn product<T: Float>(
+        &self,
+        curvature: Curvature,
+        v: &ParamVector,
+        progress: &dyn Fn(usize),
+    ) -> Result<PassResult, CurvatureError> {
+        let duals: Vec<Dual<T>> = self
+            .weights
+            .params_as::<T>()
+            .into_iter()
+            .zip(v.as_dtype::<T>())
+            .map(|(p, t)| Dual::new(p, Some(t)))
+            .collect();
+        let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
+        let graph = &self.model.graph;
+        let what = match curvature {
+            Curvature::Hessian => "Hessian-vector product",
+            Curvature::Ggn => "GGN-vector product",
+        };
+        match curvature {
+            Curvature::Hessian => self.stream(progress, what, |x, labels, w| {
+                let (loss, grads) = hessian_batch(graph, &duals, &buffers, x, labels, w);
+                (loss, grads.into_iter().map(|g| g.and_then(|d| d.into_parts().1)).collect())
+            }),
+            Curvature::Ggn => {
+                let primals: Vec<Tensor<T>> = duals.iter().map(|d| d.primal().clone()).collect();
+                self.stream(progress, what, |x, labels, w| {
+                    ggn_batch(graph, &duals, &primals, &buffers, x, labels, w)
+                })
+            }
+        }
+    }
+}
+
+/// One batch of forward-over-reverse: returns the batch loss and, per parameter,
+/// the dual cotangent (gradient, `H v`).
+pub fn hessian_batch<T: Float>(
+    graph: &Graph,
+    params: &[Dual<T>],
+    buffers: &[Tensor<T>],
+    x: Tensor<T>,
+    labels: &[usize],
+    weight: f64,
+) -> (f64, Vec<Option<Dual<T>>>) {
+    let tape = graph.forward(params, buffers, Dual::constant(x));
+    let out = loss::softmax_cross_entropy(tape.output(), labels, weight);
+    let grads = graph.backward(params, buffers, tape, out.cotangent);
+    (out.losses.iter().sum(), grads)
+}
+
+/// One batch of `Jᵀ H_out J v`: a forward pass carrying tangents (J v), the
+/// output Hessian applied to the logits' tangent, then a plain backward pass.
+pub fn ggn_batch<T: Float>(
+    graph: &Graph,
+    duals: &[Dual<T>],
+    primals: &[Tensor<T>],
+    buffers: &[Tensor<T>],
+    x: Tensor<T>,
+    labels: &[usize],
+    weight: f64,
+) -> (f64, Vec<Option<Tensor<T>>>) {
+    let tape = graph.forward(duals, buffers, Dual::constant(x));
+    let out = loss::softmax_cross_entropy(tape.output(), labels, weight);
+    let h_out_jv = out.cotangent.tangent_or_zeros();
+    let tape: Tape<Tensor<T>> = tape.map(Dual::into_primal);
+    let products = graph.backward(primals, buffers, tape, h_out_jv);
+    (out.losses.iter().sum(), products)
+}

@@ -1,1 +1,94 @@
+//! Datasets read from their native formats and streamed in batches: NPY arrays
+//! (`--inputs X.npy --labels Y.npy`), MNIST/Fashion-MNIST IDX files (gz or raw)
+//! and CIFAR-10 binary batches. Pixels stay bytes in memory and become floats
+//! (scaled to [0, 1]) one batch at a time; NPY inputs are read from disk per batch.
+//!
+//! ```no_run
+//! use hvp_data::{open_spec, Batch, Dataset};
+//! let ds = open_spec("mnist:data/fashion-mnist-subset:train").unwrap();
+//! let mut batch = Batch::default();
+//! ds.read(&[0, 1, 2], &mut batch).unwrap();
+//! assert_eq!(batch.x.len(), 3 * 28 * 28);
+//! ```
 
+mod cifar;
+mod error;
+mod idx;
+mod npy;
+mod transform;
+
+pub use cifar::Cifar10;
+pub use error::DataError;
+pub use idx::Idx;
+pub use npy::{NpyArray, NpyDataset, NpyDtype};
+pub use transform::{InMemory, Padded, Subset};
+
+use std::path::Path;
+
+/// A batch of examples: inputs flattened row-major (`n × sample size`) and labels.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub x: Vec<f64>,
+    pub labels: Vec<usize>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// A labelled dataset with random access by index.
+pub trait Dataset: Send + Sync {
+    /// Number of examples.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Shape of one example, e.g. `[1, 28, 28]`.
+    fn sample_shape(&self) -> Vec<usize>;
+    /// Label of example `i`.
+    fn label(&self, i: usize) -> usize;
+    /// Fills `batch` with the examples at `indices`, in that order. Errors on
+    /// unreadable data and on NaN/Inf inputs (naming the example).
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError>;
+    /// Human-readable origin, e.g. `mnist:DIR:train (2000 examples)`.
+    fn describe(&self) -> String;
+}
+
+/// Opens `mnist:DIR[:train|test]` (MNIST or Fashion-MNIST IDX files) or
+/// `cifar10:DIR[:train|test]` (CIFAR-10 binary batches).
+pub fn open_spec(spec: &str) -> Result<Box<dyn Dataset>, DataError> {
+    let bad = |reason: &str| DataError::Spec {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let (kind, rest) = spec
+        .split_once(':')
+        .ok_or_else(|| bad("expected KIND:DIR[:train|test] with KIND mnist or cifar10"))?;
+    let (dir, split) = match rest.rsplit_once(':') {
+        Some((d, s)) if s == "train" || s == "test" => (d, s),
+        _ => (rest, "train"),
+    };
+    let train = split == "train";
+    match kind {
+        "mnist" | "fashion-mnist" => Ok(Box::new(Idx::open(Path::new(dir), train)?)),
+        "cifar10" => Ok(Box::new(Cifar10::open(Path::new(dir), train)?)),
+        _ => Err(bad("unknown dataset kind; use mnist:DIR or cifar10:DIR")),
+    }
+}
+
+/// Errors when any label is `>= num_classes`, naming the first such example.
+pub fn check_labels(ds: &dyn Dataset, num_classes: usize) -> Result<(), DataError> {
+    match (0..ds.len()).find(|&i| ds.label(i) >= num_classes) {
+        Some(i) => Err(DataError::LabelRange {
+            index: i,
+            label: ds.label(i),
+            classes: num_classes,
+        }),
+        None => Ok(()),
+    }
+}

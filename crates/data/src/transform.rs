@@ -1,0 +1,170 @@
+//! Views of a dataset: a subset of its examples, zero padding of its images.
+
+use crate::{Batch, DataError, Dataset};
+
+/// The examples of `inner` at `indices`, in that order (`--limit`, random subsets).
+pub struct Subset<'a> {
+    inner: &'a dyn Dataset,
+    indices: Vec<usize>,
+}
+
+impl<'a> Subset<'a> {
+    pub fn new(inner: &'a dyn Dataset, indices: Vec<usize>) -> Result<Self, DataError> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= inner.len()) {
+            return Err(DataError::Mismatch(format!(
+                "index {i} is out of range for {}",
+                inner.describe()
+            )));
+        }
+        Ok(Subset { inner, indices })
+    }
+
+    /// The first `n` examples (all when `n` exceeds the length).
+    pub fn first(inner: &'a dyn Dataset, n: usize) -> Self {
+        Subset {
+            inner,
+            indices: (0..n.min(inner.len())).collect(),
+        }
+    }
+}
+
+impl Dataset for Subset<'_> {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        self.inner.sample_shape()
+    }
+    fn label(&self, i: usize) -> usize {
+        self.inner.label(self.indices[i])
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        let mapped: Vec<usize> = indices.iter().map(|&i| self.indices[i]).collect();
+        self.inner.read(&mapped, batch)
+    }
+    fn describe(&self) -> String {
+        format!("{} examples of {}", self.len(), self.inner.describe())
+    }
+}
+
+/// Images `[C, H, W]` zero-padded by `pad` pixels on every side (e.g. 28×28
+/// Fashion-MNIST to the 32×32 the CIFAR ResNet was designed for).
+pub struct Padded<D> {
+    inner: D,
+    pad: usize,
+}
+
+impl<D: Dataset> Padded<D> {
+    pub fn new(inner: D, pad: usize) -> Result<Self, DataError> {
+        if inner.sample_shape().len() != 3 {
+            return Err(DataError::Mismatch(format!(
+                "padding needs images [C, H, W], {} has examples of shape {:?}",
+                inner.describe(),
+                inner.sample_shape()
+            )));
+        }
+        Ok(Padded { inner, pad })
+    }
+}
+
+impl<D: Dataset> Dataset for Padded<D> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        let s = self.inner.sample_shape();
+        vec![s[0], s[1] + 2 * self.pad, s[2] + 2 * self.pad]
+    }
+    fn label(&self, i: usize) -> usize {
+        self.inner.label(i)
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        let mut raw = Batch::default();
+        self.inner.read(indices, &mut raw)?;
+        let s = self.inner.sample_shape();
+        let (c, h, w) = (s[0], s[1], s[2]);
+        let (ph, pw) = (h + 2 * self.pad, w + 2 * self.pad);
+        batch.x.clear();
+        batch.x.resize(indices.len() * c * ph * pw, 0.0);
+        for (plane_out, plane_in) in batch.x.chunks_mut(ph * pw).zip(raw.x.chunks(h * w)) {
+            for y in 0..h {
+                let dst = (y + self.pad) * pw + self.pad;
+                plane_out[dst..dst + w].copy_from_slice(&plane_in[y * w..(y + 1) * w]);
+            }
+        }
+        batch.labels = raw.labels;
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!("{} padded by {}", self.inner.describe(), self.pad)
+    }
+}
+
+/// Examples held in memory as f64 (synthetic data, tests, benchmarks).
+pub struct InMemory {
+    shape: Vec<usize>,
+    x: Vec<f64>,
+    labels: Vec<usize>,
+}
+
+impl InMemory {
+    /// `x` holds `labels.len()` examples of `shape`, row-major.
+    pub fn new(shape: Vec<usize>, x: Vec<f64>, labels: Vec<usize>) -> Result<Self, DataError> {
+        let size: usize = shape.iter().product();
+        if x.len() != size * labels.len() {
+            return Err(DataError::Mismatch(format!(
+                "{} values for {} examples of shape {shape:?}",
+                x.len(),
+                labels.len()
+            )));
+        }
+        Ok(InMemory { shape, x, labels })
+    }
+}
+
+impl Dataset for InMemory {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+    fn label(&self, i: usize) -> usize {
+        self.labels[i]
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        let size: usize = self.shape.iter().product();
+        batch.x.clear();
+        batch.labels.clear();
+        for &i in indices {
+            let ex = &self.x[i * size..(i + 1) * size];
+            if ex.iter().any(|v| !v.is_finite()) {
+                return Err(DataError::NonFinite { index: i });
+            }
+            batch.x.extend_from_slice(ex);
+            batch.labels.push(self.labels[i]);
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!("{} in-memory examples", self.len())
+    }
+}
+
+impl<D: Dataset + ?Sized> Dataset for Box<D> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        (**self).sample_shape()
+    }
+    fn label(&self, i: usize) -> usize {
+        (**self).label(i)
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        (**self).read(indices, batch)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}

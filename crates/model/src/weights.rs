@@ -1,0 +1,155 @@
+use crate::arch::{Init, ParamSpec};
+use crate::io::{read_safetensors, StoredTensor};
+use crate::{Architecture, Model, ModelError};
+use hvp_tensor::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A model's parameter and buffer values (stored in f64, cast to the compute
+/// dtype per run), aligned with [`Model::params`] and [`Model::buffers`].
+#[derive(Clone, Debug)]
+pub struct Weights {
+    pub params: Vec<Tensor<f64>>,
+    pub buffers: Vec<Tensor<f64>>,
+}
+
+fn init_tensor(spec: &ParamSpec, rng: &mut StdRng) -> Tensor<f64> {
+    let n = spec.numel();
+    let data = match spec.init {
+        Init::Ones => vec![1.0; n],
+        Init::Zeros => vec![0.0; n],
+        Init::FanIn(fan_in) => {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+        }
+    };
+    Tensor::new(spec.shape.clone(), data).expect("spec shape")
+}
+
+/// Suffix of PyTorch's BatchNorm step counter, which eval mode does not use.
+const IGNORED_SUFFIX: &str = "num_batches_tracked";
+
+impl Weights {
+    /// PyTorch's default initialisation (Linear/Conv: U(±1/√fan_in), BatchNorm
+    /// γ=1, β=0, running mean 0, variance 1) from a seeded generator.
+    pub fn init(model: &Model, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        Weights {
+            params: model.params.iter().map(|s| init_tensor(s, &mut rng)).collect(),
+            buffers: model.buffers.iter().map(|s| init_tensor(s, &mut rng)).collect(),
+        }
+    }
+
+    /// Input channels of a `resnet-cifar` state_dict, read from `conv.weight`
+    /// (1 when absent or for other architectures; the full load reports problems).
+    pub fn input_channels(arch: &Architecture, path: &Path) -> Result<usize, ModelError> {
+        if !matches!(arch, Architecture::ResNetCifar { .. }) {
+            return Ok(1);
+        }
+        let stored = read_safetensors(path)?;
+        Ok(match stored.get("conv.weight") {
+            Some(Ok(t)) if t.shape.len() == 4 => t.shape[1],
+            _ => 3,
+        })
+    }
+
+    /// Reads a PyTorch `state_dict` saved with `safetensors.torch.save_file`
+    /// (F32 or F64). Every parameter and buffer must be present with its shape;
+    /// `num_batches_tracked` is ignored; anything else is an error naming it.
+    pub fn load(model: &Model, path: &Path) -> Result<Self, ModelError> {
+        let mut stored = read_safetensors(path)?;
+        let arch = model.arch.to_string();
+        let mut take = |spec: &ParamSpec| -> Result<Tensor<f64>, ModelError> {
+            match stored.remove(&spec.name) {
+                None => Err(ModelError::Missing {
+                    path: path.to_path_buf(),
+                    name: spec.name.clone(),
+                    arch: arch.clone(),
+                }),
+                Some(t) => checked(path, &arch, spec, t),
+            }
+        };
+        let params = model.params.iter().map(&mut take).collect::<Result<Vec<_>, _>>()?;
+        let buffers = model.buffers.iter().map(&mut take).collect::<Result<Vec<_>, _>>()?;
+        reject_extra(path, &arch, stored)?;
+        Ok(Weights { params, buffers })
+    }
+
+    /// Writes a loadable `state_dict` (parameters, buffers and, for BatchNorm, a
+    /// zero `num_batches_tracked`, so `model.load_state_dict` accepts it strictly).
+    pub fn save(&self, model: &Model, path: &Path, dtype: DType) -> Result<(), ModelError> {
+        let named: Vec<(String, Tensor<f64>)> = model
+            .params
+            .iter()
+            .zip(&self.params)
+            .chain(model.buffers.iter().zip(&self.buffers))
+            .map(|(s, t)| (s.name.clone(), t.clone()))
+            .collect();
+        let counters: Vec<String> = model
+            .buffers
+            .iter()
+            .filter_map(|s| s.name.strip_suffix(".running_mean"))
+            .map(|p| format!("{p}.{IGNORED_SUFFIX}"))
+            .collect();
+        crate::io::atomic_write(path, &crate::io::safetensors_bytes(&named, dtype, &counters))
+    }
+
+    /// Parameters cast to the compute type.
+    pub fn params_as<T: hvp_tensor::Float>(&self) -> Vec<Tensor<T>> {
+        self.params.iter().map(|t| t.cast()).collect()
+    }
+
+    /// Buffers cast to the compute type.
+    pub fn buffers_as<T: hvp_tensor::Float>(&self) -> Vec<Tensor<T>> {
+        self.buffers.iter().map(|t| t.cast()).collect()
+    }
+}
+
+/// Checks dtype, shape and finiteness of one stored tensor against its spec.
+pub(crate) fn checked(
+    path: &Path,
+    arch: &str,
+    spec: &ParamSpec,
+    t: Result<StoredTensor, String>,
+) -> Result<Tensor<f64>, ModelError> {
+    let t = t.map_err(|dtype| ModelError::DType {
+        path: path.to_path_buf(),
+        name: spec.name.clone(),
+        dtype,
+    })?;
+    if t.shape != spec.shape {
+        return Err(ModelError::Shape {
+            path: path.to_path_buf(),
+            name: spec.name.clone(),
+            actual: t.shape,
+            expected: spec.shape.clone(),
+            arch: arch.to_string(),
+        });
+    }
+    if t.data.iter().any(|v| !v.is_finite()) {
+        return Err(ModelError::NonFinite {
+            path: path.to_path_buf(),
+            name: spec.name.clone(),
+        });
+    }
+    Ok(Tensor::new(t.shape, t.data).expect("shape checked"))
+}
+
+/// Errors on the first tensor left over after all expected ones were taken
+/// (BatchNorm step counters excepted).
+pub(crate) fn reject_extra(
+    path: &Path,
+    arch: &str,
+    rest: BTreeMap<String, Result<StoredTensor, String>>,
+) -> Result<(), ModelError> {
+    match rest.into_keys().find(|name| !name.ends_with(IGNORED_SUFFIX)) {
+        Some(name) => Err(ModelError::Extra {
+            path: path.to_path_buf(),
+            name,
+            arch: arch.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
