@@ -142,6 +142,46 @@ impl Graph {
         &self.nodes
     }
 
+    /// Multiply-add FLOPs (2 per multiply-add) of the Conv2d and Dense nodes in
+    /// one forward pass of a single example of `sample_shape`, given the
+    /// parameter shapes. The unit the benchmark reports throughput in.
+    pub fn forward_flops(&self, sample_shape: &[usize], param_shapes: &[Vec<usize>]) -> f64 {
+        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
+        let mut flops = 0.0;
+        for op in &self.nodes {
+            let shape = match *op {
+                Op::Input => sample_shape.to_vec(),
+                Op::Dense { weight, .. } => {
+                    let w = &param_shapes[weight];
+                    flops += 2.0 * (w[0] * w[1]) as f64;
+                    vec![w[0]]
+                }
+                Op::Conv2d { input, weight, geometry, .. } => {
+                    let (x, w) = (&shapes[input], &param_shapes[weight]);
+                    let ho = hvp_tensor::pool::out_size(x[1], w[2], geometry.stride, geometry.padding);
+                    let wo = hvp_tensor::pool::out_size(x[2], w[3], geometry.stride, geometry.padding);
+                    flops += 2.0 * (w[0] * w[1] * w[2] * w[3] * ho * wo) as f64;
+                    vec![w[0], ho, wo]
+                }
+                Op::GlobalAvgPool { input } => vec![shapes[input][0]],
+                Op::AvgPool { input, kernel, stride } => {
+                    let x = &shapes[input];
+                    vec![
+                        x[0],
+                        hvp_tensor::pool::out_size(x[1], kernel, stride, 0),
+                        hvp_tensor::pool::out_size(x[2], kernel, stride, 0),
+                    ]
+                }
+                Op::Flatten { input } => vec![shapes[input].iter().product()],
+                Op::BatchNorm { input, .. } | Op::Relu { input } | Op::Tanh { input } | Op::Add { a: input, .. } => {
+                    shapes[input].clone()
+                }
+            };
+            shapes.push(shape);
+        }
+        flops
+    }
+
     /// Runs the graph on `input`, keeping every node's value for [`Graph::backward`].
     pub fn forward<T: Float, V: Value<T>>(&self, params: &[V], buffers: &[Tensor<T>], input: V) -> Tape<V> {
         let mut values: Vec<Option<V>> = Vec::with_capacity(self.nodes.len());

@@ -1,1 +1,54 @@
-fn main(){}
+//! `hvp`: exact, streamed Hessian-vector products of a network's training loss.
+
+mod args;
+mod commands;
+mod report;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Exact Hessian-vector products (forward-over-reverse), GGN products and gradients
+/// of a neural network's training loss, streamed over the data in batches.
+///
+/// The loss is softmax cross-entropy, averaged over all N examples. BatchNorm
+/// always uses its running statistics (eval mode): with batch statistics the loss
+/// of one example would depend on its batch-mates, so the Hessian would depend on
+/// how the data is batched and a streamed sum would not be the full-batch Hessian.
+#[derive(Parser)]
+#[command(name = "hvp", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write PyTorch-like initial weights, or a random N(0,1) direction vector.
+    Init(commands::init::InitArgs),
+    /// Gradient of the mean training loss.
+    Grad(commands::grad::GradArgs),
+    /// Curvature-vector product: Hessian (exact) or GGN, over the whole dataset.
+    Product(commands::product::ProductArgs),
+    /// The bundled Fashion-MNIST experiment: HVP cost against N, subset accuracy.
+    Demo(commands::demo::DemoArgs),
+    /// Benchmark gradient, HVP and GGN on the seed ResNet with CIFAR-shaped data.
+    Bench(commands::bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init(a) => commands::init::run(a),
+        Command::Grad(a) => commands::grad::run(a),
+        Command::Product(a) => commands::product::run(a),
+        Command::Demo(a) => commands::demo::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Arguments shared by the commands, and turning them into a model, weights and data.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use hvp_data::{open_spec, Dataset, NpyDataset, Padded, Subset};
+use hvp_model::{Architecture, Model, Weights};
+use hvp_tensor::DType;
+use std::path::PathBuf;
+
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Architecture: resnet-cifar:A,B,C (CIFAR ResNet, A/B/C blocks of 16/32/64
+    /// channels), mlp:D,H1,...,C (Linear-ReLU stack) or logreg:D,C.
+    #[arg(long)]
+    pub arch: String,
+    /// PyTorch state_dict saved with safetensors.torch.save_file (F32 or F64).
+    #[arg(long)]
+    pub weights: PathBuf,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DataArgs {
+    /// Inputs as an NPY array [N, ...] (float32 or float64).
+    #[arg(long, requires = "labels", conflicts_with = "dataset")]
+    pub inputs: Option<PathBuf>,
+    /// Labels as an NPY array [N] (uint8, int32 or int64).
+    #[arg(long, requires = "inputs")]
+    pub labels: Option<PathBuf>,
+    /// mnist:DIR[:train|test] (MNIST or Fashion-MNIST IDX files, gz or raw) or
+    /// cifar10:DIR[:train|test] (CIFAR-10 binary batches); pixels scaled to [0, 1].
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Use only the first N examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Zero-pad images by P pixels on each side (e.g. 2 for 28x28 → 32x32).
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F64,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> DType {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F64 => DType::F64,
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Examples per batch (memory is one batch of activations and tangents).
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Compute dtype; sums over batches are accumulated in f64 either way.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar and no summary line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Sizes the global rayon pool.
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("cannot set up the thread pool")?;
+    }
+    Ok(())
+}
+
+/// Parses `--arch`, reads the weights and builds the model they fit.
+pub fn load_model(m: &ModelArgs) -> Result<(Model, Weights)> {
+    let arch: Architecture = m.arch.parse()?;
+    let channels = Weights::input_channels(&arch, &m.weights)?;
+    let model = Model::new(&arch, channels)?;
+    let weights = Weights::load(&model, &m.weights)?;
+    Ok((model, weights))
+}
+
+/// A dataset that owns its source and applies `--pad`.
+pub struct LoadedData {
+    source: Box<dyn Dataset>,
+    limit: Option<usize>,
+}
+
+impl LoadedData {
+    /// The dataset after `--limit`.
+    pub fn view(&self) -> Subset<'_> {
+        Subset::first(self.source.as_ref(), self.limit.unwrap_or(usize::MAX))
+    }
+}
+
+pub fn load_data(d: &DataArgs) -> Result<LoadedData> {
+    let source: Box<dyn Dataset> = match (&d.inputs, &d.labels, &d.dataset) {
+        (Some(x), Some(y), None) => Box::new(NpyDataset::open(x, y)?),
+        (None, None, Some(spec)) => open_spec(spec)?,
+        _ => bail!("give the data as --inputs X.npy --labels Y.npy or as --dataset SPEC"),
+    };
+    let source: Box<dyn Dataset> = if d.pad > 0 {
+        Box::new(Padded::new(source, d.pad)?)
+    } else {
+        source
+    };
+    if d.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    Ok(LoadedData { source, limit: d.limit })
+}

@@ -1,0 +1,193 @@
+//! `hvp bench`: time per gradient, Hessian-vector and GGN-vector product on the
+//! seed ResNet (resnet-cifar:2,2,2) over N random CIFAR-shaped images, with
+//! throughput, achieved GFLOP/s and peak memory, for comparison side by side
+//! with `scripts/bench_torch.py` (same model, data distribution and FLOP units).
+
+use crate::args::{set_threads, DTypeArg};
+use crate::report::{format_bytes, peak_rss_bytes, reset_peak_rss};
+use anyhow::{Context, Result};
+use clap::Args;
+use hvp_curvature::{Curvature, Problem};
+use hvp_data::{Batch, DataError, Dataset};
+use hvp_model::{Architecture, Model, ParamVector, Weights};
+use hvp_tensor::DType;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Dataset sizes N to time.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,4000")]
+    pub sizes: Vec<usize>,
+    /// Timed repeats per measurement (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long, default_value_t = 250)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    /// Architecture to time (default: the seed ResNet).
+    #[arg(long, default_value = "resnet-cifar:2,2,2")]
+    pub arch: String,
+    /// Also write the rows as JSON lines here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// N(0, 1)-like images generated from (seed, index): no memory held, the same
+/// examples for every run.
+struct SyntheticImages {
+    n: usize,
+    shape: Vec<usize>,
+    classes: usize,
+}
+
+fn hash(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Dataset for SyntheticImages {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+    fn label(&self, i: usize) -> usize {
+        (hash(i as u64 ^ 0xABCD) % self.classes as u64) as usize
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        let size: usize = self.shape.iter().product();
+        batch.x.clear();
+        batch.labels.clear();
+        for &i in indices {
+            // Sum of 4 uniforms, centred and scaled: mean 0, variance 1.
+            batch.x.extend((0..size).map(|j| {
+                let h = hash(((i * size + j) as u64) << 2);
+                let u: f64 = (0..4).map(|k| ((h >> (16 * k)) & 0xFFFF) as f64 / 65536.0).sum();
+                (u - 2.0) * 3f64.sqrt()
+            }));
+            batch.labels.push(self.label(i));
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!("{} synthetic images {:?}", self.n, self.shape)
+    }
+}
+
+#[derive(Serialize)]
+struct Row {
+    method: &'static str,
+    n: usize,
+    seconds: f64,
+    images_per_s: f64,
+    gflop_per_s: f64,
+    ratio_to_grad: f64,
+    peak_rss_bytes: Option<u64>,
+    threads: usize,
+    dtype: &'static str,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let arch: Architecture = a.arch.parse()?;
+    let model = Model::new(&arch, 3)?;
+    let weights = Weights::init(&model, 0);
+    let v = ParamVector::random_normal(&model, 2);
+    let shape = match arch {
+        Architecture::ResNetCifar { .. } => vec![3, 32, 32],
+        Architecture::Mlp { ref sizes, .. } => vec![sizes[0]],
+    };
+    let param_shapes: Vec<Vec<usize>> = model.params.iter().map(|p| p.shape.clone()).collect();
+    let fwd = model.graph.forward_flops(&shape, &param_shapes);
+    let dtype: DType = a.dtype.into();
+    let threads = hvp_tensor::threads();
+    eprintln!(
+        "hvp bench: {arch}, {} parameters, {dtype}, {threads} threads, batch {}, forward {:.1} MFLOP/image",
+        model.num_params(),
+        a.batch_size,
+        fwd / 1e6
+    );
+    // FLOP units as counted for PyTorch in docs: grad = 3 forwards, HVP = 9, GGN = 5.
+    let methods: [(&str, f64); 3] = [("grad", 3.0), ("hvp", 9.0), ("ggn", 5.0)];
+    let mut rows = Vec::new();
+    println!("| method | N | time (s) | images/s | GFLOP/s | × grad | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut warmed = false;
+    for &n in &a.sizes {
+        let data = SyntheticImages {
+            n,
+            shape: shape.clone(),
+            classes: model.num_classes,
+        };
+        let problem = Problem::new(&model, &weights, &data, a.batch_size)?;
+        reset_peak_rss();
+        let mut grad_time = f64::NAN;
+        for (method, units) in methods {
+            let once = || -> Result<f64> {
+                let start = Instant::now();
+                let none = |_: usize| {};
+                match (method, dtype) {
+                    ("grad", DType::F32) => drop(problem.gradient::<f32>(&none)?),
+                    ("grad", DType::F64) => drop(problem.gradient::<f64>(&none)?),
+                    ("hvp", DType::F32) => drop(problem.product::<f32>(Curvature::Hessian, &v, &none)?),
+                    ("hvp", DType::F64) => drop(problem.product::<f64>(Curvature::Hessian, &v, &none)?),
+                    (_, DType::F32) => drop(problem.product::<f32>(Curvature::Ggn, &v, &none)?),
+                    (_, DType::F64) => drop(problem.product::<f64>(Curvature::Ggn, &v, &none)?),
+                }
+                Ok(start.elapsed().as_secs_f64())
+            };
+            if !warmed {
+                once()?;
+            }
+            let times = (0..a.repeats.max(1)).map(|_| once()).collect::<Result<Vec<_>>>()?;
+            let t = median(times);
+            if method == "grad" {
+                grad_time = t;
+            }
+            let row = Row {
+                method,
+                n,
+                seconds: t,
+                images_per_s: n as f64 / t,
+                gflop_per_s: units * fwd * n as f64 / t / 1e9,
+                ratio_to_grad: t / grad_time,
+                peak_rss_bytes: peak_rss_bytes(),
+                threads,
+                dtype: dtype.name(),
+            };
+            println!(
+                "| {} | {} | {:.3} | {:.1} | {:.1} | {:.2} | {} |",
+                row.method,
+                row.n,
+                row.seconds,
+                row.images_per_s,
+                row.gflop_per_s,
+                row.ratio_to_grad,
+                format_bytes(row.peak_rss_bytes)
+            );
+            rows.push(row);
+        }
+        warmed = true;
+    }
+    if let Some(path) = &a.json {
+        let text: String = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
+            .collect::<Result<_, _>>()?;
+        hvp_model::io::atomic_write(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,23 @@
+use super::{run_pass, PassKind};
+use crate::args::{DataArgs, ModelArgs, RunArgs};
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct GradArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Output safetensors file: one tensor per trainable parameter, in the compute dtype.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// ∇L(θ) with L the mean softmax cross-entropy over the N examples.
+pub fn run(a: GradArgs) -> Result<()> {
+    run_pass(&a.model, &a.data, &a.run, PassKind::Gradient, &a.out)
+}

@@ -1,0 +1,55 @@
+use crate::args::DTypeArg;
+use anyhow::{Context, Result};
+use clap::Args;
+use hvp_model::{Architecture, Model, ParamVector, Weights};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Architecture (see `hvp grad --help`).
+    #[arg(long)]
+    pub arch: String,
+    /// Seed of the random generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a direction vector with N(0, 1) entries, one tensor per trainable
+    /// parameter, instead of weights.
+    #[arg(long)]
+    pub random_vector: bool,
+    /// Input channels of resnet-cifar (3 for CIFAR, 1 for MNIST).
+    #[arg(long, default_value_t = 3)]
+    pub in_channels: usize,
+    /// Dtype of the file written.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    /// Output safetensors file (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// PyTorch-like default initialisation (Linear/Conv U(±1/√fan_in), BatchNorm
+/// γ=1, β=0, running mean 0, variance 1), or a random direction.
+pub fn run(a: InitArgs) -> Result<()> {
+    let arch: Architecture = a.arch.parse()?;
+    if a.in_channels == 0 {
+        anyhow::bail!("--in-channels must be at least 1");
+    }
+    let model = Model::new(&arch, a.in_channels)?;
+    if a.random_vector {
+        ParamVector::random_normal(&model, a.seed)
+            .save(&model, &a.out, a.dtype.into())
+            .with_context(|| format!("writing {}", a.out.display()))?;
+    } else {
+        Weights::init(&model, a.seed)
+            .save(&model, &a.out, a.dtype.into())
+            .with_context(|| format!("writing {}", a.out.display()))?;
+    }
+    eprintln!(
+        "{} for {arch}: {} trainable parameters in {} tensors, written to {}",
+        if a.random_vector { "random vector" } else { "weights" },
+        model.num_params(),
+        model.params.len(),
+        a.out.display()
+    );
+    Ok(())
+}

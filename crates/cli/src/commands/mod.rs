@@ -1,0 +1,62 @@
+pub mod bench;
+pub mod demo;
+pub mod grad;
+pub mod init;
+pub mod product;
+
+use crate::args::{load_data, load_model, set_threads, DataArgs, ModelArgs, RunArgs};
+use crate::report::{summary, Progress};
+use anyhow::{Context, Result};
+use hvp_curvature::{Curvature, PassResult, Problem};
+use hvp_model::{Model, ParamVector};
+use hvp_tensor::DType;
+use std::path::Path;
+use std::time::Instant;
+
+/// What one pass over the data computes.
+pub enum PassKind<'a> {
+    Gradient,
+    Product(Curvature, &'a Path),
+}
+
+/// Loads everything, runs one pass with a progress bar, writes `out` atomically.
+pub fn run_pass(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs, kind: PassKind, out: &Path) -> Result<()> {
+    set_threads(run.threads)?;
+    let (model, weights) = load_model(model_args)?;
+    let data = load_data(data_args)?;
+    let view = data.view();
+    let problem = Problem::new(&model, &weights, &view, run.batch_size)?;
+    let vector = match kind {
+        PassKind::Product(_, path) => {
+            Some(ParamVector::load(&model, path).with_context(|| format!("reading the vector {}", path.display()))?)
+        }
+        PassKind::Gradient => None,
+    };
+    let (label, what) = match kind {
+        PassKind::Gradient => ("gradient", "hvp grad"),
+        PassKind::Product(Curvature::Hessian, _) => ("Hessian-vector product", "hvp product (hessian)"),
+        PassKind::Product(Curvature::Ggn, _) => ("GGN-vector product", "hvp product (ggn)"),
+    };
+    let progress = Progress::new(problem.data.len(), label, run.quiet);
+    let tick = |n: usize| progress.advance(n);
+    let start = Instant::now();
+    let dtype: DType = run.dtype.into();
+    let result: PassResult = match (&kind, dtype) {
+        (PassKind::Gradient, DType::F32) => problem.gradient::<f32>(&tick)?,
+        (PassKind::Gradient, DType::F64) => problem.gradient::<f64>(&tick)?,
+        (PassKind::Product(c, _), DType::F32) => problem.product::<f32>(*c, vector.as_ref().expect("loaded"), &tick)?,
+        (PassKind::Product(c, _), DType::F64) => problem.product::<f64>(*c, vector.as_ref().expect("loaded"), &tick)?,
+    };
+    progress.finish();
+    save_vector(&model, &result.value, out, dtype)?;
+    summary(what, result.examples, start.elapsed(), run.quiet);
+    if !run.quiet {
+        eprintln!("mean loss {:.6}, output norm {:.6e}, written to {}", result.loss, result.value.norm(), out.display());
+    }
+    Ok(())
+}
+
+pub fn save_vector(model: &Model, v: &ParamVector, out: &Path, dtype: DType) -> Result<()> {
+    v.save(model, out, dtype)
+        .with_context(|| format!("writing {}", out.display()))
+}
