@@ -1,0 +1,130 @@
+//! Helpers shared by the CLI tests: running the binary, temporary directories,
+//! fixture paths and the deterministic weight generator of scripts/make_fixtures.py.
+#![allow(dead_code)]
+
+use hvp_model::io::{read_safetensors, write_safetensors};
+use hvp_model::{Architecture, Model};
+use hvp_tensor::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn fixture(case: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(case)
+}
+
+/// Runs `hvp` with `args`.
+pub fn hvp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hvp"))
+        .args(args)
+        .output()
+        .expect("the hvp binary runs")
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!("hvp-test-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// All F32/F64 tensors of a safetensors file, flattened, by name.
+pub fn read_flat(path: &Path) -> BTreeMap<String, Vec<f64>> {
+    read_safetensors(path)
+        .expect("readable safetensors")
+        .into_iter()
+        .filter_map(|(k, v)| v.ok().map(|t| (k, t.data)))
+        .collect()
+}
+
+fn fnv1a(name: &str) -> u64 {
+    name.bytes()
+        .fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3))
+}
+
+fn uniform_stream(seed: u64, count: usize) -> Vec<f64> {
+    let mut s = seed;
+    (0..count)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The weights `generated_tensor` of scripts/make_fixtures.py writes, bit for bit.
+fn generated_tensor(name: &str, shape: &[usize], seed: u64) -> Tensor<f64> {
+    let n = shape.iter().product();
+    let u = uniform_stream(seed ^ fnv1a(name), n);
+    let v: Vec<f64> = if name.ends_with("running_var") {
+        u.iter().map(|x| 1.0 + 0.5 * x).collect()
+    } else if name.ends_with("running_mean") {
+        u.iter().map(|x| 0.2 * x).collect()
+    } else if shape.len() == 1 && name.ends_with(".weight") {
+        u.iter().map(|x| 1.0 + 0.2 * x).collect()
+    } else if shape.len() == 1 {
+        u.iter().map(|x| 0.2 * x).collect()
+    } else {
+        let fan_in: usize = shape[1..].iter().product();
+        u.iter().map(|x| x / (fan_in as f64).sqrt()).collect()
+    };
+    Tensor::new(shape.to_vec(), v).unwrap()
+}
+
+/// Writes the generated weights and vector of a fixture case to `dir`.
+pub fn write_generated(arch: &str, in_channels: usize, seed: u64, weights: &Path, vector: &Path) {
+    let arch: Architecture = arch.parse().unwrap();
+    let model = Model::new(&arch, in_channels).unwrap();
+    let named: Vec<(String, Tensor<f64>)> = model
+        .params
+        .iter()
+        .chain(&model.buffers)
+        .map(|s| (s.name.clone(), generated_tensor(&s.name, &s.shape, seed)))
+        .collect();
+    write_safetensors(weights, &named, DType::F64).unwrap();
+    let v: Vec<(String, Tensor<f64>)> = model
+        .params
+        .iter()
+        .map(|s| {
+            let u = uniform_stream(seed ^ fnv1a(&format!("vector:{}", s.name)), s.numel());
+            (s.name.clone(), Tensor::new(s.shape.clone(), u).unwrap())
+        })
+        .collect();
+    write_safetensors(vector, &v, DType::F64).unwrap();
+}
+
+/// Every k-th element, k = ceil(len / cap), as the fixture script stores.
+pub fn subset(v: &[f64], cap: Option<usize>) -> Vec<f64> {
+    match cap {
+        Some(c) if v.len() > c => v.iter().step_by(v.len().div_ceil(c)).copied().collect(),
+        _ => v.to_vec(),
+    }
+}

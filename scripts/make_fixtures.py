@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Write the PyTorch reference fixtures in tests/fixtures/ (rerunnable, deterministic).
+
+Needs torch, numpy and safetensors (any recent version; CI never runs this):
+
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch numpy safetensors
+    /tmp/venv/bin/python scripts/make_fixtures.py
+
+Each case directory holds the inputs (NPY), the weights and direction (safetensors
+written by safetensors.torch.save_file, or "generated" from a SplitMix64 stream the
+Rust tests reproduce bit for bit, to keep the repo small), and expected.safetensors
+with the gradient, Hessian-vector product and GGN-vector product computed in float64
+by PyTorch: `grad/NAME`, `hvp/NAME`, `ggn/NAME`, plus the mean `loss`. For large
+tensors only every k-th element (k = ceil(numel / cap)) is stored.
+
+Loss: softmax cross-entropy, mean over the N examples; BatchNorm in eval mode.
+HVP: double backward (reverse-over-reverse), a method independent of hvp's
+forward-over-reverse. GGN: torch.func.jvp of the logits, the softmax
+cross-entropy's Hessian (diag(p) - p p^T)/N, then a VJP.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+MASK64 = (1 << 64) - 1
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + short)
+
+
+class ResNetCifar(nn.Module):
+    """The seed's CIFAR ResNet: conv-bn-relu, three stages of basic blocks."""
+
+    def __init__(self, blocks, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        cin = 16
+        for i, (n, cout) in enumerate(zip(blocks, (16, 32, 64))):
+            layers = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                layers.append(BasicBlock(cin, cout, stride))
+                cin = cout
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i + 2 < len(sizes):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+# ---- SplitMix64 stream, reproduced in crates/cli/tests/common/mod.rs ----
+def fnv1a(name: str) -> int:
+    h = 0xCBF29CE484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001B3) & MASK64
+    return h
+
+
+def uniform_stream(seed: int, count: int):
+    """count values in [-1, 1): (z >> 11) * 2^-53 * 2 - 1 of SplitMix64 outputs."""
+    s = seed & MASK64
+    out = np.empty(count, dtype=np.float64)
+    for i in range(count):
+        s = (s + 0x9E3779B97F4A7C15) & MASK64
+        z = s
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        z ^= z >> 31
+        out[i] = (z >> 11) * (2.0**-53) * 2.0 - 1.0
+    return out
+
+
+def generated_tensor(name, shape, seed):
+    """Deterministic weights per tensor name (rule mirrored in the Rust tests)."""
+    n = int(np.prod(shape)) if shape else 1
+    u = uniform_stream(seed ^ fnv1a(name), n)
+    if name.endswith("running_var"):
+        v = 1.0 + 0.5 * u
+    elif name.endswith("running_mean"):
+        v = 0.2 * u
+    elif len(shape) == 1 and name.endswith(".weight"):  # BatchNorm gamma
+        v = 1.0 + 0.2 * u
+    elif len(shape) == 1:  # biases
+        v = 0.2 * u
+    else:  # conv / linear weights: U(+-1/sqrt(fan_in))
+        v = u / math.sqrt(int(np.prod(shape[1:])))
+    return torch.from_numpy(v.reshape(shape))
+
+
+def generated_vector(name, shape, seed):
+    """Direction entries in [-1, 1) per parameter name."""
+    n = int(np.prod(shape))
+    return torch.from_numpy(uniform_stream(seed ^ fnv1a("vector:" + name), n).reshape(shape))
+
+
+def subset(t: torch.Tensor, cap):
+    flat = t.reshape(-1)
+    if cap is None or flat.numel() <= cap:
+        return flat.clone()
+    k = math.ceil(flat.numel() / cap)
+    return flat[::k].clone()
+
+
+def products(model, x, y, v):
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    hvp = torch.autograd.grad(grads, params, grad_outputs=[v[n] for n in names])
+
+    pdict = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    def f(*ps):
+        return torch.func.functional_call(model, ({**dict(zip(names, ps)), **buffers},), (x,))
+
+    z, jv = torch.func.jvp(f, tuple(pdict[n] for n in names), tuple(v[n] for n in names))
+    p = torch.softmax(z, dim=1)
+    hjv = (p * jv - p * (p * jv).sum(dim=1, keepdim=True)) / x.shape[0]
+    z2 = f(*params)
+    ggn = torch.autograd.grad(z2, params, grad_outputs=hjv)
+    return names, loss.detach(), [g.detach() for g in grads], [h.detach() for h in hvp], [g.detach() for g in ggn]
+
+
+def write_case(name, model, arch, in_channels, x, y, v, cap, weights_mode):
+    d = ROOT / name
+    d.mkdir(parents=True, exist_ok=True)
+    model = model.double().eval()
+    names, loss, grads, hvps, ggns = products(model, x, y, v)
+    expected = {"loss": loss.reshape(1)}
+    for n, g, h, gg in zip(names, grads, hvps, ggns):
+        expected[f"grad/{n}"] = subset(g, cap)
+        expected[f"hvp/{n}"] = subset(h, cap)
+        expected[f"ggn/{n}"] = subset(gg, cap)
+    save_file(expected, str(d / "expected.safetensors"))
+    np.save(d / "inputs.npy", x.numpy())
+    np.save(d / "labels.npy", y.numpy().astype(np.int64))
+    meta = {"arch": arch, "in_channels": in_channels, "n": int(x.shape[0]), "subset_cap": cap,
+            "weights": weights_mode, "torch": torch.__version__}
+    if weights_mode == "file":
+        # The weights in the precision they were used, as PyTorch writes a state_dict.
+        save_file({k: t.contiguous() for k, t in model.state_dict().items()}, str(d / "weights.safetensors"))
+        save_file({k: t.contiguous() for k, t in v.items()}, str(d / "vector.safetensors"))
+    (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, loss {loss.item():.6f}")
+
+
+def main():
+    torch.manual_seed(0)
+
+    # 1. MLP on the first 32 UCI digits (8x8, scaled to [0, 1]), f64 weights.
+    digits = np.loadtxt(Path(__file__).resolve().parent / "digits_first32.csv", delimiter=",")
+    x = torch.from_numpy(digits[:, :64] / 16.0)
+    y = torch.from_numpy(digits[:, 64].astype(np.int64))
+    model = mlp([64, 16, 10]).double()
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    write_case("mlp", model, "mlp:64,16,10", 1, x, y, v, None, "file")
+
+    # 2. resnet-cifar:1,1,1 on 1-channel 16x16 inputs; weights rounded to float32
+    #    and saved as float32, as most state_dicts are.
+    model = ResNetCifar([1, 1, 1], in_channels=1)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.3, 0.3)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.8, 1.2)
+                mod.bias.uniform_(-0.2, 0.2)
+    model = model.float()
+    v32 = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    x = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    d = ROOT / "resnet111"
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in model.state_dict().items()}, str(d / "weights.safetensors"))
+    save_file({k: t.contiguous() for k, t in v32.items()}, str(d / "vector.safetensors"))
+    v64 = {k: t.double() for k, t in v32.items()}
+    write_case("resnet111", model, "resnet-cifar:1,1,1", 1, x, y, v64, 512, "file-f32")
+
+    # 3. The seed ResNet (resnet-cifar:2,2,2) on 3x32x32 inputs, weights and vector
+    #    generated (SplitMix64 per tensor name, seed 42), only expected values stored.
+    model = ResNetCifar([2, 2, 2], in_channels=3).double()
+    seed = 42
+    with torch.no_grad():
+        for n, t in model.state_dict().items():
+            if n.endswith("num_batches_tracked"):
+                continue
+            t.copy_(generated_tensor(n, list(t.shape), seed))
+    v = {n: generated_vector(n, list(p.shape), seed) for n, p in model.named_parameters()}
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([3, 8, 0, 6])
+    write_case("seed_resnet", model, "resnet-cifar:2,2,2", 3, x, y, v, 256, "generated:42")
+
+
+if __name__ == "__main__":
+    main()
