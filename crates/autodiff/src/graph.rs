@@ -156,7 +156,12 @@ impl Graph {
                     flops += 2.0 * (w[0] * w[1]) as f64;
                     vec![w[0]]
                 }
-                Op::Conv2d { input, weight, geometry, .. } => {
+                Op::Conv2d {
+                    input,
+                    weight,
+                    geometry,
+                    ..
+                } => {
                     let (x, w) = (&shapes[input], &param_shapes[weight]);
                     let ho = hvp_tensor::pool::out_size(x[1], w[2], geometry.stride, geometry.padding);
                     let wo = hvp_tensor::pool::out_size(x[2], w[3], geometry.stride, geometry.padding);

@@ -15,11 +15,8 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// `f(a, b)` for a map bilinear in `(a, b)`: tangent `f(ȧ, b) + f(a, ḃ)`.
     fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self;
     /// `f(x)` for any differentiable `f`, with its JVP rule `jvp(x, ẋ)`.
-    fn nonlinear(
-        &self,
-        f: impl Fn(&Tensor<T>) -> Tensor<T>,
-        jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
-    ) -> Self;
+    fn nonlinear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>, jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>)
+        -> Self;
     /// `self + other`.
     fn add(&self, other: &Self) -> Self;
     /// `self += other` (cotangent accumulation).
@@ -107,7 +104,10 @@ impl<T: Float> Value<T> for Dual<T> {
         &self.primal
     }
     fn constant(t: Tensor<T>) -> Self {
-        Self { primal: t, tangent: None }
+        Self {
+            primal: t,
+            tangent: None,
+        }
     }
     fn linear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>) -> Self {
         Self {

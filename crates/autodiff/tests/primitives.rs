@@ -49,7 +49,11 @@ fn duals(xs: &[Tensor<f64>], ts: Option<&[Tensor<f64>]>) -> Vec<Dual<f64>> {
 
 fn check(name: &str, xs: Vec<Tensor<f64>>, fwd: &Fwd<'_>, vjp: &Vjp<'_>) {
     let h = 1e-6;
-    let vs: Vec<Tensor<f64>> = xs.iter().enumerate().map(|(i, x)| random(x.shape(), 100 + i as u64)).collect();
+    let vs: Vec<Tensor<f64>> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| random(x.shape(), 100 + i as u64))
+        .collect();
     let plus: Vec<_> = xs.iter().zip(&vs).map(|(x, v)| axpy(x, h, v)).collect();
     let minus: Vec<_> = xs.iter().zip(&vs).map(|(x, v)| axpy(x, -h, v)).collect();
 
@@ -70,7 +74,10 @@ fn check(name: &str, xs: Vec<Tensor<f64>>, fwd: &Fwd<'_>, vjp: &Vjp<'_>) {
     let cots = vjp(&duals(&xs, None), &Dual::new(u.clone(), None));
     let lhs = dot_f64(&u, &jv);
     let rhs: f64 = cots.iter().zip(&vs).map(|(g, v)| dot_f64(g.primal(), v)).sum();
-    assert!((lhs - rhs).abs() <= 1e-10 * lhs.abs().max(1.0), "{name}: duality {lhs} vs {rhs}");
+    assert!(
+        (lhs - rhs).abs() <= 1e-10 * lhs.abs().max(1.0),
+        "{name}: duality {lhs} vs {rhs}"
+    );
 
     // Forward-over-reverse: the tangent of the VJP (inputs moving along v, the
     // cotangent along u̇) vs central differences of the VJP.
@@ -82,22 +89,20 @@ fn check(name: &str, xs: Vec<Tensor<f64>>, fwd: &Fwd<'_>, vjp: &Vjp<'_>) {
         let fd = axpy(cp[k].primal(), -1.0, cm[k].primal());
         let fd = Tensor::new(fd.shape().to_vec(), fd.data().iter().map(|d| d / (2.0 * h)).collect()).unwrap();
         let e = rel_err(&tc.tangent_or_zeros(), &fd);
-        assert!(e < 1e-7, "{name}: tangent of VJP #{k} vs finite differences: relative error {e:e}");
+        assert!(
+            e < 1e-7,
+            "{name}: tangent of VJP #{k} vs finite differences: relative error {e:e}"
+        );
     }
 }
 
 #[test]
 fn dense_with_bias() {
     let xs = vec![random(&[5, 4], 1), random(&[3, 4], 2), random(&[3], 3)];
-    check(
-        "dense",
-        xs,
-        &|d| dense::forward(&d[0], &d[1], Some(&d[2])),
-        &|d, g| {
-            let (gx, gw, gb) = dense::vjp(&d[0], &d[1], true, g, true);
-            vec![gx.unwrap(), gw, gb.unwrap()]
-        },
-    );
+    check("dense", xs, &|d| dense::forward(&d[0], &d[1], Some(&d[2])), &|d, g| {
+        let (gx, gw, gb) = dense::vjp(&d[0], &d[1], true, g, true);
+        vec![gx.unwrap(), gw, gb.unwrap()]
+    });
 }
 
 #[test]
@@ -125,9 +130,24 @@ fn batchnorm_eval_mode() {
     check(
         "batchnorm",
         xs,
-        &|d| batchnorm::forward(&d[0], &d[1], &d[2], &batchnorm::Stats { mean: &mean, var: &var, eps: 1e-5 }),
+        &|d| {
+            batchnorm::forward(
+                &d[0],
+                &d[1],
+                &d[2],
+                &batchnorm::Stats {
+                    mean: &mean,
+                    var: &var,
+                    eps: 1e-5,
+                },
+            )
+        },
         &|d, g| {
-            let st = batchnorm::Stats { mean: &mean, var: &var, eps: 1e-5 };
+            let st = batchnorm::Stats {
+                mean: &mean,
+                var: &var,
+                eps: 1e-5,
+            };
             let (gx, gg, gb) = batchnorm::vjp(&d[0], &d[1], &d[2], &st, g, true);
             vec![gx.unwrap(), gg, gb]
         },
@@ -137,8 +157,15 @@ fn batchnorm_eval_mode() {
 #[test]
 fn activations() {
     // Values away from 0 so the ReLU's kink is not crossed by the differences.
-    let x = Tensor::new(vec![4, 6], random(&[4, 6], 14).data().iter().map(|v| v + v.signum() * 0.1).collect())
-        .unwrap();
+    let x = Tensor::new(
+        vec![4, 6],
+        random(&[4, 6], 14)
+            .data()
+            .iter()
+            .map(|v| v + v.signum() * 0.1)
+            .collect(),
+    )
+    .unwrap();
     check("relu", vec![x.clone()], &|d| activation::relu(&d[0]), &|d, g| {
         vec![activation::relu_vjp(&d[0], g)]
     });
@@ -150,15 +177,24 @@ fn activations() {
 #[test]
 fn structural_ops() {
     let x = random(&[2, 3, 4, 4], 15);
-    check("add", vec![x.clone(), random(&[2, 3, 4, 4], 16)], &|d| d[0].add(&d[1]), &|_, g| {
-        vec![g.clone(), g.clone()]
-    });
-    check("global_avg_pool", vec![x.clone()], &|d| structural::global_avg_pool(&d[0]), &|_, g| {
-        vec![structural::global_avg_pool_vjp(g, 4, 4)]
-    });
-    check("avg_pool", vec![x.clone()], &|d| structural::avg_pool(&d[0], 2, 2), &|_, g| {
-        vec![structural::avg_pool_vjp(g, 2, 2, 4, 4)]
-    });
+    check(
+        "add",
+        vec![x.clone(), random(&[2, 3, 4, 4], 16)],
+        &|d| d[0].add(&d[1]),
+        &|_, g| vec![g.clone(), g.clone()],
+    );
+    check(
+        "global_avg_pool",
+        vec![x.clone()],
+        &|d| structural::global_avg_pool(&d[0]),
+        &|_, g| vec![structural::global_avg_pool_vjp(g, 4, 4)],
+    );
+    check(
+        "avg_pool",
+        vec![x.clone()],
+        &|d| structural::avg_pool(&d[0], 2, 2),
+        &|_, g| vec![structural::avg_pool_vjp(g, 2, 2, 4, 4)],
+    );
     check("flatten", vec![x], &|d| structural::flatten(&d[0]), &|_, g| {
         vec![structural::flatten_vjp(g, &[2, 3, 4, 4])]
     });
@@ -176,8 +212,15 @@ fn softmax_cross_entropy_cotangent() {
     let jv = f(&[Dual::new(z.clone(), Some(v.clone()))]).tangent_or_zeros();
     let fp = f(&[Dual::new(axpy(&z, h, &v), None)]).into_primal();
     let fm = f(&[Dual::new(axpy(&z, -h, &v), None)]).into_primal();
-    let fd = Tensor::new(vec![3, 5], fp.data().iter().zip(fm.data()).map(|(a, b)| (a - b) / (2.0 * h)).collect())
-        .unwrap();
+    let fd = Tensor::new(
+        vec![3, 5],
+        fp.data()
+            .iter()
+            .zip(fm.data())
+            .map(|(a, b)| (a - b) / (2.0 * h))
+            .collect(),
+    )
+    .unwrap();
     assert!(rel_err(&jv, &fd) < 1e-7);
     let u = random(&[3, 5], 19);
     let ju = f(&[Dual::new(z.clone(), Some(u.clone()))]).tangent_or_zeros();

@@ -34,7 +34,11 @@ fn compare(c: &Case, kind: &str, out: &std::path::Path) -> f64 {
     let (mut diff, mut norm, mut count) = (0.0, 0.0, 0);
     for (key, want) in expected.iter().filter(|(k, _)| k.starts_with(&format!("{kind}/"))) {
         let name = &key[kind.len() + 1..];
-        let mine = subset(got.get(name).unwrap_or_else(|| panic!("{}: output lacks {name}", c.name)), c.cap);
+        let mine = subset(
+            got.get(name)
+                .unwrap_or_else(|| panic!("{}: output lacks {name}", c.name)),
+            c.cap,
+        );
         assert_eq!(mine.len(), want.len(), "{}: {name} length", c.name);
         for (a, b) in mine.iter().zip(want) {
             diff += (a - b) * (a - b);
@@ -52,7 +56,13 @@ fn check_case(name: &'static str) {
     let dir = fixture(name);
     let (weights, vector) = match c.generated {
         Some(seed) => {
-            write_generated(&c.arch, c.in_channels, seed, &tmp.path("w.safetensors"), &tmp.path("v.safetensors"));
+            write_generated(
+                &c.arch,
+                c.in_channels,
+                seed,
+                &tmp.path("w.safetensors"),
+                &tmp.path("v.safetensors"),
+            );
             (tmp.s("w.safetensors"), tmp.s("v.safetensors"))
         }
         None => (
@@ -63,7 +73,11 @@ fn check_case(name: &'static str) {
     let inputs = dir.join("inputs.npy").to_string_lossy().into_owned();
     let labels = dir.join("labels.npy").to_string_lossy().into_owned();
     for (dtype, tol) in [("f64", 1e-9), ("f32", 1e-4)] {
-        for (kind, extra) in [("grad", vec![]), ("hvp", vec!["--curvature", "hessian"]), ("ggn", vec!["--curvature", "ggn"])] {
+        for (kind, extra) in [
+            ("grad", vec![]),
+            ("hvp", vec!["--curvature", "hessian"]),
+            ("ggn", vec!["--curvature", "ggn"]),
+        ] {
             let out = tmp.s(&format!("{kind}-{dtype}.safetensors"));
             let mut args = vec![
                 if kind == "grad" { "grad" } else { "product" },
@@ -88,9 +102,16 @@ fn check_case(name: &'static str) {
                 args.extend(extra);
             }
             let o = hvp(&args);
-            assert!(o.status.success(), "{name} {kind} {dtype}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{name} {kind} {dtype}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             let e = compare(&c, kind, std::path::Path::new(&out));
-            assert!(e < tol, "{name}: {kind} in {dtype} differs from PyTorch by {e:e} (tolerance {tol:e})");
+            assert!(
+                e < tol,
+                "{name}: {kind} in {dtype} differs from PyTorch by {e:e} (tolerance {tol:e})"
+            );
             eprintln!("{name}: {kind} {dtype} relative error {e:.2e}");
         }
     }

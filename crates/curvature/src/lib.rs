@@ -55,7 +55,12 @@ pub struct PassResult {
 
 impl<'a> Problem<'a> {
     /// Checks that the data fits the model (shape, label range) before any pass.
-    pub fn new(model: &'a Model, weights: &'a Weights, data: &'a dyn Dataset, batch_size: usize) -> Result<Self, CurvatureError> {
+    pub fn new(
+        model: &'a Model,
+        weights: &'a Weights,
+        data: &'a dyn Dataset,
+        batch_size: usize,
+    ) -> Result<Self, CurvatureError> {
         if data.is_empty() {
             return Err(CurvatureError::Empty);
         }
@@ -97,7 +102,10 @@ impl<'a> Problem<'a> {
             loss_sum += loss;
             for (a, p) in acc.tensors.iter_mut().zip(parts) {
                 if let Some(p) = p {
-                    a.data_mut().iter_mut().zip(p.data()).for_each(|(x, &y)| *x += y.to_f64());
+                    a.data_mut()
+                        .iter_mut()
+                        .zip(p.data())
+                        .for_each(|(x, &y)| *x += y.to_f64());
                 }
             }
             if !loss.is_finite() || acc.tensors.iter().any(|t| !t.all_finite()) {
@@ -148,7 +156,10 @@ impl<'a> Problem<'a> {
         match curvature {
             Curvature::Hessian => self.stream(progress, what, |x, labels, w| {
                 let (loss, grads) = hessian_batch(graph, &duals, &buffers, x, labels, w);
-                (loss, grads.into_iter().map(|g| g.and_then(|d| d.into_parts().1)).collect())
+                (
+                    loss,
+                    grads.into_iter().map(|g| g.and_then(|d| d.into_parts().1)).collect(),
+                )
             }),
             Curvature::Ggn => {
                 let primals: Vec<Tensor<T>> = duals.iter().map(|d| d.primal().clone()).collect();

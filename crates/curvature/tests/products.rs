@@ -16,9 +16,13 @@ fn setup(arch: &str, channels: usize, sample: &[usize], n: usize, seed: u64) -> 
     // Non-trivial BatchNorm statistics and affine parameters.
     for (spec, t) in model.buffers.iter().zip(&mut w.buffers) {
         let var = spec.name.ends_with("running_var");
-        t.data_mut()
-            .iter_mut()
-            .for_each(|v| *v = if var { rng.random_range(0.5..1.5) } else { rng.random_range(-0.3..0.3) });
+        t.data_mut().iter_mut().for_each(|v| {
+            *v = if var {
+                rng.random_range(0.5..1.5)
+            } else {
+                rng.random_range(-0.3..0.3)
+            }
+        });
     }
     for (spec, t) in model.params.iter().zip(&mut w.params) {
         if spec.shape.len() == 1 {
@@ -51,18 +55,32 @@ fn check_fd(model: &Model, w: &Weights, data: &InMemory) {
     let hv = p.product::<f64>(Curvature::Hessian, &v, &no_progress).unwrap().value;
     let h = 1e-5;
     let (wp, wm) = (shifted(w, &v, h), shifted(w, &v, -h));
-    let gp = Problem::new(model, &wp, data, 4).unwrap().gradient::<f64>(&no_progress).unwrap();
-    let gm = Problem::new(model, &wm, data, 4).unwrap().gradient::<f64>(&no_progress).unwrap();
+    let gp = Problem::new(model, &wp, data, 4)
+        .unwrap()
+        .gradient::<f64>(&no_progress)
+        .unwrap();
+    let gm = Problem::new(model, &wm, data, 4)
+        .unwrap()
+        .gradient::<f64>(&no_progress)
+        .unwrap();
     let mut fd = gp.value.clone();
     fd.axpy(-1.0, &gm.value);
     fd.scale(1.0 / (2.0 * h));
     let e = hv.relative_error(&fd);
-    assert!(e < 1e-7, "{}: HVP vs finite differences of the gradient: {e:e}", model.arch);
+    assert!(
+        e < 1e-7,
+        "{}: HVP vs finite differences of the gradient: {e:e}",
+        model.arch
+    );
     let g = p.gradient::<f64>(&no_progress).unwrap().value;
     // Loss differences lose ~1e-11 absolute to rounding (loss ≈ 2, step 1e-5).
     let fd_loss = (gp.loss - gm.loss) / (2.0 * h);
     let dir = g.dot(&v);
-    assert!((dir - fd_loss).abs() < 1e-6 * dir.abs() + 1e-9, "{}: ⟨g, v⟩ {dir} vs {fd_loss}", model.arch);
+    assert!(
+        (dir - fd_loss).abs() < 1e-6 * dir.abs() + 1e-9,
+        "{}: ⟨g, v⟩ {dir} vs {fd_loss}",
+        model.arch
+    );
 }
 
 #[test]
@@ -86,9 +104,15 @@ fn hessian_and_ggn_are_symmetric_and_ggn_is_psd() {
         let mu = p.product::<f64>(c, &u, &no_progress).unwrap().value;
         let mv = p.product::<f64>(c, &v, &no_progress).unwrap().value;
         let (a, b) = (u.dot(&mv), mu.dot(&v));
-        assert!((a - b).abs() < 1e-10 * a.abs().max(b.abs()), "{c:?}: ⟨u, Mv⟩ {a} vs ⟨Mu, v⟩ {b}");
+        assert!(
+            (a - b).abs() < 1e-10 * a.abs().max(b.abs()),
+            "{c:?}: ⟨u, Mv⟩ {a} vs ⟨Mu, v⟩ {b}"
+        );
         if c == Curvature::Ggn {
-            assert!(v.dot(&mv) > 0.0 && u.dot(&mu) > 0.0, "GGN quadratic forms must be positive");
+            assert!(
+                v.dot(&mv) > 0.0 && u.dot(&mu) > 0.0,
+                "GGN quadratic forms must be positive"
+            );
         }
     }
 }

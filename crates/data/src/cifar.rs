@@ -31,7 +31,10 @@ impl Cifar10 {
             if bytes.len() % RECORD != 0 || bytes.is_empty() {
                 return Err(DataError::Truncated {
                     path: f.clone(),
-                    reason: format!("{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records", bytes.len()),
+                    reason: format!(
+                        "{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records",
+                        bytes.len()
+                    ),
                 });
             }
             if let Some(r) = bytes.chunks(RECORD).position(|r| r[0] > 9) {

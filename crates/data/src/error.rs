@@ -6,10 +6,7 @@ pub enum DataError {
     #[error("bad dataset spec '{spec}': {reason}")]
     Spec { spec: String, reason: String },
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path} is truncated: {reason}")]
@@ -17,11 +14,7 @@ pub enum DataError {
     #[error("input example {index} contains NaN or infinite values; clean the data before computing curvature")]
     NonFinite { index: usize },
     #[error("label {label} of example {index} is out of range: the model has {classes} classes (labels 0..{classes})")]
-    LabelRange {
-        index: usize,
-        label: usize,
-        classes: usize,
-    },
+    LabelRange { index: usize, label: usize, classes: usize },
     #[error("{0}")]
     Mismatch(String),
 }

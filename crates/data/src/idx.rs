@@ -45,7 +45,9 @@ fn read_idx(dir: &Path, stem: &str, magic: u32) -> Result<(PathBuf, Vec<usize>, 
     }
     let found = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     if found != magic {
-        return Err(fmt(format!("magic number {found:#010x}, expected {magic:#010x}: not an IDX file of that kind")));
+        return Err(fmt(format!(
+            "magic number {found:#010x}, expected {magic:#010x}: not an IDX file of that kind"
+        )));
     }
     let ndims = (magic & 0xff) as usize;
     let header = 4 + 4 * ndims;

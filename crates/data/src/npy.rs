@@ -47,7 +47,10 @@ pub struct NpyArray {
 
 fn header_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let at = header.find(&format!("'{key}'"))?;
-    let rest = header[at + key.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = header[at + key.len() + 2..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
     Some(rest)
 }
 
@@ -92,7 +95,9 @@ impl NpyArray {
             ))
         })?;
         if header_field(&header, "fortran_order").is_some_and(|r| r.starts_with("True")) {
-            return Err(fmt("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into()));
+            return Err(fmt(
+                "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
+            ));
         }
         let shape_txt = header_field(&header, "shape")
             .and_then(|r| r.strip_prefix('('))
@@ -174,7 +179,10 @@ impl NpyDataset {
         if x.shape.len() < 2 {
             return Err(DataError::Format {
                 path: inputs.to_path_buf(),
-                reason: format!("inputs must be [N, ...] with at least 2 dimensions, found {:?}", x.shape),
+                reason: format!(
+                    "inputs must be [N, ...] with at least 2 dimensions, found {:?}",
+                    x.shape
+                ),
             });
         }
         let y = NpyArray::open(labels)?;
@@ -244,7 +252,9 @@ impl Dataset for NpyDataset {
             let first = batch.x.len();
             self.inputs.read_rows(start, end - k, &mut batch.x)?;
             if let Some(bad) = batch.x[first..].iter().position(|v| !v.is_finite()) {
-                return Err(DataError::NonFinite { index: start + bad / row });
+                return Err(DataError::NonFinite {
+                    index: start + bad / row,
+                });
             }
             k = end;
         }

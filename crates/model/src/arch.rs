@@ -18,10 +18,14 @@ pub enum Architecture {
 fn parse_list(spec: &str, list: &str) -> Result<Vec<usize>, ModelError> {
     list.split(',')
         .map(|s| {
-            s.trim().parse::<usize>().ok().filter(|&v| v > 0).ok_or_else(|| ModelError::BadArch {
-                spec: spec.to_string(),
-                reason: format!("'{s}' is not a positive integer"),
-            })
+            s.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(|| ModelError::BadArch {
+                    spec: spec.to_string(),
+                    reason: format!("'{s}' is not a positive integer"),
+                })
         })
         .collect()
 }
@@ -29,7 +33,9 @@ fn parse_list(spec: &str, list: &str) -> Result<Vec<usize>, ModelError> {
 impl FromStr for Architecture {
     type Err = ModelError;
     fn from_str(spec: &str) -> Result<Self, ModelError> {
-        let (kind, list) = spec.split_once(':').ok_or_else(|| ModelError::UnknownArch(spec.to_string()))?;
+        let (kind, list) = spec
+            .split_once(':')
+            .ok_or_else(|| ModelError::UnknownArch(spec.to_string()))?;
         let nums = parse_list(spec, list)?;
         let bad = |reason: &str| ModelError::BadArch {
             spec: spec.to_string(),
@@ -58,7 +64,10 @@ impl FromStr for Architecture {
                 if nums.len() != 2 {
                     return Err(bad("give the input size and the number of classes, e.g. logreg:784,10"));
                 }
-                Ok(Architecture::Mlp { sizes: nums, tanh: false })
+                Ok(Architecture::Mlp {
+                    sizes: nums,
+                    tanh: false,
+                })
             }
             _ => Err(ModelError::UnknownArch(spec.to_string())),
         }
@@ -70,7 +79,12 @@ impl fmt::Display for Architecture {
         let join = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
         match self {
             Architecture::ResNetCifar { blocks, tanh } => {
-                write!(f, "{}:{}", if *tanh { "resnet-cifar-tanh" } else { "resnet-cifar" }, join(blocks))
+                write!(
+                    f,
+                    "{}:{}",
+                    if *tanh { "resnet-cifar-tanh" } else { "resnet-cifar" },
+                    join(blocks)
+                )
             }
             Architecture::Mlp { sizes, tanh } => {
                 write!(f, "{}:{}", if *tanh { "mlp-tanh" } else { "mlp" }, join(sizes))
@@ -215,7 +229,11 @@ impl Model {
                 for i in 0..layers {
                     h = b.dense(&(2 * i).to_string(), h, sizes[i], sizes[i + 1]);
                     if i + 1 < layers {
-                        h = b.graph.push(if *tanh { Op::Tanh { input: h } } else { Op::Relu { input: h } });
+                        h = b.graph.push(if *tanh {
+                            Op::Tanh { input: h }
+                        } else {
+                            Op::Relu { input: h }
+                        });
                     }
                 }
                 (1, sizes[sizes.len() - 1])

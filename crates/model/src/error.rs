@@ -8,29 +8,15 @@ pub enum ModelError {
     #[error("bad architecture '{spec}': {reason}")]
     BadArch { spec: String, reason: String },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid safetensors file ({reason}); was it written with safetensors.torch.save_file?")]
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: tensor '{name}' is missing (the architecture {arch} needs it)")]
-    Missing {
-        path: PathBuf,
-        name: String,
-        arch: String,
-    },
+    Missing { path: PathBuf, name: String, arch: String },
     #[error("{path}: unexpected tensor '{name}' (not part of {arch}; check --arch)")]
-    Extra {
-        path: PathBuf,
-        name: String,
-        arch: String,
-    },
+    Extra { path: PathBuf, name: String, arch: String },
     #[error("{path}: tensor '{name}' has shape {actual:?}, {arch} expects {expected:?}")]
     Shape {
         path: PathBuf,
@@ -40,11 +26,7 @@ pub enum ModelError {
         arch: String,
     },
     #[error("{path}: tensor '{name}' has dtype {dtype}; only F32 and F64 are supported")]
-    DType {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    DType { path: PathBuf, name: String, dtype: String },
     #[error("{path}: tensor '{name}' contains NaN or infinite values")]
     NonFinite { path: PathBuf, name: String },
 }

@@ -18,14 +18,12 @@ pub fn scale<T: Float>(x: &Tensor<T>, s: &Tensor<T>) -> Tensor<T> {
     assert_eq!(s.numel(), c, "channel scale: {} factors for {c} channels", s.numel());
     let mut out = x.clone();
     let s = s.data();
-    out.data_mut()
-        .par_chunks_mut(c * inner)
-        .for_each(|ex| {
-            for (ch, plane) in ex.chunks_mut(inner.max(1)).enumerate().take(c) {
-                let f = s[ch];
-                plane.iter_mut().for_each(|v| *v *= f);
-            }
-        });
+    out.data_mut().par_chunks_mut(c * inner).for_each(|ex| {
+        for (ch, plane) in ex.chunks_mut(inner.max(1)).enumerate().take(c) {
+            let f = s[ch];
+            plane.iter_mut().for_each(|v| *v *= f);
+        }
+    });
     out
 }
 
@@ -35,13 +33,11 @@ pub fn broadcast<T: Float>(t: &Tensor<T>, shape: &[usize]) -> Tensor<T> {
     let (_, c, inner) = layout(&out);
     assert_eq!(t.numel(), c, "channel broadcast: {} values for {c} channels", t.numel());
     let t = t.data();
-    out.data_mut()
-        .par_chunks_mut(c * inner)
-        .for_each(|ex| {
-            for (ch, plane) in ex.chunks_mut(inner.max(1)).enumerate().take(c) {
-                plane.fill(t[ch]);
-            }
-        });
+    out.data_mut().par_chunks_mut(c * inner).for_each(|ex| {
+        for (ch, plane) in ex.chunks_mut(inner.max(1)).enumerate().take(c) {
+            plane.fill(t[ch]);
+        }
+    });
     out
 }
 
@@ -84,10 +80,8 @@ mod tests {
 
     #[test]
     fn reductions_are_adjoint_to_broadcast_and_scale() {
-        let x = Tensor::<f64>::new(vec![2, 3, 2], (0..12).map(|i| i as f64 - 4.5).collect())
-            .unwrap();
-        let y = Tensor::<f64>::new(vec![2, 3, 2], (0..12).map(|i| (i as f64).sin()).collect())
-            .unwrap();
+        let x = Tensor::<f64>::new(vec![2, 3, 2], (0..12).map(|i| i as f64 - 4.5).collect()).unwrap();
+        let y = Tensor::<f64>::new(vec![2, 3, 2], (0..12).map(|i| (i as f64).sin()).collect()).unwrap();
         let t = Tensor::<f64>::new(vec![3], vec![0.5, -1.0, 2.0]).unwrap();
         // ⟨broadcast(t), y⟩ = ⟨t, sum(y)⟩
         let lhs = crate::elementwise::dot_f64(&broadcast(&t, &[2, 3, 2]), &y);

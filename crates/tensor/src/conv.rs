@@ -136,12 +136,7 @@ pub fn forward<T: Float>(x: &Tensor<T>, w: &Tensor<T>, g: ConvGeometry) -> Tenso
 
 /// Gradient with respect to the input: `gy [B, O, Ho, Wo]`, w `[O, C, kh, kw]` →
 /// `[B, C, H, W]` for an input of spatial size `h × w`.
-pub fn backward_input<T: Float>(
-    gy: &Tensor<T>,
-    w: &Tensor<T>,
-    input_hw: (usize, usize),
-    g: ConvGeometry,
-) -> Tensor<T> {
+pub fn backward_input<T: Float>(gy: &Tensor<T>, w: &Tensor<T>, input_hw: (usize, usize), g: ConvGeometry) -> Tensor<T> {
     let b = gy.shape()[0];
     let ws = w.shape();
     let d = Dims::new(&[b, ws[1], input_hw.0, input_hw.1], ws, g);
@@ -162,12 +157,7 @@ pub fn backward_input<T: Float>(
 }
 
 /// Gradient with respect to the weights: `Σ_b gy_b · im2col(x_b)ᵀ`, shape of `w_shape`.
-pub fn backward_weight<T: Float>(
-    x: &Tensor<T>,
-    gy: &Tensor<T>,
-    w_shape: &[usize],
-    g: ConvGeometry,
-) -> Tensor<T> {
+pub fn backward_weight<T: Float>(x: &Tensor<T>, gy: &Tensor<T>, w_shape: &[usize], g: ConvGeometry) -> Tensor<T> {
     let d = Dims::new(x.shape(), w_shape, g);
     let b = x.shape()[0];
     assert_eq!(gy.shape(), [b, d.o, d.ho, d.wo], "conv backward_weight: gradient shape");
@@ -202,15 +192,21 @@ mod tests {
 
     fn pseudo(shape: &[usize], seed: f64) -> Tensor<f64> {
         let n = shape.iter().product();
-        Tensor::new(shape.to_vec(), (0..n).map(|i| ((i as f64 + seed) * 0.7131).sin()).collect())
-            .unwrap()
+        Tensor::new(
+            shape.to_vec(),
+            (0..n).map(|i| ((i as f64 + seed) * 0.7131).sin()).collect(),
+        )
+        .unwrap()
     }
 
     /// Direct definition of the convolution, for comparison.
     fn naive(x: &Tensor<f64>, w: &Tensor<f64>, g: ConvGeometry) -> Tensor<f64> {
         let (b, c, h, wd) = x.dims4();
         let (o, _, kh, kw) = w.dims4();
-        let (ho, wo) = (out_size(h, kh, g.stride, g.padding), out_size(wd, kw, g.stride, g.padding));
+        let (ho, wo) = (
+            out_size(h, kh, g.stride, g.padding),
+            out_size(wd, kw, g.stride, g.padding),
+        );
         let mut y = Tensor::zeros(&[b, o, ho, wo]);
         for bi in 0..b {
             for oi in 0..o {

@@ -15,9 +15,7 @@ impl Par {
     fn to_gemm(self) -> Parallelism {
         match self {
             Par::Serial => Parallelism::None,
-            Par::Pool if rayon::current_num_threads() > 1 => {
-                Parallelism::Rayon(rayon::current_num_threads())
-            }
+            Par::Pool if rayon::current_num_threads() > 1 => Parallelism::Rayon(rayon::current_num_threads()),
             Par::Pool => Parallelism::None,
         }
     }
@@ -89,9 +87,26 @@ pub fn matmul<T: Float>(a: &Tensor<T>, trans_a: bool, b: &Tensor<T>, trans_b: bo
     let (br, bc) = b.rows_cols();
     let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
     let (kb, n) = if trans_b { (bc, br) } else { (br, bc) };
-    assert_eq!(k, kb, "matmul: inner dimensions differ ({:?} vs {:?})", a.shape(), b.shape());
+    assert_eq!(
+        k,
+        kb,
+        "matmul: inner dimensions differ ({:?} vs {:?})",
+        a.shape(),
+        b.shape()
+    );
     let mut c = Tensor::zeros(&[m, n]);
-    gemm_into(c.data_mut(), a.data(), trans_a, b.data(), trans_b, m, n, k, false, Par::Pool);
+    gemm_into(
+        c.data_mut(),
+        a.data(),
+        trans_a,
+        b.data(),
+        trans_b,
+        m,
+        n,
+        k,
+        false,
+        Par::Pool,
+    );
     c
 }
 

@@ -17,13 +17,7 @@ pub fn forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>) -> V {
 
 /// Cotangents `(gx, gw, gb)` for the output cotangent `gy`; `gx` only when
 /// `need_input` (the input of the first layer needs none).
-pub fn vjp<T: Float, V: Value<T>>(
-    x: &V,
-    w: &V,
-    has_bias: bool,
-    gy: &V,
-    need_input: bool,
-) -> (Option<V>, V, Option<V>) {
+pub fn vjp<T: Float, V: Value<T>>(x: &V, w: &V, has_bias: bool, gy: &V, need_input: bool) -> (Option<V>, V, Option<V>) {
     let gx = need_input.then(|| V::bilinear(gy, w, |g, w| matmul(g, false, w, false)));
     let gw = V::bilinear(gy, x, |g, x| matmul(g, true, x, false));
     let gb = has_bias.then(|| gy.linear(channel::sum));

@@ -67,7 +67,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let data = Padded::new(raw, 2)?;
     let n_max = a.sizes.iter().copied().max().unwrap_or(0);
     if n_max == 0 || n_max > data.len() {
-        bail!("--sizes must be between 1 and {} (the images in {})", data.len(), dir.display());
+        bail!(
+            "--sizes must be between 1 and {} (the images in {})",
+            data.len(),
+            dir.display()
+        );
     }
     let arch: Architecture = "resnet-cifar:2,2,2".parse()?;
     let model = Model::new(&arch, 1)?;
@@ -94,7 +98,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let start = Instant::now();
         let hv = product(&problem, &v, dtype)?;
         let t = start.elapsed().as_secs_f64();
-        println!("| {n} | {t:.2} | {:.0} | {} |", n as f64 / t, format_bytes(peak_rss_bytes()));
+        println!(
+            "| {n} | {t:.2} | {:.0} | {} |",
+            n as f64 / t,
+            format_bytes(peak_rss_bytes())
+        );
         if n == n_max {
             full = Some(hv);
         }

@@ -51,7 +51,12 @@ pub fn run_pass(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs, kin
     save_vector(&model, &result.value, out, dtype)?;
     summary(what, result.examples, start.elapsed(), run.quiet);
     if !run.quiet {
-        eprintln!("mean loss {:.6}, output norm {:.6e}, written to {}", result.loss, result.value.norm(), out.display());
+        eprintln!(
+            "mean loss {:.6}, output norm {:.6e}, written to {}",
+            result.loss,
+            result.value.norm(),
+            out.display()
+        );
     }
     Ok(())
 }

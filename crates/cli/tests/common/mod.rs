@@ -62,8 +62,9 @@ pub fn read_flat(path: &Path) -> BTreeMap<String, Vec<f64>> {
 }
 
 fn fnv1a(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3))
+    name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+    })
 }
 
 fn uniform_stream(seed: u64, count: usize) -> Vec<f64> {

@@ -1,0 +1,108 @@
+//! The commands end to end on bundled data: init, grad and product on the
+//! Fashion-MNIST subset and the CIFAR-10 sample, output names and dtypes.
+
+mod common;
+
+use common::*;
+use hvp_model::io::read_safetensors;
+
+#[test]
+fn init_then_products_on_bundled_datasets() {
+    let tmp = TempDir::new("commands");
+    let (w, v) = (tmp.s("w.safetensors"), tmp.s("v.safetensors"));
+    let o = hvp(&[
+        "init",
+        "--arch",
+        "resnet-cifar:1,1,1",
+        "--in-channels",
+        "3",
+        "--seed",
+        "1",
+        "--out",
+        &w,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = hvp(&[
+        "init",
+        "--arch",
+        "resnet-cifar:1,1,1",
+        "--in-channels",
+        "3",
+        "--random-vector",
+        "--out",
+        &v,
+    ]);
+    assert!(o.status.success());
+    let weights = read_safetensors(std::path::Path::new(&w)).unwrap();
+    // A full state_dict: parameters, running statistics and the int64 step counters.
+    assert!(weights.contains_key("layer2.0.downsample.1.running_var"));
+    assert!(matches!(weights.get("bn.num_batches_tracked"), Some(Err(d)) if d == "I64"));
+    let vector = read_safetensors(std::path::Path::new(&v)).unwrap();
+    assert!(
+        !vector.contains_key("bn.running_mean"),
+        "vectors hold trainable parameters only"
+    );
+    let norm2: f64 = vector
+        .values()
+        .map(|t| t.as_ref().unwrap().data.iter().map(|x| x * x).sum::<f64>())
+        .sum();
+    let count: usize = vector.values().map(|t| t.as_ref().unwrap().data.len()).sum();
+    assert!(
+        (norm2 / count as f64 - 1.0).abs() < 0.05,
+        "unit normal entries: mean square {}",
+        norm2 / count as f64
+    );
+
+    let cifar = format!("cifar10:{}:test", fixture("cifar10").display());
+    let out = tmp.s("hv.safetensors");
+    let o = hvp(&[
+        "product",
+        "--arch",
+        "resnet-cifar:1,1,1",
+        "--weights",
+        &w,
+        "--dataset",
+        &cifar,
+        "--vector",
+        &v,
+        "--dtype",
+        "f64",
+        "--out",
+        &out,
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("N=20") && stderr.contains("images/s") && stderr.contains("peak memory"),
+        "{stderr}"
+    );
+    let hv = read_safetensors(std::path::Path::new(&out)).unwrap();
+    assert_eq!(hv.len(), vector.len());
+    assert!(hv
+        .values()
+        .all(|t| t.as_ref().unwrap().data.iter().all(|x| x.is_finite())));
+
+    // MLP on Fashion-MNIST with --limit: f32 output by default.
+    let mw = tmp.s("mlp.safetensors");
+    assert!(hvp(&["init", "--arch", "mlp:784,32,10", "--out", &mw]).status.success());
+    let fm = format!("mnist:{}", repo_root().join("data/fashion-mnist-subset").display());
+    let g = tmp.s("g.safetensors");
+    let o = hvp(&[
+        "grad",
+        "--arch",
+        "mlp:784,32,10",
+        "--weights",
+        &mw,
+        "--dataset",
+        &fm,
+        "--limit",
+        "300",
+        "--out",
+        &g,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("N=300"));
+    let bytes = std::fs::read(&g).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("0.weight").unwrap().dtype(), safetensors::Dtype::F32);
+}
