@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Time one exact HVP of the seed ResNet (resnet-cifar:2,2,2) over N random
+CIFAR-shaped images in PyTorch, the way researchers do it, side by side with
+`hvp bench` on the same machine in the same sitting.
+
+    python3 scripts/bench_torch.py --sizes 1000,4000 --threads 2 --hvp target/release/hvp
+
+Methods (float32, BatchNorm in eval mode, loss = mean cross-entropy over N):
+  seed     one forward over all N, autograd.grad(create_graph=True), second grad
+  chunked  the same per chunk of --chunk images, summed (exact in eval mode)
+  func     torch.func.jvp(torch.func.grad(loss)) per chunk (forward-over-reverse)
+  grad     one gradient over N per chunk (the cost unit)
+Each (method, N) runs in a fresh process: peak RSS is that process's ru_maxrss.
+If torch is missing, the script creates a venv in ~/.cache/hvp-bench-venv, installs
+torch there with pip (about 3 GB), says so, and re-runs itself with it.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VENV = Path.home() / ".cache" / "hvp-bench-venv"
+
+
+def ensure_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        py = VENV / "bin" / "python"
+        if not py.exists():
+            print(f"torch is not installed: creating {VENV} and installing torch into it (about 3 GB)", file=sys.stderr)
+            subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+            subprocess.check_call([str(py), "-m", "pip", "install", "-q", "torch", "numpy"])
+        os.execv(str(py), [str(py)] + sys.argv)
+
+
+def one(method, n, chunk, threads, repeats):
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from torch_models import ResNetCifar
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = ResNetCifar([2, 2, 2]).eval()
+    names = [k for k, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for p in params]
+    buffers = dict(model.named_buffers())
+
+    def chunks():
+        c = n if method == "seed" else chunk
+        for s in range(0, n, c):
+            yield x[s : s + c], y[s : s + c]
+
+    def run():
+        acc = [torch.zeros_like(p) for p in params]
+        for xc, yc in chunks():
+            if method == "grad":
+                loss = F.cross_entropy(model(xc), yc, reduction="sum") / n
+                out = torch.autograd.grad(loss, params)
+            elif method in ("seed", "chunked"):
+                loss = F.cross_entropy(model(xc), yc, reduction="sum") / n
+                gr = torch.autograd.grad(loss, params, create_graph=True)
+                out = torch.autograd.grad(gr, params, grad_outputs=v)
+            else:
+                def loss_fn(ps, xc=xc, yc=yc):
+                    z = torch.func.functional_call(model, ({**dict(zip(names, ps)), **buffers},), (xc,))
+                    return F.cross_entropy(z, yc, reduction="sum") / n
+
+                _, out = torch.func.jvp(torch.func.grad(loss_fn), (tuple(params),), (tuple(v),))
+            for a, o in zip(acc, out):
+                a += o.detach()
+        return acc
+
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "n": n, "seconds": times[len(times) // 2], "peak_rss_bytes": rss,
+            "threads": threads, "chunk": chunk, "torch": torch.__version__}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,4000")
+    ap.add_argument("--methods", default="grad,chunked,func")
+    ap.add_argument("--chunk", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hvp", help="path of the hvp binary: also run `hvp bench` for each N, in the same sitting")
+    ap.add_argument("--json", help="append all rows here as JSON lines")
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    ensure_torch()
+    if a.one:
+        print(json.dumps(one(a.one[0], int(a.one[1]), a.chunk, a.threads, a.repeats)))
+        return
+    rows = []
+    for n in [int(s) for s in a.sizes.split(",")]:
+        for method in a.methods.split(","):
+            out = subprocess.run([sys.executable, __file__, "--one", method, str(n), "--chunk", str(a.chunk),
+                                  "--threads", str(a.threads), "--repeats", str(a.repeats)],
+                                 check=True, capture_output=True, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            row["tool"] = "torch"
+            rows.append(row)
+            print(f"torch {method:8s} N={n:5d}  {row['seconds']:8.3f} s  {n / row['seconds']:8.1f} images/s  "
+                  f"peak RSS {row['peak_rss_bytes'] / 1e6:7.0f} MB", flush=True)
+        if a.hvp:
+            tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"hvp-bench-{os.getpid()}.jsonl"
+            subprocess.run([a.hvp, "bench", "--sizes", str(n), "--threads", str(a.threads), "--batch-size",
+                            str(a.chunk), "--repeats", str(a.repeats), "--json", str(tmp)], check=True,
+                           stdout=subprocess.DEVNULL)
+            for line in tmp.read_text().splitlines():
+                row = json.loads(line)
+                row["tool"] = "hvp"
+                rows.append(row)
+                print(f"hvp   {row['method']:8s} N={n:5d}  {row['seconds']:8.3f} s  {row['images_per_s']:8.1f} images/s  "
+                      f"peak RSS {row['peak_rss_bytes'] / 1e6:7.0f} MB", flush=True)
+            tmp.unlink()
+    if a.hvp:
+        print("\n| N | hvp HVP (s) | best torch HVP (s) | speed-up | hvp peak RSS | torch peak RSS | hvp HVP / hvp grad |")
+        print("|---|---|---|---|---|---|---|")
+        for n in sorted({r["n"] for r in rows}):
+            h = next((r for r in rows if r["tool"] == "hvp" and r["n"] == n and r["method"] == "hvp"), None)
+            hg = next((r for r in rows if r["tool"] == "hvp" and r["n"] == n and r["method"] == "grad"), None)
+            ts = [r for r in rows if r["tool"] == "torch" and r["n"] == n and r["method"] != "grad"]
+            if not h or not ts:
+                continue
+            best = min(ts, key=lambda r: r["seconds"])
+            print(f"| {n} | {h['seconds']:.3f} | {best['seconds']:.3f} ({best['method']}) | "
+                  f"{best['seconds'] / h['seconds']:.2f}x | {h['peak_rss_bytes'] / 1e6:.0f} MB | "
+                  f"{best['peak_rss_bytes'] / 1e6:.0f} MB | {h['seconds'] / hg['seconds']:.2f} |")
+    if a.json:
+        with open(a.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
