@@ -38,4 +38,4 @@ pub mod primitives;
 mod value;
 
 pub use graph::{Graph, NodeId, Op, Tape};
-pub use value::{Dual, Value};
+pub use value::{Dual, DualKernel, Value};

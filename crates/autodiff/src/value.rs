@@ -1,5 +1,9 @@
 use hvp_tensor::{elementwise, Float, Tensor};
 
+/// A bilinear kernel with its product rule built in: `(a, ȧ, b, ḃ) ↦ (f(a, b), tangent)`.
+pub type DualKernel<'a, T> =
+    &'a dyn Fn(&Tensor<T>, Option<&Tensor<T>>, &Tensor<T>, Option<&Tensor<T>>) -> (Tensor<T>, Option<Tensor<T>>);
+
 /// What a primitive computes on: a plain tensor (reverse mode) or a [`Dual`]
 /// (forward mode, and forward-over-reverse when the backward pass runs on them).
 ///
@@ -14,6 +18,11 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     fn linear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>) -> Self;
     /// `f(a, b)` for a map bilinear in `(a, b)`: tangent `f(ȧ, b) + f(a, ḃ)`.
     fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self;
+    /// Like [`Value::bilinear`], with a kernel `dual(a, ȧ, b, ḃ)` that returns
+    /// `(f(a, b), f(ȧ, b) + f(a, ḃ))` in one pass, sharing work between the terms
+    /// (e.g. a convolution's im2col patches).
+    fn bilinear_fused(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>, dual: DualKernel<T>)
+        -> Self;
     /// `f(x)` for any differentiable `f`, with its JVP rule `jvp(x, ẋ)`.
     fn nonlinear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>, jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>)
         -> Self;
@@ -38,6 +47,9 @@ impl<T: Float> Value<T> for Tensor<T> {
         f(self)
     }
     fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self {
+        f(a, b)
+    }
+    fn bilinear_fused(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>, _: DualKernel<T>) -> Self {
         f(a, b)
     }
     fn nonlinear(
@@ -122,6 +134,15 @@ impl<T: Float> Value<T> for Dual<T> {
             primal: f(&a.primal, &b.primal),
             tangent: add_opt(from_a, from_b),
         }
+    }
+    fn bilinear_fused(
+        a: &Self,
+        b: &Self,
+        _: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
+        dual: DualKernel<T>,
+    ) -> Self {
+        let (primal, tangent) = dual(&a.primal, a.tangent.as_ref(), &b.primal, b.tangent.as_ref());
+        Self { primal, tangent }
     }
     fn nonlinear(
         &self,

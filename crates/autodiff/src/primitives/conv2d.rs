@@ -6,7 +6,9 @@ use hvp_tensor::{channel, Float};
 
 /// x `[B, C, H, W]`, w `[O, C, kh, kw]`, b `[O]` → `[B, O, Ho, Wo]`.
 pub fn forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: ConvGeometry) -> V {
-    let y = V::bilinear(x, w, |x, w| conv::forward(x, w, g));
+    let y = V::bilinear_fused(x, w, |x, w| conv::forward(x, w, g), &|x, dx, w, dw| {
+        conv::forward_dual(x, dx, w, dw, g)
+    });
     match b {
         Some(b) => {
             let shape = y.primal().shape().to_vec();
@@ -28,8 +30,17 @@ pub fn vjp<T: Float, V: Value<T>>(
     let xs = x.primal().shape();
     let hw = (xs[2], xs[3]);
     let w_shape = w.primal().shape().to_vec();
-    let gx = need_input.then(|| V::bilinear(gy, w, |gy, w| conv::backward_input(gy, w, hw, g)));
-    let gw = V::bilinear(x, gy, |x, gy| conv::backward_weight(x, gy, &w_shape, g));
+    let gx = need_input.then(|| {
+        V::bilinear_fused(gy, w, |gy, w| conv::backward_input(gy, w, hw, g), &|gy, dgy, w, dw| {
+            conv::backward_input_dual(gy, dgy, w, dw, hw, g)
+        })
+    });
+    let gw = V::bilinear_fused(
+        x,
+        gy,
+        |x, gy| conv::backward_weight(x, gy, &w_shape, g),
+        &|x, dx, gy, dgy| conv::backward_weight_dual(x, dx, gy, dgy, &w_shape, g),
+    );
     let gb = has_bias.then(|| gy.linear(channel::sum));
     (gx, gw, gb)
 }

@@ -1,0 +1,49 @@
+//! GFLOP/s of the `gemm` crate on the GEMM shapes the seed ResNet's convolutions
+//! produce, in both orientations and with images batched along n, single-threaded
+//! (as the conv kernels call it, one image per rayon task).
+//!
+//!     cargo run --release -p hvp-tensor --example gemm_shapes
+
+use hvp_tensor::linalg::{gemm_into, Par};
+use std::time::Instant;
+
+fn gflops(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> f64 {
+    let a = vec![0.5f32; m * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0f32; m * n];
+    let reps = (2e9 / (2.0 * (m * n * k) as f64)).ceil() as usize;
+    gemm_into(&mut c, &a, ta, &b, tb, m, n, k, false, Par::Serial);
+    let t = Instant::now();
+    for _ in 0..reps {
+        gemm_into(&mut c, &a, ta, &b, tb, m, n, k, false, Par::Serial);
+    }
+    2.0 * (m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn main() {
+    println!("| m | n | k | transA | transB | GFLOP/s (1 thread) |");
+    println!("|---|---|---|---|---|---|");
+    for &(m, n, k, ta, tb) in &[
+        (16, 1024, 144, false, false),
+        (16, 8192, 144, false, false),
+        (1024, 16, 144, false, false),
+        (1024, 16, 144, true, true),
+        (256, 32, 288, true, true),
+        (64, 64, 576, true, true),
+        (144, 1024, 16, true, false),
+        (144, 1024, 32, true, false),
+        (16, 144, 1024, false, true),
+        (144, 16, 1024, false, true),
+        (16, 144, 8192, false, true),
+        (144, 16, 8192, false, true),
+        (32, 144, 1024, false, true),
+        (32, 288, 256, false, false),
+        (64, 64, 576, false, false),
+        (64, 512, 576, false, false),
+        (576, 64, 64, true, false),
+        (64, 576, 64, false, true),
+        (256, 256, 256, false, false),
+    ] {
+        println!("| {m} | {n} | {k} | {ta} | {tb} | {:.1} |", gflops(m, n, k, ta, tb));
+    }
+}
