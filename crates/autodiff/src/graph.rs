@@ -6,6 +6,9 @@ use hvp_tensor::{Float, Tensor};
 /// Index of a node in a [`Graph`].
 pub type NodeId = usize;
 
+/// Called by [`Graph::backward_observed`] with (node, op, input value, output cotangent).
+pub type LayerObserver<'a, T> = &'a mut dyn FnMut(NodeId, &Op, &Tensor<T>, &Tensor<T>);
+
 /// One primitive application. Parameter and buffer operands are indices into the
 /// parameter list and buffer list passed to [`Graph::forward`].
 #[derive(Clone, Debug, PartialEq)]
@@ -86,6 +89,7 @@ pub struct Graph {
 }
 
 /// The value of every node of one forward pass, consumed by the backward pass.
+#[derive(Clone)]
 pub struct Tape<V> {
     values: Vec<Option<V>>,
 }
@@ -241,6 +245,20 @@ impl Graph {
         tape: Tape<V>,
         output_cot: V,
     ) -> Vec<Option<V>> {
+        self.backward_observed(params, buffers, tape, output_cot, None)
+    }
+
+    /// [`Graph::backward`], showing `observer` the input value and output cotangent
+    /// (primal parts) of every node with parameters (Dense, Conv2d, BatchNorm) —
+    /// what Kronecker-factored curvature needs.
+    pub fn backward_observed<T: Float, V: Value<T>>(
+        &self,
+        params: &[V],
+        buffers: &[Tensor<T>],
+        tape: Tape<V>,
+        output_cot: V,
+        mut observer: Option<LayerObserver<T>>,
+    ) -> Vec<Option<V>> {
         let mut values = tape.values;
         let n = self.nodes.len();
         assert_eq!(values.len(), n, "tape from another graph");
@@ -254,6 +272,12 @@ impl Graph {
             };
             let val = |j: NodeId| values[j].as_ref().expect("input value kept until its users ran");
             let need = |j: NodeId| self.needs_grad[j];
+            if let Some(obs) = observer.as_mut() {
+                if let Op::Dense { input, .. } | Op::Conv2d { input, .. } | Op::BatchNorm { input, .. } = self.nodes[i]
+                {
+                    obs(i, &self.nodes[i], val(input).primal(), gy.primal());
+                }
+            }
             let mut to_inputs: Vec<(NodeId, V)> = Vec::with_capacity(2);
             match self.nodes[i] {
                 Op::Input => {}

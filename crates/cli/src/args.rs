@@ -39,6 +39,26 @@ pub struct DataArgs {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CurvatureArg {
+    /// Exact Hessian, by forward-over-reverse.
+    Hessian,
+    /// Generalised Gauss-Newton Jᵀ H_out J (positive semi-definite).
+    Ggn,
+    /// Empirical Fisher (1/N) Σ ∇ℓ_i ∇ℓ_iᵀ (positive semi-definite).
+    Fisher,
+}
+
+impl From<CurvatureArg> for hvp_curvature::Curvature {
+    fn from(c: CurvatureArg) -> Self {
+        match c {
+            CurvatureArg::Hessian => hvp_curvature::Curvature::Hessian,
+            CurvatureArg::Ggn => hvp_curvature::Curvature::Ggn,
+            CurvatureArg::Fisher => hvp_curvature::Curvature::Fisher,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum DTypeArg {
     F32,
     F64,

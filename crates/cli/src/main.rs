@@ -29,6 +29,14 @@ enum Command {
     Grad(commands::grad::GradArgs),
     /// Curvature-vector product: Hessian (exact) or GGN, over the whole dataset.
     Product(commands::product::ProductArgs),
+    /// Inverse curvature product x = (M + λI)⁻¹ g by direct, cg, lissa, arnoldi, kfac, ekfac or pcg.
+    Solve(commands::solve::SolveArgs),
+    /// K-FAC / EK-FAC factors, computed once and saved for the kfac, ekfac and pcg solvers.
+    Factors(commands::factors::FactorsArgs),
+    /// Extreme eigenvalues and trace of the curvature.
+    Spectrum(commands::spectrum::SpectrumArgs),
+    /// Error of curvature products (and inverse products) on random subsets.
+    SubsampleError(commands::subsample_error::SubsampleArgs),
     /// The bundled Fashion-MNIST experiment: HVP cost against N, subset accuracy.
     Demo(commands::demo::DemoArgs),
     /// Benchmark gradient, HVP and GGN on the seed ResNet with CIFAR-shaped data.
@@ -41,6 +49,10 @@ fn main() -> ExitCode {
         Command::Init(a) => commands::init::run(a),
         Command::Grad(a) => commands::grad::run(a),
         Command::Product(a) => commands::product::run(a),
+        Command::Solve(a) => commands::solve::run(a),
+        Command::Factors(a) => commands::factors::run(a),
+        Command::Spectrum(a) => commands::spectrum::run(a),
+        Command::SubsampleError(a) => commands::subsample_error::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };

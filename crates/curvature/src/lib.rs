@@ -21,6 +21,8 @@ pub enum Curvature {
     Hessian,
     /// The generalised Gauss-Newton matrix `Jᵀ H_out J` (positive semi-definite).
     Ggn,
+    /// The empirical Fisher `(1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ` (positive semi-definite).
+    Fisher,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +154,7 @@ impl<'a> Problem<'a> {
         let what = match curvature {
             Curvature::Hessian => "Hessian-vector product",
             Curvature::Ggn => "GGN-vector product",
+            Curvature::Fisher => "Fisher-vector product",
         };
         match curvature {
             Curvature::Hessian => self.stream(progress, what, |x, labels, w| {
@@ -165,6 +168,12 @@ impl<'a> Problem<'a> {
                 let primals: Vec<Tensor<T>> = duals.iter().map(|d| d.primal().clone()).collect();
                 self.stream(progress, what, |x, labels, w| {
                     ggn_batch(graph, &duals, &primals, &buffers, x, labels, w)
+                })
+            }
+            Curvature::Fisher => {
+                let primals: Vec<Tensor<T>> = duals.iter().map(|d| d.primal().clone()).collect();
+                self.stream(progress, what, |x, labels, w| {
+                    fisher_batch(graph, &duals, &primals, &buffers, x, labels, w)
                 })
             }
         }
@@ -203,5 +212,32 @@ pub fn ggn_batch<T: Float>(
     let h_out_jv = out.cotangent.tangent_or_zeros();
     let tape: Tape<Tensor<T>> = tape.map(Dual::into_primal);
     let products = graph.backward(primals, buffers, tape, h_out_jv);
+    (out.losses.iter().sum(), products)
+}
+
+/// One batch of the empirical Fisher product `Σ_i ∇ℓ_i (∇ℓ_i · v) · weight`: the
+/// per-example directional derivatives `∇ℓ_i · v` from one forward pass carrying
+/// tangents, then one backward pass with each example's cotangent scaled by its
+/// own — no per-example gradient is stored.
+pub fn fisher_batch<T: Float>(
+    graph: &Graph,
+    duals: &[Dual<T>],
+    primals: &[Tensor<T>],
+    buffers: &[Tensor<T>],
+    x: Tensor<T>,
+    labels: &[usize],
+    weight: f64,
+) -> (f64, Vec<Option<Tensor<T>>>) {
+    let tape = graph.forward(duals, buffers, Dual::constant(x));
+    let directional = loss::softmax_cross_entropy_jvp(tape.output(), labels);
+    let tape: Tape<Tensor<T>> = tape.map(Dual::into_primal);
+    let out = loss::softmax_cross_entropy(tape.output(), labels, 1.0);
+    let mut cot = out.cotangent;
+    let c = cot.rows_cols().1;
+    for (row, d) in cot.data_mut().chunks_mut(c).zip(&directional) {
+        let s = T::from_f64(d * weight);
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    let products = graph.backward(primals, buffers, tape, cot);
     (out.losses.iter().sum(), products)
 }

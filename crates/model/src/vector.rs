@@ -109,6 +109,36 @@ impl ParamVector {
         self.len() == 0
     }
 
+    /// A vector of zeros with the same tensor shapes.
+    pub fn zeros_like(&self) -> Self {
+        ParamVector {
+            tensors: self.tensors.iter().map(|t| Tensor::zeros(t.shape())).collect(),
+        }
+    }
+
+    /// All entries in parameter order, concatenated.
+    pub fn to_flat(&self) -> Vec<f64> {
+        self.values().copied().collect()
+    }
+
+    /// A vector shaped like `self` holding `flat` (in parameter order).
+    pub fn with_flat(&self, flat: &[f64]) -> Self {
+        assert_eq!(flat.len(), self.len(), "flat vector length");
+        let mut out = self.zeros_like();
+        let mut at = 0;
+        for t in &mut out.tensors {
+            let n = t.numel();
+            t.data_mut().copy_from_slice(&flat[at..at + n]);
+            at += n;
+        }
+        out
+    }
+
+    /// Whether every entry is finite.
+    pub fn all_finite(&self) -> bool {
+        self.tensors.iter().all(|t| t.all_finite())
+    }
+
     /// The tensors cast to the compute type.
     pub fn as_dtype<T: hvp_tensor::Float>(&self) -> Vec<Tensor<T>> {
         self.tensors.iter().map(|t| t.cast()).collect()

@@ -143,6 +143,15 @@ fn col2im_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
     }
 }
 
+/// The im2col patches of one image `x` `[C, H, W]` for weights of shape `w_shape`:
+/// a row-major `[C·kh·kw, Ho·Wo]` matrix (what K-FAC's input factor is built from).
+pub fn patches<T: Float>(x: &[T], image_shape: &[usize], w_shape: &[usize], g: ConvGeometry) -> Vec<T> {
+    let d = Dims::new(&[1, image_shape[0], image_shape[1], image_shape[2]], w_shape, g);
+    let mut cols = vec![T::ZERO; d.patch() * d.out_plane()];
+    im2col(x, &d, g, &mut cols);
+    cols
+}
+
 /// `y = conv2d(x, w)`: x `[B, C, H, W]`, w `[O, C, kh, kw]` → `[B, O, Ho, Wo]`.
 pub fn forward<T: Float>(x: &Tensor<T>, w: &Tensor<T>, g: ConvGeometry) -> Tensor<T> {
     forward_dual(x, None, w, None, g).0

@@ -1,14 +1,18 @@
 pub mod bench;
 pub mod demo;
+pub mod factors;
 pub mod grad;
 pub mod init;
 pub mod product;
+pub mod solve;
+pub mod spectrum;
+pub mod subsample_error;
 
-use crate::args::{load_data, load_model, set_threads, DataArgs, ModelArgs, RunArgs};
+use crate::args::{load_data, load_model, set_threads, DataArgs, LoadedData, ModelArgs, RunArgs};
 use crate::report::{summary, Progress};
 use anyhow::{Context, Result};
 use hvp_curvature::{Curvature, PassResult, Problem};
-use hvp_model::{Model, ParamVector};
+use hvp_model::{Model, ParamVector, Weights};
 use hvp_tensor::DType;
 use std::path::Path;
 use std::time::Instant;
@@ -19,23 +23,39 @@ pub enum PassKind<'a> {
     Product(Curvature, &'a Path),
 }
 
-/// Loads everything, runs one pass with a progress bar, writes `out` atomically.
-pub fn run_pass(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs, kind: PassKind, out: &Path) -> Result<()> {
+/// Model, weights and data of a command, after `--threads` took effect.
+pub fn setup(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs) -> Result<(Model, Weights, LoadedData)> {
     set_threads(run.threads)?;
     let (model, weights) = load_model(model_args)?;
     let data = load_data(data_args)?;
+    Ok((model, weights, data))
+}
+
+/// Reads a parameter-space vector (`--vector`, `--rhs`) with context.
+pub fn load_vector(model: &Model, path: &Path) -> Result<ParamVector> {
+    ParamVector::load(model, path).with_context(|| format!("reading the vector {}", path.display()))
+}
+
+/// Writes a JSON report atomically.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    hvp_model::io::atomic_write(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Loads everything, runs one pass with a progress bar, writes `out` atomically.
+pub fn run_pass(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs, kind: PassKind, out: &Path) -> Result<()> {
+    let (model, weights, data) = setup(model_args, data_args, run)?;
     let view = data.view();
     let problem = Problem::new(&model, &weights, &view, run.batch_size)?;
     let vector = match kind {
-        PassKind::Product(_, path) => {
-            Some(ParamVector::load(&model, path).with_context(|| format!("reading the vector {}", path.display()))?)
-        }
+        PassKind::Product(_, path) => Some(load_vector(&model, path)?),
         PassKind::Gradient => None,
     };
     let (label, what) = match kind {
         PassKind::Gradient => ("gradient", "hvp grad"),
         PassKind::Product(Curvature::Hessian, _) => ("Hessian-vector product", "hvp product (hessian)"),
         PassKind::Product(Curvature::Ggn, _) => ("GGN-vector product", "hvp product (ggn)"),
+        PassKind::Product(Curvature::Fisher, _) => ("Fisher-vector product", "hvp product (fisher)"),
     };
     let progress = Progress::new(problem.data.len(), label, run.quiet);
     let tick = |n: usize| progress.advance(n);

@@ -1,17 +1,9 @@
 use super::{run_pass, PassKind};
+use crate::args::CurvatureArg;
 use crate::args::{DataArgs, ModelArgs, RunArgs};
 use anyhow::Result;
-use clap::{Args, ValueEnum};
-use hvp_curvature::Curvature;
+use clap::Args;
 use std::path::PathBuf;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum CurvatureArg {
-    /// Exact Hessian, by forward-over-reverse.
-    Hessian,
-    /// Generalised Gauss-Newton Jᵀ H_out J (positive semi-definite).
-    Ggn,
-}
 
 #[derive(Args)]
 pub struct ProductArgs {
@@ -31,11 +23,13 @@ pub struct ProductArgs {
     pub out: PathBuf,
 }
 
-/// M·v over the whole dataset, M the Hessian or GGN of the mean training loss.
+/// M·v over the whole dataset, M the Hessian, GGN or empirical Fisher of the mean training loss.
 pub fn run(a: ProductArgs) -> Result<()> {
-    let c = match a.curvature {
-        CurvatureArg::Hessian => Curvature::Hessian,
-        CurvatureArg::Ggn => Curvature::Ggn,
-    };
-    run_pass(&a.model, &a.data, &a.run, PassKind::Product(c, &a.vector), &a.out)
+    run_pass(
+        &a.model,
+        &a.data,
+        &a.run,
+        PassKind::Product(a.curvature.into(), &a.vector),
+        &a.out,
+    )
 }

@@ -1,0 +1,580 @@
+//! K-FAC and EK-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for
+//! convolutions; George et al. 2018 and Grosse et al. 2023 for the eigenvalue
+//! correction). Each Linear and Conv2d layer's block of the Fisher of the mean
+//! loss is approximated as `S ⊗ A` (row-major vec of the `[out, in]` weight, the
+//! bias as an extra input column):
+//!
+//! * `A = (1/N) Σ_i (1/T) Σ_t ā_t ā_tᵀ` — layer inputs (im2col patches for
+//!   convolutions, T = output positions), augmented with 1 when there is a bias;
+//! * `S = (1/N) Σ_i Σ_t g_t g_tᵀ` — gradients of example i's loss with respect to
+//!   the layer's outputs, with the output cotangent drawn from the model's
+//!   predictive distribution (`Mc`, the true Fisher), the true label
+//!   (`Empirical`), or all of the output Hessian's square-root columns (`Exact`,
+//!   so S is exact for the GGN and K-FAC is exact for a single Linear layer and
+//!   one example);
+//! * EK-FAC replaces the eigenvalues `s_i a_j` of `S ⊗ A` in its eigenbasis by
+//!   `Λ*_ij = (1/N) Σ_i (Q_Sᵀ G_i Q_A)_ij²`, G_i the per-example weight gradient.
+//!
+//! **Rule for other parameters**: BatchNorm γ and β (and any parameter outside a
+//! Linear/Conv2d layer) get the diagonal of the same Fisher, `(1/N) Σ_i g_ij²`,
+//! from the same per-example cotangents.
+//!
+//! An inverse product then costs two small matrix products per layer on each
+//! side, independent of N.
+
+use crate::{finish, LinearOperator, SolveReport, SolverError};
+use hvp_autodiff::{loss, Graph, NodeId, Op, Tape};
+use hvp_curvature::Problem;
+use hvp_data::Batch;
+use hvp_model::io::{read_safetensors, write_safetensors};
+use hvp_model::{Model, ModelError, ParamVector};
+use hvp_tensor::conv::{self, ConvGeometry};
+use hvp_tensor::linalg::matmul;
+use hvp_tensor::{DType, Float, Tensor};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use std::path::Path;
+use std::time::Instant;
+
+/// How the output cotangents behind S are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FisherKind {
+    /// One label sampled per example from the model's predictive distribution.
+    Mc,
+    /// The true label (empirical Fisher).
+    Empirical,
+    /// Every column of the output Hessian's square root (C backward passes).
+    Exact,
+}
+
+/// K-FAC or EK-FAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorKind {
+    Kfac,
+    Ekfac,
+}
+
+/// One Linear or Conv2d layer's factors, eigendecomposed.
+#[derive(Clone, Debug)]
+pub struct LayerFactors {
+    pub weight: usize,
+    pub bias: Option<usize>,
+    pub a_vals: Vec<f64>,
+    /// `[a, a]` row-major, eigenvectors in columns.
+    pub a_vecs: Vec<f64>,
+    pub s_vals: Vec<f64>,
+    pub s_vecs: Vec<f64>,
+    /// EK-FAC's corrected eigenvalues `[s, a]`.
+    pub corrected: Option<Vec<f64>>,
+}
+
+impl LayerFactors {
+    fn a_dim(&self) -> usize {
+        self.a_vals.len()
+    }
+    fn s_dim(&self) -> usize {
+        self.s_vals.len()
+    }
+}
+
+/// The factors of every layer plus the diagonal of the other parameters.
+#[derive(Clone, Debug)]
+pub struct Factors {
+    pub kind: FactorKind,
+    pub layers: Vec<LayerFactors>,
+    /// `(parameter index, diagonal)` for parameters outside Linear/Conv2d layers.
+    pub diagonal: Vec<(usize, Vec<f64>)>,
+    pub examples: usize,
+}
+
+/// A Linear/Conv2d node as K-FAC sees it.
+#[derive(Clone, Copy)]
+struct Layer {
+    node: NodeId,
+    weight: usize,
+    bias: Option<usize>,
+    conv: Option<ConvGeometry>,
+    s_dim: usize,
+    a_dim: usize,
+}
+
+fn layers_of(model: &Model) -> Vec<Layer> {
+    let shape = |p: usize| &model.params[p].shape;
+    model
+        .graph
+        .nodes()
+        .iter()
+        .enumerate()
+        .filter_map(|(node, op)| match *op {
+            Op::Dense { weight, bias, .. } => Some(Layer {
+                node,
+                weight,
+                bias,
+                conv: None,
+                s_dim: shape(weight)[0],
+                a_dim: shape(weight)[1] + bias.is_some() as usize,
+            }),
+            Op::Conv2d {
+                weight, bias, geometry, ..
+            } => Some(Layer {
+                node,
+                weight,
+                bias,
+                conv: Some(geometry),
+                s_dim: shape(weight)[0],
+                a_dim: shape(weight)[1..].iter().product::<usize>() + bias.is_some() as usize,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Output cotangents `[B, C]` of the per-example losses (weight 1) for each sample.
+fn cotangent_samples(logits: &Tensor<f64>, labels: &[usize], fisher: FisherKind, rng: &mut StdRng) -> Vec<Tensor<f64>> {
+    let (b, c) = logits.rows_cols();
+    let out = loss::softmax_cross_entropy(logits, labels, 1.0);
+    let grad = out.cotangent; // p − e_y
+    let probs: Vec<f64> = grad
+        .data()
+        .iter()
+        .enumerate()
+        .map(|(k, g)| g + if labels[k / c] == k % c { 1.0 } else { 0.0 })
+        .collect();
+    let with_label = |y: &dyn Fn(usize) -> usize| {
+        let mut t = Tensor::new(vec![b, c], probs.clone()).expect("b*c");
+        for i in 0..b {
+            t.data_mut()[i * c + y(i)] -= 1.0;
+        }
+        t
+    };
+    match fisher {
+        FisherKind::Empirical => vec![grad],
+        FisherKind::Mc => {
+            let sampled: Vec<usize> = (0..b)
+                .map(|i| {
+                    let u: f64 = rng.random();
+                    let row = &probs[i * c..(i + 1) * c];
+                    let mut acc = 0.0;
+                    row.iter()
+                        .position(|&p| {
+                            acc += p;
+                            u < acc
+                        })
+                        .unwrap_or(c - 1)
+                })
+                .collect();
+            vec![with_label(&|i| sampled[i])]
+        }
+        FisherKind::Exact => (0..c)
+            .map(|col| {
+                // Column `col` of L = diag(√p) − p √pᵀ, with L Lᵀ = diag(p) − p pᵀ.
+                let mut t = Tensor::zeros(&[b, c]);
+                for i in 0..b {
+                    let row = &probs[i * c..(i + 1) * c];
+                    let sq = row[col].sqrt();
+                    for (k, (out, &pk)) in t.data_mut()[i * c..(i + 1) * c].iter_mut().zip(row).enumerate() {
+                        *out = sq * ((k == col) as u8 as f64 - pk);
+                    }
+                }
+                t
+            })
+            .collect(),
+    }
+}
+
+/// `[rows, cols]` row-major f64 tensor.
+fn mat(rows: usize, cols: usize, data: Vec<f64>) -> Tensor<f64> {
+    Tensor::new(vec![rows, cols], data).expect("rows*cols")
+}
+
+/// Inputs of one example as the columns of `[a_dim, T]` (bias row of ones appended).
+fn example_inputs(layer: &Layer, x: &Tensor<f64>, w_shape: &[usize], i: usize) -> Tensor<f64> {
+    match layer.conv {
+        Some(g) => {
+            let s = x.shape();
+            let size = s[1] * s[2] * s[3];
+            let mut cols = conv::patches(&x.data()[i * size..(i + 1) * size], &s[1..], w_shape, g);
+            let t = cols.len() / (layer.a_dim - layer.bias.is_some() as usize);
+            if layer.bias.is_some() {
+                cols.extend(std::iter::repeat_n(1.0, t));
+            }
+            mat(layer.a_dim, t, cols)
+        }
+        None => {
+            let width = x.rows_cols().1;
+            let mut a = x.data()[i * width..(i + 1) * width].to_vec();
+            if layer.bias.is_some() {
+                a.push(1.0);
+            }
+            mat(layer.a_dim, 1, a)
+        }
+    }
+}
+
+/// Output cotangent of one example as `[s_dim, T]`.
+fn example_grads(layer: &Layer, gy: &Tensor<f64>, i: usize) -> Tensor<f64> {
+    let (b, per) = gy.rows_cols();
+    debug_assert!(i < b);
+    let t = per / layer.s_dim;
+    mat(layer.s_dim, t, gy.data()[i * per..(i + 1) * per].to_vec())
+}
+
+fn add_into(acc: &mut [f64], t: &Tensor<f64>, scale: f64) {
+    acc.iter_mut().zip(t.data()).for_each(|(a, v)| *a += scale * v);
+}
+
+/// Accumulators of one pass.
+struct Sums {
+    a: Vec<Vec<f64>>,
+    s: Vec<Vec<f64>>,
+    corrected: Vec<Vec<f64>>,
+    diag: Vec<Vec<f64>>,
+}
+
+/// Sees (node, op, input, output cotangent, first cotangent sample of the batch).
+type Visitor<'a> = &'a mut dyn FnMut(NodeId, &Op, &Tensor<f64>, &Tensor<f64>, bool);
+
+/// Streams the data once, showing each batch's observed layers to `visit`.
+fn stream_observed<T: Float>(
+    problem: &Problem,
+    fisher: FisherKind,
+    seed: u64,
+    progress: &dyn Fn(usize),
+    visit: Visitor,
+) -> Result<(), SolverError> {
+    let model = problem.model;
+    let params: Vec<Tensor<T>> = problem.weights.params_as();
+    let buffers: Vec<Tensor<T>> = problem.weights.buffers_as();
+    let graph: &Graph = &model.graph;
+    let n = problem.data.len();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut batch = Batch::default();
+    for start in (0..n).step_by(problem.batch_size) {
+        let idx: Vec<usize> = (start..(start + problem.batch_size).min(n)).collect();
+        problem
+            .data
+            .read(&idx, &mut batch)
+            .map_err(hvp_curvature::CurvatureError::from)?;
+        let mut shape = vec![idx.len()];
+        shape.extend(problem.data.sample_shape());
+        let x = Tensor::new(shape, batch.x.iter().map(|&v| T::from_f64(v)).collect()).expect("batch shape");
+        let tape: Tape<Tensor<T>> = graph.forward(&params, &buffers, x);
+        let logits = tape.output().cast::<f64>();
+        let samples = cotangent_samples(&logits, &batch.labels, fisher, &mut rng);
+        for (k, cot) in samples.iter().enumerate() {
+            let first = k == 0;
+            let mut obs = |node: NodeId, op: &Op, input: &Tensor<T>, gy: &Tensor<T>| {
+                visit(node, op, &input.cast(), &gy.cast(), first);
+            };
+            graph.backward_observed(&params, &buffers, tape.clone(), cot.cast::<T>(), Some(&mut obs));
+        }
+        progress(idx.len());
+    }
+    Ok(())
+}
+
+impl Factors {
+    /// Computes the factors of `problem` (one pass; EK-FAC a second one).
+    pub fn compute(
+        problem: &Problem,
+        kind: FactorKind,
+        fisher: FisherKind,
+        dtype: DType,
+        seed: u64,
+        progress: &dyn Fn(usize),
+    ) -> Result<Factors, SolverError> {
+        let model = problem.model;
+        let layers = layers_of(model);
+        let n = problem.data.len() as f64;
+        let in_layer: Vec<bool> = (0..model.params.len())
+            .map(|p| layers.iter().any(|l| l.weight == p || l.bias == Some(p)))
+            .collect();
+        let mut sums = Sums {
+            a: layers.iter().map(|l| vec![0.0; l.a_dim * l.a_dim]).collect(),
+            s: layers.iter().map(|l| vec![0.0; l.s_dim * l.s_dim]).collect(),
+            corrected: layers.iter().map(|l| vec![0.0; l.s_dim * l.a_dim]).collect(),
+            diag: model.params.iter().map(|p| vec![0.0; p.numel()]).collect(),
+        };
+        let buffers = &problem.weights.buffers;
+        {
+            let mut visit = |node: NodeId, op: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, first: bool| {
+                if let Some(li) = layers.iter().position(|l| l.node == node) {
+                    let l = &layers[li];
+                    let w_shape = &model.params[l.weight].shape;
+                    for i in 0..x.shape()[0] {
+                        let g = example_grads(l, gy, i);
+                        add_into(&mut sums.s[li], &matmul(&g, false, &g, true), 1.0);
+                        if first {
+                            let a = example_inputs(l, x, w_shape, i);
+                            let t = a.shape()[1] as f64;
+                            add_into(&mut sums.a[li], &matmul(&a, false, &a, true), 1.0 / t);
+                        }
+                    }
+                } else if let Op::BatchNorm {
+                    weight,
+                    bias,
+                    mean,
+                    var,
+                    eps,
+                    ..
+                } = *op
+                {
+                    bn_diagonal(x, gy, &buffers[mean], &buffers[var], eps, &mut sums.diag, weight, bias);
+                }
+            };
+            match dtype {
+                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit)?,
+                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit)?,
+            }
+        }
+        let mut out_layers = Vec::with_capacity(layers.len());
+        for (li, l) in layers.iter().enumerate() {
+            let a: Vec<f64> = sums.a[li].iter().map(|v| v / n).collect();
+            let s: Vec<f64> = sums.s[li].iter().map(|v| v / n).collect();
+            let (a_vals, a_vecs) = crate::dense::sym_eigen(l.a_dim, &a)?;
+            let (s_vals, s_vecs) = crate::dense::sym_eigen(l.s_dim, &s)?;
+            out_layers.push(LayerFactors {
+                weight: l.weight,
+                bias: l.bias,
+                a_vals,
+                a_vecs,
+                s_vals,
+                s_vecs,
+                corrected: None,
+            });
+        }
+        if kind == FactorKind::Ekfac {
+            let mut visit = |node: NodeId, _: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, _: bool| {
+                let Some(li) = layers.iter().position(|l| l.node == node) else {
+                    return;
+                };
+                let (l, f) = (&layers[li], &out_layers[li]);
+                let w_shape = &model.params[l.weight].shape;
+                let qa = mat(l.a_dim, l.a_dim, f.a_vecs.clone());
+                let qs = mat(l.s_dim, l.s_dim, f.s_vecs.clone());
+                for i in 0..x.shape()[0] {
+                    let a = example_inputs(l, x, w_shape, i);
+                    let g = example_grads(l, gy, i);
+                    let grad = matmul(&g, false, &a, true); // G_i [s, a]
+                    let proj = matmul(&matmul(&qs, true, &grad, false), false, &qa, false);
+                    sums.corrected[li]
+                        .iter_mut()
+                        .zip(proj.data())
+                        .for_each(|(c, p)| *c += p * p);
+                }
+            };
+            match dtype {
+                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit)?,
+                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit)?,
+            }
+            for (li, f) in out_layers.iter_mut().enumerate() {
+                f.corrected = Some(sums.corrected[li].iter().map(|v| v / n).collect());
+            }
+        }
+        let diagonal = (0..model.params.len())
+            .filter(|&p| !in_layer[p])
+            .map(|p| (p, sums.diag[p].iter().map(|v| v / n).collect()))
+            .collect();
+        Ok(Factors {
+            kind,
+            layers: out_layers,
+            diagonal,
+            examples: problem.data.len(),
+        })
+    }
+
+    /// `(F̂ + λI)⁻¹ v` with F̂ the K-FAC / EK-FAC approximation. Parameters with
+    /// neither factors nor a diagonal get `v / λ`.
+    pub fn inverse_product(&self, v: &ParamVector, damping: f64) -> ParamVector {
+        let mut out = v.clone();
+        let mut done = vec![false; v.tensors.len()];
+        for f in &self.layers {
+            let (s, a) = (f.s_dim(), f.a_dim());
+            let w = &v.tensors[f.weight];
+            let win = w.numel() / s;
+            let mut vm = vec![0.0; s * a];
+            for r in 0..s {
+                vm[r * a..r * a + win].copy_from_slice(&w.data()[r * win..(r + 1) * win]);
+                if let Some(b) = f.bias {
+                    vm[r * a + a - 1] = v.tensors[b].data()[r];
+                }
+            }
+            let qs = mat(s, s, f.s_vecs.clone());
+            let qa = mat(a, a, f.a_vecs.clone());
+            let mut p = matmul(&matmul(&qs, true, &mat(s, a, vm), false), false, &qa, false);
+            for (k, x) in p.data_mut().iter_mut().enumerate() {
+                let eig = match &f.corrected {
+                    Some(c) => c[k],
+                    None => f.s_vals[k / a] * f.a_vals[k % a],
+                };
+                *x /= eig.max(0.0) + damping;
+            }
+            let xm = matmul(&matmul(&qs, false, &p, false), false, &qa, true);
+            let wt = out.tensors[f.weight].data_mut();
+            for r in 0..s {
+                wt[r * win..(r + 1) * win].copy_from_slice(&xm.data()[r * a..r * a + win]);
+            }
+            done[f.weight] = true;
+            if let Some(b) = f.bias {
+                for (r, bv) in out.tensors[b].data_mut().iter_mut().enumerate() {
+                    *bv = xm.data()[r * a + a - 1];
+                }
+                done[b] = true;
+            }
+        }
+        for (p, d) in &self.diagonal {
+            out.tensors[*p]
+                .data_mut()
+                .iter_mut()
+                .zip(d)
+                .for_each(|(x, di)| *x /= di.max(0.0) + damping);
+            done[*p] = true;
+        }
+        for (p, t) in out.tensors.iter_mut().enumerate() {
+            if !done[p] {
+                t.data_mut().iter_mut().for_each(|x| *x /= damping);
+            }
+        }
+        out
+    }
+
+    /// Writes the factors as safetensors: `layer.NAME.{A,S}_{eigenvalues,eigenvectors}`,
+    /// `layer.NAME.corrected_eigenvalues` (EK-FAC), `diagonal.NAME`, `examples`.
+    pub fn save(&self, model: &Model, path: &Path) -> Result<(), ModelError> {
+        let mut named = vec![(
+            "examples".to_string(),
+            Tensor::new(vec![1], vec![self.examples as f64]).expect("1"),
+        )];
+        for f in &self.layers {
+            let name = &model.params[f.weight].name;
+            let (s, a) = (f.s_dim(), f.a_dim());
+            named.push((
+                format!("layer.{name}.A_eigenvalues"),
+                mat(1, a, f.a_vals.clone()).reshape(&[a]).expect("a"),
+            ));
+            named.push((format!("layer.{name}.A_eigenvectors"), mat(a, a, f.a_vecs.clone())));
+            named.push((
+                format!("layer.{name}.S_eigenvalues"),
+                mat(1, s, f.s_vals.clone()).reshape(&[s]).expect("s"),
+            ));
+            named.push((format!("layer.{name}.S_eigenvectors"), mat(s, s, f.s_vecs.clone())));
+            if let Some(c) = &f.corrected {
+                named.push((format!("layer.{name}.corrected_eigenvalues"), mat(s, a, c.clone())));
+            }
+        }
+        for (p, d) in &self.diagonal {
+            let spec = &model.params[*p];
+            named.push((
+                format!("diagonal.{}", spec.name),
+                Tensor::new(spec.shape.clone(), d.clone()).expect("param shape"),
+            ));
+        }
+        write_safetensors(path, &named, DType::F64)
+    }
+
+    /// Reads factors written by [`Factors::save`] for this model, checking every shape.
+    pub fn load(model: &Model, path: &Path) -> Result<Factors, ModelError> {
+        let mut stored = read_safetensors(path)?;
+        let bad = |name: String, reason: &str| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("{name}: {reason} (were these factors computed for {}?)", model.arch),
+        };
+        let mut take = |name: String, len: usize| -> Result<Vec<f64>, ModelError> {
+            match stored.remove(&name) {
+                Some(Ok(t)) if t.data.len() == len => Ok(t.data),
+                Some(_) => Err(bad(name, "wrong size or dtype")),
+                None => Err(bad(name, "missing")),
+            }
+        };
+        let examples = take("examples".into(), 1)?[0] as usize;
+        let mut layers = Vec::new();
+        let mut kinds = Vec::new();
+        for l in layers_of(model) {
+            let name = model.params[l.weight].name.clone();
+            let (s, a) = (l.s_dim, l.a_dim);
+            let corrected = take(format!("layer.{name}.corrected_eigenvalues"), s * a).ok();
+            kinds.push(corrected.is_some());
+            layers.push(LayerFactors {
+                weight: l.weight,
+                bias: l.bias,
+                a_vals: take(format!("layer.{name}.A_eigenvalues"), a)?,
+                a_vecs: take(format!("layer.{name}.A_eigenvectors"), a * a)?,
+                s_vals: take(format!("layer.{name}.S_eigenvalues"), s)?,
+                s_vecs: take(format!("layer.{name}.S_eigenvectors"), s * s)?,
+                corrected,
+            });
+        }
+        let in_layer = |p: usize| layers.iter().any(|l| l.weight == p || l.bias == Some(p));
+        let mut diagonal = Vec::new();
+        for (p, spec) in model.params.iter().enumerate() {
+            if !in_layer(p) {
+                diagonal.push((p, take(format!("diagonal.{}", spec.name), spec.numel())?));
+            }
+        }
+        let kind = if !kinds.is_empty() && kinds.iter().all(|&k| k) {
+            FactorKind::Ekfac
+        } else {
+            FactorKind::Kfac
+        };
+        Ok(Factors {
+            kind,
+            layers,
+            diagonal,
+            examples,
+        })
+    }
+}
+
+/// Adds the squared per-example gradients of BatchNorm's γ and β to `diag`.
+#[allow(clippy::too_many_arguments)]
+fn bn_diagonal(
+    x: &Tensor<f64>,
+    gy: &Tensor<f64>,
+    mean: &Tensor<f64>,
+    var: &Tensor<f64>,
+    eps: f64,
+    diag: &mut [Vec<f64>],
+    gamma: usize,
+    beta: usize,
+) {
+    let s = x.shape();
+    let (b, c) = (s[0], s[1]);
+    let inner: usize = s[2..].iter().product();
+    for i in 0..b {
+        for (ch, (&mu, &v)) in mean.data().iter().zip(var.data()).enumerate().take(c) {
+            let inv = 1.0 / (v + eps).sqrt();
+            let at = (i * c + ch) * inner;
+            let (mut gg, mut gb) = (0.0, 0.0);
+            for k in at..at + inner {
+                gg += gy.data()[k] * (x.data()[k] - mu) * inv;
+                gb += gy.data()[k];
+            }
+            diag[gamma][ch] += gg * gg;
+            diag[beta][ch] += gb * gb;
+        }
+    }
+}
+
+/// `x = (F̂ + λI)⁻¹ g` from the factors, with the residual measured on the exact
+/// operator `exact` (= M + λI).
+pub fn solve(
+    factors: &Factors,
+    exact: &dyn LinearOperator,
+    damping: f64,
+    g: &ParamVector,
+) -> Result<(ParamVector, SolveReport), SolverError> {
+    let start = Instant::now();
+    let p0 = exact.products();
+    let x = factors.inverse_product(g, damping);
+    let report = SolveReport {
+        solver: match factors.kind {
+            FactorKind::Kfac => "kfac".into(),
+            FactorKind::Ekfac => "ekfac".into(),
+        },
+        iterations: 1,
+        converged: true,
+        ..Default::default()
+    };
+    let report = finish(exact, g, &x, report, p0, start)?;
+    Ok((x, report))
+}

@@ -1,0 +1,247 @@
+//! Every solver on small real problems (Fashion-MNIST images average-pooled to
+//! 7×7, logistic regression and a small MLP), against the dense solution in f64.
+
+use hvp_curvature::{Curvature, Problem};
+use hvp_data::{open_spec, Batch, Dataset, InMemory};
+use hvp_model::{Architecture, Model, ParamVector, Weights};
+use hvp_solvers::cg::CgOptions;
+use hvp_solvers::lissa::LissaOptions;
+use hvp_solvers::{cg, direct, lanczos, lissa, CurvatureOperator, Damped, LinearOperator, SolverError};
+use hvp_tensor::DType;
+
+/// The first `n` bundled Fashion-MNIST training images, 4×4 average-pooled to 49 features.
+fn pooled_fashion(n: usize) -> InMemory {
+    let spec = format!("mnist:{}/../../data/fashion-mnist-subset", env!("CARGO_MANIFEST_DIR"));
+    let ds = open_spec(&spec).unwrap();
+    let mut b = Batch::default();
+    ds.read(&(0..n).collect::<Vec<_>>(), &mut b).unwrap();
+    let mut x = Vec::with_capacity(n * 49);
+    for img in b.x.chunks(784) {
+        for by in 0..7 {
+            for bx in 0..7 {
+                let mut s = 0.0;
+                for dy in 0..4 {
+                    for dx in 0..4 {
+                        s += img[(by * 4 + dy) * 28 + bx * 4 + dx];
+                    }
+                }
+                x.push(s / 16.0);
+            }
+        }
+    }
+    InMemory::new(vec![49], x, b.labels).unwrap()
+}
+
+struct Setup {
+    model: Model,
+    weights: Weights,
+    data: InMemory,
+}
+
+fn setup(arch: &str, n: usize, seed: u64) -> Setup {
+    let arch: Architecture = arch.parse().unwrap();
+    let model = Model::new(&arch, 1).unwrap();
+    let mut weights = Weights::init(&model, seed);
+    // Larger weights than the default init, so the curvature is far from trivial.
+    for t in &mut weights.params {
+        t.data_mut().iter_mut().for_each(|v| *v *= 3.0);
+    }
+    Setup {
+        model,
+        weights,
+        data: pooled_fashion(n),
+    }
+}
+
+fn rhs(model: &Model) -> ParamVector {
+    ParamVector::random_normal(model, 11)
+}
+
+#[test]
+fn direct_cg_and_full_rank_arnoldi_agree_on_logistic_regression() {
+    let s = setup("logreg:49,10", 300, 1);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
+    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let damping = 1e-3;
+    let g = rhs(&s.model);
+    let (x_direct, rep) = direct::solve(&op, damping, &g).unwrap();
+    assert!(
+        rep.relative_residual < 1e-10,
+        "direct residual {:e}",
+        rep.relative_residual
+    );
+    assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
+    assert_eq!(rep.products, 500 + 1, "n columns and one residual check");
+
+    let damped = Damped { inner: &op, damping };
+    let opts = CgOptions {
+        tol: 1e-12,
+        max_iter: 2000,
+    };
+    let (x_cg, rep) = cg::solve(&damped, &g, &opts, None, "cg").unwrap();
+    let e = x_cg.relative_error(&x_direct);
+    assert!(rep.converged && e < 1e-8, "CG vs direct: {e:e}, report {rep:?}");
+
+    let (x_arn, rep) = lanczos::solve(&op, damping, &g, 500, 3).unwrap();
+    let e = x_arn.relative_error(&x_direct);
+    assert!(e < 1e-6, "full-rank Arnoldi vs direct: {e:e}");
+    assert_eq!(rep.eigenvalues.as_ref().map(|v| v.len()), Some(500));
+}
+
+#[test]
+fn mlp_ggn_solvers_and_their_stated_errors() {
+    let s = setup("mlp:49,12,10", 400, 2);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
+    let op = CurvatureOperator::new(&p, Curvature::Ggn, DType::F64);
+    let damping = 1e-2;
+    let g = rhs(&s.model);
+    let (x_direct, rep) = direct::solve(&op, damping, &g).unwrap();
+    assert!(rep.relative_residual < 1e-10);
+    let damped = Damped { inner: &op, damping };
+    let (x_cg, _) = cg::solve(
+        &damped,
+        &g,
+        &CgOptions {
+            tol: 1e-12,
+            max_iter: 3000,
+        },
+        None,
+        "cg",
+    )
+    .unwrap();
+    assert!(x_cg.relative_error(&x_direct) < 1e-8);
+
+    // Low-rank Arnoldi: the error shrinks with k and is exact at full rank.
+    let n = op.dim();
+    let e_small = lanczos::solve(&op, damping, &g, 50, 4)
+        .unwrap()
+        .0
+        .relative_error(&x_direct);
+    let e_full = lanczos::solve(&op, damping, &g, n, 4)
+        .unwrap()
+        .0
+        .relative_error(&x_direct);
+    assert!(
+        e_full < 1e-6 && e_full < e_small,
+        "Arnoldi k=50: {e_small:e}, k=n: {e_full:e}"
+    );
+
+    // LiSSA on mini-batches of 64: error bound measured here (README: LiSSA row).
+    let mut rng_state = 0u64;
+    let data = &s.data;
+    let mut sampler = |v: &ParamVector| -> Result<ParamVector, SolverError> {
+        rng_state += 1;
+        let idx: Vec<usize> = (0..64)
+            .map(|k| ((rng_state * 7919 + k * 104729) % 400) as usize)
+            .collect();
+        let sub = hvp_data::Subset::new(data, idx).unwrap();
+        let pp = Problem::new(&s.model, &s.weights, &sub, 64)?;
+        Ok(pp.product::<f64>(Curvature::Ggn, v, &|_| {})?.value)
+    };
+    // Too shallow for λ = 1e-2: the report says so.
+    let shallow = LissaOptions {
+        depth: 400,
+        repeats: 1,
+        scale: None,
+        power_iterations: 20,
+    };
+    let (_, rep) = lissa::solve(&damped, &mut sampler, damping, &g, &shallow).unwrap();
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("raise --depth")),
+        "{:?}",
+        rep.warnings
+    );
+    let deep = LissaOptions { depth: 3000, ..shallow };
+    let (x_lissa, rep) = lissa::solve(&damped, &mut sampler, damping, &g, &deep).unwrap();
+    let e = x_lissa.relative_error(&x_direct);
+    eprintln!(
+        "LiSSA (depth 3000, batch 64) error {e:.3}, residual {:.3}",
+        rep.relative_residual
+    );
+    assert!(
+        e < 0.25,
+        "LiSSA error {e:e} above the stated bound 0.25; report {rep:?}"
+    );
+    assert!(rep.scale.unwrap() > 0.0 && rep.minibatch_products.unwrap() >= 3000);
+}
+
+#[test]
+fn indefinite_hessian_is_reported_and_lissa_divergence_is_an_error() {
+    let s = setup("mlp-tanh:49,8,10", 200, 5);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
+    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let like = ParamVector::zeros(&s.model);
+    let ritz = lanczos::lanczos(&op, 60, &lanczos::random_unit(&like, 1)).unwrap();
+    let smallest = ritz.values[0];
+    assert!(
+        smallest < 0.0,
+        "this MLP's Hessian must be indefinite for the test, smallest {smallest:e}"
+    );
+    let g = rhs(&s.model);
+
+    // A small damping removes softmax's exact null space but not the negative eigenvalues.
+    let damping = 1e-3;
+    let (_, rep) = direct::solve(&op, damping, &g).unwrap();
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("indefinite")),
+        "{:?}",
+        rep.warnings
+    );
+    assert!(
+        rep.relative_residual < 1e-8,
+        "the eigen-decomposition solve is still exact"
+    );
+
+    let damped = Damped { inner: &op, damping };
+    let (_, rep) = cg::solve(
+        &damped,
+        &g,
+        &CgOptions {
+            tol: 1e-12,
+            max_iter: 500,
+        },
+        None,
+        "cg",
+    )
+    .unwrap();
+    assert!(
+        rep.warnings
+            .iter()
+            .any(|w| w.contains("negative curvature") && w.contains("--curvature ggn")),
+        "{:?}",
+        rep.warnings
+    );
+
+    // A scale far below λ_max makes the recursion blow up: an error, not a NaN.
+    let mut sampler = |v: &ParamVector| -> Result<ParamVector, SolverError> { op.apply(v) };
+    let opts = LissaOptions {
+        depth: 100,
+        repeats: 1,
+        scale: Some(ritz.values.last().unwrap() * 0.01),
+        power_iterations: 0,
+    };
+    match lissa::solve(&damped, &mut sampler, damping, &g, &opts) {
+        Err(SolverError::Diverged(msg)) => assert!(msg.contains("Increase --scale"), "{msg}"),
+        other => panic!("expected divergence, got {:?}", other.map(|r| r.1)),
+    }
+}
+
+#[test]
+fn spectrum_estimates_match_the_dense_eigenvalues() {
+    let s = setup("logreg:49,10", 200, 6);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
+    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let like = ParamVector::zeros(&s.model);
+    let dense = direct::dense_matrix(&op, &like).unwrap();
+    let (vals, _) = hvp_solvers::dense::sym_eigen(500, &dense).unwrap();
+    let ritz = lanczos::lanczos(&op, 40, &lanczos::random_unit(&like, 2)).unwrap();
+    let top = *ritz.values.last().unwrap();
+    assert!(
+        (top - vals[499]).abs() < 1e-8 * vals[499],
+        "λ_max {top} vs {}",
+        vals[499]
+    );
+    let trace: f64 = (0..500).map(|i| dense[i * 500 + i]).sum();
+    let (est, se) = lanczos::hutchinson_trace(&op, &like, 30, 3).unwrap();
+    assert!((est - trace).abs() < 4.0 * se + 1e-12, "trace {est} ± {se} vs {trace}");
+}
