@@ -33,6 +33,8 @@ enum Command {
     Solve(commands::solve::SolveArgs),
     /// K-FAC / EK-FAC factors, computed once and saved for the kfac, ekfac and pcg solvers.
     Factors(commands::factors::FactorsArgs),
+    /// Every solver on one problem against CG run to convergence.
+    CompareSolvers(commands::compare_solvers::CompareArgs),
     /// Extreme eigenvalues and trace of the curvature.
     Spectrum(commands::spectrum::SpectrumArgs),
     /// Error of curvature products (and inverse products) on random subsets.
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Product(a) => commands::product::run(a),
         Command::Solve(a) => commands::solve::run(a),
         Command::Factors(a) => commands::factors::run(a),
+        Command::CompareSolvers(a) => commands::compare_solvers::run(a),
         Command::Spectrum(a) => commands::spectrum::run(a),
         Command::SubsampleError(a) => commands::subsample_error::run(a),
         Command::Demo(a) => commands::demo::run(a),

@@ -72,7 +72,7 @@ pub fn solve(
     let truncation = (1.0 - damping / scale).clamp(0.0, 1.0).powi(opts.depth as i32);
     if truncation > 0.1 {
         report.warnings.push(format!(
-            "depth {} leaves up to {:.0}% of the solution's component along flat directions (eigenvalue ≈ 0):              (1 − λ/scale)^depth = {truncation:.2}; raise --depth to about {:.0} or --damping",
+            "depth {} leaves up to {:.0}% of the solution's component along flat directions (eigenvalue ≈ 0): (1 − λ/scale)^depth = {truncation:.2}; raise --depth to about {:.0} or --damping",
             opts.depth,
             100.0 * truncation,
             (scale / damping.max(f64::MIN_POSITIVE) * 2.3).ceil()

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod compare_solvers;
 pub mod demo;
 pub mod factors;
 pub mod grad;
