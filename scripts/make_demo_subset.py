@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Cut the bundled Fashion-MNIST subset (first 2,000 train and 500 test images,
+"""Cut a bundled IDX subset (the first TRAIN training and TEST test images,
 unchanged bytes, IDX format, gzip) from the full files. Standard library only.
 
-    python3 scripts/make_demo_subset.py ../shared/data/fashion-mnist data/fashion-mnist-subset
+    python3 scripts/make_demo_subset.py ../shared/data/fashion-mnist data/fashion-mnist-subset 2000 500
+    python3 scripts/make_demo_subset.py ../shared/data/mnist data/mnist-subset 1000 200
 """
 import gzip
 import struct
 import sys
 from pathlib import Path
 
-SPLITS = {"train": 2000, "t10k": 500}
 
 
 def cut(src: Path, dst: Path, stem: str, count: int) -> None:
@@ -28,8 +28,9 @@ def cut(src: Path, dst: Path, stem: str, count: int) -> None:
 
 def main() -> None:
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+    splits = {"train": int(sys.argv[3]), "t10k": int(sys.argv[4])}
     dst.mkdir(parents=True, exist_ok=True)
-    for split, count in SPLITS.items():
+    for split, count in splits.items():
         cut(src, dst, f"{split}-images-idx3-ubyte", count)
         cut(src, dst, f"{split}-labels-idx1-ubyte", count)
 

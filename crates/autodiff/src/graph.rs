@@ -92,6 +92,18 @@ pub struct Graph {
 #[derive(Clone)]
 pub struct Tape<V> {
     values: Vec<Option<V>>,
+    /// BatchNorm ran on batch statistics (train mode): its backward differs.
+    train: bool,
+}
+
+/// Batch statistics a train-mode forward pass measured at one BatchNorm, for the
+/// running-statistics update (`var` is the unbiased variance, as PyTorch keeps).
+#[derive(Clone, Debug)]
+pub struct BatchNormUpdate {
+    pub mean_buffer: usize,
+    pub var_buffer: usize,
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
 }
 
 impl<V> Tape<V> {
@@ -108,6 +120,7 @@ impl<V> Tape<V> {
     pub fn map<W>(self, f: impl Fn(V) -> W) -> Tape<W> {
         Tape {
             values: self.values.into_iter().map(|v| v.map(&f)).collect(),
+            train: self.train,
         }
     }
 }
@@ -193,6 +206,31 @@ impl Graph {
 
     /// Runs the graph on `input`, keeping every node's value for [`Graph::backward`].
     pub fn forward<T: Float, V: Value<T>>(&self, params: &[V], buffers: &[Tensor<T>], input: V) -> Tape<V> {
+        self.run_forward(params, buffers, input, None)
+    }
+
+    /// Train-mode forward pass (BatchNorm on batch statistics, as PyTorch's
+    /// `model.train()`), for reverse mode only; also returns each BatchNorm's batch
+    /// statistics for the running-statistics update.
+    pub fn forward_train<T: Float>(
+        &self,
+        params: &[Tensor<T>],
+        buffers: &[Tensor<T>],
+        input: Tensor<T>,
+    ) -> (Tape<Tensor<T>>, Vec<BatchNormUpdate>) {
+        let mut stats = Vec::new();
+        let tape = self.run_forward(params, buffers, input, Some(&mut stats));
+        (tape, stats)
+    }
+
+    fn run_forward<T: Float, V: Value<T>>(
+        &self,
+        params: &[V],
+        buffers: &[Tensor<T>],
+        input: V,
+        mut train_stats: Option<&mut Vec<BatchNormUpdate>>,
+    ) -> Tape<V> {
+        let train = train_stats.is_some();
         let mut values: Vec<Option<V>> = Vec::with_capacity(self.nodes.len());
         let mut input = Some(input);
         for op in &self.nodes {
@@ -216,12 +254,27 @@ impl Graph {
                     var,
                     eps,
                 } => {
-                    let st = batchnorm::Stats {
-                        mean: &buffers[mean],
-                        var: &buffers[var],
-                        eps,
-                    };
-                    batchnorm::forward(val(input), &params[weight], &params[bias], &st)
+                    if let Some(sink) = train_stats.as_mut() {
+                        let x = val(input).primal();
+                        let (y, m, v) =
+                            batchnorm::train_forward(x, params[weight].primal(), params[bias].primal(), eps);
+                        let n = (x.numel() / x.shape()[1]) as f64;
+                        let unbiased = v.iter().map(|v| v * n / (n - 1.0).max(1.0)).collect();
+                        sink.push(BatchNormUpdate {
+                            mean_buffer: mean,
+                            var_buffer: var,
+                            mean: m,
+                            var: unbiased,
+                        });
+                        V::constant(y)
+                    } else {
+                        let st = batchnorm::Stats {
+                            mean: &buffers[mean],
+                            var: &buffers[var],
+                            eps,
+                        };
+                        batchnorm::forward(val(input), &params[weight], &params[bias], &st)
+                    }
                 }
                 Op::Relu { input } => activation::relu(val(input)),
                 Op::Tanh { input } => activation::tanh(val(input)),
@@ -232,7 +285,7 @@ impl Graph {
             };
             values.push(Some(out));
         }
-        Tape { values }
+        Tape { values, train }
     }
 
     /// Replays `tape` backwards from the output cotangent `output_cot` and returns
@@ -259,6 +312,7 @@ impl Graph {
         output_cot: V,
         mut observer: Option<LayerObserver<T>>,
     ) -> Vec<Option<V>> {
+        let train = tape.train;
         let mut values = tape.values;
         let n = self.nodes.len();
         assert_eq!(values.len(), n, "tape from another graph");
@@ -311,13 +365,18 @@ impl Graph {
                     var,
                     eps,
                 } => {
-                    let st = batchnorm::Stats {
-                        mean: &buffers[mean],
-                        var: &buffers[var],
-                        eps,
+                    let (gx, gg, gb) = if train {
+                        let (gx, gg, gb) =
+                            batchnorm::train_vjp(val(input).primal(), params[weight].primal(), gy.primal(), eps);
+                        (need(input).then(|| V::constant(gx)), V::constant(gg), V::constant(gb))
+                    } else {
+                        let st = batchnorm::Stats {
+                            mean: &buffers[mean],
+                            var: &buffers[var],
+                            eps,
+                        };
+                        batchnorm::vjp(val(input), &params[weight], &params[bias], &st, &gy, need(input))
                     };
-                    let (gx, gg, gb) =
-                        batchnorm::vjp(val(input), &params[weight], &params[bias], &st, &gy, need(input));
                     to_inputs.extend(gx.map(|g| (input, g)));
                     accumulate(&mut grads[weight], gg);
                     accumulate(&mut grads[bias], gb);

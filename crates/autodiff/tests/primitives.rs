@@ -234,3 +234,28 @@ fn softmax_cross_entropy_cotangent() {
         assert!((dl[i] - fd).abs() < 1e-8, "example {i}: {} vs {fd}", dl[i]);
     }
 }
+
+#[test]
+fn batchnorm_train_mode_vjp_matches_finite_differences() {
+    // Train mode is reverse-only: check ⟨gy, d forward⟩ = Σ ⟨vjp, direction⟩ by central differences.
+    let (x, g, b) = (random(&[3, 2, 2, 2], 30), random(&[2], 31), random(&[2], 32));
+    let (dx, dg, db) = (random(&[3, 2, 2, 2], 33), random(&[2], 34), random(&[2], 35));
+    let gy = random(&[3, 2, 2, 2], 36);
+    let h = 1e-6;
+    let f = |s: f64| batchnorm::train_forward(&axpy(&x, s, &dx), &axpy(&g, s, &dg), &axpy(&b, s, &db), 1e-5).0;
+    let fd = axpy(&f(h), -1.0, &f(-h));
+    let lhs = dot_f64(&gy, &fd) / (2.0 * h);
+    let (gx, gg, gb) = batchnorm::train_vjp(&x, &g, &gy, 1e-5);
+    let rhs = dot_f64(&gx, &dx) + dot_f64(&gg, &dg) + dot_f64(&gb, &db);
+    assert!((lhs - rhs).abs() < 1e-7 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    // Batch statistics: the output is normalised per channel.
+    let (y, mean, var) = batchnorm::train_forward(
+        &x,
+        &Tensor::new(vec![2], vec![1.0, 1.0]).unwrap(),
+        &Tensor::zeros(&[2]),
+        0.0,
+    );
+    let (ym, yv) = batchnorm::batch_stats(&y);
+    assert!(ym.iter().all(|m| m.abs() < 1e-12) && yv.iter().all(|v| (v - 1.0).abs() < 1e-9));
+    assert_eq!((mean.len(), var.len()), (2, 2));
+}

@@ -111,10 +111,10 @@ fn every_solver_from_the_cli_with_reports() {
 }
 
 #[test]
-fn spectrum_and_subsample_error_predictions() {
+fn spectrum_and_subsample_error_predictions_on_real_mnist() {
     let tmp = TempDir::new("subsample");
     let (w, v) = (tmp.s("w.safetensors"), tmp.s("v.safetensors"));
-    let d = data();
+    let d = format!("mnist:{}", repo_root().join("data/mnist-subset").display());
     let arch = "mlp:784,16,10";
     ok(&["init", "--arch", arch, "--seed", "4", "--out", &w]);
     ok(&["init", "--arch", arch, "--seed", "5", "--random-vector", "--out", &v]);

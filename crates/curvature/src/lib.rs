@@ -43,6 +43,9 @@ pub struct Problem<'a> {
     pub weights: &'a Weights,
     pub data: &'a dyn Dataset,
     pub batch_size: usize,
+    /// L2 coefficient w of the objective `L(θ) + (w/2)‖θ‖²`: adds `wθ` to the
+    /// gradient and `w·I` to every curvature (0 by default).
+    pub weight_decay: f64,
 }
 
 /// Result of one pass over the data.
@@ -73,7 +76,76 @@ impl<'a> Problem<'a> {
             weights,
             data,
             batch_size: batch_size.max(1),
+            weight_decay: 0.0,
         })
+    }
+
+    /// The same problem with the objective's L2 term `(w/2)‖θ‖²`.
+    pub fn with_weight_decay(mut self, w: f64) -> Self {
+        self.weight_decay = w;
+        self
+    }
+
+    fn theta(&self) -> ParamVector {
+        ParamVector {
+            tensors: self.weights.params.clone(),
+        }
+    }
+
+    /// Per-example directional derivatives `∇ℓ_i(θ) · s` for every example, in
+    /// order — a JVP of the per-example loss vector (one forward pass carrying the
+    /// tangent `s`), with no per-example gradient ever formed. Influence scores
+    /// are these divided by N.
+    pub fn loss_directional<T: Float>(
+        &self,
+        s: &ParamVector,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<f64>, CurvatureError> {
+        let duals: Vec<Dual<T>> = self
+            .weights
+            .params_as::<T>()
+            .into_iter()
+            .zip(s.as_dtype::<T>())
+            .map(|(p, t)| Dual::new(p, Some(t)))
+            .collect();
+        let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
+        let n = self.data.len();
+        let mut out = Vec::with_capacity(n);
+        let mut batch = Batch::default();
+        for start in (0..n).step_by(self.batch_size) {
+            let idx: Vec<usize> = (start..(start + self.batch_size).min(n)).collect();
+            self.data.read(&idx, &mut batch)?;
+            let tape = self
+                .model
+                .graph
+                .forward(&duals, &buffers, Dual::constant(self.input::<T>(&batch)));
+            let d = loss::softmax_cross_entropy_jvp(tape.output(), &batch.labels);
+            if d.iter().any(|v| !v.is_finite()) {
+                return Err(CurvatureError::NonFinite {
+                    what: "per-example loss derivative",
+                    batch: start / self.batch_size,
+                });
+            }
+            out.extend(d);
+            progress(idx.len());
+        }
+        Ok(out)
+    }
+
+    /// Per-example losses `ℓ_i(θ)` (no regulariser).
+    pub fn losses<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
+        let params: Vec<Tensor<T>> = self.weights.params_as();
+        let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
+        let n = self.data.len();
+        let mut out = Vec::with_capacity(n);
+        let mut batch = Batch::default();
+        for start in (0..n).step_by(self.batch_size) {
+            let idx: Vec<usize> = (start..(start + self.batch_size).min(n)).collect();
+            self.data.read(&idx, &mut batch)?;
+            let tape = self.model.graph.forward(&params, &buffers, self.input::<T>(&batch));
+            out.extend(loss::softmax_cross_entropy(tape.output(), &batch.labels, 1.0).losses);
+        }
+        Ok(out)
     }
 
     fn input<T: Float>(&self, batch: &Batch) -> Tensor<T> {
@@ -133,6 +205,14 @@ impl<'a> Problem<'a> {
             let grads = graph.backward(&params, &buffers, tape, out.cotangent);
             (out.losses.iter().sum(), grads)
         })
+        .map(|mut r| {
+            if self.weight_decay != 0.0 {
+                let theta = self.theta();
+                r.value.axpy(self.weight_decay, &theta);
+                r.loss += 0.5 * self.weight_decay * theta.dot(&theta);
+            }
+            r
+        })
     }
 
     /// `M v` with M the Hessian or the GGN of L at θ.
@@ -156,7 +236,7 @@ impl<'a> Problem<'a> {
             Curvature::Ggn => "GGN-vector product",
             Curvature::Fisher => "Fisher-vector product",
         };
-        match curvature {
+        let result = match curvature {
             Curvature::Hessian => self.stream(progress, what, |x, labels, w| {
                 let (loss, grads) = hessian_batch(graph, &duals, &buffers, x, labels, w);
                 (
@@ -176,7 +256,13 @@ impl<'a> Problem<'a> {
                     fisher_batch(graph, &duals, &primals, &buffers, x, labels, w)
                 })
             }
-        }
+        };
+        result.map(|mut r| {
+            if self.weight_decay != 0.0 {
+                r.value.axpy(self.weight_decay, v);
+            }
+            r
+        })
     }
 }
 

@@ -241,6 +241,7 @@ fn stream_observed<T: Float>(
     seed: u64,
     progress: &dyn Fn(usize),
     visit: Visitor,
+    batch_end: &mut dyn FnMut(usize),
 ) -> Result<(), SolverError> {
     let model = problem.model;
     let params: Vec<Tensor<T>> = problem.weights.params_as();
@@ -268,6 +269,7 @@ fn stream_observed<T: Float>(
             };
             graph.backward_observed(&params, &buffers, tape.clone(), cot.cast::<T>(), Some(&mut obs));
         }
+        batch_end(idx.len());
         progress(idx.len());
     }
     Ok(())
@@ -323,8 +325,8 @@ impl Factors {
                 }
             };
             match dtype {
-                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit)?,
-                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit)?,
+                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
+                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
             }
         }
         let mut out_layers = Vec::with_capacity(layers.len());
@@ -364,8 +366,8 @@ impl Factors {
                 }
             };
             match dtype {
-                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit)?,
-                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit)?,
+                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
+                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
             }
             for (li, f) in out_layers.iter_mut().enumerate() {
                 f.corrected = Some(sums.corrected[li].iter().map(|v| v / n).collect());
@@ -525,6 +527,119 @@ impl Factors {
     }
 }
 
+impl Factors {
+    /// Self-influence `∇ℓ_iᵀ (F̂ + λI)⁻¹ ∇ℓ_i` of every example of `problem`, in
+    /// order, with the per-example gradients (true labels) formed one layer at a
+    /// time in the factors' eigenbases and never stored.
+    pub fn self_influence(
+        &self,
+        problem: &Problem,
+        damping: f64,
+        dtype: DType,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<f64>, SolverError> {
+        let model = problem.model;
+        let layers = layers_of(model);
+        let bases: Vec<(Tensor<f64>, Tensor<f64>)> = self
+            .layers
+            .iter()
+            .map(|f| {
+                (
+                    mat(f.s_dim(), f.s_dim(), f.s_vecs.clone()),
+                    mat(f.a_dim(), f.a_dim(), f.a_vecs.clone()),
+                )
+            })
+            .collect();
+        let buffers = &problem.weights.buffers;
+        let mut out = Vec::with_capacity(problem.data.len());
+        // Contributions of the current batch's examples, shared by the two callbacks.
+        let current = std::cell::RefCell::new(Vec::<f64>::new());
+        let mut visit = |node: NodeId, op: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, _: bool| {
+            let mut current = current.borrow_mut();
+            let b = x.shape()[0];
+            if current.len() < b {
+                current.resize(b, 0.0);
+            }
+            if let Some(li) = layers.iter().position(|l| l.node == node) {
+                let (l, f, (qs, qa)) = (&layers[li], &self.layers[li], &bases[li]);
+                let w_shape = &model.params[l.weight].shape;
+                for (i, acc) in current.iter_mut().enumerate().take(b) {
+                    let a = example_inputs(l, x, w_shape, i);
+                    let g = example_grads(l, gy, i);
+                    let proj = matmul(&matmul(qs, true, &matmul(&g, false, &a, true), false), false, qa, false);
+                    *acc += proj
+                        .data()
+                        .iter()
+                        .enumerate()
+                        .map(|(k, p)| {
+                            let eig = match &f.corrected {
+                                Some(c) => c[k],
+                                None => f.s_vals[k / f.a_dim()] * f.a_vals[k % f.a_dim()],
+                            };
+                            p * p / (eig.max(0.0) + damping)
+                        })
+                        .sum::<f64>();
+                }
+            } else if let Op::BatchNorm {
+                weight,
+                bias,
+                mean,
+                var,
+                eps,
+                ..
+            } = *op
+            {
+                let per_example = bn_example_grads(x, gy, &buffers[mean], &buffers[var], eps);
+                let dg = self.diagonal.iter().find(|(p, _)| *p == weight).map(|d| &d.1);
+                let db = self.diagonal.iter().find(|(p, _)| *p == bias).map(|d| &d.1);
+                for (i, (gg, gb)) in per_example.iter().enumerate() {
+                    for (ch, (a, bv)) in gg.iter().zip(gb).enumerate() {
+                        let dgc = dg.map_or(0.0, |d| d[ch].max(0.0));
+                        let dbc = db.map_or(0.0, |d| d[ch].max(0.0));
+                        current[i] += a * a / (dgc + damping) + bv * bv / (dbc + damping);
+                    }
+                }
+            }
+        };
+        let mut end = |b: usize| {
+            out.extend(current.borrow_mut().drain(..).take(b));
+        };
+        match dtype {
+            DType::F32 => stream_observed::<f32>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
+            DType::F64 => stream_observed::<f64>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
+        }
+        Ok(out)
+    }
+}
+
+/// Per-example gradients of BatchNorm's γ and β: `(Σ gy·x̂, Σ gy)` per channel.
+fn bn_example_grads(
+    x: &Tensor<f64>,
+    gy: &Tensor<f64>,
+    mean: &Tensor<f64>,
+    var: &Tensor<f64>,
+    eps: f64,
+) -> Vec<(Vec<f64>, Vec<f64>)> {
+    let s = x.shape();
+    let (b, c) = (s[0], s[1]);
+    let inner: usize = s[2..].iter().product();
+    (0..b)
+        .map(|i| {
+            let mut gg = vec![0.0; c];
+            let mut gb = vec![0.0; c];
+            for (ch, (&mu, &v)) in mean.data().iter().zip(var.data()).enumerate().take(c) {
+                let inv = 1.0 / (v + eps).sqrt();
+                let at = (i * c + ch) * inner;
+                for k in at..at + inner {
+                    gg[ch] += gy.data()[k] * (x.data()[k] - mu) * inv;
+                    gb[ch] += gy.data()[k];
+                }
+            }
+            (gg, gb)
+        })
+        .collect()
+}
+
 /// Adds the squared per-example gradients of BatchNorm's γ and β to `diag`.
 #[allow(clippy::too_many_arguments)]
 fn bn_diagonal(
@@ -537,21 +652,9 @@ fn bn_diagonal(
     gamma: usize,
     beta: usize,
 ) {
-    let s = x.shape();
-    let (b, c) = (s[0], s[1]);
-    let inner: usize = s[2..].iter().product();
-    for i in 0..b {
-        for (ch, (&mu, &v)) in mean.data().iter().zip(var.data()).enumerate().take(c) {
-            let inv = 1.0 / (v + eps).sqrt();
-            let at = (i * c + ch) * inner;
-            let (mut gg, mut gb) = (0.0, 0.0);
-            for k in at..at + inner {
-                gg += gy.data()[k] * (x.data()[k] - mu) * inv;
-                gb += gy.data()[k];
-            }
-            diag[gamma][ch] += gg * gg;
-            diag[beta][ch] += gb * gb;
-        }
+    for (gg, gb) in bn_example_grads(x, gy, mean, var, eps) {
+        diag[gamma].iter_mut().zip(&gg).for_each(|(d, g)| *d += g * g);
+        diag[beta].iter_mut().zip(&gb).for_each(|(d, g)| *d += g * g);
     }
 }
 

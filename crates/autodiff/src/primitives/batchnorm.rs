@@ -57,3 +57,102 @@ pub fn vjp<T: Float, V: Value<T>>(
     let g_gamma = gs_total.linear(|g| elementwise::mul(g, &inv_std));
     (gx, g_gamma, gt)
 }
+
+/// Per-channel batch statistics of a train-mode BatchNorm: mean and biased
+/// variance (the one normalised with), over batch and space.
+pub fn batch_stats<T: Float>(x: &Tensor<T>) -> (Vec<f64>, Vec<f64>) {
+    let s = x.shape();
+    let (b, c) = (s[0], s[1]);
+    let inner: usize = s[2..].iter().product();
+    let n = (b * inner) as f64;
+    let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+    for i in 0..b {
+        for (ch, m) in mean.iter_mut().enumerate() {
+            let at = (i * c + ch) * inner;
+            *m += x.data()[at..at + inner].iter().map(|v| v.to_f64()).sum::<f64>();
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= n);
+    for i in 0..b {
+        for ch in 0..c {
+            let at = (i * c + ch) * inner;
+            var[ch] += x.data()[at..at + inner]
+                .iter()
+                .map(|v| (v.to_f64() - mean[ch]).powi(2))
+                .sum::<f64>();
+        }
+    }
+    var.iter_mut().for_each(|v| *v /= n);
+    (mean, var)
+}
+
+/// Train-mode BatchNorm (PyTorch's `model.train()`): normalised with the batch's
+/// own statistics. Reverse mode only (used by `hvp train`; curvature is always
+/// taken in eval mode). Returns the output and the batch mean and biased variance.
+pub fn train_forward<T: Float>(
+    x: &Tensor<T>,
+    gamma: &Tensor<T>,
+    beta: &Tensor<T>,
+    eps: f64,
+) -> (Tensor<T>, Vec<f64>, Vec<f64>) {
+    let (mean, var) = batch_stats(x);
+    let scale: Vec<f64> = var
+        .iter()
+        .zip(gamma.data())
+        .map(|(v, g)| g.to_f64() / (v + eps).sqrt())
+        .collect();
+    let s = Tensor::new(vec![scale.len()], scale.iter().map(|&v| T::from_f64(v)).collect()).expect("c");
+    let t = Tensor::new(
+        vec![scale.len()],
+        beta.data()
+            .iter()
+            .zip(&mean)
+            .zip(&scale)
+            .map(|((b, m), sc)| T::from_f64(b.to_f64() - m * sc))
+            .collect(),
+    )
+    .expect("c");
+    let y = elementwise::add(&channel::scale(x, &s), &channel::broadcast(&t, x.shape()));
+    (y, mean, var)
+}
+
+/// VJP of [`train_forward`]: `gx = γ/σ · (gy − mean(gy) − x̂ · mean(gy · x̂))` per
+/// channel, `gγ = Σ gy · x̂`, `gβ = Σ gy`.
+pub fn train_vjp<T: Float>(
+    x: &Tensor<T>,
+    gamma: &Tensor<T>,
+    gy: &Tensor<T>,
+    eps: f64,
+) -> (Tensor<T>, Tensor<T>, Tensor<T>) {
+    let (mean, var) = batch_stats(x);
+    let s = x.shape();
+    let (b, c) = (s[0], s[1]);
+    let inner: usize = s[2..].iter().product();
+    let n = (b * inner) as f64;
+    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let (mut sum_g, mut sum_gx) = (vec![0.0; c], vec![0.0; c]);
+    for i in 0..b {
+        for ch in 0..c {
+            let at = (i * c + ch) * inner;
+            for k in at..at + inner {
+                let g = gy.data()[k].to_f64();
+                sum_g[ch] += g;
+                sum_gx[ch] += g * (x.data()[k].to_f64() - mean[ch]) * inv[ch];
+            }
+        }
+    }
+    let mut gx = Tensor::zeros(s);
+    for i in 0..b {
+        for ch in 0..c {
+            let at = (i * c + ch) * inner;
+            let k0 = gamma.data()[ch].to_f64() * inv[ch];
+            for k in at..at + inner {
+                let xhat = (x.data()[k].to_f64() - mean[ch]) * inv[ch];
+                let g = gy.data()[k].to_f64();
+                gx.data_mut()[k] = T::from_f64(k0 * (g - sum_g[ch] / n - xhat * sum_gx[ch] / n));
+            }
+        }
+    }
+    let to_t = |v: Vec<f64>| Tensor::new(vec![c], v.into_iter().map(T::from_f64).collect()).expect("c");
+    (gx, to_t(sum_gx), to_t(sum_g))
+}

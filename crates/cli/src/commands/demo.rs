@@ -4,6 +4,7 @@
 //! (time and peak memory per N: time linear, memory flat), then the relative
 //! error of HVPs over random subsets of m images against the full-data HVP.
 
+use super::subsample_error::Prediction;
 use crate::args::{set_threads, DTypeArg};
 use crate::report::{format_bytes, peak_rss_bytes, reset_peak_rss};
 use anyhow::{bail, Context, Result};
@@ -63,6 +64,7 @@ fn product(problem: &Problem, v: &ParamVector, dtype: DType) -> Result<ParamVect
 pub fn run(a: DemoArgs) -> Result<()> {
     set_threads(a.threads)?;
     let dir = a.data.clone().unwrap_or_else(bundled_data);
+    let dir = dir.canonicalize().unwrap_or(dir);
     let raw = Idx::open(&dir, true).with_context(|| format!("loading the demo data from {}", dir.display()))?;
     let data = Padded::new(raw, 2)?;
     let n_max = a.sizes.iter().copied().max().unwrap_or(0);
@@ -113,10 +115,21 @@ pub fn run(a: DemoArgs) -> Result<()> {
          images (N = {n_max}, {} subsets each):\n",
         a.repeats
     );
-    println!("| m | mean error | min | max |");
-    println!("|---|---|---|---|");
+    println!("| m | mean error | min | max | predicted from 8 batches of 50 |");
+    println!("|---|---|---|---|---|");
     let mut rng = StdRng::seed_from_u64(a.seed + 2);
     let pool: Vec<usize> = (0..n_max).collect();
+    // The prediction `hvp subsample-error` makes without the full pass.
+    let batches = (0..8)
+        .map(|_| {
+            let mut idx = pool.clone();
+            idx.shuffle(&mut rng);
+            idx.truncate(50.min(n_max));
+            let view = Subset::new(&data, idx)?;
+            product(&Problem::new(&model, &weights, &view, a.batch_size)?, &v, dtype)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let prediction = Prediction::from_batches(&batches, 50.min(n_max), n_max);
     for &m in a.subsets.iter().filter(|&&m| m > 0 && m <= n_max) {
         let mut errs = Vec::with_capacity(a.repeats);
         for _ in 0..a.repeats.max(1) {
@@ -131,7 +144,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let (lo, hi) = errs
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &e| (l.min(e), h.max(e)));
-        println!("| {m} | {mean:.3} | {lo:.3} | {hi:.3} |");
+        println!(
+            "| {m} | {mean:.3} | {lo:.3} | {hi:.3} | {:.3} |",
+            prediction.relative_error(m)
+        );
     }
     println!(
         "\nTime grows linearly with N at flat memory (one batch of activations and tangents); a \
