@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use hvp_data::{open_spec, Dataset, NpyDataset, Padded, Subset};
+use hvp_data::{open_spec, ClassFilter, Dataset, NpyDataset, Padded, Subset};
 use hvp_model::{Architecture, Model, Weights};
 use hvp_tensor::DType;
 use std::path::PathBuf;
@@ -36,6 +36,9 @@ pub struct DataArgs {
     /// Zero-pad images by P pixels on each side (e.g. 2 for 28x28 → 32x32).
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
+    /// Keep only these classes, relabelled 0, 1, … in this order (e.g. 1,7).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<usize>>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -125,6 +128,25 @@ impl LoadedData {
     }
 }
 
+/// A dataset given as one string: `mnist:DIR[:train|test]`, `cifar10:DIR[:train|test]`
+/// or `npy:X.npy,Y.npy`, optionally zero-padded.
+pub fn open_data_spec(spec: &str, pad: usize, classes: Option<&[usize]>) -> Result<Box<dyn Dataset>> {
+    let ds: Box<dyn Dataset> = match spec.strip_prefix("npy:") {
+        Some(pair) => {
+            let (x, y) = pair
+                .split_once(',')
+                .with_context(|| format!("'{spec}': give npy:INPUTS.npy,LABELS.npy"))?;
+            Box::new(NpyDataset::open(std::path::Path::new(x), std::path::Path::new(y))?)
+        }
+        None => open_spec(spec)?,
+    };
+    let ds: Box<dyn Dataset> = if pad > 0 { Box::new(Padded::new(ds, pad)?) } else { ds };
+    Ok(match classes {
+        Some(c) => Box::new(ClassFilter::new(ds, c.to_vec())?),
+        None => ds,
+    })
+}
+
 pub fn load_data(d: &DataArgs) -> Result<LoadedData> {
     let source: Box<dyn Dataset> = match (&d.inputs, &d.labels, &d.dataset) {
         (Some(x), Some(y), None) => Box::new(NpyDataset::open(x, y)?),
@@ -135,6 +157,10 @@ pub fn load_data(d: &DataArgs) -> Result<LoadedData> {
         Box::new(Padded::new(source, d.pad)?)
     } else {
         source
+    };
+    let source: Box<dyn Dataset> = match &d.classes {
+        Some(c) => Box::new(ClassFilter::new(source, c.clone())?),
+        None => source,
     };
     if d.limit == Some(0) {
         bail!("--limit must be at least 1");

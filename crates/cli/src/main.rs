@@ -39,6 +39,14 @@ enum Command {
     Spectrum(commands::spectrum::SpectrumArgs),
     /// Error of curvature products (and inverse products) on random subsets.
     SubsampleError(commands::subsample_error::SubsampleArgs),
+    /// Train a built-in architecture (BatchNorm in train mode while training).
+    Train(commands::train::TrainArgs),
+    /// Influence of every training example on test predictions (positive = helpful).
+    Influence(commands::influence::InfluenceArgs),
+    /// Self-influence of every training example (finds mislabelled examples).
+    SelfInfluence(commands::self_influence::SelfInfluenceArgs),
+    /// Predicted against actual leave-one-out changes of a test loss.
+    Validate(commands::validate::ValidateArgs),
     /// The bundled Fashion-MNIST experiment: HVP cost against N, subset accuracy.
     Demo(commands::demo::DemoArgs),
     /// Benchmark gradient, HVP and GGN on the seed ResNet with CIFAR-shaped data.
@@ -56,6 +64,10 @@ fn main() -> ExitCode {
         Command::CompareSolvers(a) => commands::compare_solvers::run(a),
         Command::Spectrum(a) => commands::spectrum::run(a),
         Command::SubsampleError(a) => commands::subsample_error::run(a),
+        Command::Train(a) => commands::train::run(a),
+        Command::Influence(a) => commands::influence::run(a),
+        Command::SelfInfluence(a) => commands::self_influence::run(a),
+        Command::Validate(a) => commands::validate::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };

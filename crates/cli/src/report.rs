@@ -38,6 +38,11 @@ impl Progress {
         self.bar.inc(n as u64);
     }
 
+    /// Replaces the text before the bar (e.g. the current loss).
+    pub fn message(&self, msg: &str) {
+        self.bar.set_message(msg.to_string());
+    }
+
     pub fn finish(&self) {
         self.bar.finish_and_clear();
     }

@@ -160,3 +160,58 @@ fn f32_agrees_with_f64() {
     let b = p.gradient::<f64>(&no_progress).unwrap().value;
     assert!(a.relative_error(&b) < 1e-5);
 }
+
+#[test]
+fn loss_directional_equals_explicit_per_example_gradients() {
+    let (m, w, d) = setup("resnet-cifar:1,1,1", 1, &[1, 8, 8], 5, 9);
+    let p = Problem::new(&m, &w, &d, 2).unwrap();
+    let s = ParamVector::random_normal(&m, 10);
+    let jvp = p.loss_directional::<f64>(&s, &no_progress).unwrap();
+    for (i, &ji) in jvp.iter().enumerate() {
+        let one = hvp_data::Subset::new(&d, vec![i]).unwrap();
+        let g = Problem::new(&m, &w, &one, 1)
+            .unwrap()
+            .gradient::<f64>(&no_progress)
+            .unwrap()
+            .value;
+        let explicit = g.dot(&s);
+        assert!(
+            (ji - explicit).abs() < 1e-12 * explicit.abs().max(1.0),
+            "example {i}: {ji} vs {explicit}"
+        );
+    }
+}
+
+#[test]
+fn weight_decay_adds_to_gradient_and_curvature() {
+    let (m, w, d) = setup("mlp-tanh:6,5,3", 1, &[6], 9, 11);
+    let v = ParamVector::random_normal(&m, 12);
+    let plain = Problem::new(&m, &w, &d, 4).unwrap();
+    let decayed = Problem::new(&m, &w, &d, 4).unwrap().with_weight_decay(0.3);
+    let theta = ParamVector {
+        tensors: w.params.clone(),
+    };
+    let mut want = plain.gradient::<f64>(&no_progress).unwrap().value;
+    want.axpy(0.3, &theta);
+    assert!(
+        decayed
+            .gradient::<f64>(&no_progress)
+            .unwrap()
+            .value
+            .relative_error(&want)
+            < 1e-14
+    );
+    let mut want = plain
+        .product::<f64>(Curvature::Hessian, &v, &no_progress)
+        .unwrap()
+        .value;
+    want.axpy(0.3, &v);
+    assert!(
+        decayed
+            .product::<f64>(Curvature::Hessian, &v, &no_progress)
+            .unwrap()
+            .value
+            .relative_error(&want)
+            < 1e-14
+    );
+}

@@ -168,3 +168,54 @@ impl<D: Dataset + ?Sized> Dataset for Box<D> {
         (**self).describe()
     }
 }
+
+/// The examples of `inner` whose label is in `classes`, relabelled to the position
+/// of their label in `classes` (e.g. MNIST 1 vs 7 → labels 0 and 1).
+pub struct ClassFilter<D> {
+    inner: D,
+    indices: Vec<usize>,
+    classes: Vec<usize>,
+}
+
+impl<D: Dataset> ClassFilter<D> {
+    pub fn new(inner: D, classes: Vec<usize>) -> Result<Self, DataError> {
+        let indices: Vec<usize> = (0..inner.len())
+            .filter(|&i| classes.contains(&inner.label(i)))
+            .collect();
+        if indices.is_empty() {
+            return Err(DataError::Mismatch(format!(
+                "no example of {} has a label in {classes:?}",
+                inner.describe()
+            )));
+        }
+        Ok(ClassFilter {
+            inner,
+            indices,
+            classes,
+        })
+    }
+}
+
+impl<D: Dataset> Dataset for ClassFilter<D> {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        self.inner.sample_shape()
+    }
+    fn label(&self, i: usize) -> usize {
+        let l = self.inner.label(self.indices[i]);
+        self.classes.iter().position(|&c| c == l).unwrap_or(l)
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        let mapped: Vec<usize> = indices.iter().map(|&i| self.indices[i]).collect();
+        self.inner.read(&mapped, batch)?;
+        for l in &mut batch.labels {
+            *l = self.classes.iter().position(|c| c == l).unwrap_or(*l);
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!("classes {:?} of {}", self.classes, self.inner.describe())
+    }
+}

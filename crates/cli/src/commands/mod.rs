@@ -3,11 +3,15 @@ pub mod compare_solvers;
 pub mod demo;
 pub mod factors;
 pub mod grad;
+pub mod influence;
 pub mod init;
 pub mod product;
+pub mod self_influence;
 pub mod solve;
 pub mod spectrum;
 pub mod subsample_error;
+pub mod train;
+pub mod validate;
 
 use crate::args::{load_data, load_model, set_threads, DataArgs, LoadedData, ModelArgs, RunArgs};
 use crate::report::{summary, Progress};

@@ -1,0 +1,107 @@
+//! `hvp train`: train a built-in architecture (BatchNorm in train mode while
+//! training, eval mode after), deterministic for a seed and thread count.
+
+use crate::args::{load_data, set_threads, DataArgs, RunArgs};
+use crate::report::{summary, Progress};
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use hvp_data::Dataset;
+use hvp_influence::train::{train, Optimizer, TrainOptions};
+use hvp_model::{Architecture, Model, Weights};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OptimizerArg {
+    Sgd,
+    Adam,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Architecture (see `hvp grad --help`).
+    #[arg(long)]
+    pub arch: String,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f64,
+    /// L2 coefficient w: the objective is L + (w/2)‖θ‖² (pass the same value to
+    /// the curvature commands, which then add w·I).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: OptimizerArg,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Start from these weights instead of a fresh initialisation.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Output state_dict (safetensors, compute dtype, written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    set_threads(a.run.threads)?;
+    let arch: Architecture = a.arch.parse()?;
+    let data = load_data(&a.data)?;
+    let view = data.view();
+    let shape = view.sample_shape();
+    let model = Model::new(&arch, shape.first().copied().unwrap_or(1))?;
+    model.check_input(&shape).map_err(anyhow::Error::msg)?;
+    hvp_data::check_labels(&view, model.num_classes)?;
+    let mut weights = match &a.init {
+        Some(p) => Weights::load(&model, p).with_context(|| format!("reading {}", p.display()))?,
+        None => Weights::init(&model, a.seed),
+    };
+    let opts = TrainOptions {
+        epochs: a.epochs,
+        batch_size: a.run.batch_size,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        optimizer: match a.optimizer {
+            OptimizerArg::Sgd => Optimizer::Sgd,
+            OptimizerArg::Adam => Optimizer::Adam,
+        },
+        seed: a.seed,
+    };
+    let progress = Progress::new(a.epochs * view.len(), "training", a.run.quiet);
+    let start = Instant::now();
+    let reports = train(
+        &model,
+        &mut weights,
+        &view,
+        &opts,
+        a.run.dtype.into(),
+        &mut |n, loss| {
+            progress.advance(n);
+            progress.message(&format!("training, batch loss {loss:.4}"));
+        },
+    )?;
+    progress.finish();
+    weights
+        .save(&model, &a.out, a.run.dtype.into())
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    if !a.run.quiet {
+        for r in &reports {
+            eprintln!(
+                "epoch {}: loss {:.4}, accuracy {:.3} (train mode)",
+                r.epoch, r.loss, r.accuracy
+            );
+        }
+        summary("hvp train", a.epochs * view.len(), start.elapsed(), false);
+        eprintln!(
+            "weights (BatchNorm running statistics for eval mode) written to {}",
+            a.out.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! `hvp validate`: predicted against actual leave-one-out changes of a test loss.
+//! For each of K training examples: the influence score (predicted change of the
+//! test loss when it is removed), then the model really retrained without it —
+//! warm-started from the full-data optimum, by Newton's method to convergence
+//! (`--retrain newton`, convex models) or by SGD epochs (`--retrain sgd`) — and the
+//! actual change; Pearson and Spearman correlations of the two.
+
+use super::influence::{explain, top_k};
+use super::solve::SolverOptions;
+use super::write_json;
+use crate::args::{load_model, open_data_spec, set_threads, ModelArgs, RunArgs};
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use hvp_curvature::Problem;
+use hvp_data::{Dataset, Subset};
+use hvp_influence::stats::{pearson, spearman};
+use hvp_influence::train::{newton, train, Optimizer, TrainOptions};
+use hvp_model::{Model, Weights};
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum RemoveArg {
+    /// The K largest |score|.
+    Top,
+    /// K random examples.
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum RetrainArg {
+    /// Newton's method to a gradient norm of 1e-10 (convex objectives).
+    Newton,
+    /// `--retrain-epochs` of SGD at `--lr` (non-convex models).
+    Sgd,
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub train: String,
+    #[arg(long)]
+    pub test: String,
+    #[arg(long, default_value_t = 0)]
+    pub test_index: usize,
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    #[arg(long, value_enum, default_value = "top")]
+    pub remove: RemoveArg,
+    #[arg(long, value_enum, default_value = "newton")]
+    pub retrain: RetrainArg,
+    #[arg(long, default_value_t = 5)]
+    pub retrain_epochs: usize,
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
+    /// Keep only these classes of both sets, relabelled 0, 1, … (e.g. 1,7).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<usize>>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub solver: SolverOptions,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// JSON report: predicted and actual changes, correlations.
+    #[arg(long)]
+    pub report: PathBuf,
+}
+
+fn test_loss(model: &Model, w: &Weights, test: &dyn Dataset, t: usize) -> Result<f64> {
+    let one = Subset::new(test, vec![t])?;
+    Ok(Problem::new(model, w, &one, 1)?.losses::<f64>()?[0])
+}
+
+pub fn run(a: ValidateArgs) -> Result<()> {
+    set_threads(a.run.threads)?;
+    let (model, mut weights) = load_model(&a.model)?;
+    let src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
+    let train_view = Subset::first(src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
+    let test = open_data_spec(&a.test, a.pad, a.classes.as_deref())?;
+    if a.test_index >= test.len() {
+        bail!(
+            "--test-index {} is out of range ({} test examples)",
+            a.test_index,
+            test.len()
+        );
+    }
+    let n = train_view.len();
+    if a.retrain == RetrainArg::Newton {
+        let steps = newton(
+            &model,
+            &mut weights,
+            &train_view,
+            a.weight_decay,
+            a.run.batch_size,
+            1e-10,
+            50,
+        )?;
+        eprintln!("full-data optimum refined by {steps} Newton steps");
+    }
+    let base = test_loss(&model, &weights, test.as_ref(), a.test_index)?;
+    let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?.with_weight_decay(a.weight_decay);
+    let q = explain(
+        &model,
+        &weights,
+        &problem,
+        test.as_ref(),
+        a.test_index,
+        &a.solver,
+        a.run.dtype.into(),
+        &|_| {},
+    )?;
+    let chosen: Vec<usize> = match a.remove {
+        RemoveArg::Top => {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&x, &y| q.scores[y].abs().total_cmp(&q.scores[x].abs()));
+            order.truncate(a.k);
+            order
+        }
+        RemoveArg::Random => sample(&mut StdRng::seed_from_u64(a.solver.seed), n, a.k.min(n)).into_vec(),
+    };
+    let (mut predicted, mut actual) = (Vec::new(), Vec::new());
+    for (k, &i) in chosen.iter().enumerate() {
+        let rest: Vec<usize> = (0..n).filter(|&j| j != i).collect();
+        let without = Subset::new(&train_view, rest)?;
+        let mut w = weights.clone();
+        match a.retrain {
+            // Same objective with example i dropped: Σ_{j≠i} ℓ_j / N + (w/2)‖θ‖², i.e. a
+            // mean over N−1 with the decay scaled by N/(N−1).
+            RetrainArg::Newton => {
+                newton(
+                    &model,
+                    &mut w,
+                    &without,
+                    a.weight_decay * n as f64 / (n - 1) as f64,
+                    a.run.batch_size,
+                    1e-10,
+                    50,
+                )?;
+            }
+            RetrainArg::Sgd => {
+                let opts = TrainOptions {
+                    epochs: a.retrain_epochs,
+                    batch_size: a.run.batch_size,
+                    lr: a.lr,
+                    momentum: 0.0,
+                    weight_decay: a.weight_decay,
+                    optimizer: Optimizer::Sgd,
+                    seed: a.solver.seed,
+                };
+                train(&model, &mut w, &without, &opts, a.run.dtype.into(), &mut |_, _| {})?;
+            }
+        }
+        let change = test_loss(&model, &w, test.as_ref(), a.test_index)? - base;
+        predicted.push(q.scores[i]);
+        actual.push(change);
+        if !a.run.quiet {
+            eprintln!(
+                "[{}/{}] removed {i}: predicted {:+.4e}, actual {:+.4e}",
+                k + 1,
+                chosen.len(),
+                q.scores[i],
+                change
+            );
+        }
+    }
+    let (p, s) = (pearson(&predicted, &actual), spearman(&predicted, &actual));
+    let (helpful, harmful) = top_k(&q.scores, 1);
+    println!(
+        "test {}: Pearson {p:.4}, Spearman {s:.4} over {} removals",
+        a.test_index,
+        chosen.len()
+    );
+    write_json(
+        &a.report,
+        &serde_json::json!({
+            "convention": super::influence::CONVENTION,
+            "model": model.arch.to_string(),
+            "test_index": a.test_index,
+            "test_loss": base,
+            "train_examples": n,
+            "removed": chosen,
+            "predicted": predicted,
+            "actual": actual,
+            "pearson": p,
+            "spearman": s,
+            "most_helpful": helpful,
+            "most_harmful": harmful,
+            "retrain": format!("{:?}", a.retrain).to_lowercase(),
+            "damping": a.solver.damping,
+            "weight_decay": a.weight_decay,
+        }),
+    )?;
+    Ok(())
+}
