@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hvp_curvature::Problem;
 use hvp_data::{check_labels, Dataset, Subset};
-use hvp_model::{Model, Weights};
 use hvp_tensor::DType;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -84,8 +83,6 @@ pub fn top_k(scores: &[f64], k: usize) -> (Vec<usize>, Vec<usize>) {
 
 /// s_test and the scores of every training example for test example `t`.
 pub fn explain(
-    model: &Model,
-    weights: &Weights,
     train: &Problem,
     test: &dyn Dataset,
     t: usize,
@@ -94,7 +91,7 @@ pub fn explain(
     progress: &dyn Fn(usize),
 ) -> Result<Query> {
     let one = Subset::new(test, vec![t])?;
-    let test_problem = Problem::new(model, weights, &one, 1)?;
+    let test_problem = Problem::new(train.model, train.weights, &one, 1)?;
     let g = test_problem.gradient::<f64>(&|_| {})?;
     let (s_test, report) = run_solver(train, opts, dtype, &g.value)?;
     let n = train.data.len() as f64;
@@ -221,9 +218,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let progress = Progress::new(todo.len() * n, "influence", a.run.quiet);
     let start = Instant::now();
     for &t in &todo {
-        let q = explain(&model, &weights, &problem, test.as_ref(), t, &a.solver, dtype, &|k| {
-            progress.advance(k)
-        })?;
+        let q = explain(&problem, test.as_ref(), t, &a.solver, dtype, &|k| progress.advance(k))?;
         let mut block = String::with_capacity(n * 32);
         for (i, s) in q.scores.iter().enumerate() {
             block.push_str(&format!("{i},{t},{s:.9e},{}\n", train_view.label(i)));

@@ -109,8 +109,6 @@ pub fn run(a: ValidateArgs) -> Result<()> {
     let base = test_loss(&model, &weights, test.as_ref(), a.test_index)?;
     let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?.with_weight_decay(a.weight_decay);
     let q = explain(
-        &model,
-        &weights,
         &problem,
         test.as_ref(),
         a.test_index,
