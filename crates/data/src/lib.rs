@@ -21,7 +21,7 @@ pub use cifar::Cifar10;
 pub use error::DataError;
 pub use idx::Idx;
 pub use npy::{NpyArray, NpyDataset, NpyDtype};
-pub use transform::{ClassFilter, InMemory, Padded, Subset};
+pub use transform::{ClassFilter, InMemory, Padded, Relabelled, Subset};
 
 use std::path::Path;
 

@@ -219,3 +219,49 @@ impl<D: Dataset> Dataset for ClassFilter<D> {
         format!("classes {:?} of {}", self.classes, self.inner.describe())
     }
 }
+
+/// `inner` with the labels of some examples replaced (label-noise experiments).
+pub struct Relabelled<D> {
+    inner: D,
+    new_labels: std::collections::BTreeMap<usize, usize>,
+}
+
+impl<D: Dataset> Relabelled<D> {
+    /// `new_labels[i]` replaces example i's label.
+    pub fn new(inner: D, new_labels: std::collections::BTreeMap<usize, usize>) -> Self {
+        Relabelled { inner, new_labels }
+    }
+
+    /// Indices whose label was changed.
+    pub fn changed(&self) -> Vec<usize> {
+        self.new_labels.keys().copied().collect()
+    }
+}
+
+impl<D: Dataset> Dataset for Relabelled<D> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        self.inner.sample_shape()
+    }
+    fn label(&self, i: usize) -> usize {
+        self.new_labels.get(&i).copied().unwrap_or_else(|| self.inner.label(i))
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        self.inner.read(indices, batch)?;
+        for (l, i) in batch.labels.iter_mut().zip(indices) {
+            if let Some(&n) = self.new_labels.get(i) {
+                *l = n;
+            }
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} with {} labels changed",
+            self.inner.describe(),
+            self.new_labels.len()
+        )
+    }
+}
