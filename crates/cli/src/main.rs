@@ -2,6 +2,7 @@
 
 mod args;
 mod commands;
+mod picture;
 mod report;
 
 use clap::{Parser, Subcommand};

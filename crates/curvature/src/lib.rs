@@ -132,6 +132,28 @@ impl<'a> Problem<'a> {
         Ok(out)
     }
 
+    /// Predicted class (argmax of the logits) of every example.
+    pub fn predictions<T: Float>(&self) -> Result<Vec<usize>, CurvatureError> {
+        let params: Vec<Tensor<T>> = self.weights.params_as();
+        let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
+        let n = self.data.len();
+        let mut out = Vec::with_capacity(n);
+        let mut batch = Batch::default();
+        for start in (0..n).step_by(self.batch_size) {
+            let idx: Vec<usize> = (start..(start + self.batch_size).min(n)).collect();
+            self.data.read(&idx, &mut batch)?;
+            let tape = self.model.graph.forward(&params, &buffers, self.input::<T>(&batch));
+            let z = tape.output();
+            let c = z.rows_cols().1;
+            out.extend(
+                z.data()
+                    .chunks(c)
+                    .map(|row| (0..c).fold(0, |best, k| if row[k] > row[best] { k } else { best })),
+            );
+        }
+        Ok(out)
+    }
+
     /// Per-example losses `ℓ_i(θ)` (no regulariser).
     pub fn losses<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
         let params: Vec<Tensor<T>> = self.weights.params_as();

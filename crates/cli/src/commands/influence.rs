@@ -9,6 +9,7 @@
 use super::solve::{report_json, run_solver, SolverOptions};
 use super::write_json;
 use crate::args::{load_model, open_data_spec, set_threads, ModelArgs, RunArgs};
+use crate::picture::{grid, Tile, BLACK, GREEN, RED};
 use crate::report::{summary, Progress};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -64,6 +65,67 @@ pub struct InfluenceArgs {
     /// Continue an interrupted run from OUT.partial (finished test points are kept).
     #[arg(long)]
     pub resume: bool,
+    /// PNG: each test image with its label and prediction, then its top-k helpful
+    /// (green) and harmful (red) training images with labels and scores.
+    #[arg(long)]
+    pub picture: Option<PathBuf>,
+}
+
+/// Draws the influence grid for the explained test points.
+pub fn draw(
+    path: &Path,
+    problem: &Problem,
+    test: &dyn Dataset,
+    queries: &[(usize, serde_json::Value)],
+    top: usize,
+) -> Result<()> {
+    let shape = test.sample_shape();
+    if shape.len() != 3 {
+        bail!("--picture needs image data [C, H, W], these examples have shape {shape:?}");
+    }
+    let image = |ds: &dyn Dataset, i: usize| -> Result<Vec<f64>> {
+        let mut b = hvp_data::Batch::default();
+        ds.read(&[i], &mut b)?;
+        Ok(b.x)
+    };
+    let mut rows = Vec::new();
+    for (t, meta) in queries {
+        let one = Subset::new(test, vec![*t])?;
+        let pred = Problem::new(problem.model, problem.weights, &one, 1)?.predictions::<f64>()?[0];
+        let label = test.label(*t);
+        let mut tiles = vec![Tile {
+            pixels: image(test, *t)?,
+            caption: vec![
+                (format!("test {t}"), BLACK),
+                (format!("label {label}"), BLACK),
+                (format!("pred {pred}"), if pred == label { GREEN } else { RED }),
+            ],
+        }];
+        for (key, colour) in [("top_helpful", GREEN), ("top_harmful", RED)] {
+            for e in meta[key]
+                .as_array()
+                .map(|v| v.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .take(top)
+            {
+                let i = e["train_index"].as_u64().unwrap_or(0) as usize;
+                tiles.push(Tile {
+                    pixels: image(problem.data, i)?,
+                    caption: vec![
+                        (format!("#{i}"), BLACK),
+                        (format!("label {}", problem.data.label(i)), BLACK),
+                        (format!("{:+.2e}", e["score"].as_f64().unwrap_or(0.0)), colour),
+                    ],
+                });
+            }
+        }
+        rows.push((
+            format!("test {t}: helpful (green) then harmful (red) training examples"),
+            tiles,
+        ));
+    }
+    grid(&rows, &shape, path)
 }
 
 /// One explained test point.
@@ -240,6 +302,9 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     std::fs::rename(&partial_csv, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     let _ = std::fs::remove_file(&partial_meta);
     done.sort_by_key(|d| indices.iter().position(|&t| t == d.0));
+    if let Some(path) = &a.picture {
+        draw(path, &problem, test.as_ref(), &done, a.top)?;
+    }
     if let Some(path) = &a.json {
         write_json(
             path,

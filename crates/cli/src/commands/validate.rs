@@ -73,6 +73,9 @@ pub struct ValidateArgs {
     /// JSON report: predicted and actual changes, correlations.
     #[arg(long)]
     pub report: PathBuf,
+    /// Scatter plot (PNG) of predicted against actual changes.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 fn test_loss(model: &Model, w: &Weights, test: &dyn Dataset, t: usize) -> Result<f64> {
@@ -177,6 +180,10 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         a.test_index,
         chosen.len()
     );
+    if let Some(path) = &a.plot {
+        let title = format!("{}: test {}, Pearson {p:.3}, Spearman {s:.3}", model.arch, a.test_index);
+        crate::picture::scatter(&predicted, &actual, &title, path)?;
+    }
     write_json(
         &a.report,
         &serde_json::json!({
