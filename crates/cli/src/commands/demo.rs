@@ -8,18 +8,18 @@ use super::subsample_error::Prediction;
 use crate::args::{set_threads, DTypeArg};
 use crate::picture::{grid, Tile, BLACK, GREEN, RED};
 use crate::report::{format_bytes, peak_rss_bytes, reset_peak_rss};
-use hvp_data::Relabelled;
-use hvp_influence::train::{train, Optimizer, TrainOptions};
-use hvp_solvers::kfac::{FactorKind, Factors, FisherKind};
-use rand::RngExt;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hvp_curvature::{Curvature, Problem};
+use hvp_data::Relabelled;
 use hvp_data::{Dataset, Idx, Padded, Subset};
+use hvp_influence::train::{train, Optimizer, TrainOptions};
 use hvp_model::{Architecture, Model, ParamVector, Weights};
+use hvp_solvers::kfac::{FactorKind, Factors, FisherKind};
 use hvp_tensor::DType;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use rand::RngExt;
 use rand::SeedableRng;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -208,7 +208,14 @@ fn influence_part(a: &DemoArgs, dir: &std::path::Path, data: &dyn Dataset, model
     // The factors are an estimate: 400 images keep the demo under 5 minutes.
     let sample = Subset::first(data, 400);
     let factor_problem = Problem::new(model, &weights, &sample, a.batch_size)?;
-    let factors = Factors::compute(&factor_problem, FactorKind::Ekfac, FisherKind::Mc, dtype, a.seed, &|_| {})?;
+    let factors = Factors::compute(
+        &factor_problem,
+        FactorKind::Ekfac,
+        FisherKind::Mc,
+        dtype,
+        a.seed,
+        &|_| {},
+    )?;
     let damping = 1e-3;
     let mut queries = Vec::new();
     for t in [0usize, 1, 2, 3] {
@@ -216,7 +223,11 @@ fn influence_part(a: &DemoArgs, dir: &std::path::Path, data: &dyn Dataset, model
         let g = Problem::new(model, &weights, &one, 1)?.gradient::<f64>(&|_| {})?.value;
         let s_test = factors.inverse_product(&g, damping + opts.weight_decay);
         let n = data.len() as f64;
-        let scores: Vec<f64> = problem.loss_directional::<f32>(&s_test, &|_| {})?.iter().map(|d| d / n).collect();
+        let scores: Vec<f64> = problem
+            .loss_directional::<f32>(&s_test, &|_| {})?
+            .iter()
+            .map(|d| d / n)
+            .collect();
         let (helpful, harmful) = super::influence::top_k(&scores, 4);
         let entry = |i: &usize| serde_json::json!({"train_index": i, "score": scores[*i]});
         queries.push((
@@ -281,7 +292,12 @@ fn mislabel_part(a: &DemoArgs, dir: &std::path::Path, dtype: DType) -> Result<()
     println!("| inspected (highest self-influence first) | flipped labels found | random inspection |");
     println!("|---|---|---|");
     for frac in [0.05, 0.1, 0.2] {
-        println!("| top {:.0}% | {:.0}% | {:.0}% |", frac * 100.0, 100.0 * caught(frac), 100.0 * frac.min(1.0));
+        println!(
+            "| top {:.0}% | {:.0}% | {:.0}% |",
+            frac * 100.0,
+            100.0 * caught(frac),
+            100.0 * frac.min(1.0)
+        );
     }
     let shape = noisy.sample_shape();
     let tiles = order
@@ -296,13 +312,24 @@ fn mislabel_part(a: &DemoArgs, dir: &std::path::Path, dtype: DType) -> Result<()
                 caption: vec![
                     (format!("#{i}"), BLACK),
                     (format!("label {}", noisy.label(i)), if flipped { RED } else { BLACK }),
-                    (if flipped { "flipped".to_string() } else { "original".to_string() }, if flipped { RED } else { GREEN }),
+                    (
+                        if flipped {
+                            "flipped".to_string()
+                        } else {
+                            "original".to_string()
+                        },
+                        if flipped { RED } else { GREEN },
+                    ),
                 ],
             })
         })
         .collect::<Result<Vec<_>>>()?;
     let path = a.out_dir.join("self-influence.png");
-    grid(&[("highest self-influence (red: label was flipped)".to_string(), tiles)], &shape, &path)?;
+    grid(
+        &[("highest self-influence (red: label was flipped)".to_string(), tiles)],
+        &shape,
+        &path,
+    )?;
     println!("\nPicture of the 12 highest: {}", path.display());
     Ok(())
 }

@@ -35,6 +35,11 @@ pub enum RetrainArg {
     Newton,
     /// `--retrain-epochs` of SGD at `--lr` (non-convex models).
     Sgd,
+    /// `--retrain-epochs` full-batch gradient-descent steps (momentum 0.9) at `--lr`
+    /// (non-convex models): the full-data weights are first refined the same way,
+    /// and the baseline loss is that of the same number of steps on all the data,
+    /// so the optimiser's own drift cancels.
+    Gd,
 }
 
 #[derive(Args)]
@@ -109,7 +114,27 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         )?;
         eprintln!("full-data optimum refined by {steps} Newton steps");
     }
-    let base = test_loss(&model, &weights, test.as_ref(), a.test_index)?;
+    let gd = |w: &mut Weights, data: &dyn Dataset| -> Result<()> {
+        let opts = TrainOptions {
+            epochs: a.retrain_epochs,
+            batch_size: data.len(),
+            lr: a.lr,
+            momentum: 0.9,
+            weight_decay: a.weight_decay,
+            optimizer: Optimizer::Sgd,
+            seed: a.solver.seed,
+        };
+        train(&model, w, data, &opts, a.run.dtype.into(), &mut |_, _| {})?;
+        Ok(())
+    };
+    let base = if a.retrain == RetrainArg::Gd {
+        gd(&mut weights, &train_view)?;
+        let mut reference = weights.clone();
+        gd(&mut reference, &train_view)?;
+        test_loss(&model, &reference, test.as_ref(), a.test_index)?
+    } else {
+        test_loss(&model, &weights, test.as_ref(), a.test_index)?
+    };
     let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?.with_weight_decay(a.weight_decay);
     let q = explain(
         &problem,
@@ -147,6 +172,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
                     50,
                 )?;
             }
+            RetrainArg::Gd => gd(&mut w, &without)?,
             RetrainArg::Sgd => {
                 let opts = TrainOptions {
                     epochs: a.retrain_epochs,
