@@ -106,3 +106,49 @@ fn init_then_products_on_bundled_datasets() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("0.weight").unwrap().dtype(), safetensors::Dtype::F32);
 }
+
+#[test]
+fn weight_decay_adds_w_times_v_to_the_product() {
+    let tmp = TempDir::new("wd");
+    let dir = fixture("mlp");
+    let s = |p: &str| dir.join(p).to_string_lossy().into_owned();
+    let (w, v, x, y) = (
+        s("weights.safetensors"),
+        s("vector.safetensors"),
+        s("inputs.npy"),
+        s("labels.npy"),
+    );
+    let (plain, decayed) = (tmp.s("p.safetensors"), tmp.s("d.safetensors"));
+    let base = [
+        "product",
+        "--arch",
+        "mlp:64,16,10",
+        "--weights",
+        &w,
+        "--vector",
+        &v,
+        "--inputs",
+        &x,
+        "--labels",
+        &y,
+        "--dtype",
+        "f64",
+    ];
+    let mut a = base.to_vec();
+    a.extend(["--out", &plain]);
+    assert!(hvp(&a).status.success());
+    let mut a = base.to_vec();
+    a.extend(["--weight-decay", "0.25", "--out", &decayed]);
+    let o = hvp(&a);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("curvature includes 0.25·I"));
+    let (p, d, vv) = (
+        read_flat(std::path::Path::new(&plain)),
+        read_flat(std::path::Path::new(&decayed)),
+        read_flat(std::path::Path::new(&v)),
+    );
+    for (name, pv) in &p {
+        for ((a, b), c) in pv.iter().zip(&d[name]).zip(&vv[name]) {
+            assert!((a + 0.25 * c - b).abs() < 1e-12 * b.abs().max(1.0), "{name}");
+        }
+    }
+}

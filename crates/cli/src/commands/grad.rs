@@ -12,6 +12,10 @@ pub struct GradArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    /// L2 coefficient w of the training objective L + (w/2)‖θ‖² (adds w·θ to the
+    /// gradient and w·I to the curvature).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
     /// Output safetensors file: one tensor per trainable parameter, in the compute dtype.
     #[arg(long)]
     pub out: PathBuf,
@@ -19,5 +23,5 @@ pub struct GradArgs {
 
 /// ∇L(θ) with L the mean softmax cross-entropy over the N examples.
 pub fn run(a: GradArgs) -> Result<()> {
-    run_pass(&a.model, &a.data, &a.run, PassKind::Gradient, &a.out)
+    run_pass(&a.model, &a.data, &a.run, a.weight_decay, PassKind::Gradient, &a.out)
 }

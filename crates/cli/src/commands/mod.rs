@@ -41,6 +41,13 @@ pub fn load_vector(model: &Model, path: &Path) -> Result<ParamVector> {
     ParamVector::load(model, path).with_context(|| format!("reading the vector {}", path.display()))
 }
 
+/// Says, once, that the objective has an L2 term (and so the curvature w·I).
+pub fn state_weight_decay(w: f64, quiet: bool) {
+    if w != 0.0 && !quiet {
+        eprintln!("objective: mean loss + ({w}/2)‖θ‖² — gradient includes {w}·θ, curvature includes {w}·I");
+    }
+}
+
 /// Writes a JSON report atomically.
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
@@ -48,10 +55,18 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 /// Loads everything, runs one pass with a progress bar, writes `out` atomically.
-pub fn run_pass(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs, kind: PassKind, out: &Path) -> Result<()> {
+pub fn run_pass(
+    model_args: &ModelArgs,
+    data_args: &DataArgs,
+    run: &RunArgs,
+    weight_decay: f64,
+    kind: PassKind,
+    out: &Path,
+) -> Result<()> {
     let (model, weights, data) = setup(model_args, data_args, run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, run.batch_size)?;
+    let problem = Problem::new(&model, &weights, &view, run.batch_size)?.with_weight_decay(weight_decay);
+    state_weight_decay(weight_decay, run.quiet);
     let vector = match kind {
         PassKind::Product(_, path) => Some(load_vector(&model, path)?),
         PassKind::Gradient => None,

@@ -13,6 +13,9 @@ pub struct ProductArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    /// L2 coefficient w of the training objective L + (w/2)‖θ‖² (adds w·I to the curvature).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
     /// Direction v: one tensor per trainable parameter, same names and shapes as the weights.
     #[arg(long)]
     pub vector: PathBuf,
@@ -29,6 +32,7 @@ pub fn run(a: ProductArgs) -> Result<()> {
         &a.model,
         &a.data,
         &a.run,
+        a.weight_decay,
         PassKind::Product(a.curvature.into(), &a.vector),
         &a.out,
     )

@@ -15,7 +15,7 @@ use hvp_curvature::Problem;
 use hvp_data::{Dataset, Subset};
 use hvp_influence::stats::{pearson, spearman};
 use hvp_influence::train::{newton, train, Optimizer, TrainOptions};
-use hvp_model::{Model, Weights};
+use hvp_model::{Architecture, Model, Weights};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -44,8 +44,14 @@ pub enum RetrainArg {
 
 #[derive(Args)]
 pub struct ValidateArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// Architecture (see `hvp grad --help`).
+    #[arg(long)]
+    pub arch: String,
+    /// Trained weights; when absent the model is trained here from a seeded
+    /// initialisation by the --retrain method (Newton to the optimum, or
+    /// --retrain-epochs of gradient descent / SGD).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
     #[arg(long)]
     pub train: String,
     #[arg(long)]
@@ -90,9 +96,36 @@ fn test_loss(model: &Model, w: &Weights, test: &dyn Dataset, t: usize) -> Result
 
 pub fn run(a: ValidateArgs) -> Result<()> {
     set_threads(a.run.threads)?;
-    let (model, mut weights) = load_model(&a.model)?;
     let src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
     let train_view = Subset::first(src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
+    let (model, mut weights) = match &a.weights {
+        Some(w) => load_model(&ModelArgs {
+            arch: a.arch.clone(),
+            weights: w.clone(),
+        })?,
+        None => {
+            let arch: Architecture = a.arch.parse()?;
+            let shape = train_view.sample_shape();
+            let model = Model::new(&arch, shape.first().copied().unwrap_or(1))?;
+            let w = Weights::init(&model, a.solver.seed);
+            if a.retrain == RetrainArg::Sgd {
+                let opts = TrainOptions {
+                    epochs: a.retrain_epochs,
+                    batch_size: a.run.batch_size,
+                    lr: a.lr,
+                    momentum: 0.0,
+                    weight_decay: a.weight_decay,
+                    optimizer: Optimizer::Sgd,
+                    seed: a.solver.seed,
+                };
+                let mut w = w;
+                train(&model, &mut w, &train_view, &opts, a.run.dtype.into(), &mut |_, _| {})?;
+                (model, w)
+            } else {
+                (model, w)
+            }
+        }
+    };
     let test = open_data_spec(&a.test, a.pad, a.classes.as_deref())?;
     if a.test_index >= test.len() {
         bail!(
