@@ -92,6 +92,23 @@ impl<'a> Problem<'a> {
         }
     }
 
+    /// Reads the data batch by batch, in order, calling `f(inputs, labels)`.
+    fn for_each_batch<T: Float>(
+        &self,
+        mut f: impl FnMut(Tensor<T>, &[usize]) -> Result<(), CurvatureError>,
+    ) -> Result<(), CurvatureError> {
+        let n = self.data.len();
+        let mut batch = Batch::default();
+        let mut idx = Vec::with_capacity(self.batch_size);
+        for start in (0..n).step_by(self.batch_size) {
+            idx.clear();
+            idx.extend(start..(start + self.batch_size).min(n));
+            self.data.read(&idx, &mut batch)?;
+            f(self.input::<T>(&batch), &batch.labels)?;
+        }
+        Ok(())
+    }
+
     /// Per-example directional derivatives `∇ℓ_i(θ) · s` for every example, in
     /// order — a JVP of the per-example loss vector (one forward pass carrying the
     /// tangent `s`), with no per-example gradient ever formed. Influence scores
@@ -109,65 +126,52 @@ impl<'a> Problem<'a> {
             .map(|(p, t)| Dual::new(p, Some(t)))
             .collect();
         let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
-        let n = self.data.len();
-        let mut out = Vec::with_capacity(n);
-        let mut batch = Batch::default();
-        for start in (0..n).step_by(self.batch_size) {
-            let idx: Vec<usize> = (start..(start + self.batch_size).min(n)).collect();
-            self.data.read(&idx, &mut batch)?;
-            let tape = self
-                .model
-                .graph
-                .forward(&duals, &buffers, Dual::constant(self.input::<T>(&batch)));
-            let d = loss::softmax_cross_entropy_jvp(tape.output(), &batch.labels);
+        let mut out = Vec::with_capacity(self.data.len());
+        self.for_each_batch::<T>(|x, labels| {
+            let tape = self.model.graph.forward(&duals, &buffers, Dual::constant(x));
+            let d = loss::softmax_cross_entropy_jvp(tape.output(), labels);
             if d.iter().any(|v| !v.is_finite()) {
                 return Err(CurvatureError::NonFinite {
                     what: "per-example loss derivative",
-                    batch: start / self.batch_size,
+                    batch: out.len() / self.batch_size,
                 });
             }
             out.extend(d);
-            progress(idx.len());
-        }
+            progress(labels.len());
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// Predicted class (argmax of the logits) of every example.
     pub fn predictions<T: Float>(&self) -> Result<Vec<usize>, CurvatureError> {
-        let params: Vec<Tensor<T>> = self.weights.params_as();
-        let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
-        let n = self.data.len();
-        let mut out = Vec::with_capacity(n);
-        let mut batch = Batch::default();
-        for start in (0..n).step_by(self.batch_size) {
-            let idx: Vec<usize> = (start..(start + self.batch_size).min(n)).collect();
-            self.data.read(&idx, &mut batch)?;
-            let tape = self.model.graph.forward(&params, &buffers, self.input::<T>(&batch));
-            let z = tape.output();
+        let mut out = Vec::with_capacity(self.data.len());
+        self.for_each_logits::<T>(|z, _| {
             let c = z.rows_cols().1;
             out.extend(
                 z.data()
                     .chunks(c)
                     .map(|row| (0..c).fold(0, |best, k| if row[k] > row[best] { k } else { best })),
             );
-        }
+        })?;
         Ok(out)
     }
 
     /// Per-example losses `ℓ_i(θ)` (no regulariser).
     pub fn losses<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
+        let mut out = Vec::with_capacity(self.data.len());
+        self.for_each_logits::<T>(|z, labels| out.extend(loss::softmax_cross_entropy(z, labels, 1.0).losses))?;
+        Ok(out)
+    }
+
+    /// The logits of every batch, in order.
+    fn for_each_logits<T: Float>(&self, mut f: impl FnMut(&Tensor<T>, &[usize])) -> Result<(), CurvatureError> {
         let params: Vec<Tensor<T>> = self.weights.params_as();
         let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
-        let n = self.data.len();
-        let mut out = Vec::with_capacity(n);
-        let mut batch = Batch::default();
-        for start in (0..n).step_by(self.batch_size) {
-            let idx: Vec<usize> = (start..(start + self.batch_size).min(n)).collect();
-            self.data.read(&idx, &mut batch)?;
-            let tape = self.model.graph.forward(&params, &buffers, self.input::<T>(&batch));
-            out.extend(loss::softmax_cross_entropy(tape.output(), &batch.labels, 1.0).losses);
-        }
-        Ok(out)
+        self.for_each_batch::<T>(|x, labels| {
+            f(self.model.graph.forward(&params, &buffers, x).output(), labels);
+            Ok(())
+        })
     }
 
     fn input<T: Float>(&self, batch: &Batch) -> Tensor<T> {
