@@ -89,6 +89,19 @@ pub struct ValidateArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// SGD settings of the retraining (`--retrain-epochs`, `--lr`, the objective's decay).
+fn retrain_options(a: &ValidateArgs, batch_size: usize, momentum: f64) -> TrainOptions {
+    TrainOptions {
+        epochs: a.retrain_epochs,
+        batch_size,
+        lr: a.lr,
+        momentum,
+        weight_decay: a.weight_decay,
+        optimizer: Optimizer::Sgd,
+        seed: a.solver.seed,
+    }
+}
+
 fn test_loss(model: &Model, w: &Weights, test: &dyn Dataset, t: usize) -> Result<f64> {
     let one = Subset::new(test, vec![t])?;
     Ok(Problem::new(model, w, &one, 1)?.losses::<f64>()?[0])
@@ -109,17 +122,15 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             let model = Model::new(&arch, shape.first().copied().unwrap_or(1))?;
             let w = Weights::init(&model, a.solver.seed);
             if a.retrain == RetrainArg::Sgd {
-                let opts = TrainOptions {
-                    epochs: a.retrain_epochs,
-                    batch_size: a.run.batch_size,
-                    lr: a.lr,
-                    momentum: 0.0,
-                    weight_decay: a.weight_decay,
-                    optimizer: Optimizer::Sgd,
-                    seed: a.solver.seed,
-                };
                 let mut w = w;
-                train(&model, &mut w, &train_view, &opts, a.run.dtype.into(), &mut |_, _| {})?;
+                train(
+                    &model,
+                    &mut w,
+                    &train_view,
+                    &retrain_options(&a, a.run.batch_size, 0.0),
+                    a.run.dtype.into(),
+                    &mut |_, _| {},
+                )?;
                 (model, w)
             } else {
                 (model, w)
@@ -148,16 +159,14 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         eprintln!("full-data optimum refined by {steps} Newton steps");
     }
     let gd = |w: &mut Weights, data: &dyn Dataset| -> Result<()> {
-        let opts = TrainOptions {
-            epochs: a.retrain_epochs,
-            batch_size: data.len(),
-            lr: a.lr,
-            momentum: 0.9,
-            weight_decay: a.weight_decay,
-            optimizer: Optimizer::Sgd,
-            seed: a.solver.seed,
-        };
-        train(&model, w, data, &opts, a.run.dtype.into(), &mut |_, _| {})?;
+        train(
+            &model,
+            w,
+            data,
+            &retrain_options(&a, data.len(), 0.9),
+            a.run.dtype.into(),
+            &mut |_, _| {},
+        )?;
         Ok(())
     };
     let base = if a.retrain == RetrainArg::Gd {
@@ -207,15 +216,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             }
             RetrainArg::Gd => gd(&mut w, &without)?,
             RetrainArg::Sgd => {
-                let opts = TrainOptions {
-                    epochs: a.retrain_epochs,
-                    batch_size: a.run.batch_size,
-                    lr: a.lr,
-                    momentum: 0.0,
-                    weight_decay: a.weight_decay,
-                    optimizer: Optimizer::Sgd,
-                    seed: a.solver.seed,
-                };
+                let opts = retrain_options(&a, a.run.batch_size, 0.0);
                 train(&model, &mut w, &without, &opts, a.run.dtype.into(), &mut |_, _| {})?;
             }
         }
