@@ -29,10 +29,11 @@ use hvp_data::Batch;
 use hvp_model::io::{read_safetensors, write_safetensors};
 use hvp_model::{Model, ModelError, ParamVector};
 use hvp_tensor::conv::{self, ConvGeometry};
-use hvp_tensor::linalg::matmul;
+use hvp_tensor::linalg::{matmul, matmul_with, Par};
 use hvp_tensor::{DType, Float, Tensor};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use rayon::prelude::*;
 use std::path::Path;
 use std::time::Instant;
 
@@ -219,6 +220,50 @@ fn example_grads(layer: &Layer, gy: &Tensor<f64>, i: usize) -> Tensor<f64> {
     mat(layer.s_dim, t, gy.data()[i * per..(i + 1) * per].to_vec())
 }
 
+/// Example i's weight gradient `G_i = Σ_t g_t ā_tᵀ` in the factors' eigenbases, `Q_Sᵀ G_i Q_A`.
+fn projected_gradient(
+    l: &Layer,
+    x: &Tensor<f64>,
+    gy: &Tensor<f64>,
+    w_shape: &[usize],
+    i: usize,
+    qs: &Tensor<f64>,
+    qa: &Tensor<f64>,
+) -> Tensor<f64> {
+    let a = example_inputs(l, x, w_shape, i);
+    let g = example_grads(l, gy, i);
+    let grad = matmul_with(&g, false, &a, true, Par::Serial);
+    matmul_with(
+        &matmul_with(qs, true, &grad, false, Par::Serial),
+        false,
+        qa,
+        false,
+        Par::Serial,
+    )
+}
+
+/// `Σ_i f(i)` over the examples of a batch, in parallel over fixed groups of
+/// examples summed in order, so the result does not depend on the thread count.
+fn sum_over_examples(b: usize, len: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    const GROUP: usize = 8;
+    let starts: Vec<usize> = (0..b).step_by(GROUP).collect();
+    let parts: Vec<Vec<f64>> = starts
+        .par_iter()
+        .map(|&s| {
+            let mut acc = vec![0.0; len];
+            for i in s..(s + GROUP).min(b) {
+                f(i, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0; len];
+    for p in parts {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
 fn add_into(acc: &mut [f64], t: &Tensor<f64>, scale: f64) {
     acc.iter_mut().zip(t.data()).for_each(|(a, v)| *a += scale * v);
 }
@@ -303,14 +348,19 @@ impl Factors {
                 if let Some(li) = layers.iter().position(|l| l.node == node) {
                     let l = &layers[li];
                     let w_shape = &model.params[l.weight].shape;
-                    for i in 0..x.shape()[0] {
+                    let b = x.shape()[0];
+                    let s_part = sum_over_examples(b, l.s_dim * l.s_dim, |i, acc| {
                         let g = example_grads(l, gy, i);
-                        add_into(&mut sums.s[li], &matmul(&g, false, &g, true), 1.0);
-                        if first {
+                        add_into(acc, &matmul_with(&g, false, &g, true, Par::Serial), 1.0);
+                    });
+                    add_into(&mut sums.s[li], &mat(l.s_dim, l.s_dim, s_part), 1.0);
+                    if first {
+                        let a_part = sum_over_examples(b, l.a_dim * l.a_dim, |i, acc| {
                             let a = example_inputs(l, x, w_shape, i);
                             let t = a.shape()[1] as f64;
-                            add_into(&mut sums.a[li], &matmul(&a, false, &a, true), 1.0 / t);
-                        }
+                            add_into(acc, &matmul_with(&a, false, &a, true, Par::Serial), 1.0 / t);
+                        });
+                        add_into(&mut sums.a[li], &mat(l.a_dim, l.a_dim, a_part), 1.0);
                     }
                 } else if let Op::BatchNorm {
                     weight,
@@ -354,16 +404,11 @@ impl Factors {
                 let w_shape = &model.params[l.weight].shape;
                 let qa = mat(l.a_dim, l.a_dim, f.a_vecs.clone());
                 let qs = mat(l.s_dim, l.s_dim, f.s_vecs.clone());
-                for i in 0..x.shape()[0] {
-                    let a = example_inputs(l, x, w_shape, i);
-                    let g = example_grads(l, gy, i);
-                    let grad = matmul(&g, false, &a, true); // G_i [s, a]
-                    let proj = matmul(&matmul(&qs, true, &grad, false), false, &qa, false);
-                    sums.corrected[li]
-                        .iter_mut()
-                        .zip(proj.data())
-                        .for_each(|(c, p)| *c += p * p);
-                }
+                let part = sum_over_examples(x.shape()[0], l.s_dim * l.a_dim, |i, acc| {
+                    let proj = projected_gradient(l, x, gy, w_shape, i, &qs, &qa);
+                    acc.iter_mut().zip(proj.data()).for_each(|(c, p)| *c += p * p);
+                });
+                add_into(&mut sums.corrected[li], &mat(l.s_dim, l.a_dim, part), 1.0);
             };
             match dtype {
                 DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
@@ -563,23 +608,24 @@ impl Factors {
             if let Some(li) = layers.iter().position(|l| l.node == node) {
                 let (l, f, (qs, qa)) = (&layers[li], &self.layers[li], &bases[li]);
                 let w_shape = &model.params[l.weight].shape;
-                for (i, acc) in current.iter_mut().enumerate().take(b) {
-                    let a = example_inputs(l, x, w_shape, i);
-                    let g = example_grads(l, gy, i);
-                    let proj = matmul(&matmul(qs, true, &matmul(&g, false, &a, true), false), false, qa, false);
-                    *acc += proj
-                        .data()
-                        .iter()
-                        .enumerate()
-                        .map(|(k, p)| {
-                            let eig = match &f.corrected {
-                                Some(c) => c[k],
-                                None => f.s_vals[k / f.a_dim()] * f.a_vals[k % f.a_dim()],
-                            };
-                            p * p / (eig.max(0.0) + damping)
-                        })
-                        .sum::<f64>();
-                }
+                let values: Vec<f64> = (0..b)
+                    .into_par_iter()
+                    .map(|i| {
+                        let proj = projected_gradient(l, x, gy, w_shape, i, qs, qa);
+                        proj.data()
+                            .iter()
+                            .enumerate()
+                            .map(|(k, p)| {
+                                let eig = match &f.corrected {
+                                    Some(c) => c[k],
+                                    None => f.s_vals[k / f.a_dim()] * f.a_vals[k % f.a_dim()],
+                                };
+                                p * p / (eig.max(0.0) + damping)
+                            })
+                            .sum::<f64>()
+                    })
+                    .collect();
+                current.iter_mut().zip(values).for_each(|(c, v)| *c += v);
             } else if let Op::BatchNorm {
                 weight,
                 bias,

@@ -83,6 +83,11 @@ pub fn gemm_into<T: Float>(
 /// `op(a) · op(b)` for 2-D tensors (tensors with more dimensions are viewed as
 /// `dim0 × rest`).
 pub fn matmul<T: Float>(a: &Tensor<T>, trans_a: bool, b: &Tensor<T>, trans_b: bool) -> Tensor<T> {
+    matmul_with(a, trans_a, b, trans_b, Par::Pool)
+}
+
+/// [`matmul`] with explicit parallelism (`Par::Serial` inside rayon tasks).
+pub fn matmul_with<T: Float>(a: &Tensor<T>, trans_a: bool, b: &Tensor<T>, trans_b: bool, par: Par) -> Tensor<T> {
     let (ar, ac) = a.rows_cols();
     let (br, bc) = b.rows_cols();
     let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
@@ -95,18 +100,7 @@ pub fn matmul<T: Float>(a: &Tensor<T>, trans_a: bool, b: &Tensor<T>, trans_b: bo
         b.shape()
     );
     let mut c = Tensor::zeros(&[m, n]);
-    gemm_into(
-        c.data_mut(),
-        a.data(),
-        trans_a,
-        b.data(),
-        trans_b,
-        m,
-        n,
-        k,
-        false,
-        Par::Pool,
-    );
+    gemm_into(c.data_mut(), a.data(), trans_a, b.data(), trans_b, m, n, k, false, par);
     c
 }
 
