@@ -12,13 +12,6 @@ fn mnist() -> String {
     format!("mnist:{}", repo_root().join("data/mnist-subset").display())
 }
 
-fn ok(args: &[&str]) -> String {
-    let o = hvp(args);
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "hvp {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&o.stdout).into_owned() + &stderr
-}
-
 #[test]
 fn leave_one_out_logistic_regression_on_mnist_1_vs_7() {
     let tmp = TempDir::new("loo");

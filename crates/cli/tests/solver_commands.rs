@@ -11,13 +11,6 @@ fn data() -> String {
     format!("mnist:{}", repo_root().join("data/fashion-mnist-subset").display())
 }
 
-fn ok(args: &[&str]) -> String {
-    let o = hvp(args);
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "hvp {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&o.stdout).into_owned() + &stderr
-}
-
 #[test]
 fn every_solver_from_the_cli_with_reports() {
     let tmp = TempDir::new("solve");

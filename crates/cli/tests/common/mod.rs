@@ -25,6 +25,14 @@ pub fn hvp(args: &[&str]) -> Output {
         .expect("the hvp binary runs")
 }
 
+/// Runs `hvp` with `args`, asserts success, returns stdout followed by stderr.
+pub fn ok(args: &[&str]) -> String {
+    let o = hvp(args);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "hvp {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&o.stdout).into_owned() + &stderr
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
