@@ -29,6 +29,11 @@ enum Command {
     /// Gradient of the mean training loss.
     Grad(commands::grad::GradArgs),
     /// Curvature-vector product: Hessian (exact) or GGN, over the whole dataset.
+    ///
+    /// M·v for M the Hessian (forward-over-reverse), the GGN Jᵀ H_out J or the empirical
+    /// Fisher of the mean softmax cross-entropy over all N examples, streamed in
+    /// batches and summed in f64. BatchNorm uses its running statistics (eval mode), so
+    /// the loss is a sum over examples and the streamed product is the full-batch one.
     Product(commands::product::ProductArgs),
     /// Inverse curvature product x = (M + λI)⁻¹ g by direct, cg, lissa, arnoldi, kfac, ekfac or pcg.
     Solve(commands::solve::SolveArgs),
@@ -43,6 +48,13 @@ enum Command {
     /// Train a built-in architecture (BatchNorm in train mode while training).
     Train(commands::train::TrainArgs),
     /// Influence of every training example on test predictions (positive = helpful).
+    ///
+    /// Convention: score(i, t) = ∇ℓ(z_t)ᵀ (M + λI)⁻¹ ∇ℓ(z_i) / N, the predicted increase
+    /// of test example t's loss if training example i is removed and the model
+    /// retrained. Positive = helpful (removing it hurts), negative = harmful. M is the
+    /// Hessian (or GGN/Fisher, --curvature) of the mean training loss plus w·I for
+    /// --weight-decay w; s_test = (M + λI)⁻¹ ∇ℓ(z_t) comes from --solver, and the
+    /// scores of all training examples from one forward-mode pass per test point.
     Influence(commands::influence::InfluenceArgs),
     /// Self-influence of every training example (finds mislabelled examples).
     SelfInfluence(commands::self_influence::SelfInfluenceArgs),
