@@ -307,12 +307,16 @@ fn stream_observed<T: Float>(
         let tape: Tape<Tensor<T>> = graph.forward(&params, &buffers, x);
         let logits = tape.output().cast::<f64>();
         let samples = cotangent_samples(&logits, &batch.labels, fisher, &mut rng);
+        let last = samples.len() - 1;
+        let mut tape = Some(tape);
         for (k, cot) in samples.iter().enumerate() {
             let first = k == 0;
             let mut obs = |node: NodeId, op: &Op, input: &Tensor<T>, gy: &Tensor<T>| {
                 visit(node, op, &input.cast(), &gy.cast(), first);
             };
-            graph.backward_observed(&params, &buffers, tape.clone(), cot.cast::<T>(), Some(&mut obs));
+            // Each backward pass consumes a tape: copy it only while more samples follow.
+            let this = if k == last { tape.take() } else { tape.clone() }.expect("tape kept until the last sample");
+            graph.backward_observed(&params, &buffers, this, cot.cast::<T>(), Some(&mut obs));
         }
         batch_end(idx.len());
         progress(idx.len());
