@@ -109,10 +109,7 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
 /// Parses `--arch`, reads the weights and builds the model they fit.
 pub fn load_model(m: &ModelArgs) -> Result<(Model, Weights)> {
     let arch: Architecture = m.arch.parse()?;
-    let channels = Weights::input_channels(&arch, &m.weights)?;
-    let model = Model::new(&arch, channels)?;
-    let weights = Weights::load(&model, &m.weights)?;
-    Ok((model, weights))
+    Ok(Weights::load_for(&arch, &m.weights)?)
 }
 
 /// A dataset that owns its source and applies `--pad`.

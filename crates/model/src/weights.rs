@@ -42,24 +42,32 @@ impl Weights {
         }
     }
 
-    /// Input channels of a `resnet-cifar` state_dict, read from `conv.weight`
-    /// (1 when absent or for other architectures; the full load reports problems).
-    pub fn input_channels(arch: &Architecture, path: &Path) -> Result<usize, ModelError> {
-        if !matches!(arch, Architecture::ResNetCifar { .. }) {
-            return Ok(1);
-        }
+    /// Reads a state_dict for `arch`, building the model it fits (a `resnet-cifar`
+    /// takes its input channels from `conv.weight`); the file is read once.
+    pub fn load_for(arch: &Architecture, path: &Path) -> Result<(Model, Self), ModelError> {
         let stored = read_safetensors(path)?;
-        Ok(match stored.get("conv.weight") {
-            Some(Ok(t)) if t.shape.len() == 4 => t.shape[1],
-            _ => 3,
-        })
+        let channels = match (arch, stored.get("conv.weight")) {
+            (Architecture::ResNetCifar { .. }, Some(Ok(t))) if t.shape.len() == 4 => t.shape[1],
+            (Architecture::ResNetCifar { .. }, _) => 3,
+            _ => 1,
+        };
+        let model = Model::new(arch, channels)?;
+        let weights = Self::from_stored(&model, path, stored)?;
+        Ok((model, weights))
     }
 
     /// Reads a PyTorch `state_dict` saved with `safetensors.torch.save_file`
     /// (F32 or F64). Every parameter and buffer must be present with its shape;
     /// `num_batches_tracked` is ignored; anything else is an error naming it.
     pub fn load(model: &Model, path: &Path) -> Result<Self, ModelError> {
-        let mut stored = read_safetensors(path)?;
+        Self::from_stored(model, path, read_safetensors(path)?)
+    }
+
+    fn from_stored(
+        model: &Model,
+        path: &Path,
+        mut stored: BTreeMap<String, Result<StoredTensor, String>>,
+    ) -> Result<Self, ModelError> {
         let arch = model.arch.to_string();
         let mut take = |spec: &ParamSpec| -> Result<Tensor<f64>, ModelError> {
             match stored.remove(&spec.name) {
