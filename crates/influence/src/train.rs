@@ -113,14 +113,15 @@ fn step<T: Float>(
     (out.losses.iter().sum(), correct)
 }
 
-/// Trains `weights` in place; `on_batch(examples, batch mean loss)` after each step.
+/// Trains `weights` in place; `on_batch(examples, batch mean loss, correct
+/// predictions in the batch)` after each step.
 pub fn train(
     model: &Model,
     weights: &mut Weights,
     data: &dyn Dataset,
     opts: &TrainOptions,
     dtype: DType,
-    on_batch: &mut dyn FnMut(usize, f64),
+    on_batch: &mut dyn FnMut(usize, f64, usize),
 ) -> Result<Vec<EpochReport>, InfluenceError> {
     if !(opts.lr > 0.0 && opts.lr.is_finite()) || opts.batch_size == 0 {
         return Err(InfluenceError::Training(
@@ -156,7 +157,7 @@ pub fn train(
             }
             loss_sum += l;
             correct += c;
-            on_batch(idx.len(), l / idx.len() as f64);
+            on_batch(idx.len(), l / idx.len() as f64, c);
         }
         reports.push(EpochReport {
             epoch: epoch + 1,

@@ -39,7 +39,7 @@ fn resnet_training_is_deterministic_and_updates_running_statistics() {
     let model = Model::new(&"resnet-cifar:1,1,1".parse::<Architecture>().unwrap(), 1).unwrap();
     let run = || {
         let mut w = Weights::init(&model, 1);
-        let r = train(&model, &mut w, &few, &opts(2, 0.05, 7), DType::F32, &mut |_, _| {}).unwrap();
+        let r = train(&model, &mut w, &few, &opts(2, 0.05, 7), DType::F32, &mut |_, _, _| {}).unwrap();
         (w, r)
     };
     let (a, ra) = run();
@@ -64,7 +64,7 @@ fn mlp_learns_and_self_influence_finds_flipped_labels() {
     let noisy = Relabelled::new(data, flipped.clone());
     let model = Model::new(&"mlp:784,64,10".parse::<Architecture>().unwrap(), 1).unwrap();
     let mut w = Weights::init(&model, 2);
-    let reports = train(&model, &mut w, &noisy, &opts(8, 0.05, 3), DType::F32, &mut |_, _| {}).unwrap();
+    let reports = train(&model, &mut w, &noisy, &opts(8, 0.05, 3), DType::F32, &mut |_, _, _| {}).unwrap();
     let (first, last) = (&reports[0], reports.last().unwrap());
     assert!(last.loss < first.loss && last.accuracy > 0.75, "{reports:?}");
 

@@ -186,7 +186,7 @@ fn influence_part(a: &DemoArgs, dir: &std::path::Path, data: &dyn Dataset, model
         optimizer: Optimizer::Sgd,
         seed: a.seed,
     };
-    let reports = train(model, &mut weights, data, &opts, dtype, &mut |_, _| {})?;
+    let reports = train(model, &mut weights, data, &opts, dtype, &mut |_, _, _| {})?;
     let test = Padded::new(Idx::open(dir, false)?, 2)?;
     let test_problem = Problem::new(model, &weights, &test, a.batch_size)?;
     let accuracy = test_problem
@@ -273,7 +273,7 @@ fn mislabel_part(a: &DemoArgs, dir: &std::path::Path, dtype: DType) -> Result<()
         optimizer: Optimizer::Sgd,
         seed: a.seed,
     };
-    train(&model, &mut weights, &noisy, &opts, dtype, &mut |_, _| {})?;
+    train(&model, &mut weights, &noisy, &opts, dtype, &mut |_, _, _| {})?;
     let problem = Problem::new(&model, &weights, &noisy, a.batch_size)?;
     let factors = Factors::compute(&problem, FactorKind::Ekfac, FisherKind::Mc, dtype, a.seed, &|_| {})?;
     let si = factors.self_influence(&problem, 1e-3 + opts.weight_decay, dtype, &|_| {})?;

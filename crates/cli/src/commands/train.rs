@@ -75,15 +75,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let progress = Progress::new(a.epochs * view.len(), "training", a.run.quiet);
     let start = Instant::now();
+    let per_epoch = view.len();
+    let (mut seen, mut correct) = (0usize, 0usize);
     let reports = train(
         &model,
         &mut weights,
         &view,
         &opts,
         a.run.dtype.into(),
-        &mut |n, loss| {
+        &mut |n, loss, c| {
+            // Batches never straddle epochs: reset the running accuracy at each start.
+            if seen % per_epoch == 0 {
+                correct = 0;
+            }
+            seen += n;
+            correct += c;
+            let in_epoch = (seen - 1) % per_epoch + 1;
             progress.advance(n);
-            progress.message(&format!("training, batch loss {loss:.4}"));
+            progress.message(&format!(
+                "epoch {}, batch loss {loss:.4}, accuracy {:.3}",
+                (seen - 1) / per_epoch + 1,
+                correct as f64 / in_epoch as f64
+            ));
         },
     )?;
     progress.finish();

@@ -129,7 +129,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
                     &train_view,
                     &retrain_options(&a, a.run.batch_size, 0.0),
                     a.run.dtype.into(),
-                    &mut |_, _| {},
+                    &mut |_, _, _| {},
                 )?;
                 (model, w)
             } else {
@@ -165,7 +165,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             data,
             &retrain_options(&a, data.len(), 0.9),
             a.run.dtype.into(),
-            &mut |_, _| {},
+            &mut |_, _, _| {},
         )?;
         Ok(())
     };
@@ -217,7 +217,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             RetrainArg::Gd => gd(&mut w, &without)?,
             RetrainArg::Sgd => {
                 let opts = retrain_options(&a, a.run.batch_size, 0.0);
-                train(&model, &mut w, &without, &opts, a.run.dtype.into(), &mut |_, _| {})?;
+                train(&model, &mut w, &without, &opts, a.run.dtype.into(), &mut |_, _, _| {})?;
             }
         }
         let change = test_loss(&model, &w, test.as_ref(), a.test_index)? - base;
