@@ -68,6 +68,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = hvp_tensor::onednn::check_requested_backend() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Init(a) => commands::init::run(a),
         Command::Grad(a) => commands::grad::run(a),

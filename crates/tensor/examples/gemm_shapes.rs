@@ -21,6 +21,7 @@ fn gflops(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> f64 {
 }
 
 fn main() {
+    println!("backend: {}", hvp_tensor::onednn::gemm_backend().1);
     println!("| m | n | k | transA | transB | GFLOP/s (1 thread) |");
     println!("|---|---|---|---|---|---|");
     for &(m, n, k, ta, tb) in &[
@@ -43,6 +44,10 @@ fn main() {
         (576, 64, 64, true, false),
         (64, 576, 64, false, true),
         (256, 256, 256, false, false),
+        (16, 25600, 144, false, false),
+        (144, 25600, 16, false, false),
+        (64, 6400, 576, false, false),
+        (1024, 1024, 1024, false, false),
     ] {
         println!("| {m} | {n} | {k} | {ta} | {tb} | {:.1} |", gflops(m, n, k, ta, tb));
     }

@@ -1,6 +1,8 @@
-//! Matrix products through the `gemm` crate (runtime-dispatched SIMD kernels).
+//! Matrix products through the `gemm` crate (runtime-dispatched SIMD kernels),
+//! or oneDNN's sgemm for f32 when it is installed (see [`crate::onednn`]).
 
-use crate::{Float, Tensor};
+use crate::onednn::{self, GemmBackend};
+use crate::{DType, Float, Tensor};
 use gemm::Parallelism;
 
 /// Whether a GEMM may use the rayon pool itself. Kernels that already run one
@@ -41,6 +43,91 @@ pub fn gemm_into<T: Float>(
     assert_eq!(a.len(), m * k, "gemm: lhs has {} elements, expected {m}x{k}", a.len());
     assert_eq!(b.len(), k * n, "gemm: rhs has {} elements, expected {k}x{n}", b.len());
     assert_eq!(c.len(), m * n, "gemm: dst has {} elements, expected {m}x{n}", c.len());
+    if T::DTYPE == DType::F32 && m > 0 && n > 0 && k > 0 {
+        if let Some(lib) = onednn::library() {
+            onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
+            return;
+        }
+    }
+    rust_gemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
+}
+
+/// [`gemm_into`] on an explicitly chosen backend (to compare the two); `None`
+/// when oneDNN is asked for but not installed, or `T` is not `f32`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_into_backend<T: Float>(
+    backend: GemmBackend,
+    c: &mut [T],
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    par: Par,
+) -> Option<()> {
+    assert_eq!(a.len(), m * k, "gemm: lhs has {} elements, expected {m}x{k}", a.len());
+    assert_eq!(b.len(), k * n, "gemm: rhs has {} elements, expected {k}x{n}", b.len());
+    assert_eq!(c.len(), m * n, "gemm: dst has {} elements, expected {m}x{n}", c.len());
+    match backend {
+        GemmBackend::Rust => rust_gemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, par),
+        GemmBackend::OneDnn => {
+            let lib = onednn::loaded()?;
+            if T::DTYPE != DType::F32 || m == 0 || n == 0 || k == 0 {
+                return None;
+            }
+            onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
+        }
+    }
+    Some(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn onednn_f32<T: Float>(
+    lib: &onednn::OneDnn,
+    c: &mut [T],
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    par: Par,
+) {
+    assert_eq!(T::DTYPE, DType::F32, "oneDNN path is f32 only");
+    let threads = match par {
+        Par::Serial => 1,
+        Par::Pool => rayon::current_num_threads(),
+    };
+    // SAFETY: `T` is `f32` (asserted through its DTYPE), so the slices are
+    // reinterpreted as themselves.
+    let (c, a, b) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()),
+            std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()),
+            std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()),
+        )
+    };
+    lib.sgemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, threads);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rust_gemm<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    par: Par,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -126,6 +213,52 @@ mod tests {
             }
         }
         t
+    }
+
+    /// oneDNN and the Rust kernels agree to f32 rounding on the shapes the
+    /// convolutions produce, in every orientation, overwriting and accumulating.
+    /// Skipped (with a message) where oneDNN is not installed, unless
+    /// `HVP_REQUIRE_ONEDNN=1` (set by `.ci/run`, which installs it).
+    #[test]
+    fn onednn_matches_rust_gemm() {
+        if onednn::loaded().is_none() {
+            assert!(
+                std::env::var("HVP_REQUIRE_ONEDNN").as_deref() != Ok("1"),
+                "HVP_REQUIRE_ONEDNN=1 but oneDNN is not loadable: {}",
+                onednn::gemm_backend().1
+            );
+            eprintln!("oneDNN not installed; skipping the comparison");
+            return;
+        }
+        for &(m, n, k) in &[
+            (16, 1024, 144),
+            (144, 1024, 16),
+            (64, 64, 576),
+            (1, 10, 64),
+            (7, 5, 9),
+            (10, 1, 3),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.91).cos()).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for accumulate in [false, true] {
+                    for par in [Par::Serial, Par::Pool] {
+                        let start: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+                        let (mut want, mut got) = (start.clone(), start);
+                        gemm_into_backend(GemmBackend::Rust, &mut want, &a, ta, &b, tb, m, n, k, accumulate, par);
+                        gemm_into_backend(GemmBackend::OneDnn, &mut got, &a, ta, &b, tb, m, n, k, accumulate, par)
+                            .expect("oneDNN loaded");
+                        for (x, y) in got.iter().zip(&want) {
+                            // Sums of k products of magnitude <= 1: rounding grows like k·eps.
+                            assert!(
+                                (x - y).abs() <= 1e-6 * k as f32 + 1e-6 * y.abs(),
+                                "{m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: {x} vs {y}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

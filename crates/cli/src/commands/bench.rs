@@ -115,10 +115,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dtype: DType = a.dtype.into();
     let threads = hvp_tensor::threads();
     eprintln!(
-        "hvp bench: {arch}, {} parameters, {dtype}, {threads} threads, batch {}, forward {:.1} MFLOP/image",
+        "hvp bench: {arch}, {} parameters, {dtype}, {threads} threads, batch {}, forward {:.1} MFLOP/image, f32 GEMM: {}",
         model.num_params(),
         a.batch_size,
-        fwd / 1e6
+        fwd / 1e6,
+        hvp_tensor::onednn::gemm_backend().1
     );
     // FLOP units as counted for PyTorch in docs: grad = 3 forwards, HVP = 9, GGN = 5.
     let methods: [(&str, f64); 3] = [("grad", 3.0), ("hvp", 9.0), ("ggn", 5.0)];

@@ -19,8 +19,14 @@ pub fn fixture(case: &str) -> PathBuf {
 
 /// Runs `hvp` with `args`.
 pub fn hvp(args: &[&str]) -> Output {
+    hvp_env(args, &[])
+}
+
+/// Runs `hvp` with `args` and extra environment variables.
+pub fn hvp_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hvp"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("the hvp binary runs")
 }
