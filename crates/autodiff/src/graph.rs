@@ -1,7 +1,28 @@
+use crate::primitives::nd::{self as ndp, Arith, Pointwise};
 use crate::primitives::{activation, batchnorm, conv2d, dense, structural};
 use crate::Value;
 use hvp_tensor::conv::ConvGeometry;
+use hvp_tensor::nd::MaxPoolGeometry;
 use hvp_tensor::{Float, Tensor};
+
+/// One dimension of a shape fixed when the graph is built: the batch size, or a
+/// constant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Batch,
+    Fixed(usize),
+}
+
+/// `shape` with the batch size filled in.
+pub fn resolve_shape(shape: &[Dim], batch: usize) -> Vec<usize> {
+    shape
+        .iter()
+        .map(|d| match *d {
+            Dim::Batch => batch,
+            Dim::Fixed(n) => n,
+        })
+        .collect()
+}
 
 /// Index of a node in a [`Graph`].
 pub type NodeId = usize;
@@ -56,12 +77,78 @@ pub enum Op {
     Flatten {
         input: NodeId,
     },
+    // The operations below come from imported (ONNX) graphs, where weights are
+    // ordinary operands: a parameter or constant enters as its own node.
+    /// A trainable parameter as a value (no batch dimension).
+    Param {
+        index: usize,
+    },
+    /// A constant buffer as a value (no batch dimension).
+    Constant {
+        buffer: usize,
+    },
+    /// Convolution whose weight (and bias) are nodes, e.g. constants.
+    ConvNode {
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+        geometry: ConvGeometry,
+    },
+    /// Eval-mode BatchNorm whose scale and shift are nodes.
+    BatchNormNode {
+        input: NodeId,
+        weight: NodeId,
+        bias: NodeId,
+        mean: usize,
+        var: usize,
+        eps: f64,
+    },
+    Pointwise {
+        input: NodeId,
+        func: Pointwise,
+    },
+    Arith {
+        a: NodeId,
+        b: NodeId,
+        op: Arith,
+    },
+    MatMul {
+        a: NodeId,
+        b: NodeId,
+        trans_b: bool,
+    },
+    Softmax {
+        input: NodeId,
+        axis: usize,
+        log: bool,
+    },
+    MaxPool {
+        input: NodeId,
+        geometry: MaxPoolGeometry,
+    },
+    /// Mean over `axes`, which stay as size-1 dimensions.
+    ReduceMean {
+        input: NodeId,
+        axes: Vec<usize>,
+    },
+    Reshape {
+        input: NodeId,
+        shape: Vec<Dim>,
+    },
+    Transpose {
+        input: NodeId,
+        perm: Vec<usize>,
+    },
+    Concat {
+        inputs: Vec<NodeId>,
+        axis: usize,
+    },
 }
 
 impl Op {
-    fn inputs(&self) -> Vec<NodeId> {
-        match *self {
-            Op::Input => vec![],
+    pub fn inputs(&self) -> Vec<NodeId> {
+        match self {
+            Op::Input | Op::Param { .. } | Op::Constant { .. } => vec![],
             Op::Dense { input, .. }
             | Op::Conv2d { input, .. }
             | Op::BatchNorm { input, .. }
@@ -69,13 +156,29 @@ impl Op {
             | Op::Tanh { input }
             | Op::GlobalAvgPool { input }
             | Op::AvgPool { input, .. }
-            | Op::Flatten { input } => vec![input],
-            Op::Add { a, b } => vec![a, b],
+            | Op::Flatten { input }
+            | Op::Pointwise { input, .. }
+            | Op::Softmax { input, .. }
+            | Op::MaxPool { input, .. }
+            | Op::ReduceMean { input, .. }
+            | Op::Reshape { input, .. }
+            | Op::Transpose { input, .. } => vec![*input],
+            Op::Add { a, b } | Op::Arith { a, b, .. } | Op::MatMul { a, b, .. } => vec![*a, *b],
+            Op::ConvNode {
+                input, weight, bias, ..
+            } => [*input, *weight].into_iter().chain(*bias).collect(),
+            Op::BatchNormNode {
+                input, weight, bias, ..
+            } => vec![*input, *weight, *bias],
+            Op::Concat { inputs, .. } => inputs.clone(),
         }
     }
 
     fn has_params(&self) -> bool {
-        matches!(self, Op::Dense { .. } | Op::Conv2d { .. } | Op::BatchNorm { .. })
+        matches!(
+            self,
+            Op::Dense { .. } | Op::Conv2d { .. } | Op::BatchNorm { .. } | Op::Param { .. }
+        )
     }
 }
 
@@ -125,6 +228,39 @@ impl<V> Tape<V> {
     }
 }
 
+/// The constant operands of an eval- or train-mode BatchNorm.
+struct BatchNormRefs {
+    mean: usize,
+    var: usize,
+    eps: f64,
+    train: bool,
+}
+
+impl BatchNormRefs {
+    #[allow(clippy::too_many_arguments)]
+    fn vjp<T: Float, V: Value<T>>(
+        &self,
+        x: &V,
+        weight: &V,
+        bias: &V,
+        buffers: &[Tensor<T>],
+        gy: &V,
+        need_input: bool,
+    ) -> (Option<V>, V, V) {
+        if self.train {
+            let (gx, gg, gb) = batchnorm::train_vjp(x.primal(), weight.primal(), gy.primal(), self.eps);
+            (need_input.then(|| V::constant(gx)), V::constant(gg), V::constant(gb))
+        } else {
+            let st = batchnorm::Stats {
+                mean: &buffers[self.mean],
+                var: &buffers[self.var],
+                eps: self.eps,
+            };
+            batchnorm::vjp(x, weight, bias, &st, gy, need_input)
+        }
+    }
+}
+
 fn accumulate<T: Float, V: Value<T>>(slot: &mut Option<V>, v: V) {
     match slot {
         Some(s) => s.add_assign(&v),
@@ -161,11 +297,14 @@ impl Graph {
 
     /// Multiply-add FLOPs (2 per multiply-add) of the Conv2d and Dense nodes in
     /// one forward pass of a single example of `sample_shape`, given the
-    /// parameter shapes. The unit the benchmark reports throughput in.
+    /// parameter shapes. The unit the benchmark reports throughput in. Only the
+    /// built-in layer types are counted; shapes after an imported-graph
+    /// operation are unknown here and the layers that follow count as zero.
     pub fn forward_flops(&self, sample_shape: &[usize], param_shapes: &[Vec<usize>]) -> f64 {
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
         let mut flops = 0.0;
         for op in &self.nodes {
+            let known = |i: NodeId| -> Option<&Vec<usize>> { Some(&shapes[i]).filter(|s| !s.is_empty()) };
             let shape = match *op {
                 Op::Input => sample_shape.to_vec(),
                 Op::Dense { weight, .. } => {
@@ -178,26 +317,32 @@ impl Graph {
                     weight,
                     geometry,
                     ..
-                } => {
-                    let (x, w) = (&shapes[input], &param_shapes[weight]);
-                    let ho = hvp_tensor::pool::out_size(x[1], w[2], geometry.stride, geometry.padding);
-                    let wo = hvp_tensor::pool::out_size(x[2], w[3], geometry.stride, geometry.padding);
-                    flops += 2.0 * (w[0] * w[1] * w[2] * w[3] * ho * wo) as f64;
-                    vec![w[0], ho, wo]
-                }
-                Op::GlobalAvgPool { input } => vec![shapes[input][0]],
-                Op::AvgPool { input, kernel, stride } => {
-                    let x = &shapes[input];
-                    vec![
-                        x[0],
-                        hvp_tensor::pool::out_size(x[1], kernel, stride, 0),
-                        hvp_tensor::pool::out_size(x[2], kernel, stride, 0),
-                    ]
-                }
-                Op::Flatten { input } => vec![shapes[input].iter().product()],
+                } => match known(input) {
+                    Some(x) if x.len() == 3 => {
+                        let w = &param_shapes[weight];
+                        let ho = hvp_tensor::pool::out_size(x[1], w[2], geometry.stride, geometry.padding);
+                        let wo = hvp_tensor::pool::out_size(x[2], w[3], geometry.stride, geometry.padding);
+                        flops += 2.0 * (w[0] * w[1] * w[2] * w[3] * ho * wo) as f64;
+                        vec![w[0], ho, wo]
+                    }
+                    _ => vec![],
+                },
+                Op::GlobalAvgPool { input } => known(input).map(|x| vec![x[0]]).unwrap_or_default(),
+                Op::AvgPool { input, kernel, stride } => known(input)
+                    .filter(|x| x.len() == 3)
+                    .map(|x| {
+                        vec![
+                            x[0],
+                            hvp_tensor::pool::out_size(x[1], kernel, stride, 0),
+                            hvp_tensor::pool::out_size(x[2], kernel, stride, 0),
+                        ]
+                    })
+                    .unwrap_or_default(),
+                Op::Flatten { input } => known(input).map(|x| vec![x.iter().product()]).unwrap_or_default(),
                 Op::BatchNorm { input, .. } | Op::Relu { input } | Op::Tanh { input } | Op::Add { a: input, .. } => {
                     shapes[input].clone()
                 }
+                _ => vec![],
             };
             shapes.push(shape);
         }
@@ -231,10 +376,33 @@ impl Graph {
         mut train_stats: Option<&mut Vec<BatchNormUpdate>>,
     ) -> Tape<V> {
         let train = train_stats.is_some();
+        let batch = input.primal().shape().first().copied().unwrap_or(1);
         let mut values: Vec<Option<V>> = Vec::with_capacity(self.nodes.len());
         let mut input = Some(input);
         for op in &self.nodes {
             let val = |i: NodeId| values[i].as_ref().expect("earlier node has a value");
+            let mut batch_norm = |input: NodeId, weight: &V, bias: &V, mean: usize, var: usize, eps: f64| {
+                if let Some(sink) = train_stats.as_mut() {
+                    let x = val(input).primal();
+                    let (y, m, v) = batchnorm::train_forward(x, weight.primal(), bias.primal(), eps);
+                    let n = (x.numel() / x.shape()[1]) as f64;
+                    let unbiased = v.iter().map(|v| v * n / (n - 1.0).max(1.0)).collect();
+                    sink.push(BatchNormUpdate {
+                        mean_buffer: mean,
+                        var_buffer: var,
+                        mean: m,
+                        var: unbiased,
+                    });
+                    V::constant(y)
+                } else {
+                    let st = batchnorm::Stats {
+                        mean: &buffers[mean],
+                        var: &buffers[var],
+                        eps,
+                    };
+                    batchnorm::forward(val(input), weight, bias, &st)
+                }
+            };
             let out = match *op {
                 Op::Input => input.take().expect("a single input node"),
                 Op::Dense { input, weight, bias } => {
@@ -253,35 +421,41 @@ impl Graph {
                     mean,
                     var,
                     eps,
-                } => {
-                    if let Some(sink) = train_stats.as_mut() {
-                        let x = val(input).primal();
-                        let (y, m, v) =
-                            batchnorm::train_forward(x, params[weight].primal(), params[bias].primal(), eps);
-                        let n = (x.numel() / x.shape()[1]) as f64;
-                        let unbiased = v.iter().map(|v| v * n / (n - 1.0).max(1.0)).collect();
-                        sink.push(BatchNormUpdate {
-                            mean_buffer: mean,
-                            var_buffer: var,
-                            mean: m,
-                            var: unbiased,
-                        });
-                        V::constant(y)
-                    } else {
-                        let st = batchnorm::Stats {
-                            mean: &buffers[mean],
-                            var: &buffers[var],
-                            eps,
-                        };
-                        batchnorm::forward(val(input), &params[weight], &params[bias], &st)
-                    }
-                }
+                } => batch_norm(input, &params[weight], &params[bias], mean, var, eps),
+                Op::BatchNormNode {
+                    input,
+                    weight,
+                    bias,
+                    mean,
+                    var,
+                    eps,
+                } => batch_norm(input, val(weight), val(bias), mean, var, eps),
                 Op::Relu { input } => activation::relu(val(input)),
                 Op::Tanh { input } => activation::tanh(val(input)),
                 Op::Add { a, b } => val(a).add(val(b)),
                 Op::GlobalAvgPool { input } => structural::global_avg_pool(val(input)),
                 Op::AvgPool { input, kernel, stride } => structural::avg_pool(val(input), kernel, stride),
                 Op::Flatten { input } => structural::flatten(val(input)),
+                Op::Param { index } => params[index].clone(),
+                Op::Constant { buffer } => V::constant(buffers[buffer].clone()),
+                Op::ConvNode {
+                    input,
+                    weight,
+                    bias,
+                    geometry,
+                } => conv2d::forward(val(input), val(weight), bias.map(val), geometry),
+                Op::Pointwise { input, func } => ndp::pointwise(func, val(input)),
+                Op::Arith { a, b, op } => ndp::arith(op, val(a), val(b)),
+                Op::MatMul { a, b, trans_b } => ndp::matmul(val(a), val(b), trans_b),
+                Op::Softmax { input, axis, log } => ndp::softmax(val(input), axis, log),
+                Op::MaxPool { input, geometry } => ndp::max_pool(val(input), geometry),
+                Op::ReduceMean { input, ref axes } => ndp::reduce_mean(val(input), axes),
+                Op::Reshape { input, ref shape } => ndp::reshape(val(input), &resolve_shape(shape, batch)),
+                Op::Transpose { input, ref perm } => ndp::transpose(val(input), perm),
+                Op::Concat { ref inputs, axis } => {
+                    let parts: Vec<&V> = inputs.iter().map(|&i| val(i)).collect();
+                    ndp::concat(&parts, axis)
+                }
             };
             values.push(Some(out));
         }
@@ -365,21 +539,25 @@ impl Graph {
                     var,
                     eps,
                 } => {
-                    let (gx, gg, gb) = if train {
-                        let (gx, gg, gb) =
-                            batchnorm::train_vjp(val(input).primal(), params[weight].primal(), gy.primal(), eps);
-                        (need(input).then(|| V::constant(gx)), V::constant(gg), V::constant(gb))
-                    } else {
-                        let st = batchnorm::Stats {
-                            mean: &buffers[mean],
-                            var: &buffers[var],
-                            eps,
-                        };
-                        batchnorm::vjp(val(input), &params[weight], &params[bias], &st, &gy, need(input))
-                    };
+                    let bn = BatchNormRefs { mean, var, eps, train };
+                    let (gx, gg, gb) = bn.vjp(val(input), &params[weight], &params[bias], buffers, &gy, need(input));
                     to_inputs.extend(gx.map(|g| (input, g)));
                     accumulate(&mut grads[weight], gg);
                     accumulate(&mut grads[bias], gb);
+                }
+                Op::BatchNormNode {
+                    input,
+                    weight,
+                    bias,
+                    mean,
+                    var,
+                    eps,
+                } => {
+                    let bn = BatchNormRefs { mean, var, eps, train };
+                    let (gx, gg, gb) = bn.vjp(val(input), val(weight), val(bias), buffers, &gy, need(input));
+                    to_inputs.extend(gx.map(|g| (input, g)));
+                    to_inputs.push((weight, gg));
+                    to_inputs.push((bias, gb));
                 }
                 Op::Relu { input } => to_inputs.push((input, activation::relu_vjp(val(input), &gy))),
                 Op::Tanh { input } => to_inputs.push((input, activation::tanh_vjp(val(input), &gy))),
@@ -400,6 +578,55 @@ impl Graph {
                 Op::Flatten { input } => {
                     let s = val(input).primal().shape().to_vec();
                     to_inputs.push((input, structural::flatten_vjp(&gy, &s)));
+                }
+                Op::Param { index } => accumulate(&mut grads[index], gy),
+                Op::Constant { .. } => {}
+                Op::ConvNode {
+                    input,
+                    weight,
+                    bias,
+                    geometry,
+                } => {
+                    let (gx, gw, gb) =
+                        conv2d::vjp(val(input), val(weight), bias.is_some(), &gy, geometry, need(input));
+                    to_inputs.extend(gx.map(|g| (input, g)));
+                    to_inputs.push((weight, gw));
+                    if let (Some(b), Some(gb)) = (bias, gb) {
+                        to_inputs.push((b, gb));
+                    }
+                }
+                Op::Pointwise { input, func } => to_inputs.push((input, ndp::pointwise_vjp(func, val(input), &gy))),
+                Op::Arith { a, b, op } => {
+                    let (ga, gb) = ndp::arith_vjp(op, val(a), val(b), &gy);
+                    to_inputs.push((a, ga));
+                    to_inputs.push((b, gb));
+                }
+                Op::MatMul { a, b, trans_b } => {
+                    let (ga, gb) = ndp::matmul_vjp(val(a), val(b), trans_b, &gy, need(a));
+                    to_inputs.extend(ga.map(|g| (a, g)));
+                    if need(b) {
+                        to_inputs.push((b, gb));
+                    }
+                }
+                Op::Softmax { input, axis, log } => {
+                    to_inputs.push((input, ndp::softmax_vjp(val(input), &gy, axis, log)))
+                }
+                Op::MaxPool { input, geometry } => to_inputs.push((input, ndp::max_pool_vjp(val(input), geometry, &gy))),
+                Op::ReduceMean { input, ref axes } => {
+                    to_inputs.push((input, ndp::reduce_mean_vjp(val(input), axes, &gy)))
+                }
+                Op::Reshape { input, .. } => {
+                    let s = val(input).primal().shape().to_vec();
+                    to_inputs.push((input, ndp::reshape(&gy, &s)));
+                }
+                Op::Transpose { input, ref perm } => to_inputs.push((input, ndp::transpose_vjp(&gy, perm))),
+                Op::Concat { ref inputs, axis } => {
+                    let parts: Vec<&V> = inputs.iter().map(|&j| val(j)).collect();
+                    for (k, &j) in inputs.iter().enumerate() {
+                        if need(j) {
+                            to_inputs.push((j, ndp::concat_vjp(&parts, k, axis, &gy)));
+                        }
+                    }
                 }
             }
             for (j, g) in to_inputs {

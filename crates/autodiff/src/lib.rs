@@ -37,5 +37,5 @@ pub mod loss;
 pub mod primitives;
 mod value;
 
-pub use graph::{BatchNormUpdate, Graph, LayerObserver, NodeId, Op, Tape};
+pub use graph::{resolve_shape, BatchNormUpdate, Dim, Graph, LayerObserver, NodeId, Op, Tape};
 pub use value::{Dual, DualKernel, Value};

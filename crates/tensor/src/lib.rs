@@ -19,6 +19,7 @@ pub mod conv;
 pub mod elementwise;
 mod float;
 pub mod linalg;
+pub mod nd;
 pub mod onednn;
 pub mod pool;
 mod tensor;

@@ -10,4 +10,5 @@ pub mod activation;
 pub mod batchnorm;
 pub mod conv2d;
 pub mod dense;
+pub mod nd;
 pub mod structural;
