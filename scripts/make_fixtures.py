@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Write the PyTorch reference fixtures in tests/fixtures/ (rerunnable, deterministic).
 
-Needs torch, numpy and safetensors (any recent version; CI never runs this):
+Needs torch, numpy, safetensors, onnx and onnxscript (any recent version; CI
+never runs this):
 
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch numpy safetensors
-    /tmp/venv/bin/python scripts/make_fixtures.py
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch numpy safetensors onnx onnxscript
+    /tmp/venv/bin/python scripts/make_fixtures.py               # everything
+    /tmp/venv/bin/python scripts/make_fixtures.py --only onnx   # tests/fixtures/onnx only
 
 Each case directory holds the inputs (NPY), the weights and direction (safetensors
 written by safetensors.torch.save_file, or "generated" from a SplitMix64 stream the
@@ -28,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from torch_models import ResNetCifar, mlp
+from torch_models import ResNetCifar, SmallCNN, mlp
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 MASK64 = (1 << 64) - 1
@@ -132,7 +134,85 @@ def write_case(name, model, arch, in_channels, x, y, v, cap, weights_mode):
     print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, loss {loss.item():.6f}")
 
 
+def export_both(model, x, d):
+    """Writes d/dynamo.onnx (torch.export-based exporter, fixed example batch as a
+    user would export) and d/legacy.onnx (TorchScript exporter, dynamic batch),
+    both keeping BatchNorm and the state_dict names."""
+    model = model.eval()
+    torch.onnx.export(model, (x,), str(d / "dynamo.onnx"), optimize=False, do_constant_folding=False,
+                      external_data=False)
+    torch.onnx.export(model, (x,), str(d / "legacy.onnx"), dynamo=False, do_constant_folding=False,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}})
+    for f in ("dynamo.onnx", "legacy.onnx"):
+        data = d / (f + ".data")
+        if data.exists():
+            raise SystemExit(f"{data}: the exporter wrote external data; keep fixtures small")
+
+
+def onnx_cases():
+    """tests/fixtures/onnx/: the same models exported to ONNX by both exporters,
+    with PyTorch float64 references computed on exactly the exported weights."""
+    root = ROOT / "onnx"
+    torch.manual_seed(1)
+
+    # Seed ResNet, float32 weights (generated, then rounded, as exported).
+    model = ResNetCifar([2, 2, 2], in_channels=3)
+    with torch.no_grad():
+        for n, t in model.state_dict().items():
+            if not n.endswith("num_batches_tracked"):
+                t.copy_(generated_tensor(n, list(t.shape), 42))
+    model = model.float()
+    d = root / "seed_resnet"
+    d.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    export_both(model, x[:2].float(), d)
+    v = {n: generated_vector(n, list(p.shape), 42) for n, p in model.named_parameters()}
+    y = torch.tensor([1, 7, 4])
+    write_onnx_case(d, model.double(), x, y, v, 256, "generated:42")
+
+    # MLP in float64 (DOUBLE initializers and input).
+    model = mlp([64, 16, 10]).double()
+    d = root / "mlp"
+    d.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(5, 64, dtype=torch.float64)
+    export_both(model, x[:2], d)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    save_file({k: t.contiguous() for k, t in v.items()}, str(d / "vector.safetensors"))
+    write_onnx_case(d, model, x, torch.tensor([0, 3, 9, 3, 5]), v, None, "file")
+
+    # Small CNN in float64 with MaxPool, Sigmoid and friends.
+    model = SmallCNN().double()
+    d = root / "small_cnn"
+    d.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(4, 1, 12, 12, dtype=torch.float64)
+    export_both(model, x[:2], d)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    save_file({k: t.contiguous() for k, t in v.items()}, str(d / "vector.safetensors"))
+    write_onnx_case(d, model, x, torch.tensor([2, 0, 7, 7]), v, None, "file")
+
+
+def write_onnx_case(d, model, x, y, v, cap, vector_mode):
+    model = model.double().eval()
+    names, loss, grads, hvps, ggns = products(model, x, y, v)
+    expected = {"loss": loss.reshape(1)}
+    for n, g, h, gg in zip(names, grads, hvps, ggns):
+        expected[f"grad/{n}"] = subset(g, cap)
+        expected[f"hvp/{n}"] = subset(h, cap)
+        expected[f"ggn/{n}"] = subset(gg, cap)
+    save_file(expected, str(d / "expected.safetensors"))
+    np.save(d / "inputs.npy", x.numpy())
+    np.save(d / "labels.npy", y.numpy().astype(np.int64))
+    meta = {"n": int(x.shape[0]), "subset_cap": cap, "vector": vector_mode, "torch": torch.__version__,
+            "params": names}
+    (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"onnx/{d.name}: {sum(p.numel() for p in model.parameters())} parameters, loss {loss.item():.6f}")
+
+
 def main():
+    import sys
+    if sys.argv[1:] == ["--only", "onnx"]:
+        onnx_cases()
+        return
     torch.manual_seed(0)
 
     # 1. MLP on the first 32 UCI digits (8x8, scaled to [0, 1]), f64 weights.
@@ -177,6 +257,8 @@ def main():
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     y = torch.tensor([3, 8, 0, 6])
     write_case("seed_resnet", model, "resnet-cifar:2,2,2", 3, x, y, v, 256, "generated:42")
+
+    onnx_cases()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """PyTorch definitions of hvp's built-in architectures (same names and math)."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -51,3 +52,26 @@ def mlp(sizes):
         if i + 2 < len(sizes):
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """A small CNN exercising the ONNX operators beyond the ResNet's: constant
+    arithmetic, Conv with bias, Sigmoid, MaxPool, LeakyRelu, Transpose, MatMul
+    with a bare parameter, GELU, Tanh, Softmax, Mul, ReduceMean, Concat and a
+    LogSoftmax output (log-probabilities are valid logits for the loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.proj = nn.Parameter(torch.randn(6 * 3 * 3, 12) * 0.2)
+        self.fc = nn.Linear(12 + 6, 10)
+
+    def forward(self, x):
+        x = (x - 0.5) / 0.25
+        h = F.max_pool2d(torch.sigmoid(self.conv1(x)), 2)
+        h = F.max_pool2d(F.leaky_relu(self.conv2(h), 0.1), 2)
+        pooled = h.mean(dim=(2, 3))
+        z = F.gelu(h.transpose(2, 3).flatten(1) @ self.proj)
+        z = torch.tanh(z) * torch.softmax(z, dim=1)
+        return F.log_softmax(self.fc(torch.cat([z, pooled], dim=1)), dim=1)

@@ -587,8 +587,7 @@ impl Graph {
                     bias,
                     geometry,
                 } => {
-                    let (gx, gw, gb) =
-                        conv2d::vjp(val(input), val(weight), bias.is_some(), &gy, geometry, need(input));
+                    let (gx, gw, gb) = conv2d::vjp(val(input), val(weight), bias.is_some(), &gy, geometry, need(input));
                     to_inputs.extend(gx.map(|g| (input, g)));
                     to_inputs.push((weight, gw));
                     if let (Some(b), Some(gb)) = (bias, gb) {
@@ -611,7 +610,9 @@ impl Graph {
                 Op::Softmax { input, axis, log } => {
                     to_inputs.push((input, ndp::softmax_vjp(val(input), &gy, axis, log)))
                 }
-                Op::MaxPool { input, geometry } => to_inputs.push((input, ndp::max_pool_vjp(val(input), geometry, &gy))),
+                Op::MaxPool { input, geometry } => {
+                    to_inputs.push((input, ndp::max_pool_vjp(val(input), geometry, &gy)))
+                }
                 Op::ReduceMean { input, ref axes } => {
                     to_inputs.push((input, ndp::reduce_mean_vjp(val(input), axes, &gy)))
                 }

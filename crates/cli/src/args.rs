@@ -7,15 +7,23 @@ use hvp_model::{Architecture, Model, Weights};
 use hvp_tensor::DType;
 use std::path::PathBuf;
 
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, Default)]
 pub struct ModelArgs {
     /// Architecture: resnet-cifar:A,B,C (CIFAR ResNet, A/B/C blocks of 16/32/64
     /// channels), mlp:D,H1,...,C (Linear-ReLU stack) or logreg:D,C.
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    pub arch: Option<String>,
+    /// PyTorch state_dict saved with safetensors.torch.save_file (F32 or F64);
+    /// with --model, overrides the ONNX initializers by name.
+    #[arg(long, required_unless_present = "model")]
+    pub weights: Option<PathBuf>,
+    /// An ONNX model (torch.onnx.export): graph and weights, replacing --arch/--weights.
     #[arg(long)]
-    pub arch: String,
-    /// PyTorch state_dict saved with safetensors.torch.save_file (F32 or F64).
-    #[arg(long)]
-    pub weights: PathBuf,
+    pub model: Option<PathBuf>,
+    /// With --model: only parameters whose names match this glob are trainable
+    /// (e.g. 'fc.*'); the Hessian is taken with respect to them alone.
+    #[arg(long, requires = "model")]
+    pub params: Option<String>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -106,10 +114,31 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Parses `--arch`, reads the weights and builds the model they fit.
+/// Parses `--arch` and reads the weights, or imports `--model` (ONNX), and builds the model.
 pub fn load_model(m: &ModelArgs) -> Result<(Model, Weights)> {
-    let arch: Architecture = m.arch.parse()?;
-    Ok(Weights::load_for(&arch, &m.weights)?)
+    if let Some(path) = &m.model {
+        let options = hvp_onnx::ImportOptions {
+            params_glob: m.params.clone(),
+        };
+        let imported = hvp_onnx::load(path, &options)?;
+        for w in &imported.warnings {
+            eprintln!("warning: {}: {w}", path.display());
+        }
+        let (model, mut weights) = (imported.model, imported.weights);
+        if let Some(file) = &m.weights {
+            weights
+                .override_from(&model, file)
+                .with_context(|| format!("overriding the weights of {} from {}", path.display(), file.display()))?;
+        }
+        return Ok((model, weights));
+    }
+    match (&m.arch, &m.weights) {
+        (Some(arch), Some(weights)) => {
+            let arch: Architecture = arch.parse()?;
+            Ok(Weights::load_for(&arch, weights)?)
+        }
+        _ => bail!("give the model as --arch SPEC --weights FILE.safetensors or as --model FILE.onnx"),
+    }
 }
 
 /// A dataset that owns its source and applies `--pad`.

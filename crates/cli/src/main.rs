@@ -64,6 +64,8 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Benchmark gradient, HVP and GGN on the seed ResNet with CIFAR-shaped data.
     Bench(commands::bench::BenchArgs),
+    /// List the trainable parameters of an ONNX model (and what --params selects).
+    Params(commands::params::ParamsArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
         Command::Validate(a) => commands::validate::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Params(a) => commands::params::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,9 @@ pub enum Architecture {
     /// `mlp:D,H1,…,C` (ReLU) — also `logreg:D,C`; `mlp-tanh:…` uses tanh (smooth,
     /// for finite-difference checks).
     Mlp { sizes: Vec<usize>, tanh: bool },
+    /// A graph imported from an ONNX file (`--model`), named after the file;
+    /// `input_shape` is one example's shape (without the batch dimension).
+    Onnx { name: String, input_shape: Vec<usize> },
 }
 
 fn parse_list(spec: &str, list: &str) -> Result<Vec<usize>, ModelError> {
@@ -89,6 +92,7 @@ impl fmt::Display for Architecture {
             Architecture::Mlp { sizes, tanh } => {
                 write!(f, "{}:{}", if *tanh { "mlp-tanh" } else { "mlp" }, join(sizes))
             }
+            Architecture::Onnx { name, .. } => write!(f, "onnx:{name}"),
         }
     }
 }
@@ -238,6 +242,12 @@ impl Model {
                 }
                 (1, sizes[sizes.len() - 1])
             }
+            Architecture::Onnx { .. } => {
+                return Err(ModelError::BadArch {
+                    spec: arch.to_string(),
+                    reason: "an ONNX model is built by the importer from its file (--model)".into(),
+                })
+            }
         };
         Ok(Model {
             arch: arch.clone(),
@@ -263,6 +273,7 @@ impl Model {
         match &self.arch {
             Architecture::Mlp { sizes, .. } => Some(sizes[0]),
             Architecture::ResNetCifar { .. } => None,
+            Architecture::Onnx { input_shape, .. } => (input_shape.len() == 1).then(|| input_shape[0]),
         }
     }
 
@@ -285,6 +296,11 @@ impl Model {
             Architecture::ResNetCifar { .. } if sample_shape[1] < 4 || sample_shape[2] < 4 => Err(format!(
                 "images of {}x{} are too small for three stages with stride 2 (need at least 4x4)",
                 sample_shape[1], sample_shape[2]
+            )),
+            Architecture::Onnx { input_shape, .. } if sample_shape != input_shape.as_slice() => Err(format!(
+                "examples of shape {sample_shape:?} do not fit {}, whose input is [batch, {}]",
+                self.arch,
+                input_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
             )),
             _ => Ok(()),
         }

@@ -85,6 +85,26 @@ impl Weights {
         Ok(Weights { params, buffers })
     }
 
+    /// Replaces, by name, the parameters and buffers stored in `path` (a
+    /// safetensors `state_dict`, possibly partial); returns how many were
+    /// replaced. Names the model does not have are an error (a typo or another
+    /// model's file), `num_batches_tracked` counters excepted.
+    pub fn override_from(&mut self, model: &Model, path: &Path) -> Result<usize, ModelError> {
+        let mut stored = read_safetensors(path)?;
+        let arch = model.arch.to_string();
+        let mut replaced = 0;
+        for (specs, values) in [(&model.params, &mut self.params), (&model.buffers, &mut self.buffers)] {
+            for (spec, value) in specs.iter().zip(values.iter_mut()) {
+                if let Some(t) = stored.remove(&spec.name) {
+                    *value = checked(path, &arch, spec, t)?;
+                    replaced += 1;
+                }
+            }
+        }
+        reject_extra(path, &arch, stored)?;
+        Ok(replaced)
+    }
+
     /// Writes a loadable `state_dict` (parameters, buffers and, for BatchNorm, a
     /// zero `num_batches_tracked`, so `model.load_state_dict` accepts it strictly).
     pub fn save(&self, model: &Model, path: &Path, dtype: DType) -> Result<(), ModelError> {

@@ -106,7 +106,10 @@ pub fn reduce_to<T: Float>(x: &Tensor<T>, shape: &[usize]) -> Tensor<T> {
 
 /// `f(a, b)` elementwise with broadcasting to `out_shape`.
 pub fn zip_broadcast<T: Float>(a: &Tensor<T>, b: &Tensor<T>, out_shape: &[usize], f: impl Fn(T, T) -> T) -> Tensor<T> {
-    let (sa, sb) = (broadcast_strides(a.shape(), out_shape), broadcast_strides(b.shape(), out_shape));
+    let (sa, sb) = (
+        broadcast_strides(a.shape(), out_shape),
+        broadcast_strides(b.shape(), out_shape),
+    );
     let (da, db) = (a.data(), b.data());
     let mut data = Vec::with_capacity(out_shape.iter().product());
     for_each_offset(out_shape, [&sa, &sb], |[i, j]| data.push(f(da[i], db[j])));
@@ -232,7 +235,18 @@ pub fn matmul<T: Float>(a: &Tensor<T>, b: &Tensor<T>, trans_b: bool) -> Tensor<T
     shape.push(n);
     let mut out = Tensor::zeros(&shape);
     if br == 2 {
-        gemm_into(out.data_mut(), a.data(), false, b.data(), trans_b, lead * m, n, k, false, Par::Pool);
+        gemm_into(
+            out.data_mut(),
+            a.data(),
+            false,
+            b.data(),
+            trans_b,
+            lead * m,
+            n,
+            k,
+            false,
+            Par::Pool,
+        );
     } else {
         for l in 0..lead {
             gemm_into(
@@ -379,8 +393,18 @@ mod tests {
     fn reduce_to_is_the_adjoint_of_expand() {
         let x = t(&[3, 1], vec![0.5, -1.0, 2.0]);
         let g = t(&[2, 3, 4], (0..24).map(|i| (i as f64 * 0.7).sin()).collect());
-        let lhs: f64 = expand(&x, &[2, 3, 4]).data().iter().zip(g.data()).map(|(a, b)| a * b).sum();
-        let rhs: f64 = reduce_to(&g, &[3, 1]).data().iter().zip(x.data()).map(|(a, b)| a * b).sum();
+        let lhs: f64 = expand(&x, &[2, 3, 4])
+            .data()
+            .iter()
+            .zip(g.data())
+            .map(|(a, b)| a * b)
+            .sum();
+        let rhs: f64 = reduce_to(&g, &[3, 1])
+            .data()
+            .iter()
+            .zip(x.data())
+            .map(|(a, b)| a * b)
+            .sum();
         assert!((lhs - rhs).abs() < 1e-12);
     }
 

@@ -22,7 +22,9 @@ pub enum Arith {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Pointwise {
     Sigmoid,
-    LeakyRelu { alpha: f64 },
+    LeakyRelu {
+        alpha: f64,
+    },
     Erf,
     /// `x Φ(x)` (exact GELU).
     Gelu,
@@ -294,6 +296,8 @@ mod tests {
         Tensor::new(shape.to_vec(), (0..n).map(f).collect()).unwrap()
     }
 
+    type Vjp<'a> = &'a dyn Fn(&Dual<f64>, &Dual<f64>) -> Dual<f64>;
+
     fn dot(a: &Tensor<f64>, b: &Tensor<f64>) -> f64 {
         a.data().iter().zip(b.data()).map(|(x, y)| x * y).sum()
     }
@@ -301,13 +305,7 @@ mod tests {
     /// Checks, for a scalar function `L(x) = <c, f(x)>`: the JVP of `f` against
     /// central differences, the VJP against the JVP, and the VJP's own tangent
     /// (what forward-over-reverse uses) against differences of the VJP.
-    fn check(
-        x0: &Tensor<f64>,
-        dir: &Tensor<f64>,
-        c: &Tensor<f64>,
-        f: &dyn Fn(&Dual<f64>) -> Dual<f64>,
-        vjp: &dyn Fn(&Dual<f64>, &Dual<f64>) -> Dual<f64>,
-    ) {
+    fn check(x0: &Tensor<f64>, dir: &Tensor<f64>, c: &Tensor<f64>, f: &dyn Fn(&Dual<f64>) -> Dual<f64>, vjp: Vjp) {
         let h = 1e-5;
         let shifted = |s: f64| {
             let mut x = x0.clone();
@@ -318,16 +316,24 @@ mod tests {
         };
         let y = f(&Dual::new(x0.clone(), Some(dir.clone())));
         let jvp = dot(c, y.tangent().unwrap());
-        let fd = (dot(c, f(&Dual::constant(shifted(h))).primal())
-            - dot(c, f(&Dual::constant(shifted(-h))).primal()))
+        let fd = (dot(c, f(&Dual::constant(shifted(h))).primal()) - dot(c, f(&Dual::constant(shifted(-h))).primal()))
             / (2.0 * h);
         assert!((jvp - fd).abs() < 1e-7 * (1.0 + fd.abs()), "JVP {jvp} vs FD {fd}");
         let g = vjp(&Dual::constant(x0.clone()), &Dual::constant(c.clone()));
-        assert!((dot(g.primal(), dir) - jvp).abs() < 1e-10 * (1.0 + jvp.abs()), "VJP/JVP duality");
+        assert!(
+            (dot(g.primal(), dir) - jvp).abs() < 1e-10 * (1.0 + jvp.abs()),
+            "VJP/JVP duality"
+        );
         let gd = vjp(&Dual::new(x0.clone(), Some(dir.clone())), &Dual::constant(c.clone()));
         let gp = vjp(&Dual::constant(shifted(h)), &Dual::constant(c.clone()));
         let gm = vjp(&Dual::constant(shifted(-h)), &Dual::constant(c.clone()));
-        for ((t, p), m) in gd.tangent_or_zeros().data().iter().zip(gp.primal().data()).zip(gm.primal().data()) {
+        for ((t, p), m) in gd
+            .tangent_or_zeros()
+            .data()
+            .iter()
+            .zip(gp.primal().data())
+            .zip(gm.primal().data())
+        {
             let fd = (p - m) / (2.0 * h);
             assert!((t - fd).abs() < 1e-6 * (1.0 + fd.abs()), "VJP tangent {t} vs FD {fd}");
         }
@@ -371,7 +377,9 @@ mod tests {
         let c = t(&[2, 4, 3], |i| (i % 5) as f64 - 2.0);
         for axis in [1, 2] {
             for log in [false, true] {
-                check(&x, &d, &c, &|x| softmax(x, axis, log), &|x, g| softmax_vjp(x, g, axis, log));
+                check(&x, &d, &c, &|x| softmax(x, axis, log), &|x, g| {
+                    softmax_vjp(x, g, axis, log)
+                });
             }
         }
     }
@@ -388,16 +396,26 @@ mod tests {
         });
         let ac = Dual::constant(a.clone());
         let db = t(&[4, 5], |i| 0.05 * i as f64);
-        check(&b, &db, &c, &|x| matmul(&ac, x, false), &|x, g| matmul_vjp(&ac, x, false, g, false).1);
-        let bt = t(&[5, 4], |i| (i as f64 * 0.23).sin());
-        check(&bt, &t(&[5, 4], |i| 0.1 - 0.01 * i as f64), &c, &|x| matmul(&ac, x, true), &|x, g| {
-            matmul_vjp(&ac, x, true, g, false).1
+        check(&b, &db, &c, &|x| matmul(&ac, x, false), &|x, g| {
+            matmul_vjp(&ac, x, false, g, false).1
         });
+        let bt = t(&[5, 4], |i| (i as f64 * 0.23).sin());
+        check(
+            &bt,
+            &t(&[5, 4], |i| 0.1 - 0.01 * i as f64),
+            &c,
+            &|x| matmul(&ac, x, true),
+            &|x, g| matmul_vjp(&ac, x, true, g, false).1,
+        );
         let x = t(&[2, 3, 4], |i| (i as f64 * 0.9).cos());
         let cr = t(&[2, 1, 4], |i| i as f64 - 3.0);
-        check(&x, &da, &cr, &|x| reduce_mean(x, &[1]), &|x, g| reduce_mean_vjp(x, &[1], g));
+        check(&x, &da, &cr, &|x| reduce_mean(x, &[1]), &|x, g| {
+            reduce_mean_vjp(x, &[1], g)
+        });
         let ct = t(&[4, 2, 3], |i| (i as f64).sqrt());
-        check(&x, &da, &ct, &|x| transpose(x, &[2, 0, 1]), &|_, g| transpose_vjp(g, &[2, 0, 1]));
+        check(&x, &da, &ct, &|x| transpose(x, &[2, 0, 1]), &|_, g| {
+            transpose_vjp(g, &[2, 0, 1])
+        });
     }
 
     #[test]

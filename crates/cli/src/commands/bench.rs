@@ -109,6 +109,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let shape = match arch {
         Architecture::ResNetCifar { .. } => vec![3, 32, 32],
         Architecture::Mlp { ref sizes, .. } => vec![sizes[0]],
+        Architecture::Onnx { ref input_shape, .. } => input_shape.clone(),
     };
     let param_shapes: Vec<Vec<usize>> = model.params.iter().map(|p| p.shape.clone()).collect();
     let fwd = model.graph.forward_flops(&shape, &param_shapes);

@@ -5,6 +5,7 @@ pub mod factors;
 pub mod grad;
 pub mod influence;
 pub mod init;
+pub mod params;
 pub mod product;
 pub mod self_influence;
 pub mod solve;

@@ -113,8 +113,9 @@ pub fn run(a: ValidateArgs) -> Result<()> {
     let train_view = Subset::first(src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
     let (model, mut weights) = match &a.weights {
         Some(w) => load_model(&ModelArgs {
-            arch: a.arch.clone(),
-            weights: w.clone(),
+            arch: Some(a.arch.clone()),
+            weights: Some(w.clone()),
+            ..Default::default()
         })?,
         None => {
             let arch: Architecture = a.arch.parse()?;

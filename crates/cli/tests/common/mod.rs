@@ -116,6 +116,19 @@ fn generated_tensor(name: &str, shape: &[usize], seed: u64) -> Tensor<f64> {
 
 /// Writes the generated weights and vector of a fixture case to `dir`.
 pub fn write_generated(arch: &str, in_channels: usize, seed: u64, weights: &Path, vector: &Path) {
+    write_generated_as(arch, in_channels, seed, weights, vector, DType::F64)
+}
+
+/// [`write_generated`] with the weights stored in `weights_dtype` (F32 rounds
+/// them, as an exported float32 model holds them).
+pub fn write_generated_as(
+    arch: &str,
+    in_channels: usize,
+    seed: u64,
+    weights: &Path,
+    vector: &Path,
+    weights_dtype: DType,
+) {
     let arch: Architecture = arch.parse().unwrap();
     let model = Model::new(&arch, in_channels).unwrap();
     let named: Vec<(String, Tensor<f64>)> = model
@@ -124,7 +137,7 @@ pub fn write_generated(arch: &str, in_channels: usize, seed: u64, weights: &Path
         .chain(&model.buffers)
         .map(|s| (s.name.clone(), generated_tensor(&s.name, &s.shape, seed)))
         .collect();
-    write_safetensors(weights, &named, DType::F64).unwrap();
+    write_safetensors(weights, &named, weights_dtype).unwrap();
     let v: Vec<(String, Tensor<f64>)> = model
         .params
         .iter()
@@ -136,10 +149,72 @@ pub fn write_generated(arch: &str, in_channels: usize, seed: u64, weights: &Path
     write_safetensors(vector, &v, DType::F64).unwrap();
 }
 
+/// Relative error, over all `kind/NAME` tensors of a fixture's
+/// `expected.safetensors`, of the tensors hvp wrote to `out`.
+pub fn relative_error(expected: &Path, kind: &str, out: &Path, cap: Option<usize>) -> f64 {
+    let expected = read_flat(expected);
+    let got = read_flat(out);
+    let (mut diff, mut norm, mut count) = (0.0, 0.0, 0);
+    for (key, want) in expected.iter().filter(|(k, _)| k.starts_with(&format!("{kind}/"))) {
+        let name = &key[kind.len() + 1..];
+        let mine = subset(
+            got.get(name)
+                .unwrap_or_else(|| panic!("{}: output lacks {name}", out.display())),
+            cap,
+        );
+        assert_eq!(mine.len(), want.len(), "{name} length");
+        for (a, b) in mine.iter().zip(want) {
+            diff += (a - b) * (a - b);
+            norm += b * b;
+        }
+        count += 1;
+    }
+    assert!(count > 0, "no {kind} tensors in the fixture");
+    (diff / norm).sqrt()
+}
+
 /// Every k-th element, k = ceil(len / cap), as the fixture script stores.
 pub fn subset(v: &[f64], cap: Option<usize>) -> Vec<f64> {
     match cap {
         Some(c) if v.len() > c => v.iter().step_by(v.len().div_ceil(c)).copied().collect(),
         _ => v.to_vec(),
     }
+}
+
+/// A minimal NPY v1 writer for test inputs.
+pub fn write_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_txt = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(bytes);
+    std::fs::write(path, out).unwrap();
+}
+
+pub fn write_npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
+    write_npy(
+        path,
+        "<f4",
+        shape,
+        &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+    );
+}
+
+pub fn write_npy_i64(path: &Path, v: &[i64]) {
+    write_npy(
+        path,
+        "<i8",
+        &[v.len()],
+        &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+    );
 }

@@ -1,0 +1,422 @@
+//! ONNX import through the command line: models exported by both PyTorch
+//! exporters (tests/fixtures/onnx, written by scripts/make_fixtures.py) give the
+//! gradient, HVP and GGN product of PyTorch's float64 references (1e-9 in f64,
+//! 1e-4 in f32); the seed ResNet's ONNX export agrees with the built-in
+//! `resnet-cifar:2,2,2`; `--params` restricts the Hessian; bad files fail cleanly.
+
+mod common;
+
+use common::*;
+use hvp_onnx::proto::{
+    data_type, AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto,
+};
+use hvp_tensor::{DType, Tensor};
+use prost::Message;
+use std::path::{Path, PathBuf};
+
+fn case_dir(name: &str) -> PathBuf {
+    fixture("onnx").join(name)
+}
+
+fn meta(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(case_dir(name).join("meta.json")).unwrap()).unwrap()
+}
+
+/// The direction of a case: stored, or generated as the fixture script does.
+fn vector_of(name: &str, tmp: &TempDir) -> String {
+    match meta(name)["vector"].as_str().unwrap() {
+        "file" => case_dir(name).join("vector.safetensors").to_string_lossy().into_owned(),
+        generated => {
+            let seed: u64 = generated.strip_prefix("generated:").unwrap().parse().unwrap();
+            write_generated(
+                "resnet-cifar:2,2,2",
+                3,
+                seed,
+                &tmp.path("unused.safetensors"),
+                &tmp.path("v.safetensors"),
+            );
+            tmp.s("v.safetensors")
+        }
+    }
+}
+
+/// Runs grad / product on `model` and returns the output path.
+fn run(kind: &str, model: &Path, data: &Path, vector: &str, dtype: &str, out: &Path, extra: &[&str]) {
+    let (inputs, labels) = (data.join("inputs.npy"), data.join("labels.npy"));
+    let mut args = vec![
+        if kind == "grad" { "grad" } else { "product" },
+        "--model",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--dtype",
+        dtype,
+        "--batch-size",
+        "2",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    match kind {
+        "hvp" => args.extend(["--vector", vector, "--curvature", "hessian"]),
+        "ggn" => args.extend(["--vector", vector, "--curvature", "ggn"]),
+        _ => {}
+    }
+    args.extend(extra);
+    ok(&args);
+}
+
+fn check_case(name: &str) {
+    let tmp = TempDir::new(&format!("onnx-{name}"));
+    let dir = case_dir(name);
+    let cap = meta(name)["subset_cap"].as_u64().map(|c| c as usize);
+    let vector = vector_of(name, &tmp);
+    for exporter in ["dynamo", "legacy"] {
+        let model = dir.join(format!("{exporter}.onnx"));
+        for (dtype, tol) in [("f64", 1e-9), ("f32", 1e-4)] {
+            for kind in ["grad", "hvp", "ggn"] {
+                let out = tmp.path(&format!("{exporter}-{kind}-{dtype}.safetensors"));
+                run(kind, &model, &dir, &vector, dtype, &out, &[]);
+                let e = relative_error(&dir.join("expected.safetensors"), kind, &out, cap);
+                assert!(
+                    e < tol,
+                    "{name} ({exporter} export): {kind} in {dtype} differs from PyTorch by {e:e}"
+                );
+                eprintln!("{name} ({exporter}): {kind} {dtype} relative error {e:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn mlp_exports_match_pytorch() {
+    check_case("mlp");
+}
+
+#[test]
+fn small_cnn_with_maxpool_sigmoid_softmax_matches_pytorch() {
+    check_case("small_cnn");
+}
+
+#[test]
+fn seed_resnet_exports_match_pytorch() {
+    check_case("seed_resnet");
+}
+
+/// The seed ResNet imported from ONNX computes what the built-in architecture
+/// computes on the same (float32-rounded) weights.
+#[test]
+fn seed_resnet_export_equals_builtin_architecture() {
+    let tmp = TempDir::new("onnx-vs-builtin");
+    let dir = case_dir("seed_resnet");
+    write_generated_as(
+        "resnet-cifar:2,2,2",
+        3,
+        42,
+        &tmp.path("w.safetensors"),
+        &tmp.path("v.safetensors"),
+        DType::F32,
+    );
+    let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
+    let common_args = |out: &str| {
+        vec![
+            "product".to_string(),
+            "--inputs".into(),
+            inputs.to_string_lossy().into_owned(),
+            "--labels".into(),
+            labels.to_string_lossy().into_owned(),
+            "--vector".into(),
+            tmp.s("v.safetensors"),
+            "--dtype".into(),
+            "f64".into(),
+            "--quiet".into(),
+            "--out".into(),
+            tmp.s(out),
+        ]
+    };
+    let mut builtin = common_args("builtin.safetensors");
+    builtin.extend([
+        "--arch".into(),
+        "resnet-cifar:2,2,2".into(),
+        "--weights".into(),
+        tmp.s("w.safetensors"),
+    ]);
+    let mut imported = common_args("onnx.safetensors");
+    imported.extend(["--model".into(), dir.join("dynamo.onnx").to_string_lossy().into_owned()]);
+    for args in [&builtin, &imported] {
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    let (a, b) = (
+        read_flat(&tmp.path("builtin.safetensors")),
+        read_flat(&tmp.path("onnx.safetensors")),
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (k, x) in &a {
+        for (p, q) in x.iter().zip(&b[k]) {
+            diff += (p - q) * (p - q);
+            norm += p * p;
+        }
+    }
+    let e = (diff / norm).sqrt();
+    assert!(e < 1e-12, "ONNX and built-in HVPs differ by {e:e}");
+}
+
+/// `--params 'fc.*'` takes the Hessian in the fc parameters alone: H_ff v_f,
+/// which is the fc block of the full product with the other directions zero.
+#[test]
+fn params_glob_restricts_the_hessian_to_the_matching_block() {
+    let tmp = TempDir::new("onnx-params");
+    let dir = case_dir("small_cnn");
+    let model = dir.join("legacy.onnx");
+    let full = read_safetensors_map(&dir.join("vector.safetensors"));
+    let zeroed: Vec<(String, Tensor<f64>)> = full
+        .iter()
+        .map(|(k, t)| {
+            let keep = k.starts_with("fc.");
+            let data = t.data().iter().map(|&x| if keep { x } else { 0.0 }).collect();
+            (k.clone(), Tensor::new(t.shape().to_vec(), data).unwrap())
+        })
+        .collect();
+    let only_fc: Vec<(String, Tensor<f64>)> = zeroed.iter().filter(|(k, _)| k.starts_with("fc.")).cloned().collect();
+    hvp_model::io::write_safetensors(&tmp.path("v0.safetensors"), &zeroed, DType::F64).unwrap();
+    hvp_model::io::write_safetensors(&tmp.path("vfc.safetensors"), &only_fc, DType::F64).unwrap();
+    run(
+        "hvp",
+        &model,
+        &dir,
+        &tmp.s("v0.safetensors"),
+        "f64",
+        &tmp.path("full.safetensors"),
+        &[],
+    );
+    run(
+        "hvp",
+        &model,
+        &dir,
+        &tmp.s("vfc.safetensors"),
+        "f64",
+        &tmp.path("fc.safetensors"),
+        &["--params", "fc.*"],
+    );
+    let (full, fc) = (
+        read_flat(&tmp.path("full.safetensors")),
+        read_flat(&tmp.path("fc.safetensors")),
+    );
+    assert_eq!(fc.keys().collect::<Vec<_>>(), vec!["fc.bias", "fc.weight"]);
+    for (k, v) in &fc {
+        for (a, b) in v.iter().zip(&full[k]) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{k}: {a} vs {b}");
+        }
+    }
+    // The frozen parameters really are constants: their block of the full
+    // product is non-zero, so the restricted one differs from the full one.
+    assert!(full["proj"].iter().any(|v| v.abs() > 1e-8));
+
+    let listing = ok(&["params", "--model", model.to_str().unwrap(), "--params", "fc.*"]);
+    assert!(listing.contains("| fc.weight | [10, 18] | 180 | yes |"), "{listing}");
+    assert!(
+        listing.contains("| conv1.weight | [4, 1, 3, 3] | 36 | no |"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("2 of 7 parameter tensors trainable: 190 of 1100 scalars"),
+        "{listing}"
+    );
+    let none = hvp(&["params", "--model", model.to_str().unwrap(), "--params", "nothing.*"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("matches none of the model's trainable parameters"));
+}
+
+fn read_safetensors_map(path: &Path) -> Vec<(String, Tensor<f64>)> {
+    hvp_model::io::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let t = v.unwrap();
+            (k, Tensor::new(t.shape, t.data).unwrap())
+        })
+        .collect()
+}
+
+// ---- bad files ----
+
+fn value_info(name: &str, dims: &[Dimension]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: data_type::FLOAT,
+                shape: Some(TensorShapeProto { dim: dims.to_vec() }),
+            }),
+        }),
+    }
+}
+
+fn dim(v: i64) -> Dimension {
+    Dimension {
+        dim_value: Some(v),
+        dim_param: None,
+    }
+}
+
+fn named_dim(p: &str) -> Dimension {
+    Dimension {
+        dim_value: None,
+        dim_param: Some(p.into()),
+    }
+}
+
+/// `x [batch, 4] → Gemm(W [3, 4], transB) → op → y`, with `op` applied last.
+fn tiny_model(op: &str, input_dims: Vec<Dimension>, with_weight: bool) -> Vec<u8> {
+    let weight = TensorProto {
+        name: "fc.weight".into(),
+        dims: vec![3, 4],
+        data_type: data_type::FLOAT,
+        float_data: (0..12).map(|i| i as f32 * 0.1).collect(),
+        ..Default::default()
+    };
+    let gemm = NodeProto {
+        name: "fc".into(),
+        op_type: "Gemm".into(),
+        input: vec!["x".into(), "fc.weight".into()],
+        output: vec!["h".into()],
+        attribute: vec![AttributeProto {
+            name: "transB".into(),
+            r#type: 2,
+            i: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let last = NodeProto {
+        name: "last".into(),
+        op_type: op.into(),
+        input: vec!["h".into()],
+        output: vec!["y".into()],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(GraphProto {
+            name: "tiny".into(),
+            node: vec![gemm, last],
+            initializer: if with_weight { vec![weight] } else { vec![] },
+            input: vec![value_info("x", &input_dims)],
+            output: vec![value_info("y", &[named_dim("batch"), dim(3)])],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Runs `product` on the model file and returns stderr, asserting failure and no output.
+fn fails_with(tmp: &TempDir, bytes: &[u8], needles: &[&str]) {
+    std::fs::write(tmp.path("m.onnx"), bytes).unwrap();
+    let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+    write_npy_f32(&tmp.path("x.npy"), &[2, 4], &x);
+    write_npy_i64(&tmp.path("y.npy"), &[0, 1]);
+    let out = tmp.path("out.safetensors");
+    let o = hvp(&[
+        "grad",
+        "--model",
+        &tmp.s("m.onnx"),
+        "--inputs",
+        &tmp.s("x.npy"),
+        "--labels",
+        &tmp.s("y.npy"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, got success");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks '{n}': {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.exists(), "an output file was written");
+}
+
+#[test]
+fn the_tiny_model_itself_imports_and_runs() {
+    let tmp = TempDir::new("onnx-tiny");
+    std::fs::write(
+        tmp.path("m.onnx"),
+        tiny_model("Relu", vec![named_dim("N"), dim(4)], true),
+    )
+    .unwrap();
+    let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+    write_npy_f32(&tmp.path("x.npy"), &[2, 4], &x);
+    write_npy_i64(&tmp.path("y.npy"), &[0, 1]);
+    ok(&[
+        "grad",
+        "--model",
+        &tmp.s("m.onnx"),
+        "--inputs",
+        &tmp.s("x.npy"),
+        "--labels",
+        &tmp.s("y.npy"),
+        "--out",
+        &tmp.s("g.safetensors"),
+    ]);
+    assert!(read_flat(&tmp.path("g.safetensors")).contains_key("fc.weight"));
+}
+
+#[test]
+fn truncated_file_is_a_decode_error() {
+    let tmp = TempDir::new("onnx-truncated");
+    let bytes = std::fs::read(case_dir("mlp").join("legacy.onnx")).unwrap();
+    fails_with(&tmp, &bytes[..bytes.len() / 2], &["is not a valid ONNX model"]);
+}
+
+#[test]
+fn unknown_operator_is_named_with_the_supported_list() {
+    let tmp = TempDir::new("onnx-unknown-op");
+    let bytes = tiny_model("Cos", vec![named_dim("N"), dim(4)], true);
+    fails_with(
+        &tmp,
+        &bytes,
+        &["node 'last'", "operator 'Cos'", "supported: Add, AveragePool"],
+    );
+}
+
+#[test]
+fn unresolvable_dynamic_shape_is_explained() {
+    let tmp = TempDir::new("onnx-dynamic");
+    let bytes = tiny_model("Relu", vec![named_dim("N"), named_dim("features")], true);
+    fails_with(&tmp, &bytes, &["dynamic shape hvp cannot resolve", "'features'"]);
+}
+
+#[test]
+fn missing_initializer_is_named() {
+    let tmp = TempDir::new("onnx-missing");
+    let bytes = tiny_model("Relu", vec![named_dim("N"), dim(4)], false);
+    fails_with(
+        &tmp,
+        &bytes,
+        &["node 'fc' (Gemm) reads 'fc.weight'", "missing initializer"],
+    );
+}
+
+#[test]
+fn wrong_example_shape_is_an_error() {
+    let tmp = TempDir::new("onnx-shape");
+    std::fs::write(
+        tmp.path("m.onnx"),
+        tiny_model("Relu", vec![named_dim("N"), dim(5)], true),
+    )
+    .unwrap();
+    // Gemm's weight is [3, 4] but the input declares 5 features.
+    fails_with(
+        &tmp,
+        &tiny_model("Relu", vec![named_dim("N"), dim(5)], true),
+        &["node 'fc' (Gemm)", "cannot multiply"],
+    );
+}

@@ -1,0 +1,362 @@
+//! Tensors known at load time: initializers, `Constant` nodes and the shape
+//! arithmetic exporters emit (`Shape → Gather → Concat → Reshape`), folded once.
+//! The batch size is the one value not known at load time; it is carried as
+//! the symbol [`Scalar::Batch`] and may only be moved around, not computed with.
+
+use crate::proto::{data_type, TensorProto};
+use hvp_tensor::nd;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scalar {
+    Float(f64),
+    Int(i64),
+    /// The batch size, whatever it will be.
+    Batch,
+}
+
+impl Scalar {
+    pub fn as_f64(self) -> Option<f64> {
+        match self {
+            Scalar::Float(v) => Some(v),
+            Scalar::Int(v) => Some(v as f64),
+            Scalar::Batch => None,
+        }
+    }
+}
+
+/// A load-time tensor; `float` says whether it is floating point (data) or
+/// integer (shapes, indices, axes).
+#[derive(Clone, Debug)]
+pub struct Constant {
+    pub shape: Vec<usize>,
+    pub values: Vec<Scalar>,
+    pub float: bool,
+}
+
+fn chunks<const N: usize>(raw: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    raw.chunks_exact(N).map(|c| c.try_into().expect("exact chunk"))
+}
+
+impl Constant {
+    pub fn floats(shape: Vec<usize>, values: impl IntoIterator<Item = f64>) -> Self {
+        Constant {
+            shape,
+            values: values.into_iter().map(Scalar::Float).collect(),
+            float: true,
+        }
+    }
+
+    pub fn ints(shape: Vec<usize>, values: impl IntoIterator<Item = Scalar>) -> Self {
+        Constant {
+            shape,
+            values: values.into_iter().collect(),
+            float: false,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Decodes an ONNX tensor (inline or in an external data file next to the model).
+    pub fn from_proto(t: &TensorProto, model_dir: &Path) -> Result<Self, String> {
+        let shape = t
+            .dims
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| format!("tensor '{}' has a negative dimension {d}", t.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let numel: usize = shape.iter().product();
+        let external;
+        let raw: &[u8] = if t.data_location == 1 {
+            external = read_external(t, model_dir)?;
+            &external
+        } else {
+            &t.raw_data
+        };
+        let (values, float): (Vec<Scalar>, bool) = match t.data_type {
+            data_type::FLOAT if !raw.is_empty() => (
+                chunks::<4>(raw)
+                    .map(|b| f32::from_le_bytes(b) as f64)
+                    .map(Scalar::Float)
+                    .collect(),
+                true,
+            ),
+            data_type::FLOAT => (t.float_data.iter().map(|&v| Scalar::Float(v as f64)).collect(), true),
+            data_type::DOUBLE if !raw.is_empty() => (
+                chunks::<8>(raw).map(f64::from_le_bytes).map(Scalar::Float).collect(),
+                true,
+            ),
+            data_type::DOUBLE => (t.double_data.iter().map(|&v| Scalar::Float(v)).collect(), true),
+            data_type::INT64 if !raw.is_empty() => (
+                chunks::<8>(raw).map(i64::from_le_bytes).map(Scalar::Int).collect(),
+                false,
+            ),
+            data_type::INT64 => (t.int64_data.iter().map(|&v| Scalar::Int(v)).collect(), false),
+            data_type::INT32 if !raw.is_empty() => (
+                chunks::<4>(raw)
+                    .map(|b| Scalar::Int(i32::from_le_bytes(b) as i64))
+                    .collect(),
+                false,
+            ),
+            data_type::INT32 | data_type::INT8 | data_type::UINT8 | data_type::BOOL if raw.is_empty() => {
+                (t.int32_data.iter().map(|&v| Scalar::Int(v as i64)).collect(), false)
+            }
+            data_type::INT8 => (raw.iter().map(|&b| Scalar::Int(b as i8 as i64)).collect(), false),
+            data_type::UINT8 | data_type::BOOL => (raw.iter().map(|&b| Scalar::Int(b as i64)).collect(), false),
+            other => return Err(format!(
+                "tensor '{}' has ONNX data type {other}; hvp reads float, double, int64, int32, int8, uint8 and bool",
+                t.name
+            )),
+        };
+        if values.len() != numel {
+            return Err(format!(
+                "tensor '{}' of shape {shape:?} holds {} values instead of {numel} (truncated file?)",
+                t.name,
+                values.len()
+            ));
+        }
+        if float && values.iter().any(|v| !v.as_f64().is_some_and(f64::is_finite)) {
+            return Err(format!("tensor '{}' contains NaN or infinite values", t.name));
+        }
+        Ok(Constant { shape, values, float })
+    }
+
+    /// The values as f64, when none is the symbolic batch size.
+    pub fn to_f64(&self) -> Option<Vec<f64>> {
+        self.values.iter().map(|v| v.as_f64()).collect()
+    }
+
+    /// Integer values (axes, indices), when all are known.
+    pub fn known_ints(&self) -> Option<Vec<i64>> {
+        self.values
+            .iter()
+            .map(|v| match *v {
+                Scalar::Int(i) => Some(i),
+                Scalar::Float(f) if f.fract() == 0.0 => Some(f as i64),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn reshape(&self, shape: Vec<usize>) -> Self {
+        Constant {
+            shape,
+            values: self.values.clone(),
+            float: self.float,
+        }
+    }
+
+    /// Elements at `indices` (flat positions into `self.values`), with `shape`.
+    fn pick(&self, shape: Vec<usize>, indices: impl IntoIterator<Item = usize>) -> Self {
+        Constant {
+            shape,
+            values: indices.into_iter().map(|i| self.values[i]).collect(),
+            float: self.float,
+        }
+    }
+
+    /// `Gather(self, indices, axis)`.
+    pub fn gather(&self, indices: &[i64], index_shape: &[usize], axis: usize) -> Result<Self, String> {
+        let n = self.shape[axis];
+        let outer: usize = self.shape[..axis].iter().product();
+        let inner: usize = self.shape[axis + 1..].iter().product();
+        let mut resolved = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let j = if i < 0 { i + n as i64 } else { i };
+            if j < 0 || j >= n as i64 {
+                return Err(format!("index {i} is out of range for a dimension of size {n}"));
+            }
+            resolved.push(j as usize);
+        }
+        let mut shape = self.shape[..axis].to_vec();
+        shape.extend_from_slice(index_shape);
+        shape.extend_from_slice(&self.shape[axis + 1..]);
+        let mut picks = Vec::with_capacity(outer * resolved.len() * inner);
+        for o in 0..outer {
+            for &j in &resolved {
+                picks.extend((0..inner).map(|k| (o * n + j) * inner + k));
+            }
+        }
+        Ok(self.pick(shape, picks))
+    }
+
+    /// `Concat(parts, axis)` (equal shapes except along `axis`, checked by the caller).
+    pub fn concat(parts: &[&Constant], axis: usize) -> Self {
+        let mut shape = parts[0].shape.clone();
+        shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
+        let outer: usize = shape[..axis].iter().product();
+        let mut values = Vec::new();
+        for o in 0..outer {
+            for p in parts {
+                let len: usize = p.shape[axis..].iter().product();
+                values.extend_from_slice(&p.values[o * len..(o + 1) * len]);
+            }
+        }
+        Constant {
+            shape,
+            values,
+            float: parts.iter().any(|p| p.float),
+        }
+    }
+
+    /// Broadcast to `shape` (numpy rules, checked by the caller).
+    pub fn expand(&self, shape: &[usize]) -> Self {
+        let positions: Vec<f64> = (0..self.numel()).map(|i| i as f64).collect();
+        let src = hvp_tensor::Tensor::new(self.shape.clone(), positions).expect("own length");
+        let grown = nd::expand(&src, shape);
+        self.pick(shape.to_vec(), grown.data().iter().map(|&p| p as usize))
+    }
+
+    pub fn transpose(&self, perm: &[usize]) -> Self {
+        let positions: Vec<f64> = (0..self.numel()).map(|i| i as f64).collect();
+        let src = hvp_tensor::Tensor::new(self.shape.clone(), positions).expect("own length");
+        let moved = nd::permute(&src, perm);
+        self.pick(moved.shape().to_vec(), moved.data().iter().map(|&p| p as usize))
+    }
+
+    /// Converts to floating point (`to_float`) or integers.
+    pub fn cast(&self, to_float: bool) -> Result<Self, String> {
+        let values = self
+            .values
+            .iter()
+            .map(|&v| match (v, to_float) {
+                (Scalar::Batch, true) => Err("the batch size cannot become data".to_string()),
+                (Scalar::Batch, false) => Ok(Scalar::Batch),
+                (Scalar::Float(f), false) => Ok(Scalar::Int(f as i64)),
+                (Scalar::Int(i), true) => Ok(Scalar::Float(i as f64)),
+                (v, _) => Ok(v),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Constant {
+            shape: self.shape.clone(),
+            values,
+            float: to_float,
+        })
+    }
+
+    /// Elementwise `a ∘ b` with broadcasting; the batch size cannot take part.
+    pub fn arith(a: &Constant, b: &Constant, op: char) -> Result<Self, String> {
+        let shape = nd::broadcast_shape(&a.shape, &b.shape)
+            .ok_or_else(|| format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape))?;
+        let (ea, eb) = (a.expand(&shape), b.expand(&shape));
+        let float = a.float || b.float;
+        let mut values = Vec::with_capacity(ea.numel());
+        for (&x, &y) in ea.values.iter().zip(&eb.values) {
+            let v = match (x, y) {
+                (Scalar::Int(x), Scalar::Int(y)) if !float => Scalar::Int(match op {
+                    '+' => x + y,
+                    '-' => x - y,
+                    '*' => x * y,
+                    _ if y == 0 => return Err("integer division by zero".into()),
+                    _ => x.div_euclid(y),
+                }),
+                (x, y) => match (x.as_f64(), y.as_f64()) {
+                    (Some(x), Some(y)) => Scalar::Float(match op {
+                        '+' => x + y,
+                        '-' => x - y,
+                        '*' => x * y,
+                        _ => x / y,
+                    }),
+                    _ => return Err("arithmetic on the batch size (the graph computes with a dynamic shape)".into()),
+                },
+            };
+            values.push(v);
+        }
+        Ok(Constant { shape, values, float })
+    }
+}
+
+/// Reads the bytes of a tensor stored outside the model (`location`, `offset`,
+/// `length` entries), relative to the model's folder.
+fn read_external(t: &TensorProto, model_dir: &Path) -> Result<Vec<u8>, String> {
+    let entry = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str());
+    let location = entry("location").ok_or_else(|| format!("tensor '{}' is external but names no file", t.name))?;
+    let file = model_dir.join(location);
+    let bytes = std::fs::read(&file).map_err(|e| {
+        format!(
+            "tensor '{}' is stored in {}, which cannot be read: {e}",
+            t.name,
+            file.display()
+        )
+    })?;
+    let parse = |key: &str| -> Result<Option<usize>, String> {
+        entry(key)
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("tensor '{}': bad external {key} '{v}'", t.name))
+            })
+            .transpose()
+    };
+    let offset = parse("offset")?.unwrap_or(0);
+    let length = parse("length")?.unwrap_or(bytes.len().saturating_sub(offset));
+    bytes.get(offset..offset + length).map(<[u8]>::to_vec).ok_or_else(|| {
+        format!(
+            "tensor '{}': {} is shorter than offset {offset} + length {length}",
+            t.name,
+            file.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_plumbing_keeps_the_batch_symbol() {
+        let shape = Constant::ints(
+            vec![4],
+            [Scalar::Batch, Scalar::Int(64), Scalar::Int(1), Scalar::Int(1)],
+        );
+        let first = shape.gather(&[0], &[1], 0).unwrap();
+        assert_eq!(first.values, vec![Scalar::Batch]);
+        let target = Constant::concat(&[&first, &Constant::ints(vec![1], [Scalar::Int(-1)])], 0);
+        assert_eq!(target.values, vec![Scalar::Batch, Scalar::Int(-1)]);
+        assert!(Constant::arith(&first, &first, '*').is_err());
+        assert!(shape.gather(&[7], &[1], 0).is_err());
+    }
+
+    #[test]
+    fn decodes_raw_and_typed_fields() {
+        let t = TensorProto {
+            dims: vec![2],
+            data_type: data_type::FLOAT,
+            raw_data: [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat(),
+            ..Default::default()
+        };
+        let c = Constant::from_proto(&t, Path::new(".")).unwrap();
+        assert_eq!(c.to_f64().unwrap(), vec![1.5, -2.0]);
+        let short = TensorProto {
+            dims: vec![3],
+            ..t.clone()
+        };
+        assert!(Constant::from_proto(&short, Path::new("."))
+            .unwrap_err()
+            .contains("truncated"));
+        let ints = TensorProto {
+            dims: vec![2],
+            data_type: data_type::INT64,
+            int64_data: vec![3, -1],
+            ..Default::default()
+        };
+        assert_eq!(
+            Constant::from_proto(&ints, Path::new("."))
+                .unwrap()
+                .known_ints()
+                .unwrap(),
+            vec![3, -1]
+        );
+    }
+
+    #[test]
+    fn expand_transpose_and_arith_fold() {
+        let a = Constant::floats(vec![2, 1], [1.0, 2.0]);
+        let e = a.expand(&[2, 3]);
+        assert_eq!(e.to_f64().unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        let t = Constant::floats(vec![2, 3], (0..6).map(f64::from)).transpose(&[1, 0]);
+        assert_eq!(t.to_f64().unwrap(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        let s = Constant::arith(&a, &Constant::floats(vec![], [10.0]), '*').unwrap();
+        assert_eq!(s.to_f64().unwrap(), vec![10.0, 20.0]);
+    }
+}

@@ -1,0 +1,1489 @@
+//! Translation of an ONNX graph into an hvp [`Graph`], node by node, with every
+//! shape inferred symbolically (the batch size as [`Dim::Batch`]) so that all
+//! shape errors surface at load time, naming the node.
+
+use crate::constant::{Constant, Scalar};
+use crate::proto::{attribute_type, data_type, AttributeProto, ModelProto, NodeProto, TensorProto};
+use crate::{ImportOptions, Imported, OnnxError};
+use hvp_autodiff::primitives::nd::{Arith, Pointwise};
+use hvp_autodiff::{Dim, Graph, NodeId, Op};
+use hvp_model::{Architecture, Init, Model, ParamSpec, Weights};
+use hvp_tensor::conv::ConvGeometry;
+use hvp_tensor::nd::MaxPoolGeometry;
+use hvp_tensor::pool::out_size;
+use hvp_tensor::Tensor;
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// Operators hvp imports (default ONNX domain, opsets 13–21).
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "CastLike",
+    "Concat",
+    "Constant",
+    "Conv",
+    "Div",
+    "Dropout",
+    "Erf",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "Gelu",
+    "Gemm",
+    "GlobalAveragePool",
+    "Identity",
+    "LeakyRelu",
+    "LogSoftmax",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "ReduceMean",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Softmax",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+];
+
+/// What an ONNX value name stands for during the import.
+#[derive(Clone, Debug)]
+enum Entry {
+    /// Computed per batch by graph node `node`, of symbolic `shape`.
+    Runtime { node: NodeId, shape: Vec<Dim> },
+    /// Known at load time.
+    Static(Constant),
+    /// Trainable parameter `index`.
+    Param(usize),
+}
+
+type Res<T> = Result<T, OnnxError>;
+
+/// Which inputs of an operator are weights (trainable when they are float initializers).
+fn weight_slots(op: &str) -> &'static [usize] {
+    match op {
+        "Conv" | "Gemm" | "BatchNormalization" => &[1, 2],
+        "MatMul" => &[0, 1],
+        _ => &[],
+    }
+}
+
+fn is_float_type(t: i32) -> bool {
+    // FLOAT, FLOAT16, DOUBLE, BFLOAT16
+    matches!(t, 1 | 10 | 11 | 16)
+}
+
+fn fixed(shape: &[usize]) -> Vec<Dim> {
+    shape.iter().map(|&d| Dim::Fixed(d)).collect()
+}
+
+fn show(shape: &[Dim]) -> String {
+    let parts: Vec<String> = shape
+        .iter()
+        .map(|d| match d {
+            Dim::Batch => "batch".to_string(),
+            Dim::Fixed(n) => n.to_string(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// Numpy broadcasting of symbolic shapes; the batch size only meets itself or 1.
+fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
+    let n = a.len().max(b.len());
+    let at = |s: &[Dim], i: usize| {
+        if i + s.len() >= n {
+            s[i + s.len() - n]
+        } else {
+            Dim::Fixed(1)
+        }
+    };
+    (0..n)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y => Some(x),
+            (Dim::Fixed(1), y) => Some(y),
+            (x, Dim::Fixed(1)) => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
+fn normalize_axis(axis: i64, rank: usize) -> Option<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    (0..rank as i64).contains(&a).then_some(a as usize)
+}
+
+fn attr<'n>(node: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+fn attr_i(node: &NodeProto, name: &str, default: i64) -> i64 {
+    attr(node, name).map_or(default, |a| a.i)
+}
+
+fn attr_f(node: &NodeProto, name: &str, default: f64) -> f64 {
+    attr(node, name).map_or(default, |a| a.f as f64)
+}
+
+fn attr_ints(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    attr(node, name).map(|a| a.ints.clone())
+}
+
+fn attr_s(node: &NodeProto, name: &str) -> Option<String> {
+    attr(node, name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+}
+
+struct Importer<'a> {
+    path: &'a Path,
+    model_dir: &'a Path,
+    opset: i64,
+    graph: Graph,
+    params: Vec<ParamSpec>,
+    param_values: Vec<Tensor<f64>>,
+    buffers: Vec<ParamSpec>,
+    buffer_values: Vec<Tensor<f64>>,
+    param_nodes: HashMap<usize, NodeId>,
+    constant_nodes: HashMap<String, NodeId>,
+    values: HashMap<String, Entry>,
+    /// The batch size the graph was exported with, when its input fixes one.
+    export_batch: Option<usize>,
+    node: String,
+    op: String,
+}
+
+pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Imported> {
+    let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let model_err = |reason: String| OnnxError::Model {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| model_err("the file holds no graph".into()))?;
+    if graph.node.is_empty() {
+        return Err(model_err("the graph has no nodes".into()));
+    }
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(13, |o| o.version);
+    let model_dir = path.parent().unwrap_or(Path::new("."));
+
+    // Initializers, plus a separate copy for each Identity of one: the legacy
+    // exporter merges equal-valued initializers (e.g. two BatchNorm biases that
+    // are both zero) behind Identity nodes, and PyTorch's parameters are distinct.
+    let mut initializers: Vec<TensorProto> = graph.initializer.clone();
+    let mut init_index: HashMap<String, usize> = initializers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    for node in &graph.node {
+        if node.op_type == "Identity" && node.domain.is_empty() {
+            if let (Some(src), Some(out)) = (node.input.first(), node.output.first()) {
+                if let Some(&i) = init_index.get(src) {
+                    let mut copy = initializers[i].clone();
+                    copy.name = out.clone();
+                    init_index.insert(out.clone(), initializers.len());
+                    initializers.push(copy);
+                }
+            }
+        }
+    }
+
+    // Trainable candidates: float initializers at weight inputs, in order of use.
+    let mut candidates: Vec<String> = Vec::new();
+    for node in &graph.node {
+        for &slot in weight_slots(&node.op_type) {
+            if let Some(name) = node.input.get(slot).filter(|n| !n.is_empty()) {
+                if let Some(&i) = init_index.get(name) {
+                    let t = &initializers[i];
+                    let float = matches!(t.data_type, data_type::FLOAT | data_type::DOUBLE);
+                    if float && !candidates.contains(name) {
+                        candidates.push(name.clone());
+                    }
+                }
+            }
+        }
+    }
+    let selected: Vec<String> = match &options.params_glob {
+        None => candidates.clone(),
+        Some(glob) => {
+            let pattern = glob::Pattern::new(glob).map_err(|e| OnnxError::BadGlob {
+                glob: glob.clone(),
+                reason: e.to_string(),
+            })?;
+            let s: Vec<String> = candidates.iter().filter(|c| pattern.matches(c)).cloned().collect();
+            if s.is_empty() {
+                return Err(OnnxError::NoParams {
+                    glob: glob.clone(),
+                    available: candidates.join(", "),
+                });
+            }
+            s
+        }
+    };
+
+    let mut imp = Importer {
+        path,
+        model_dir,
+        opset,
+        graph: Graph::new(),
+        params: vec![],
+        param_values: vec![],
+        buffers: vec![],
+        buffer_values: vec![],
+        param_nodes: HashMap::new(),
+        constant_nodes: HashMap::new(),
+        values: HashMap::new(),
+        export_batch: None,
+        node: String::new(),
+        op: String::new(),
+    };
+    let mut candidate_shapes = Vec::new();
+    for t in &initializers {
+        let c = Constant::from_proto(t, model_dir).map_err(|reason| model_err(format!("initializer: {reason}")))?;
+        if candidates.contains(&t.name) {
+            candidate_shapes.push((t.name.clone(), c.shape.clone()));
+        }
+        let entry = if selected.contains(&t.name) {
+            imp.params.push(ParamSpec {
+                name: t.name.clone(),
+                shape: c.shape.clone(),
+                init: Init::Zeros,
+            });
+            let values = c.to_f64().expect("float initializer");
+            imp.param_values
+                .push(Tensor::new(c.shape.clone(), values).expect("decoded length checked"));
+            Entry::Param(imp.params.len() - 1)
+        } else {
+            Entry::Static(c)
+        };
+        imp.values.insert(t.name.clone(), entry);
+    }
+    // Parameters in order of use, as PyTorch's state_dict lists them.
+    candidate_shapes.sort_by_key(|(n, _)| candidates.iter().position(|c| c == n));
+
+    // The data input: the one graph input that is not an initializer.
+    let inputs: Vec<_> = graph
+        .input
+        .iter()
+        .filter(|i| !init_index.contains_key(&i.name))
+        .collect();
+    let [input] = inputs.as_slice() else {
+        let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        return Err(model_err(format!(
+            "the graph has {} data inputs ({}); hvp feeds exactly one (the batch of examples)",
+            names.len(),
+            names.join(", ")
+        )));
+    };
+    let tensor_type = input
+        .r#type
+        .as_ref()
+        .and_then(|t| t.tensor_type.as_ref())
+        .ok_or_else(|| model_err(format!("input '{}' is not a tensor", input.name)))?;
+    if !is_float_type(tensor_type.elem_type) {
+        return Err(model_err(format!(
+            "input '{}' has ONNX element type {}; hvp feeds float tensors",
+            input.name, tensor_type.elem_type
+        )));
+    }
+    let dims = tensor_type
+        .shape
+        .as_ref()
+        .map(|s| s.dim.clone())
+        .ok_or_else(|| model_err(format!("input '{}' has no declared shape", input.name)))?;
+    if dims.len() < 2 {
+        return Err(model_err(format!(
+            "input '{}' has rank {}; hvp needs [batch, ...] with at least one feature dimension",
+            input.name,
+            dims.len()
+        )));
+    }
+    imp.export_batch = dims[0].dim_value.filter(|&v| v > 0).map(|v| v as usize);
+    let mut sample_shape = Vec::new();
+    for (k, d) in dims.iter().enumerate().skip(1) {
+        match d.dim_value {
+            Some(v) if v > 0 => sample_shape.push(v as usize),
+            _ => {
+                return Err(OnnxError::Dynamic {
+                    path: path.to_path_buf(),
+                    node: input.name.clone(),
+                    op: "graph input".into(),
+                    reason: format!(
+                        "dimension {k} of the input is '{}', not a number",
+                        d.dim_param.clone().unwrap_or_default()
+                    ),
+                })
+            }
+        }
+    }
+    let x = imp.graph.input();
+    let mut shape = vec![Dim::Batch];
+    shape.extend(fixed(&sample_shape));
+    imp.values.insert(input.name.clone(), Entry::Runtime { node: x, shape });
+
+    for node in &graph.node {
+        imp.node = if node.name.is_empty() {
+            node.output.first().cloned().unwrap_or_default()
+        } else {
+            node.name.clone()
+        };
+        imp.op = node.op_type.clone();
+        if !(node.domain.is_empty() || node.domain == "ai.onnx") {
+            return Err(imp.unsupported(&format!(" (domain '{}')", node.domain)));
+        }
+        // Identity outputs of initializers were made initializers of their own above.
+        if node.op_type == "Identity" && node.output.first().is_some_and(|o| init_index.contains_key(o)) {
+            continue;
+        }
+        imp.node_op(node)?;
+    }
+
+    let [output] = graph.output.as_slice() else {
+        return Err(model_err(format!(
+            "the graph has {} outputs; hvp needs exactly one (the logits)",
+            graph.output.len()
+        )));
+    };
+    let (out_node, out_shape) = match imp.values.get(&output.name) {
+        Some(Entry::Runtime { node, shape }) => (*node, shape.clone()),
+        Some(_) => {
+            return Err(model_err(format!(
+                "output '{}' does not depend on the input",
+                output.name
+            )))
+        }
+        None => return Err(model_err(format!("output '{}' is computed by no node", output.name))),
+    };
+    let num_classes = match out_shape.as_slice() {
+        [Dim::Batch, Dim::Fixed(c)] => *c,
+        _ => {
+            return Err(model_err(format!(
+                "output '{}' has shape {}; hvp needs logits [batch, classes] (apply the loss in hvp, not in the graph)",
+                output.name,
+                show(&out_shape)
+            )))
+        }
+    };
+    if out_node != imp.graph.nodes().len() - 1 {
+        // The graph's last node is its output.
+        imp.graph.push(Op::Reshape {
+            input: out_node,
+            shape: out_shape.clone(),
+        });
+    }
+
+    let warnings = folded_batchnorm_warning(&graph.node).into_iter().collect();
+    let name = path
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let model = Model {
+        arch: Architecture::Onnx {
+            name,
+            input_shape: sample_shape.clone(),
+        },
+        graph: imp.graph,
+        params: imp.params,
+        buffers: imp.buffers,
+        input_channels: if sample_shape.len() == 3 { sample_shape[0] } else { 1 },
+        num_classes,
+    };
+    let weights = Weights {
+        params: imp.param_values,
+        buffers: imp.buffer_values,
+    };
+    Ok(Imported {
+        model,
+        weights,
+        warnings,
+        candidates: candidate_shapes,
+    })
+}
+
+/// PyTorch's exporters fold eval-mode BatchNorm into the preceding convolution
+/// unless told not to, which changes the parameters the Hessian is taken in.
+fn folded_batchnorm_warning(nodes: &[NodeProto]) -> Option<String> {
+    if nodes.iter().any(|n| n.op_type == "BatchNormalization") {
+        return None;
+    }
+    let folded = nodes.iter().filter(|n| n.op_type == "Conv").any(|n| {
+        n.metadata_props
+            .iter()
+            .any(|p| p.value.contains("FuseBatchNorm") || p.value.contains("batch_norm"))
+            || n.input.iter().any(|i| i.starts_with("onnx::Conv"))
+            || n.input
+                .iter()
+                .chain(&n.output)
+                .any(|i| i.contains(".bn") || i.starts_with("bn"))
+    });
+    folded.then(|| {
+        "the graph has convolutions but no BatchNormalization and its names suggest BatchNorm was folded into \
+         them by the exporter: the Hessian is then taken with respect to the folded weights. Export with \
+         torch.onnx.export(model.eval(), (x,), path, optimize=False, do_constant_folding=False) (or dynamo=False, \
+         do_constant_folding=False) to keep BatchNorm"
+            .to_string()
+    })
+}
+
+impl Importer<'_> {
+    fn err(&self, reason: impl Into<String>) -> OnnxError {
+        OnnxError::Node {
+            path: self.path.to_path_buf(),
+            node: self.node.clone(),
+            op: self.op.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn dynamic(&self, reason: impl Into<String>) -> OnnxError {
+        OnnxError::Dynamic {
+            path: self.path.to_path_buf(),
+            node: self.node.clone(),
+            op: self.op.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unsupported(&self, domain: &str) -> OnnxError {
+        OnnxError::Unsupported {
+            path: self.path.to_path_buf(),
+            node: self.node.clone(),
+            op: self.op.clone(),
+            domain: domain.to_string(),
+            supported: SUPPORTED_OPS.join(", "),
+        }
+    }
+
+    fn entry(&self, name: &str) -> Res<Entry> {
+        self.values.get(name).cloned().ok_or_else(|| OnnxError::MissingValue {
+            path: self.path.to_path_buf(),
+            node: self.node.clone(),
+            op: self.op.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Input `k` of `node`, when present (ONNX marks omitted optional inputs with "").
+    fn input<'n>(&self, node: &'n NodeProto, k: usize) -> Option<&'n str> {
+        node.input.get(k).map(String::as_str).filter(|s| !s.is_empty())
+    }
+
+    fn required(&self, node: &NodeProto, k: usize) -> Res<Entry> {
+        match self.input(node, k) {
+            Some(name) => self.entry(name),
+            None => Err(self.err(format!("input {k} is required"))),
+        }
+    }
+
+    fn set_output(&mut self, node: &NodeProto, entry: Entry) -> Res<()> {
+        let out = node.output.first().ok_or_else(|| self.err("the node has no output"))?;
+        self.values.insert(out.clone(), entry);
+        Ok(())
+    }
+
+    fn push(&mut self, op: Op, shape: Vec<Dim>) -> Entry {
+        Entry::Runtime {
+            node: self.graph.push(op),
+            shape,
+        }
+    }
+
+    /// A constant as a graph node (a buffer named `name`), created once per name.
+    fn constant_node(&mut self, name: &str, c: &Constant) -> Res<(NodeId, Vec<Dim>)> {
+        if !c.float {
+            return Err(self.err(format!("integer tensor '{name}' is used as data")));
+        }
+        if let Some(&n) = self.constant_nodes.get(name) {
+            return Ok((n, fixed(&c.shape)));
+        }
+        let values = c
+            .to_f64()
+            .ok_or_else(|| self.dynamic(format!("'{name}' holds the batch size as data")))?;
+        let buffer = self.add_buffer(name, c.shape.clone(), values);
+        let n = self.graph.push(Op::Constant { buffer });
+        self.constant_nodes.insert(name.to_string(), n);
+        Ok((n, fixed(&c.shape)))
+    }
+
+    fn add_buffer(&mut self, name: &str, shape: Vec<usize>, values: Vec<f64>) -> usize {
+        let mut unique = name.to_string();
+        let mut k = 1;
+        while self.buffers.iter().any(|b| b.name == unique) {
+            unique = format!("{name}#{k}");
+            k += 1;
+        }
+        self.buffers.push(ParamSpec {
+            name: unique,
+            shape: shape.clone(),
+            init: Init::Zeros,
+        });
+        self.buffer_values
+            .push(Tensor::new(shape, values).expect("constant length matches its shape"));
+        self.buffers.len() - 1
+    }
+
+    /// Any value as a graph node.
+    fn runtime(&mut self, name: &str, e: &Entry) -> Res<(NodeId, Vec<Dim>)> {
+        match e {
+            Entry::Runtime { node, shape } => Ok((*node, shape.clone())),
+            Entry::Param(i) => {
+                let shape = fixed(&self.params[*i].shape);
+                let index = *i;
+                let n = *self
+                    .param_nodes
+                    .entry(index)
+                    .or_insert_with(|| self.graph.push(Op::Param { index }));
+                Ok((n, shape))
+            }
+            Entry::Static(c) => self.constant_node(name, c),
+        }
+    }
+
+    fn runtime_input(&mut self, node: &NodeProto, k: usize) -> Res<(NodeId, Vec<Dim>)> {
+        let e = self.required(node, k)?;
+        self.runtime(&node.input[k], &e)
+    }
+
+    fn static_input(&self, node: &NodeProto, k: usize, what: &str) -> Res<Constant> {
+        match self.required(node, k)? {
+            Entry::Static(c) => Ok(c),
+            _ => Err(self.dynamic(format!(
+                "{what} (input {k}) is computed per batch; hvp needs it fixed at load time"
+            ))),
+        }
+    }
+
+    fn known_ints_input(&self, node: &NodeProto, k: usize, what: &str) -> Res<Vec<i64>> {
+        self.static_input(node, k, what)?
+            .known_ints()
+            .ok_or_else(|| self.dynamic(format!("{what} depends on the batch size")))
+    }
+
+    /// Axes from the attribute (older opsets) or input `k` (newer ones).
+    fn axes(&self, node: &NodeProto, k: usize) -> Res<Option<Vec<i64>>> {
+        if let Some(a) = attr_ints(node, "axes") {
+            return Ok(Some(a));
+        }
+        match self.input(node, k) {
+            Some(_) => Ok(Some(self.known_ints_input(node, k, "axes")?)),
+            None => Ok(None),
+        }
+    }
+
+    fn shape_of(&self, e: &Entry) -> Vec<Dim> {
+        match e {
+            Entry::Runtime { shape, .. } => shape.clone(),
+            Entry::Param(i) => fixed(&self.params[*i].shape),
+            Entry::Static(c) => fixed(&c.shape),
+        }
+    }
+
+    fn all_static(&self, node: &NodeProto) -> Res<Option<Vec<Constant>>> {
+        let mut out = Vec::new();
+        for k in 0..node.input.len() {
+            match self.input(node, k) {
+                None => continue,
+                Some(name) => match self.entry(name)? {
+                    Entry::Static(c) => out.push(c),
+                    _ => return Ok(None),
+                },
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn node_op(&mut self, node: &NodeProto) -> Res<()> {
+        let op = node.op_type.as_str();
+        let entry = match op {
+            "Identity" | "Dropout" => {
+                if op == "Dropout" && node.output.get(1).is_some_and(|m| !m.is_empty()) {
+                    return Err(self.err("the dropout mask output is not supported (export in eval mode)"));
+                }
+                self.required(node, 0)?
+            }
+            "Constant" => Entry::Static(self.constant(node)?),
+            "Shape" => self.shape_op(node)?,
+            "Gather" => {
+                let data = self.static_input(node, 0, "Gather data")?;
+                let idx = self.static_input(node, 1, "Gather indices")?;
+                let indices = idx
+                    .known_ints()
+                    .ok_or_else(|| self.dynamic("Gather indices depend on the batch size"))?;
+                let axis = normalize_axis(attr_i(node, "axis", 0), data.shape.len())
+                    .ok_or_else(|| self.err("axis out of range"))?;
+                Entry::Static(data.gather(&indices, &idx.shape, axis).map_err(|r| self.err(r))?)
+            }
+            "Cast" | "CastLike" => {
+                let to_float = if op == "Cast" {
+                    is_float_type(attr_i(node, "to", 1) as i32)
+                } else {
+                    match self.required(node, 1)? {
+                        Entry::Static(c) => c.float,
+                        _ => true,
+                    }
+                };
+                match self.required(node, 0)? {
+                    Entry::Static(c) => Entry::Static(c.cast(to_float).map_err(|r| self.dynamic(r))?),
+                    e if to_float => e,
+                    _ => return Err(self.err("casting data computed per batch to integers is not differentiable")),
+                }
+            }
+            "Unsqueeze" | "Squeeze" => self.squeeze(node, op == "Unsqueeze")?,
+            "Reshape" => self.reshape(node)?,
+            "Flatten" => self.flatten(node)?,
+            "Concat" => self.concat(node)?,
+            "Expand" => self.expand(node)?,
+            "Transpose" => self.transpose(node)?,
+            "Add" | "Sub" | "Mul" | "Div" => self.arith(node)?,
+            "Relu" | "Tanh" | "Sigmoid" | "LeakyRelu" | "Erf" | "Gelu" => {
+                let (x, shape) = self.runtime_input(node, 0)?;
+                let func = match op {
+                    "Relu" => None,
+                    "Tanh" => None,
+                    "Sigmoid" => Some(Pointwise::Sigmoid),
+                    "LeakyRelu" => Some(Pointwise::LeakyRelu {
+                        alpha: attr_f(node, "alpha", 0.01),
+                    }),
+                    "Erf" => Some(Pointwise::Erf),
+                    _ => match attr_s(node, "approximate").as_deref().unwrap_or("none") {
+                        "none" => Some(Pointwise::Gelu),
+                        "tanh" => Some(Pointwise::GeluTanh),
+                        other => return Err(self.err(format!("approximate='{other}' is not a GELU variant"))),
+                    },
+                };
+                let graph_op = match (op, func) {
+                    ("Relu", _) => Op::Relu { input: x },
+                    ("Tanh", _) => Op::Tanh { input: x },
+                    (_, Some(func)) => Op::Pointwise { input: x, func },
+                    _ => unreachable!("every pointwise operator maps to an op"),
+                };
+                self.push(graph_op, shape)
+            }
+            "Softmax" | "LogSoftmax" => {
+                let (x, shape) = self.runtime_input(node, 0)?;
+                let default = if self.opset >= 13 { -1 } else { 1 };
+                let axis = normalize_axis(attr_i(node, "axis", default), shape.len())
+                    .ok_or_else(|| self.err("axis out of range"))?;
+                if self.opset < 13 && axis != shape.len() - 1 {
+                    return Err(
+                        self.err("opset < 13 Softmax over several axes is not supported; export with opset >= 13")
+                    );
+                }
+                if shape[axis] == Dim::Batch {
+                    return Err(self.err("a softmax over the batch mixes examples"));
+                }
+                self.push(
+                    Op::Softmax {
+                        input: x,
+                        axis,
+                        log: op == "LogSoftmax",
+                    },
+                    shape,
+                )
+            }
+            "MatMul" => self.matmul(node)?,
+            "Gemm" => self.gemm(node)?,
+            "Conv" => self.conv(node)?,
+            "BatchNormalization" => self.batchnorm(node)?,
+            "AveragePool" | "MaxPool" => self.pool(node, op == "MaxPool")?,
+            "GlobalAveragePool" => {
+                let (x, shape) = self.runtime_input(node, 0)?;
+                if shape.len() != 4 {
+                    return Err(self.err(format!("input of shape {} is not NCHW", show(&shape))));
+                }
+                let pooled = self.graph.push(Op::GlobalAvgPool { input: x });
+                let out = vec![shape[0], shape[1], Dim::Fixed(1), Dim::Fixed(1)];
+                self.push(
+                    Op::Reshape {
+                        input: pooled,
+                        shape: out.clone(),
+                    },
+                    out,
+                )
+            }
+            "ReduceMean" => self.reduce_mean(node)?,
+            _ => return Err(self.unsupported("")),
+        };
+        self.set_output(node, entry)
+    }
+
+    fn constant(&self, node: &NodeProto) -> Res<Constant> {
+        let a = node
+            .attribute
+            .first()
+            .ok_or_else(|| self.err("a Constant needs a value attribute"))?;
+        Ok(match (a.name.as_str(), a.r#type) {
+            ("value", attribute_type::TENSOR) | ("value", _) if a.t.is_some() => {
+                let t = a.t.as_ref().expect("checked");
+                Constant::from_proto(t, self.model_dir).map_err(|r| self.err(r))?
+            }
+            ("value_float", attribute_type::FLOAT) => Constant::floats(vec![], [a.f as f64]),
+            ("value_floats", attribute_type::FLOATS) => {
+                Constant::floats(vec![a.floats.len()], a.floats.iter().map(|&v| v as f64))
+            }
+            ("value_int", attribute_type::INT) => Constant::ints(vec![], [Scalar::Int(a.i)]),
+            ("value_ints", attribute_type::INTS) => {
+                Constant::ints(vec![a.ints.len()], a.ints.iter().map(|&v| Scalar::Int(v)))
+            }
+            (name, _) => return Err(self.err(format!("Constant attribute '{name}' is not supported"))),
+        })
+    }
+
+    fn shape_op(&self, node: &NodeProto) -> Res<Entry> {
+        let dims: Vec<Scalar> = self
+            .shape_of(&self.required(node, 0)?)
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => Scalar::Batch,
+                Dim::Fixed(n) => Scalar::Int(*n as i64),
+            })
+            .collect();
+        let rank = dims.len() as i64;
+        let clamp = |v: i64| (if v < 0 { v + rank } else { v }).clamp(0, rank) as usize;
+        let start = clamp(attr_i(node, "start", 0));
+        let end = clamp(attr_i(node, "end", rank));
+        let picked: Vec<Scalar> = dims[start..end.max(start)].to_vec();
+        Ok(Entry::Static(Constant::ints(vec![picked.len()], picked)))
+    }
+
+    fn squeeze(&mut self, node: &NodeProto, unsqueeze: bool) -> Res<Entry> {
+        let e = self.required(node, 0)?;
+        let shape = self.shape_of(&e);
+        let axes = self.axes(node, 1)?;
+        let out: Vec<Dim> = if unsqueeze {
+            let axes = axes.ok_or_else(|| self.err("Unsqueeze needs axes"))?;
+            let rank = shape.len() + axes.len();
+            let mut norm: Vec<usize> = axes
+                .iter()
+                .map(|&a| normalize_axis(a, rank).ok_or_else(|| self.err(format!("axis {a} out of range"))))
+                .collect::<Res<_>>()?;
+            norm.sort_unstable();
+            let mut rest = shape.iter();
+            (0..rank)
+                .map(|i| {
+                    if norm.contains(&i) {
+                        Dim::Fixed(1)
+                    } else {
+                        *rest.next().expect("rank counted")
+                    }
+                })
+                .collect()
+        } else {
+            let drop: Vec<usize> = match axes {
+                Some(axes) => axes
+                    .iter()
+                    .map(|&a| normalize_axis(a, shape.len()).ok_or_else(|| self.err(format!("axis {a} out of range"))))
+                    .collect::<Res<_>>()?,
+                None => (0..shape.len()).filter(|&i| shape[i] == Dim::Fixed(1)).collect(),
+            };
+            for &d in &drop {
+                if shape[d] != Dim::Fixed(1) {
+                    return Err(self.err(format!("dimension {d} of {} is not 1", show(&shape))));
+                }
+            }
+            shape
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !drop.contains(i))
+                .map(|(_, d)| *d)
+                .collect()
+        };
+        self.reshaped(node, e, out)
+    }
+
+    /// `e` viewed with `shape` (same elements, same order).
+    fn reshaped(&mut self, node: &NodeProto, e: Entry, shape: Vec<Dim>) -> Res<Entry> {
+        match e {
+            Entry::Static(c) => {
+                let dims: Vec<usize> = shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => Ok(*n),
+                        Dim::Batch => Err(self.dynamic("a constant cannot take the batch size as a dimension")),
+                    })
+                    .collect::<Res<_>>()?;
+                Ok(Entry::Static(c.reshape(dims)))
+            }
+            e => {
+                let name = node.input[0].clone();
+                let (x, from) = self.runtime(&name, &e)?;
+                if from == shape {
+                    return Ok(Entry::Runtime { node: x, shape });
+                }
+                Ok(self.push(
+                    Op::Reshape {
+                        input: x,
+                        shape: shape.clone(),
+                    },
+                    shape,
+                ))
+            }
+        }
+    }
+
+    fn reshape(&mut self, node: &NodeProto) -> Res<Entry> {
+        let e = self.required(node, 0)?;
+        let target = self.static_input(node, 1, "the target shape")?;
+        let allow_zero = attr_i(node, "allowzero", 0) == 1;
+        let from = self.shape_of(&e);
+        let mut out: Vec<Option<Dim>> = Vec::with_capacity(target.numel());
+        for (i, &t) in target.values.iter().enumerate() {
+            out.push(match t {
+                Scalar::Batch => Some(Dim::Batch),
+                Scalar::Int(0) if !allow_zero => Some(
+                    *from
+                        .get(i)
+                        .ok_or_else(|| self.err(format!("target dimension {i} copies a dimension the input lacks")))?,
+                ),
+                Scalar::Int(-1) => None,
+                Scalar::Int(n) if n >= 0 => {
+                    // A graph exported with a fixed batch size b0 spells the batch
+                    // dimension as b0: keep it symbolic.
+                    if i == 0 && Some(n as usize) == self.export_batch && from.first() == Some(&Dim::Batch) {
+                        Some(Dim::Batch)
+                    } else {
+                        Some(Dim::Fixed(n as usize))
+                    }
+                }
+                other => return Err(self.err(format!("invalid target dimension {other:?}"))),
+            });
+        }
+        let count = |s: &mut dyn Iterator<Item = Dim>| {
+            s.fold((0usize, 1usize), |(b, p), d| match d {
+                Dim::Batch => (b + 1, p),
+                Dim::Fixed(n) => (b, p * n),
+            })
+        };
+        let (in_b, in_p) = count(&mut from.iter().copied());
+        let (out_b, out_p) = count(&mut out.iter().flatten().copied());
+        let holes = out.iter().filter(|d| d.is_none()).count();
+        let bad = || {
+            self.dynamic(format!(
+                "cannot reshape {} into {:?} without mixing the batch into another dimension",
+                show(&from),
+                target.values
+            ))
+        };
+        let fill = match holes {
+            0 if in_b == out_b && in_p == out_p => None,
+            1 if in_b == out_b && out_p > 0 && in_p % out_p == 0 => Some(Dim::Fixed(in_p / out_p)),
+            1 if in_b == out_b + 1 && in_p == out_p => Some(Dim::Batch),
+            _ => return Err(bad()),
+        };
+        let shape: Vec<Dim> = out.into_iter().map(|d| d.or(fill).expect("one hole filled")).collect();
+        self.reshaped(node, e, shape)
+    }
+
+    fn flatten(&mut self, node: &NodeProto) -> Res<Entry> {
+        let e = self.required(node, 0)?;
+        let from = self.shape_of(&e);
+        let axis =
+            normalize_axis(attr_i(node, "axis", 1), from.len() + 1).ok_or_else(|| self.err("axis out of range"))?;
+        let part = |dims: &[Dim]| -> Res<Dim> {
+            let b = dims.iter().filter(|d| **d == Dim::Batch).count();
+            let p: usize = dims
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n,
+                    Dim::Batch => 1,
+                })
+                .product();
+            match (b, p) {
+                (0, p) => Ok(Dim::Fixed(p)),
+                (1, 1) => Ok(Dim::Batch),
+                _ => Err(self.dynamic(format!("Flatten at axis {axis} of {} mixes the batch", show(&from)))),
+            }
+        };
+        let shape = vec![part(&from[..axis])?, part(&from[axis..])?];
+        self.reshaped(node, e, shape)
+    }
+
+    fn concat(&mut self, node: &NodeProto) -> Res<Entry> {
+        let entries: Vec<(String, Entry)> = node
+            .input
+            .iter()
+            .filter(|n| !n.is_empty())
+            .map(|n| Ok((n.clone(), self.entry(n)?)))
+            .collect::<Res<_>>()?;
+        let shapes: Vec<Vec<Dim>> = entries.iter().map(|(_, e)| self.shape_of(e)).collect();
+        let rank = shapes.first().map_or(0, Vec::len);
+        let axis = normalize_axis(attr_i(node, "axis", 0), rank).ok_or_else(|| self.err("axis out of range"))?;
+        for s in &shapes {
+            let same = s.len() == rank && (0..rank).all(|i| i == axis || s[i] == shapes[0][i]);
+            if !same {
+                return Err(self.err(format!(
+                    "shapes {} do not concatenate along axis {axis}",
+                    shapes.iter().map(|s| show(s)).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        if entries.iter().all(|(_, e)| matches!(e, Entry::Static(_))) {
+            let parts: Vec<&Constant> = entries
+                .iter()
+                .map(|(_, e)| match e {
+                    Entry::Static(c) => c,
+                    _ => unreachable!("all static"),
+                })
+                .collect();
+            return Ok(Entry::Static(Constant::concat(&parts, axis)));
+        }
+        let mut total = 0;
+        let mut inputs = Vec::new();
+        for ((name, e), s) in entries.iter().zip(&shapes) {
+            match s[axis] {
+                Dim::Fixed(n) => total += n,
+                Dim::Batch => return Err(self.err("concatenation along the batch dimension mixes examples")),
+            }
+            inputs.push(self.runtime(name, e)?.0);
+        }
+        let mut shape = shapes[0].clone();
+        shape[axis] = Dim::Fixed(total);
+        Ok(self.push(Op::Concat { inputs, axis }, shape))
+    }
+
+    fn expand(&mut self, node: &NodeProto) -> Res<Entry> {
+        let e = self.required(node, 0)?;
+        let target = self.static_input(node, 1, "the target shape")?;
+        let dims: Vec<Dim> = target
+            .values
+            .iter()
+            .map(|v| match *v {
+                Scalar::Batch => Ok(Dim::Batch),
+                Scalar::Int(n) if n >= 0 => Ok(Dim::Fixed(n as usize)),
+                other => Err(self.err(format!("invalid target dimension {other:?}"))),
+            })
+            .collect::<Res<_>>()?;
+        let from = self.shape_of(&e);
+        let shape = broadcast(&from, &dims)
+            .ok_or_else(|| self.err(format!("{} does not broadcast to {}", show(&from), show(&dims))))?;
+        match e {
+            Entry::Static(c) => {
+                let out: Vec<usize> = shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => Ok(*n),
+                        Dim::Batch => Err(self.dynamic("a constant expanded to the batch size")),
+                    })
+                    .collect::<Res<_>>()?;
+                Ok(Entry::Static(c.expand(&out)))
+            }
+            e if shape == from => Ok(e),
+            _ => Err(self.err("expanding data computed per batch to a larger shape is not supported")),
+        }
+    }
+
+    fn transpose(&mut self, node: &NodeProto) -> Res<Entry> {
+        let e = self.required(node, 0)?;
+        let from = self.shape_of(&e);
+        let perm: Vec<usize> = match attr_ints(node, "perm") {
+            Some(p) => p
+                .iter()
+                .map(|&a| normalize_axis(a, from.len()).ok_or_else(|| self.err("perm out of range")))
+                .collect::<Res<_>>()?,
+            None => (0..from.len()).rev().collect(),
+        };
+        let mut seen = perm.clone();
+        seen.sort_unstable();
+        if seen != (0..from.len()).collect::<Vec<_>>() {
+            return Err(self.err(format!("perm {perm:?} is not a permutation of {} axes", from.len())));
+        }
+        if let Entry::Static(c) = &e {
+            return Ok(Entry::Static(c.transpose(&perm)));
+        }
+        let (x, _) = self.runtime(&node.input[0], &e)?;
+        let shape = perm.iter().map(|&p| from[p]).collect();
+        Ok(self.push(Op::Transpose { input: x, perm }, shape))
+    }
+
+    fn arith(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (symbol, op) = match node.op_type.as_str() {
+            "Add" => ('+', Arith::Add),
+            "Sub" => ('-', Arith::Sub),
+            "Mul" => ('*', Arith::Mul),
+            _ => ('/', Arith::Div),
+        };
+        if let Some(parts) = self.all_static(node)? {
+            if parts.len() != 2 {
+                return Err(self.err("needs two inputs"));
+            }
+            return Ok(Entry::Static(
+                Constant::arith(&parts[0], &parts[1], symbol).map_err(|r| self.dynamic(r))?,
+            ));
+        }
+        let (a, sa) = self.runtime_input(node, 0)?;
+        let (b, sb) = self.runtime_input(node, 1)?;
+        let shape = broadcast(&sa, &sb)
+            .ok_or_else(|| self.err(format!("shapes {} and {} do not broadcast", show(&sa), show(&sb))))?;
+        Ok(self.push(Op::Arith { a, b, op }, shape))
+    }
+
+    fn matmul(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (a, sa) = self.runtime_input(node, 0)?;
+        let (b, sb) = self.runtime_input(node, 1)?;
+        let shape = self.matmul_shape(&sa, &sb, false)?;
+        Ok(self.push(Op::MatMul { a, b, trans_b: false }, shape))
+    }
+
+    fn matmul_shape(&self, sa: &[Dim], sb: &[Dim], trans_b: bool) -> Res<Vec<Dim>> {
+        let bad = || {
+            self.err(format!(
+                "cannot multiply {} by {}{}",
+                show(sa),
+                show(sb),
+                if trans_b { "ᵀ" } else { "" }
+            ))
+        };
+        if sa.len() < 2 || sb.len() < 2 {
+            return Err(self.err("matrix products of vectors (rank 1) are not supported"));
+        }
+        let (rb, ra) = (sb.len(), sa.len());
+        let (k_b, n) = if trans_b {
+            (sb[rb - 1], sb[rb - 2])
+        } else {
+            (sb[rb - 2], sb[rb - 1])
+        };
+        let k_a = sa[ra - 1];
+        if k_a != k_b || k_a == Dim::Batch || n == Dim::Batch {
+            return Err(bad());
+        }
+        if rb != 2 && (ra != rb || sa[..ra - 2] != sb[..rb - 2]) {
+            return Err(bad());
+        }
+        let mut shape = sa[..ra - 1].to_vec();
+        shape.push(n);
+        Ok(shape)
+    }
+
+    fn gemm(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (alpha, beta) = (attr_f(node, "alpha", 1.0), attr_f(node, "beta", 1.0));
+        let (trans_a, trans_b) = (attr_i(node, "transA", 0) == 1, attr_i(node, "transB", 0) == 1);
+        let a_entry = self.required(node, 0)?;
+        let b_entry = self.required(node, 1)?;
+        let c_entry = match self.input(node, 2) {
+            Some(name) => Some((name.to_string(), self.entry(name)?)),
+            None => None,
+        };
+        let (mut a, mut sa) = self.runtime(&node.input[0], &a_entry)?;
+        if sa.len() != 2 {
+            return Err(self.err(format!("input A of shape {} is not a matrix", show(&sa))));
+        }
+        if trans_a {
+            sa = vec![sa[1], sa[0]];
+            a = self.graph.push(Op::Transpose {
+                input: a,
+                perm: vec![1, 0],
+            });
+        }
+        let sb = self.shape_of(&b_entry);
+        let shape = self.matmul_shape(&sa, &sb, trans_b)?;
+        if let Some((_, c)) = &c_entry {
+            let sc = self.shape_of(c);
+            if broadcast(&shape, &sc).as_deref() != Some(shape.as_slice()) {
+                return Err(self.err(format!(
+                    "C of shape {} does not broadcast to {}",
+                    show(&sc),
+                    show(&shape)
+                )));
+            }
+        }
+        // A Linear layer: hvp's Dense op (which K-FAC recognises).
+        if let (Entry::Param(w), true, true) = (&b_entry, trans_b, alpha == 1.0) {
+            let bias = match &c_entry {
+                Some((_, Entry::Param(c))) if beta == 1.0 && self.params[*c].shape == [self.params[*w].shape[0]] => {
+                    Some(*c)
+                }
+                _ => None,
+            };
+            let dense = self.graph.push(Op::Dense {
+                input: a,
+                weight: *w,
+                bias,
+            });
+            let out = Entry::Runtime {
+                node: dense,
+                shape: shape.clone(),
+            };
+            return match (&c_entry, bias) {
+                (Some((name, c)), None) => self.add_scaled(out, name, c, beta, shape),
+                _ => Ok(out),
+            };
+        }
+        let (b, _) = self.runtime(&node.input[1], &b_entry)?;
+        let mut y = self.graph.push(Op::MatMul { a, b, trans_b });
+        if alpha != 1.0 {
+            let (s, _) = self.constant_node(&format!("{}.alpha", self.node), &Constant::floats(vec![], [alpha]))?;
+            y = self.graph.push(Op::Arith {
+                a: y,
+                b: s,
+                op: Arith::Mul,
+            });
+        }
+        let out = Entry::Runtime {
+            node: y,
+            shape: shape.clone(),
+        };
+        match &c_entry {
+            Some((name, c)) => self.add_scaled(out, name, c, beta, shape),
+            None => Ok(out),
+        }
+    }
+
+    /// `out + beta · c`, skipping an all-zero constant `c`.
+    fn add_scaled(&mut self, out: Entry, name: &str, c: &Entry, beta: f64, shape: Vec<Dim>) -> Res<Entry> {
+        let Entry::Runtime { node: y, .. } = out else {
+            unreachable!("products are computed per batch")
+        };
+        let c_node = match c {
+            Entry::Static(k) => {
+                let values = k
+                    .to_f64()
+                    .ok_or_else(|| self.dynamic("the bias holds the batch size"))?;
+                if beta == 0.0 || values.iter().all(|&v| v == 0.0) {
+                    return Ok(Entry::Runtime { node: y, shape });
+                }
+                let scaled = Constant::floats(k.shape.clone(), values.iter().map(|v| v * beta));
+                self.constant_node(name, &scaled)?.0
+            }
+            other => {
+                let (mut n, _) = self.runtime(name, other)?;
+                if beta != 1.0 {
+                    let (s, _) =
+                        self.constant_node(&format!("{}.beta", self.node), &Constant::floats(vec![], [beta]))?;
+                    n = self.graph.push(Op::Arith {
+                        a: n,
+                        b: s,
+                        op: Arith::Mul,
+                    });
+                }
+                n
+            }
+        };
+        Ok(self.push(
+            Op::Arith {
+                a: y,
+                b: c_node,
+                op: Arith::Add,
+            },
+            shape,
+        ))
+    }
+
+    /// Square kernels, equal strides and symmetric padding, as hvp's kernels take them.
+    fn window(&self, node: &NodeProto) -> Res<(usize, usize, [usize; 4])> {
+        if let Some(d) = attr_ints(node, "dilations") {
+            if d.iter().any(|&v| v != 1) {
+                return Err(self.err(format!("dilations {d:?} are not supported")));
+            }
+        }
+        if attr_i(node, "ceil_mode", 0) != 0 {
+            return Err(self.err("ceil_mode=1 is not supported"));
+        }
+        let pads: Vec<i64> = match attr_s(node, "auto_pad").as_deref().unwrap_or("NOTSET") {
+            "NOTSET" => attr_ints(node, "pads").unwrap_or_else(|| vec![0; 4]),
+            "VALID" => vec![0; 4],
+            other => return Err(self.err(format!("auto_pad={other} is not supported; export with explicit pads"))),
+        };
+        let strides = attr_ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
+        if pads.len() != 4 || strides.len() != 2 || pads.iter().chain(&strides).any(|&v| v < 0) || strides.contains(&0)
+        {
+            return Err(self.err(format!(
+                "2-D windows need 4 pads and 2 strides, got {pads:?} and {strides:?}"
+            )));
+        }
+        let p = [pads[0] as usize, pads[1] as usize, pads[2] as usize, pads[3] as usize];
+        Ok((strides[0] as usize, strides[1] as usize, p))
+    }
+
+    fn conv(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let w_entry = self.required(node, 1)?;
+        let sw = self.shape_of(&w_entry);
+        if attr_i(node, "group", 1) != 1 {
+            return Err(self.err("grouped convolutions (group > 1) are not supported"));
+        }
+        let (Some(&[Dim::Fixed(o), Dim::Fixed(c), Dim::Fixed(kh), Dim::Fixed(kw)]), 4) = (
+            Some(sw.as_slice())
+                .filter(|s| s.len() == 4)
+                .map(|s| <&[Dim; 4]>::try_from(s).expect("len 4")),
+            sx.len(),
+        ) else {
+            return Err(self.err(format!(
+                "hvp supports 2-D convolutions of NCHW input by [O, C, kh, kw] weights; got input {} and weight {}",
+                show(&sx),
+                show(&sw)
+            )));
+        };
+        let (sh, sw_, pads) = self.window(node)?;
+        if sh != sw_ || pads.iter().any(|&p| p != pads[0]) {
+            return Err(self.err(format!(
+                "only equal strides and symmetric padding are supported (strides {sh},{sw_}, pads {pads:?})"
+            )));
+        }
+        let geometry = ConvGeometry {
+            stride: sh,
+            padding: pads[0],
+        };
+        let (Dim::Fixed(cin), Dim::Fixed(h), Dim::Fixed(wd)) = (sx[1], sx[2], sx[3]) else {
+            return Err(self.err(format!("input {} must be [batch, C, H, W]", show(&sx))));
+        };
+        if cin != c || h + 2 * pads[0] < kh || wd + 2 * pads[0] < kw {
+            return Err(self.err(format!(
+                "weight {} does not fit input {}",
+                show(&fixed(&[o, c, kh, kw])),
+                show(&sx)
+            )));
+        }
+        let shape = vec![
+            sx[0],
+            Dim::Fixed(o),
+            Dim::Fixed(out_size(h, kh, sh, pads[0])),
+            Dim::Fixed(out_size(wd, kw, sh, pads[0])),
+        ];
+        let bias = match self.input(node, 2) {
+            Some(name) => {
+                let b = self.entry(name)?;
+                if self.shape_of(&b) != [Dim::Fixed(o)] {
+                    return Err(self.err(format!("bias of shape {} is not [{o}]", show(&self.shape_of(&b)))));
+                }
+                Some((name.to_string(), b))
+            }
+            None => None,
+        };
+        if let Entry::Param(w) = w_entry {
+            let param_bias = match &bias {
+                Some((_, Entry::Param(b))) => Some(*b),
+                _ => None,
+            };
+            let y = self.push(
+                Op::Conv2d {
+                    input: x,
+                    weight: w,
+                    bias: param_bias,
+                    geometry,
+                },
+                shape.clone(),
+            );
+            return match bias {
+                Some((name, b)) if param_bias.is_none() => {
+                    let per_channel = self.as_channel_column(&name, &b, o)?;
+                    self.add_scaled(y, &name, &per_channel, 1.0, shape)
+                }
+                _ => Ok(y),
+            };
+        }
+        let (wn, _) = self.runtime(&node.input[1], &w_entry)?;
+        let bn = match &bias {
+            Some((name, b)) => Some(self.runtime(name, b)?.0),
+            None => None,
+        };
+        Ok(self.push(
+            Op::ConvNode {
+                input: x,
+                weight: wn,
+                bias: bn,
+                geometry,
+            },
+            shape,
+        ))
+    }
+
+    /// A per-channel `[C]` bias as `[C, 1, 1]`, to broadcast over NCHW.
+    fn as_channel_column(&mut self, name: &str, b: &Entry, c: usize) -> Res<Entry> {
+        Ok(match b {
+            Entry::Static(k) => Entry::Static(k.reshape(vec![c, 1, 1])),
+            other => {
+                let (n, _) = self.runtime(name, other)?;
+                let shape = fixed(&[c, 1, 1]);
+                self.push(
+                    Op::Reshape {
+                        input: n,
+                        shape: shape.clone(),
+                    },
+                    shape,
+                )
+            }
+        })
+    }
+
+    fn batchnorm(&mut self, node: &NodeProto) -> Res<Entry> {
+        if node.output.iter().skip(1).any(|o| !o.is_empty()) || attr_i(node, "training_mode", 0) != 0 {
+            return Err(self.err("training-mode BatchNormalization is not supported; export the model in eval mode"));
+        }
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let Some(&Dim::Fixed(c)) = sx.get(1) else {
+            return Err(self.err(format!("input {} has no channel dimension", show(&sx))));
+        };
+        let eps = attr_f(node, "epsilon", 1e-5);
+        let operand = |k: usize| -> Res<(String, Entry)> {
+            let e = self.required(node, k)?;
+            if self.shape_of(&e) != [Dim::Fixed(c)] {
+                return Err(self.err(format!("input {k} of shape {} is not [{c}]", show(&self.shape_of(&e)))));
+            }
+            Ok((node.input[k].clone(), e))
+        };
+        let (scale, shift, mean, var) = (operand(1)?, operand(2)?, operand(3)?, operand(4)?);
+        let mut stat = |(name, e): (String, Entry)| -> Res<usize> {
+            match e {
+                Entry::Static(k) => {
+                    let values = k
+                        .to_f64()
+                        .ok_or_else(|| self.dynamic("running statistics hold the batch size"))?;
+                    Ok(self.add_buffer(&name, vec![c], values))
+                }
+                _ => Err(self.err(format!("running statistic '{name}' must be a constant initializer"))),
+            }
+        };
+        let (mean, var) = (stat(mean)?, stat(var)?);
+        if let (Entry::Param(weight), Entry::Param(bias)) = (&scale.1, &shift.1) {
+            return Ok(self.push(
+                Op::BatchNorm {
+                    input: x,
+                    weight: *weight,
+                    bias: *bias,
+                    mean,
+                    var,
+                    eps,
+                },
+                sx,
+            ));
+        }
+        let weight = self.runtime(&scale.0, &scale.1)?.0;
+        let bias = self.runtime(&shift.0, &shift.1)?.0;
+        Ok(self.push(
+            Op::BatchNormNode {
+                input: x,
+                weight,
+                bias,
+                mean,
+                var,
+                eps,
+            },
+            sx,
+        ))
+    }
+
+    fn pool(&mut self, node: &NodeProto, max: bool) -> Res<Entry> {
+        if max && node.output.get(1).is_some_and(|o| !o.is_empty()) {
+            return Err(self.err("the Indices output of MaxPool is not supported"));
+        }
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let kernel = attr_ints(node, "kernel_shape").unwrap_or_default();
+        let (&[kh, kw], 4) = (kernel.as_slice(), sx.len()) else {
+            return Err(self.err(format!(
+                "2-D pooling of NCHW input needs a 2-D kernel_shape; got {kernel:?} on {}",
+                show(&sx)
+            )));
+        };
+        let (kh, kw) = (kh.max(0) as usize, kw.max(0) as usize);
+        let (sh, sw, pads) = self.window(node)?;
+        let (Dim::Fixed(h), Dim::Fixed(w)) = (sx[2], sx[3]) else {
+            return Err(self.err(format!("input {} must be [batch, C, H, W]", show(&sx))));
+        };
+        if kh == 0 || kw == 0 || h + pads[0] + pads[2] < kh || w + pads[1] + pads[3] < kw {
+            return Err(self.err(format!("kernel {kh}x{kw} does not fit input {}", show(&sx))));
+        }
+        if max {
+            let geometry = MaxPoolGeometry {
+                kernel: [kh, kw],
+                stride: [sh, sw],
+                pad_begin: [pads[0], pads[1]],
+                pad_end: [pads[2], pads[3]],
+            };
+            let (ho, wo) = geometry.out_hw(h, w);
+            return Ok(self.push(
+                Op::MaxPool { input: x, geometry },
+                vec![sx[0], sx[1], Dim::Fixed(ho), Dim::Fixed(wo)],
+            ));
+        }
+        if kh != kw || sh != sw || pads.iter().any(|&p| p != 0) {
+            return Err(self.err("AveragePool needs a square kernel, equal strides and no padding"));
+        }
+        Ok(self.push(
+            Op::AvgPool {
+                input: x,
+                kernel: kh,
+                stride: sh,
+            },
+            vec![
+                sx[0],
+                sx[1],
+                Dim::Fixed(out_size(h, kh, sh, 0)),
+                Dim::Fixed(out_size(w, kw, sh, 0)),
+            ],
+        ))
+    }
+
+    fn reduce_mean(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let keep = attr_i(node, "keepdims", 1) == 1;
+        let axes: Vec<usize> = match self.axes(node, 1)? {
+            Some(a) if !a.is_empty() => a
+                .iter()
+                .map(|&v| normalize_axis(v, sx.len()).ok_or_else(|| self.err(format!("axis {v} out of range"))))
+                .collect::<Res<_>>()?,
+            _ if attr_i(node, "noop_with_empty_axes", 0) == 1 => {
+                return Ok(Entry::Runtime { node: x, shape: sx });
+            }
+            _ => (0..sx.len()).collect(),
+        };
+        let mut axes: Vec<usize> = axes.into_iter().collect::<HashSet<_>>().into_iter().collect();
+        axes.sort_unstable();
+        if axes.iter().any(|&a| sx[a] == Dim::Batch) {
+            return Err(self.err("a mean over the batch mixes examples (hvp applies the loss per example)"));
+        }
+        let kept: Vec<Dim> = (0..sx.len())
+            .map(|i| if axes.contains(&i) { Dim::Fixed(1) } else { sx[i] })
+            .collect();
+        let out: Vec<Dim> = if keep {
+            kept.clone()
+        } else {
+            (0..sx.len()).filter(|i| !axes.contains(i)).map(|i| sx[i]).collect()
+        };
+        if sx.len() == 4 && axes == [2, 3] {
+            // Global average pooling, hvp's dedicated kernel.
+            let pooled = self.graph.push(Op::GlobalAvgPool { input: x });
+            if !keep {
+                return Ok(Entry::Runtime {
+                    node: pooled,
+                    shape: out,
+                });
+            }
+            return Ok(self.push(
+                Op::Reshape {
+                    input: pooled,
+                    shape: out.clone(),
+                },
+                out,
+            ));
+        }
+        let mean = self.graph.push(Op::ReduceMean { input: x, axes });
+        if keep {
+            return Ok(Entry::Runtime {
+                node: mean,
+                shape: kept,
+            });
+        }
+        Ok(self.push(
+            Op::Reshape {
+                input: mean,
+                shape: out.clone(),
+            },
+            out,
+        ))
+    }
+}

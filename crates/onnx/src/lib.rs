@@ -1,0 +1,98 @@
+//! ONNX import: a graph exported from PyTorch (either exporter) becomes an hvp
+//! [`Model`] built from hvp's differentiable primitives, so gradients, Hessian
+//! and GGN products, solvers, influence and K-FAC work on it exactly as on the
+//! built-in architectures.
+//!
+//! * `proto`: the ONNX protobuf messages (prost);
+//! * `constant`: load-time tensors (initializers, `Constant` nodes, shape
+//!   arithmetic with a symbolic batch size) and their folding;
+//! * `import`: the translation of nodes into graph operations, with every
+//!   shape inferred at load time so that evaluation cannot fail later.
+//!
+//! Trainable parameters are the float initializers feeding the weight and bias
+//! inputs of Conv, Gemm, MatMul and the scale and bias of BatchNormalization
+//! (optionally restricted by a glob); everything else is a constant.
+
+mod constant;
+mod import;
+pub mod proto;
+
+use hvp_model::{Model, Weights};
+use std::path::{Path, PathBuf};
+
+pub use import::SUPPORTED_OPS;
+
+/// Why an ONNX file could not be imported.
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is not a valid ONNX model ({reason}); is the file complete and was it written by torch.onnx.export?"
+    )]
+    Decode { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("{path}: node '{node}' ({op}): {reason}")]
+    Node {
+        path: PathBuf,
+        node: String,
+        op: String,
+        reason: String,
+    },
+    #[error("{path}: node '{node}' uses operator '{op}'{domain}, which hvp does not support; supported: {supported}")]
+    Unsupported {
+        path: PathBuf,
+        node: String,
+        op: String,
+        domain: String,
+        supported: String,
+    },
+    #[error("{path}: node '{node}' ({op}): dynamic shape hvp cannot resolve: {reason}; export with a fixed example shape (only the batch dimension may vary)")]
+    Dynamic {
+        path: PathBuf,
+        node: String,
+        op: String,
+        reason: String,
+    },
+    #[error("{path}: node '{node}' ({op}) reads '{name}', which is neither the graph input, an initializer nor an earlier node's output (missing initializer?)")]
+    MissingValue {
+        path: PathBuf,
+        node: String,
+        op: String,
+        name: String,
+    },
+    #[error("--params '{glob}' matches none of the model's trainable parameters: {available}")]
+    NoParams { glob: String, available: String },
+    #[error("--params '{glob}' is not a valid glob: {reason}")]
+    BadGlob { glob: String, reason: String },
+    #[error(transparent)]
+    Weights(#[from] hvp_model::ModelError),
+}
+
+/// How to import.
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Only parameters whose names match this glob are trainable (e.g. `fc.*`);
+    /// the others become constants.
+    pub params_glob: Option<String>,
+}
+
+/// An imported model with its weights (from the initializers), and notes for
+/// the user (e.g. BatchNorm folded into convolutions by the exporter).
+pub struct Imported {
+    pub model: Model,
+    pub weights: Weights,
+    pub warnings: Vec<String>,
+    /// Every trainable candidate before `--params` (name, shape), for `hvp params`.
+    pub candidates: Vec<(String, Vec<usize>)>,
+}
+
+/// Reads and imports the ONNX model at `path`.
+pub fn load(path: &Path, options: &ImportOptions) -> Result<Imported, OnnxError> {
+    let bytes = std::fs::read(path).map_err(|source| OnnxError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    import::import(path, &bytes, options)
+}
