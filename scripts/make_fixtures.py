@@ -89,11 +89,11 @@ def subset(t: torch.Tensor, cap):
     return flat[::k].clone()
 
 
-def products(model, x, y, v):
+def products(model, x, y, v, loss_kind="ce"):
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y) if loss_kind == "ce" else F.mse_loss(logits, y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     hvp = torch.autograd.grad(grads, params, grad_outputs=[v[n] for n in names])
 
@@ -104,8 +104,11 @@ def products(model, x, y, v):
         return torch.func.functional_call(model, ({**dict(zip(names, ps)), **buffers},), (x,))
 
     z, jv = torch.func.jvp(f, tuple(pdict[n] for n in names), tuple(v[n] for n in names))
-    p = torch.softmax(z, dim=1)
-    hjv = (p * jv - p * (p * jv).sum(dim=1, keepdim=True)) / x.shape[0]
+    if loss_kind == "ce":
+        p = torch.softmax(z, dim=1)
+        hjv = (p * jv - p * (p * jv).sum(dim=1, keepdim=True)) / x.shape[0]
+    else:  # mean over N*K elements of (z - t)^2: output Hessian 2/(N*K) I
+        hjv = 2.0 * jv / z.numel()
     z2 = f(*params)
     ggn = torch.autograd.grad(z2, params, grad_outputs=hjv)
     return names, loss.detach(), [g.detach() for g in grads], [h.detach() for h in hvp], [g.detach() for g in ggn]
@@ -190,10 +193,20 @@ def onnx_cases():
     save_file({k: t.contiguous() for k, t in v.items()}, str(d / "vector.safetensors"))
     write_onnx_case(d, model, x, torch.tensor([2, 0, 7, 7]), v, None, "file")
 
+    # Regression: a tanh MLP with 3 outputs, float targets, MSE loss.
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    d = root / "regression"
+    d.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(6, 8, dtype=torch.float64)
+    export_both(model, x[:2], d)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    save_file({k: t.contiguous() for k, t in v.items()}, str(d / "vector.safetensors"))
+    write_onnx_case(d, model, x, torch.randn(6, 3, dtype=torch.float64), v, None, "file", "mse")
 
-def write_onnx_case(d, model, x, y, v, cap, vector_mode):
+
+def write_onnx_case(d, model, x, y, v, cap, vector_mode, loss_kind="ce"):
     model = model.double().eval()
-    names, loss, grads, hvps, ggns = products(model, x, y, v)
+    names, loss, grads, hvps, ggns = products(model, x, y, v, loss_kind)
     expected = {"loss": loss.reshape(1)}
     for n, g, h, gg in zip(names, grads, hvps, ggns):
         expected[f"grad/{n}"] = subset(g, cap)
@@ -201,9 +214,9 @@ def write_onnx_case(d, model, x, y, v, cap, vector_mode):
         expected[f"ggn/{n}"] = subset(gg, cap)
     save_file(expected, str(d / "expected.safetensors"))
     np.save(d / "inputs.npy", x.numpy())
-    np.save(d / "labels.npy", y.numpy().astype(np.int64))
+    np.save(d / "labels.npy", y.numpy().astype(np.int64) if loss_kind == "ce" else y.numpy())
     meta = {"n": int(x.shape[0]), "subset_cap": cap, "vector": vector_mode, "torch": torch.__version__,
-            "params": names}
+            "params": names, "loss": loss_kind}
     (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"onnx/{d.name}: {sum(p.numel() for p in model.parameters())} parameters, loss {loss.item():.6f}")
 

@@ -75,9 +75,54 @@ pub fn softmax_cross_entropy<T: Float, V: Value<T>>(logits: &V, labels: &[usize]
 /// Directional derivative of each example's loss along the logits' tangent:
 /// `d ℓ_i = (p_i − e_{y_i}) · ż_i`, one number per example (no weighting).
 pub fn softmax_cross_entropy_jvp<T: Float>(logits: &Dual<T>, labels: &[usize]) -> Vec<f64> {
-    let out = softmax_cross_entropy(&Tensor::constant(logits.primal().clone()), labels, 1.0);
-    let (b, c) = logits.primal().rows_cols();
-    match logits.tangent() {
+    directional(logits, Targets::Classes(labels))
+}
+
+/// Mean squared error `ℓ_i = (1/K) Σ_k (z_ik − t_ik)²` for outputs and targets
+/// `[B, K]`, so that the mean over examples is `torch.nn.MSELoss()` (mean over
+/// all elements). Its output-space Hessian is `(2/K) I`.
+pub fn mse<T: Float, V: Value<T>>(outputs: &V, targets: &[f64], weight: f64) -> LossOutput<V> {
+    let z = outputs.primal();
+    let (b, k) = z.rows_cols();
+    assert_eq!(targets.len(), b * k, "one target row per example");
+    let scale = 2.0 * weight / k as f64;
+    let mut losses = Vec::with_capacity(b);
+    let mut grad = z.clone();
+    for (row, t) in grad.data_mut().chunks_mut(k.max(1)).zip(targets.chunks(k.max(1))) {
+        let mut sum = 0.0;
+        for (g, &y) in row.iter_mut().zip(t) {
+            let r = g.to_f64() - y;
+            sum += r * r;
+            *g = T::from_f64(scale * r);
+        }
+        losses.push(sum / k as f64);
+    }
+    let s = T::from_f64(scale);
+    let cotangent = outputs.nonlinear(|_| grad.clone(), |_, dz| hvp_tensor::elementwise::scale(dz, s));
+    LossOutput { losses, cotangent }
+}
+
+/// What the outputs are compared with: class labels (softmax cross-entropy) or
+/// float targets `[B, K]` row-major (mean squared error).
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a> {
+    Classes(&'a [usize]),
+    Values(&'a [f64]),
+}
+
+/// The loss the targets call for: softmax cross-entropy for classes, MSE for values.
+pub fn apply<T: Float, V: Value<T>>(outputs: &V, targets: Targets, weight: f64) -> LossOutput<V> {
+    match targets {
+        Targets::Classes(labels) => softmax_cross_entropy(outputs, labels, weight),
+        Targets::Values(values) => mse(outputs, values, weight),
+    }
+}
+
+/// `dℓ_i` along the outputs' tangent, per example (see [`softmax_cross_entropy_jvp`]).
+pub fn directional<T: Float>(outputs: &Dual<T>, targets: Targets) -> Vec<f64> {
+    let out = apply(&Tensor::constant(outputs.primal().clone()), targets, 1.0);
+    let (b, c) = outputs.primal().rows_cols();
+    match outputs.tangent() {
         None => vec![0.0; b],
         Some(dz) => out
             .cotangent

@@ -235,6 +235,36 @@ fn softmax_cross_entropy_cotangent() {
     }
 }
 
+/// MSE: the cotangent is the finite difference of the losses, its tangent is
+/// the output Hessian (2/K)·weight·ż, and the loss JVP matches differences.
+#[test]
+fn mse_cotangent_and_directional_derivative() {
+    let z = random(&[3, 4], 21);
+    let t = random(&[3, 4], 22);
+    let targets = t.data().to_vec();
+    let v = random(&[3, 4], 23);
+    let out = loss::mse(&Dual::new(z.clone(), Some(v.clone())), &targets, 0.5);
+    let expected_tangent: Vec<f64> = v.data().iter().map(|d| 2.0 * 0.5 / 4.0 * d).collect();
+    assert!(out
+        .cotangent
+        .tangent_or_zeros()
+        .data()
+        .iter()
+        .zip(&expected_tangent)
+        .all(|(a, b)| (a - b).abs() < 1e-15));
+    let h = 1e-6;
+    let dl = loss::directional(&Dual::new(z.clone(), Some(v.clone())), loss::Targets::Values(&targets));
+    let lp = loss::mse(&axpy(&z, h, &v), &targets, 1.0).losses;
+    let lm = loss::mse(&axpy(&z, -h, &v), &targets, 1.0).losses;
+    for i in 0..3 {
+        let fd = (lp[i] - lm[i]) / (2.0 * h);
+        assert!((dl[i] - fd).abs() < 1e-8, "example {i}: {} vs {fd}", dl[i]);
+    }
+    // ℓ_i is the mean over the row, as torch.nn.MSELoss.
+    let row0: f64 = (0..4).map(|k| (z.data()[k] - targets[k]).powi(2)).sum::<f64>() / 4.0;
+    assert!((loss::mse(&z, &targets, 1.0).losses[0] - row0).abs() < 1e-15);
+}
+
 #[test]
 fn batchnorm_train_mode_vjp_matches_finite_differences() {
     // Train mode is reverse-only: check ⟨gy, d forward⟩ = Σ ⟨vjp, direction⟩ by central differences.

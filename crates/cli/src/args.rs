@@ -24,6 +24,36 @@ pub struct ModelArgs {
     /// (e.g. 'fc.*'); the Hessian is taken with respect to them alone.
     #[arg(long, requires = "model")]
     pub params: Option<String>,
+    /// Loss applied to the model's outputs: softmax cross-entropy on integer class
+    /// labels, or mean squared error on float targets ([N] or [N, K] float NPY
+    /// labels; the mean over examples equals torch.nn.MSELoss()).
+    #[arg(long, value_enum, default_value = "ce")]
+    pub loss: LossArg,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LossArg {
+    /// Softmax cross-entropy (classification).
+    #[default]
+    Ce,
+    /// Mean squared error (regression).
+    Mse,
+}
+
+/// Checks that `--loss` fits the labels: class labels for ce, float targets for mse.
+pub fn check_loss(loss: LossArg, data: &dyn Dataset) -> Result<()> {
+    match (loss, data.target_width()) {
+        (LossArg::Ce, Some(_)) => bail!(
+            "{} has float labels (regression targets): pass --loss mse, or save the class labels as integers",
+            data.describe()
+        ),
+        (LossArg::Mse, None) => bail!(
+            "--loss mse needs float regression targets, but {} has integer class labels (save the targets as a \
+             float32/float64 NPY array [N] or [N, K] and give it as --labels)",
+            data.describe()
+        ),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Args, Clone, Debug)]

@@ -74,12 +74,13 @@ fn check_case(name: &str) {
     let dir = case_dir(name);
     let cap = meta(name)["subset_cap"].as_u64().map(|c| c as usize);
     let vector = vector_of(name, &tmp);
+    let loss = meta(name)["loss"].as_str().unwrap().to_string();
     for exporter in ["dynamo", "legacy"] {
         let model = dir.join(format!("{exporter}.onnx"));
         for (dtype, tol) in [("f64", 1e-9), ("f32", 1e-4)] {
             for kind in ["grad", "hvp", "ggn"] {
                 let out = tmp.path(&format!("{exporter}-{kind}-{dtype}.safetensors"));
-                run(kind, &model, &dir, &vector, dtype, &out, &[]);
+                run(kind, &model, &dir, &vector, dtype, &out, &["--loss", &loss]);
                 let e = relative_error(&dir.join("expected.safetensors"), kind, &out, cap);
                 assert!(
                     e < tol,
@@ -99,6 +100,41 @@ fn mlp_exports_match_pytorch() {
 #[test]
 fn small_cnn_with_maxpool_sigmoid_softmax_matches_pytorch() {
     check_case("small_cnn");
+}
+
+#[test]
+fn regression_mlp_with_mse_loss_matches_pytorch() {
+    check_case("regression");
+}
+
+/// `--loss` must fit the labels: float targets need mse, class labels ce.
+#[test]
+fn loss_must_fit_the_labels() {
+    let tmp = TempDir::new("onnx-loss");
+    let reg = case_dir("regression");
+    let cls = case_dir("mlp");
+    for (dir, loss, needle) in [
+        (&reg, "ce", "pass --loss mse"),
+        (&cls, "mse", "--loss mse needs float regression targets"),
+    ] {
+        let out = tmp.path("g.safetensors");
+        let o = hvp(&[
+            "grad",
+            "--model",
+            dir.join("legacy.onnx").to_str().unwrap(),
+            "--inputs",
+            dir.join("inputs.npy").to_str().unwrap(),
+            "--labels",
+            dir.join("labels.npy").to_str().unwrap(),
+            "--loss",
+            loss,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{loss}: {stderr}");
+        assert!(!out.exists());
+    }
 }
 
 #[test]

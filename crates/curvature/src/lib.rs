@@ -6,13 +6,27 @@
 //!
 //! * Hessian: forward-over-reverse (the backward pass on dual numbers whose
 //!   tangent is `v`); the gradient's tangent is `H v`.
-//! * GGN: `Jᵀ H_out J v` — a JVP of the logits, the softmax cross-entropy's
-//!   output-space Hessian, then one plain VJP.
+//! * GGN: `Jᵀ H_out J v` — a JVP of the logits, the loss's output-space
+//!   Hessian, then one plain VJP.
+//!
+//! The loss is softmax cross-entropy on class labels, or mean squared error
+//! when the data carries float regression targets ([`hvp_data::Dataset::target_width`]).
 
-use hvp_autodiff::{loss, Dual, Graph, Tape, Value};
+use hvp_autodiff::loss::{self, Targets};
+use hvp_autodiff::{Dual, Graph, Tape, Value};
 use hvp_data::{check_labels, Batch, DataError, Dataset};
 use hvp_model::{Model, ParamVector, Weights};
 use hvp_tensor::{Float, Tensor};
+
+/// What a batch's outputs are compared with: its float targets (MSE) when it
+/// has any, else its class labels (softmax cross-entropy).
+pub fn batch_targets(batch: &Batch) -> Targets<'_> {
+    if batch.targets.is_empty() {
+        Targets::Classes(&batch.labels)
+    } else {
+        Targets::Values(&batch.targets)
+    }
+}
 
 /// Which curvature matrix a product is taken with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +84,16 @@ impl<'a> Problem<'a> {
             return Err(CurvatureError::Empty);
         }
         model.check_input(&data.sample_shape()).map_err(CurvatureError::Input)?;
-        check_labels(data, model.num_classes)?;
+        match data.target_width() {
+            None => check_labels(data, model.num_classes)?,
+            Some(k) if k != model.num_classes => {
+                return Err(CurvatureError::Input(format!(
+                    "the regression targets have {k} values per example but the model has {} outputs",
+                    model.num_classes
+                )))
+            }
+            Some(_) => {}
+        }
         Ok(Problem {
             model,
             weights,
@@ -95,7 +118,7 @@ impl<'a> Problem<'a> {
     /// Reads the data batch by batch, in order, calling `f(inputs, labels)`.
     fn for_each_batch<T: Float>(
         &self,
-        mut f: impl FnMut(Tensor<T>, &[usize]) -> Result<(), CurvatureError>,
+        mut f: impl FnMut(Tensor<T>, Targets, usize) -> Result<(), CurvatureError>,
     ) -> Result<(), CurvatureError> {
         let n = self.data.len();
         let mut batch = Batch::default();
@@ -104,7 +127,7 @@ impl<'a> Problem<'a> {
             idx.clear();
             idx.extend(start..(start + self.batch_size).min(n));
             self.data.read(&idx, &mut batch)?;
-            f(self.input::<T>(&batch), &batch.labels)?;
+            f(self.input::<T>(&batch), batch_targets(&batch), batch.len())?;
         }
         Ok(())
     }
@@ -127,9 +150,9 @@ impl<'a> Problem<'a> {
             .collect();
         let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
         let mut out = Vec::with_capacity(self.data.len());
-        self.for_each_batch::<T>(|x, labels| {
+        self.for_each_batch::<T>(|x, targets, count| {
             let tape = self.model.graph.forward(&duals, &buffers, Dual::constant(x));
-            let d = loss::softmax_cross_entropy_jvp(tape.output(), labels);
+            let d = loss::directional(tape.output(), targets);
             if d.iter().any(|v| !v.is_finite()) {
                 return Err(CurvatureError::NonFinite {
                     what: "per-example loss derivative",
@@ -137,7 +160,7 @@ impl<'a> Problem<'a> {
                 });
             }
             out.extend(d);
-            progress(labels.len());
+            progress(count);
             Ok(())
         })?;
         Ok(out)
@@ -160,16 +183,16 @@ impl<'a> Problem<'a> {
     /// Per-example losses `ℓ_i(θ)` (no regulariser).
     pub fn losses<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
         let mut out = Vec::with_capacity(self.data.len());
-        self.for_each_logits::<T>(|z, labels| out.extend(loss::softmax_cross_entropy(z, labels, 1.0).losses))?;
+        self.for_each_logits::<T>(|z, targets| out.extend(loss::apply(z, targets, 1.0).losses))?;
         Ok(out)
     }
 
     /// The logits of every batch, in order.
-    fn for_each_logits<T: Float>(&self, mut f: impl FnMut(&Tensor<T>, &[usize])) -> Result<(), CurvatureError> {
+    fn for_each_logits<T: Float>(&self, mut f: impl FnMut(&Tensor<T>, Targets)) -> Result<(), CurvatureError> {
         let params: Vec<Tensor<T>> = self.weights.params_as();
         let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
-        self.for_each_batch::<T>(|x, labels| {
-            f(self.model.graph.forward(&params, &buffers, x).output(), labels);
+        self.for_each_batch::<T>(|x, targets, _| {
+            f(self.model.graph.forward(&params, &buffers, x).output(), targets);
             Ok(())
         })
     }
@@ -186,7 +209,7 @@ impl<'a> Problem<'a> {
         &self,
         progress: &dyn Fn(usize),
         what: &'static str,
-        mut per_batch: impl FnMut(Tensor<T>, &[usize], f64) -> (f64, Vec<Option<Tensor<T>>>),
+        mut per_batch: impl FnMut(Tensor<T>, Targets, f64) -> (f64, Vec<Option<Tensor<T>>>),
     ) -> Result<PassResult, CurvatureError> {
         let n = self.data.len();
         let weight = 1.0 / n as f64;
@@ -198,7 +221,7 @@ impl<'a> Problem<'a> {
             indices.clear();
             indices.extend(start..(start + self.batch_size).min(n));
             self.data.read(&indices, &mut batch)?;
-            let (loss, parts) = per_batch(self.input(&batch), &batch.labels, weight);
+            let (loss, parts) = per_batch(self.input(&batch), batch_targets(&batch), weight);
             loss_sum += loss;
             for (a, p) in acc.tensors.iter_mut().zip(parts) {
                 if let Some(p) = p {
@@ -227,7 +250,7 @@ impl<'a> Problem<'a> {
         let graph = &self.model.graph;
         self.stream(progress, "gradient", |x, labels, w| {
             let tape = graph.forward(&params, &buffers, x);
-            let out = loss::softmax_cross_entropy(tape.output(), labels, w);
+            let out = loss::apply(tape.output(), labels, w);
             let grads = graph.backward(&params, &buffers, tape, out.cotangent);
             (out.losses.iter().sum(), grads)
         })
@@ -299,11 +322,11 @@ pub fn hessian_batch<T: Float>(
     params: &[Dual<T>],
     buffers: &[Tensor<T>],
     x: Tensor<T>,
-    labels: &[usize],
+    labels: Targets,
     weight: f64,
 ) -> (f64, Vec<Option<Dual<T>>>) {
     let tape = graph.forward(params, buffers, Dual::constant(x));
-    let out = loss::softmax_cross_entropy(tape.output(), labels, weight);
+    let out = loss::apply(tape.output(), labels, weight);
     let grads = graph.backward(params, buffers, tape, out.cotangent);
     (out.losses.iter().sum(), grads)
 }
@@ -316,11 +339,11 @@ pub fn ggn_batch<T: Float>(
     primals: &[Tensor<T>],
     buffers: &[Tensor<T>],
     x: Tensor<T>,
-    labels: &[usize],
+    labels: Targets,
     weight: f64,
 ) -> (f64, Vec<Option<Tensor<T>>>) {
     let tape = graph.forward(duals, buffers, Dual::constant(x));
-    let out = loss::softmax_cross_entropy(tape.output(), labels, weight);
+    let out = loss::apply(tape.output(), labels, weight);
     let h_out_jv = out.cotangent.tangent_or_zeros();
     let tape: Tape<Tensor<T>> = tape.map(Dual::into_primal);
     let products = graph.backward(primals, buffers, tape, h_out_jv);
@@ -337,13 +360,13 @@ pub fn fisher_batch<T: Float>(
     primals: &[Tensor<T>],
     buffers: &[Tensor<T>],
     x: Tensor<T>,
-    labels: &[usize],
+    labels: Targets,
     weight: f64,
 ) -> (f64, Vec<Option<Tensor<T>>>) {
     let tape = graph.forward(duals, buffers, Dual::constant(x));
-    let directional = loss::softmax_cross_entropy_jvp(tape.output(), labels);
+    let directional = loss::directional(tape.output(), labels);
     let tape: Tape<Tensor<T>> = tape.map(Dual::into_primal);
-    let out = loss::softmax_cross_entropy(tape.output(), labels, 1.0);
+    let out = loss::apply(tape.output(), labels, 1.0);
     let mut cot = out.cotangent;
     let c = cot.rows_cols().1;
     for (row, d) in cot.data_mut().chunks_mut(c).zip(&directional) {

@@ -25,11 +25,14 @@ pub use transform::{ClassFilter, InMemory, Padded, Relabelled, Subset};
 
 use std::path::Path;
 
-/// A batch of examples: inputs flattened row-major (`n × sample size`) and labels.
+/// A batch of examples: inputs flattened row-major (`n × sample size`), class
+/// labels, and for regression data the float targets (`n × target width`,
+/// row-major; empty for classification data, whose labels are then used).
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub x: Vec<f64>,
     pub labels: Vec<usize>,
+    pub targets: Vec<f64>,
 }
 
 impl Batch {
@@ -50,8 +53,13 @@ pub trait Dataset: Send + Sync {
     }
     /// Shape of one example, e.g. `[1, 28, 28]`.
     fn sample_shape(&self) -> Vec<usize>;
-    /// Label of example `i`.
+    /// Label of example `i` (0 for regression data).
     fn label(&self, i: usize) -> usize;
+    /// For regression data (float targets, `--loss mse`): the number of target
+    /// values per example; `None` for class labels.
+    fn target_width(&self) -> Option<usize> {
+        None
+    }
     /// Fills `batch` with the examples at `indices`, in that order. Errors on
     /// unreadable data and on NaN/Inf inputs (naming the example).
     fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError>;

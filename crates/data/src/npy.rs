@@ -162,9 +162,14 @@ impl NpyArray {
 
 /// `--inputs X.npy --labels Y.npy`: inputs `[N, ...]` f32/f64, labels `[N]`
 /// uint8/int32/int64.
+///
+/// Float labels (`[N]` or `[N, K]` float32/float64) are regression targets,
+/// for `--loss mse`.
 pub struct NpyDataset {
     inputs: NpyArray,
     labels: Vec<usize>,
+    /// Regression targets, row-major `[N, width]`, when the labels are floats.
+    targets: Option<(Vec<f64>, usize)>,
 }
 
 impl NpyDataset {
@@ -186,11 +191,14 @@ impl NpyDataset {
             });
         }
         let y = NpyArray::open(labels)?;
-        if !matches!(y.dtype, NpyDtype::U8 | NpyDtype::I32 | NpyDtype::I64) || y.shape.len() != 1 {
+        let float = matches!(y.dtype, NpyDtype::F32 | NpyDtype::F64);
+        let integer = matches!(y.dtype, NpyDtype::U8 | NpyDtype::I32 | NpyDtype::I64);
+        if !((integer && y.shape.len() == 1) || (float && (1..=2).contains(&y.shape.len()))) {
             return Err(DataError::Format {
                 path: labels.to_path_buf(),
                 reason: format!(
-                    "labels must be a 1-D uint8/int32/int64 array, found {:?} of shape {:?}",
+                    "labels must be a 1-D uint8/int32/int64 array (classes) or a float32/float64 array [N] or \
+                     [N, K] (regression targets), found {:?} of shape {:?}",
                     y.dtype, y.shape
                 ),
             });
@@ -206,6 +214,20 @@ impl NpyDataset {
         }
         let mut raw = Vec::with_capacity(y.shape[0]);
         y.read_rows(0, y.shape[0], &mut raw)?;
+        if float {
+            if let Some(i) = raw.iter().position(|v| !v.is_finite()) {
+                return Err(DataError::Format {
+                    path: labels.to_path_buf(),
+                    reason: format!("target value {i} is NaN or infinite"),
+                });
+            }
+            let width = y.shape.get(1).copied().unwrap_or(1);
+            return Ok(NpyDataset {
+                inputs: x,
+                labels: vec![0; y.shape[0]],
+                targets: Some((raw, width)),
+            });
+        }
         let labels_vec = raw
             .iter()
             .enumerate()
@@ -223,6 +245,7 @@ impl NpyDataset {
         Ok(NpyDataset {
             inputs: x,
             labels: labels_vec,
+            targets: None,
         })
     }
 }
@@ -237,9 +260,18 @@ impl Dataset for NpyDataset {
     fn label(&self, i: usize) -> usize {
         self.labels[i]
     }
+    fn target_width(&self) -> Option<usize> {
+        self.targets.as_ref().map(|(_, w)| *w)
+    }
     fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
         batch.x.clear();
         batch.labels.clear();
+        batch.targets.clear();
+        if let Some((t, w)) = &self.targets {
+            for &i in indices {
+                batch.targets.extend_from_slice(&t[i * w..(i + 1) * w]);
+            }
+        }
         let row = self.inputs.row_len();
         // Coalesce runs of consecutive indices into one read each.
         let mut k = 0;

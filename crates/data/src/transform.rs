@@ -38,6 +38,9 @@ impl Dataset for Subset<'_> {
     fn label(&self, i: usize) -> usize {
         self.inner.label(self.indices[i])
     }
+    fn target_width(&self) -> Option<usize> {
+        self.inner.target_width()
+    }
     fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
         let mapped: Vec<usize> = indices.iter().map(|&i| self.indices[i]).collect();
         self.inner.read(&mapped, batch)
@@ -78,6 +81,9 @@ impl<D: Dataset> Dataset for Padded<D> {
     fn label(&self, i: usize) -> usize {
         self.inner.label(i)
     }
+    fn target_width(&self) -> Option<usize> {
+        self.inner.target_width()
+    }
     fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
         let mut raw = Batch::default();
         self.inner.read(indices, &mut raw)?;
@@ -93,6 +99,7 @@ impl<D: Dataset> Dataset for Padded<D> {
             }
         }
         batch.labels = raw.labels;
+        batch.targets = raw.targets;
         Ok(())
     }
     fn describe(&self) -> String {
@@ -161,6 +168,9 @@ impl<D: Dataset + ?Sized> Dataset for Box<D> {
     fn label(&self, i: usize) -> usize {
         (**self).label(i)
     }
+    fn target_width(&self) -> Option<usize> {
+        (**self).target_width()
+    }
     fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
         (**self).read(indices, batch)
     }
@@ -179,6 +189,12 @@ pub struct ClassFilter<D> {
 
 impl<D: Dataset> ClassFilter<D> {
     pub fn new(inner: D, classes: Vec<usize>) -> Result<Self, DataError> {
+        if inner.target_width().is_some() {
+            return Err(DataError::Mismatch(format!(
+                "{} holds regression targets, not classes to filter",
+                inner.describe()
+            )));
+        }
         let indices: Vec<usize> = (0..inner.len())
             .filter(|&i| classes.contains(&inner.label(i)))
             .collect();
@@ -247,6 +263,9 @@ impl<D: Dataset> Dataset for Relabelled<D> {
     }
     fn label(&self, i: usize) -> usize {
         self.new_labels.get(&i).copied().unwrap_or_else(|| self.inner.label(i))
+    }
+    fn target_width(&self) -> Option<usize> {
+        self.inner.target_width()
     }
     fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
         self.inner.read(indices, batch)?;

@@ -65,7 +65,7 @@ fn step<T: Float>(
     let x = Tensor::new(full_shape, batch.x.iter().map(|&v| T::from_f64(v)).collect()).expect("batch shape");
     let (tape, bn) = model.graph.forward_train(&params, &buffers, x);
     let logits = tape.output().clone();
-    let out = loss::softmax_cross_entropy(&logits, &batch.labels, 1.0 / batch.len() as f64);
+    let out = loss::apply(&logits, hvp_curvature::batch_targets(batch), 1.0 / batch.len() as f64);
     let c = logits.rows_cols().1;
     let correct = logits
         .data()

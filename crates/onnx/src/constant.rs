@@ -104,10 +104,12 @@ impl Constant {
             }
             data_type::INT8 => (raw.iter().map(|&b| Scalar::Int(b as i8 as i64)).collect(), false),
             data_type::UINT8 | data_type::BOOL => (raw.iter().map(|&b| Scalar::Int(b as i64)).collect(), false),
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "tensor '{}' has ONNX data type {other}; hvp reads float, double, int64, int32, int8, uint8 and bool",
                 t.name
-            )),
+            ))
+            }
         };
         if values.len() != numel {
             return Err(format!(

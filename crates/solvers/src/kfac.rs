@@ -23,8 +23,9 @@
 //! side, independent of N.
 
 use crate::{finish, LinearOperator, SolveReport, SolverError};
-use hvp_autodiff::{loss, Graph, NodeId, Op, Tape};
-use hvp_curvature::Problem;
+use hvp_autodiff::loss::{self, Targets};
+use hvp_autodiff::{Graph, NodeId, Op, Tape};
+use hvp_curvature::{batch_targets, Problem};
 use hvp_data::Batch;
 use hvp_model::io::{read_safetensors, write_safetensors};
 use hvp_model::{Model, ModelError, ParamVector};
@@ -131,7 +132,11 @@ fn layers_of(model: &Model) -> Vec<Layer> {
 }
 
 /// Output cotangents `[B, C]` of the per-example losses (weight 1) for each sample.
-fn cotangent_samples(logits: &Tensor<f64>, labels: &[usize], fisher: FisherKind, rng: &mut StdRng) -> Vec<Tensor<f64>> {
+fn cotangent_samples(logits: &Tensor<f64>, targets: Targets, fisher: FisherKind, rng: &mut StdRng) -> Vec<Tensor<f64>> {
+    let labels = match targets {
+        Targets::Classes(labels) => labels,
+        Targets::Values(values) => return mse_cotangent_samples(logits, values, fisher, rng),
+    };
     let (b, c) = logits.rows_cols();
     let out = loss::softmax_cross_entropy(logits, labels, 1.0);
     let grad = out.cotangent; // p − e_y
@@ -178,6 +183,39 @@ fn cotangent_samples(logits: &Tensor<f64>, labels: &[usize], fisher: FisherKind,
                     }
                 }
                 t
+            })
+            .collect(),
+    }
+}
+
+/// [`cotangent_samples`] for the mean squared error, whose output Hessian is
+/// `(2/K) I`: the empirical gradient, `√(2/K)·ε` with ε standard normal (the
+/// Fisher of a unit-variance Gaussian likelihood), or the K columns of `√(2/K) I`.
+fn mse_cotangent_samples(
+    outputs: &Tensor<f64>,
+    targets: &[f64],
+    fisher: FisherKind,
+    rng: &mut StdRng,
+) -> Vec<Tensor<f64>> {
+    let (b, k) = outputs.rows_cols();
+    let scale = (2.0 / k as f64).sqrt();
+    match fisher {
+        FisherKind::Empirical => vec![loss::mse(outputs, targets, 1.0).cotangent],
+        FisherKind::Mc => {
+            // Box–Muller pairs from the seeded stream.
+            let normal = |rng: &mut StdRng| {
+                let (u1, u2): (f64, f64) = (rng.random(), rng.random());
+                (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+            };
+            vec![mat(b, k, (0..b * k).map(|_| scale * normal(rng)).collect())]
+        }
+        FisherKind::Exact => (0..k)
+            .map(|col| {
+                mat(
+                    b,
+                    k,
+                    (0..b * k).map(|i| if i % k == col { scale } else { 0.0 }).collect(),
+                )
             })
             .collect(),
     }
@@ -306,7 +344,7 @@ fn stream_observed<T: Float>(
         let x = Tensor::new(shape, batch.x.iter().map(|&v| T::from_f64(v)).collect()).expect("batch shape");
         let tape: Tape<Tensor<T>> = graph.forward(&params, &buffers, x);
         let logits = tape.output().cast::<f64>();
-        let samples = cotangent_samples(&logits, &batch.labels, fisher, &mut rng);
+        let samples = cotangent_samples(&logits, batch_targets(&batch), fisher, &mut rng);
         let last = samples.len() - 1;
         let mut tape = Some(tape);
         for (k, cot) in samples.iter().enumerate() {

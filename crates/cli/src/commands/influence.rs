@@ -221,6 +221,8 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let train_src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
     let train_view = Subset::first(train_src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
     let test = open_data_spec(&a.test, a.pad, a.classes.as_deref())?;
+    crate::args::check_loss(a.model.loss, train_src.as_ref())?;
+    crate::args::check_loss(a.model.loss, test.as_ref())?;
     model.check_input(&test.sample_shape()).map_err(anyhow::Error::msg)?;
     check_labels(test.as_ref(), model.num_classes)?;
     let indices = a.test_indices.clone().unwrap_or_else(|| vec![0]);

@@ -34,6 +34,7 @@ pub fn setup(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs) -> Res
     set_threads(run.threads)?;
     let (model, weights) = load_model(model_args)?;
     let data = load_data(data_args)?;
+    crate::args::check_loss(model_args.loss, &data.view())?;
     Ok((model, weights, data))
 }
 

@@ -52,6 +52,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     set_threads(a.run.threads)?;
     let arch: Architecture = a.arch.parse()?;
     let data = load_data(&a.data)?;
+    crate::args::check_loss(crate::args::LossArg::Ce, &data.view())?;
     let view = data.view();
     let shape = view.sample_shape();
     let model = Model::new(&arch, shape.first().copied().unwrap_or(1))?;

@@ -110,6 +110,7 @@ fn test_loss(model: &Model, w: &Weights, test: &dyn Dataset, t: usize) -> Result
 pub fn run(a: ValidateArgs) -> Result<()> {
     set_threads(a.run.threads)?;
     let src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
+    crate::args::check_loss(crate::args::LossArg::Ce, src.as_ref())?;
     let train_view = Subset::first(src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
     let (model, mut weights) = match &a.weights {
         Some(w) => load_model(&ModelArgs {
