@@ -456,3 +456,60 @@ fn wrong_example_shape_is_an_error() {
         &["node 'fc' (Gemm)", "cannot multiply"],
     );
 }
+
+/// `train --model` trains the imported graph (BatchNorm in train mode) and its
+/// output overrides the initializers by name: the loss goes down.
+#[test]
+fn train_an_onnx_model_and_use_the_result() {
+    let tmp = TempDir::new("onnx-train");
+    let dir = case_dir("small_cnn");
+    let model = dir.join("dynamo.onnx");
+    let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
+    let grad = |extra: &[&str]| -> f64 {
+        let mut args = vec![
+            "grad",
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--labels",
+            labels.to_str().unwrap(),
+            "--dtype",
+            "f64",
+            "--out",
+        ];
+        let out = tmp.s("g.safetensors");
+        args.push(&out);
+        args.extend(extra);
+        let text = ok(&args);
+        let loss = text.split("mean loss ").nth(1).unwrap().split(',').next().unwrap();
+        loss.trim().parse().unwrap()
+    };
+    let before = grad(&[]);
+    ok(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--epochs",
+        "20",
+        "--lr",
+        "0.5",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "f64",
+        "--quiet",
+        "--out",
+        &tmp.s("trained.safetensors"),
+    ]);
+    let after = grad(&["--weights", &tmp.s("trained.safetensors")]);
+    assert!((before - 2.279969).abs() < 1e-5, "initial loss {before}");
+    assert!(
+        after < 0.8 * before,
+        "training did not reduce the loss: {before} → {after}"
+    );
+}

@@ -1,5 +1,6 @@
-//! `hvp train`: train a built-in architecture (BatchNorm in train mode while
-//! training, eval mode after), deterministic for a seed and thread count.
+//! `hvp train`: train a built-in architecture or an ONNX model (BatchNorm in
+//! train mode while training, eval mode after), deterministic for a seed and
+//! thread count.
 
 use crate::args::{load_data, set_threads, DataArgs, RunArgs};
 use crate::report::{summary, Progress};
@@ -20,8 +21,12 @@ pub enum OptimizerArg {
 #[derive(Args)]
 pub struct TrainArgs {
     /// Architecture (see `hvp grad --help`).
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    pub arch: Option<String>,
+    /// An ONNX model to train instead, starting from its initializers (or from
+    /// --init, by name); the output state_dict overrides them with `--weights`.
     #[arg(long)]
-    pub arch: String,
+    pub model: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -40,7 +45,8 @@ pub struct TrainArgs {
     pub optimizer: OptimizerArg,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Start from these weights instead of a fresh initialisation.
+    /// Start from these weights instead of a fresh initialisation (or, with
+    /// --model, of the ONNX initializers).
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Output state_dict (safetensors, compute dtype, written atomically).
@@ -50,18 +56,36 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     set_threads(a.run.threads)?;
-    let arch: Architecture = a.arch.parse()?;
     let data = load_data(&a.data)?;
     crate::args::check_loss(crate::args::LossArg::Ce, &data.view())?;
     let view = data.view();
     let shape = view.sample_shape();
-    let model = Model::new(&arch, shape.first().copied().unwrap_or(1))?;
+    let (model, mut weights) = match (&a.arch, &a.model) {
+        (_, Some(path)) => {
+            let (model, mut weights) = crate::args::load_model(&crate::args::ModelArgs {
+                model: Some(path.clone()),
+                ..Default::default()
+            })?;
+            if let Some(p) = &a.init {
+                weights
+                    .override_from(&model, p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+            }
+            (model, weights)
+        }
+        (Some(arch), None) => {
+            let arch: Architecture = arch.parse()?;
+            let model = Model::new(&arch, shape.first().copied().unwrap_or(1))?;
+            let weights = match &a.init {
+                Some(p) => Weights::load(&model, p).with_context(|| format!("reading {}", p.display()))?,
+                None => Weights::init(&model, a.seed),
+            };
+            (model, weights)
+        }
+        (None, None) => anyhow::bail!("give --arch SPEC or --model FILE.onnx"),
+    };
     model.check_input(&shape).map_err(anyhow::Error::msg)?;
     hvp_data::check_labels(&view, model.num_classes)?;
-    let mut weights = match &a.init {
-        Some(p) => Weights::load(&model, p).with_context(|| format!("reading {}", p.display()))?,
-        None => Weights::init(&model, a.seed),
-    };
     let opts = TrainOptions {
         epochs: a.epochs,
         batch_size: a.run.batch_size,
