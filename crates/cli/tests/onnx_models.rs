@@ -513,3 +513,55 @@ fn train_an_onnx_model_and_use_the_result() {
         "training did not reduce the loss: {before} → {after}"
     );
 }
+
+/// A convolution graph without BatchNormalization whose weights carry the
+/// legacy exporter's folded names gets the folding warning (and still runs).
+#[test]
+fn folded_batchnorm_is_warned_about() {
+    let tmp = TempDir::new("onnx-folded");
+    let tensor = |name: &str, dims: Vec<i64>| TensorProto {
+        name: name.into(),
+        dims: dims.clone(),
+        data_type: data_type::FLOAT,
+        float_data: (0..dims.iter().product::<i64>())
+            .map(|i| (i as f32 * 0.37).sin() * 0.3)
+            .collect(),
+        ..Default::default()
+    };
+    let node = |name: &str, op: &str, input: &[&str], output: &str| NodeProto {
+        name: name.into(),
+        op_type: op.into(),
+        input: input.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    };
+    let bytes = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(GraphProto {
+            name: "folded".into(),
+            node: vec![
+                node("conv", "Conv", &["x", "onnx::Conv_5", "onnx::Conv_6"], "c"),
+                node("pool", "GlobalAveragePool", &["c"], "p"),
+                node("flat", "Flatten", &["p"], "y"),
+            ],
+            initializer: vec![
+                tensor("onnx::Conv_5", vec![3, 1, 3, 3]),
+                tensor("onnx::Conv_6", vec![3]),
+            ],
+            input: vec![value_info("x", &[named_dim("N"), dim(1), dim(5), dim(5)])],
+            output: vec![value_info("y", &[named_dim("N"), dim(3)])],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    std::fs::write(tmp.path("m.onnx"), bytes).unwrap();
+    let o = hvp(&["params", "--model", &tmp.s("m.onnx")]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("BatchNorm was folded"), "{stderr}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| onnx::Conv_6 | [3] | 3 | yes |"));
+}
