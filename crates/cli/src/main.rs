@@ -69,6 +69,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let _mpi = hvp_dist::init();
     let cli = Cli::parse();
     if let Err(e) = hvp_tensor::onednn::check_requested_backend() {
         eprintln!("error: {e}");
@@ -93,6 +94,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // In a multi-process job an error on any rank aborts them all.
+        Err(e) if hvp_dist::is_distributed() => hvp_dist::fail(&format!("error: {e:#}"), 1),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -115,17 +115,18 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// Reads the data batch by batch, in order, calling `f(inputs, labels)`.
+    /// Reads this rank's shard of the data (all of it in one process) batch by
+    /// batch, in order, calling `f(inputs, targets, count)`.
     fn for_each_batch<T: Float>(
         &self,
         mut f: impl FnMut(Tensor<T>, Targets, usize) -> Result<(), CurvatureError>,
     ) -> Result<(), CurvatureError> {
-        let n = self.data.len();
+        let shard = hvp_dist::shard(self.data.len());
         let mut batch = Batch::default();
         let mut idx = Vec::with_capacity(self.batch_size);
-        for start in (0..n).step_by(self.batch_size) {
+        for start in shard.clone().step_by(self.batch_size) {
             idx.clear();
-            idx.extend(start..(start + self.batch_size).min(n));
+            idx.extend(start..(start + self.batch_size).min(shard.end));
             self.data.read(&idx, &mut batch)?;
             f(self.input::<T>(&batch), batch_targets(&batch), batch.len())?;
         }
@@ -160,10 +161,10 @@ impl<'a> Problem<'a> {
                 });
             }
             out.extend(d);
-            progress(count);
+            progress(count * hvp_dist::size());
             Ok(())
         })?;
-        Ok(out)
+        Ok(hvp_dist::gather_shards(self.data.len(), &out))
     }
 
     /// Predicted class (argmax of the logits) of every example.
@@ -174,17 +175,18 @@ impl<'a> Problem<'a> {
             out.extend(
                 z.data()
                     .chunks(c)
-                    .map(|row| (0..c).fold(0, |best, k| if row[k] > row[best] { k } else { best })),
+                    .map(|row| (0..c).fold(0, |best, k| if row[k] > row[best] { k } else { best }) as f64),
             );
         })?;
-        Ok(out)
+        let all = hvp_dist::gather_shards(self.data.len(), &out);
+        Ok(all.into_iter().map(|k| k as usize).collect())
     }
 
     /// Per-example losses `ℓ_i(θ)` (no regulariser).
     pub fn losses<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
         let mut out = Vec::with_capacity(self.data.len());
         self.for_each_logits::<T>(|z, targets| out.extend(loss::apply(z, targets, 1.0).losses))?;
-        Ok(out)
+        Ok(hvp_dist::gather_shards(self.data.len(), &out))
     }
 
     /// The logits of every batch, in order.
@@ -217,9 +219,10 @@ impl<'a> Problem<'a> {
         let mut loss_sum = 0.0;
         let mut batch = Batch::default();
         let mut indices = Vec::with_capacity(self.batch_size);
-        for (k, start) in (0..n).step_by(self.batch_size).enumerate() {
+        let shard = hvp_dist::shard(n);
+        for (k, start) in shard.clone().step_by(self.batch_size).enumerate() {
             indices.clear();
-            indices.extend(start..(start + self.batch_size).min(n));
+            indices.extend(start..(start + self.batch_size).min(shard.end));
             self.data.read(&indices, &mut batch)?;
             let (loss, parts) = per_batch(self.input(&batch), batch_targets(&batch), weight);
             loss_sum += loss;
@@ -234,7 +237,16 @@ impl<'a> Problem<'a> {
             if !loss.is_finite() || acc.tensors.iter().any(|t| !t.all_finite()) {
                 return Err(CurvatureError::NonFinite { what, batch: k });
             }
-            progress(indices.len());
+            // Ranks advance at about the same pace: show the job's progress.
+            progress(indices.len() * hvp_dist::size());
+        }
+        if hvp_dist::is_distributed() {
+            // One f64 allreduce of the loss and every partial sum.
+            let mut flat = acc.to_flat();
+            flat.push(loss_sum);
+            hvp_dist::allreduce_sum(&mut flat);
+            loss_sum = flat.pop().expect("loss appended");
+            acc = acc.with_flat(&flat);
         }
         Ok(PassResult {
             loss: loss_sum / n as f64,

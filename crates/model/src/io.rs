@@ -8,8 +8,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a
-/// rename, so a reader never sees a partly written file.
+/// rename, so a reader never sees a partly written file. In a multi-process
+/// (MPI) job only rank 0 writes; the others hold the same bytes.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    if !hvp_dist::is_root() {
+        return Ok(());
+    }
     let err = |source| ModelError::Write {
         path: path.to_path_buf(),
         source,

@@ -132,10 +132,21 @@ fn layers_of(model: &Model) -> Vec<Layer> {
 }
 
 /// Output cotangents `[B, C]` of the per-example losses (weight 1) for each sample.
-fn cotangent_samples(logits: &Tensor<f64>, targets: Targets, fisher: FisherKind, rng: &mut StdRng) -> Vec<Tensor<f64>> {
+///
+/// Sampled labels come from one random stream per example, seeded by `seed` and
+/// the example's index in the dataset (`first + row`), so the samples do not
+/// depend on the batch size or on how the data is sharded over processes.
+fn cotangent_samples(
+    logits: &Tensor<f64>,
+    targets: Targets,
+    fisher: FisherKind,
+    seed: u64,
+    first: usize,
+) -> Vec<Tensor<f64>> {
+    let rng = |row: usize| example_rng(seed, first + row);
     let labels = match targets {
         Targets::Classes(labels) => labels,
-        Targets::Values(values) => return mse_cotangent_samples(logits, values, fisher, rng),
+        Targets::Values(values) => return mse_cotangent_samples(logits, values, fisher, &rng),
     };
     let (b, c) = logits.rows_cols();
     let out = loss::softmax_cross_entropy(logits, labels, 1.0);
@@ -158,7 +169,7 @@ fn cotangent_samples(logits: &Tensor<f64>, targets: Targets, fisher: FisherKind,
         FisherKind::Mc => {
             let sampled: Vec<usize> = (0..b)
                 .map(|i| {
-                    let u: f64 = rng.random();
+                    let u: f64 = rng(i).random();
                     let row = &probs[i * c..(i + 1) * c];
                     let mut acc = 0.0;
                     row.iter()
@@ -195,7 +206,7 @@ fn mse_cotangent_samples(
     outputs: &Tensor<f64>,
     targets: &[f64],
     fisher: FisherKind,
-    rng: &mut StdRng,
+    rng: &dyn Fn(usize) -> StdRng,
 ) -> Vec<Tensor<f64>> {
     let (b, k) = outputs.rows_cols();
     let scale = (2.0 / k as f64).sqrt();
@@ -207,7 +218,12 @@ fn mse_cotangent_samples(
                 let (u1, u2): (f64, f64) = (rng.random(), rng.random());
                 (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
             };
-            vec![mat(b, k, (0..b * k).map(|_| scale * normal(rng)).collect())]
+            let mut data = Vec::with_capacity(b * k);
+            for i in 0..b {
+                let mut r = rng(i);
+                data.extend((0..k).map(|_| scale * normal(&mut r)));
+            }
+            vec![mat(b, k, data)]
         }
         FisherKind::Exact => (0..k)
             .map(|col| {
@@ -218,6 +234,30 @@ fn mse_cotangent_samples(
                 )
             })
             .collect(),
+    }
+}
+
+/// The random stream of example `index` (SplitMix64-mixed, so nearby indices
+/// get unrelated streams).
+fn example_rng(seed: u64, index: usize) -> StdRng {
+    let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// Sums per-process accumulators over all processes (no-op in one process).
+fn allreduce_nested(parts: &mut [Vec<f64>]) {
+    if !hvp_dist::is_distributed() {
+        return;
+    }
+    let mut flat: Vec<f64> = parts.iter().flatten().copied().collect();
+    hvp_dist::allreduce_sum(&mut flat);
+    let mut at = 0;
+    for p in parts.iter_mut() {
+        let n = p.len();
+        p.copy_from_slice(&flat[at..at + n]);
+        at += n;
     }
 }
 
@@ -330,11 +370,10 @@ fn stream_observed<T: Float>(
     let params: Vec<Tensor<T>> = problem.weights.params_as();
     let buffers: Vec<Tensor<T>> = problem.weights.buffers_as();
     let graph: &Graph = &model.graph;
-    let n = problem.data.len();
-    let mut rng = StdRng::seed_from_u64(seed);
+    let shard = hvp_dist::shard(problem.data.len());
     let mut batch = Batch::default();
-    for start in (0..n).step_by(problem.batch_size) {
-        let idx: Vec<usize> = (start..(start + problem.batch_size).min(n)).collect();
+    for start in shard.clone().step_by(problem.batch_size) {
+        let idx: Vec<usize> = (start..(start + problem.batch_size).min(shard.end)).collect();
         problem
             .data
             .read(&idx, &mut batch)
@@ -344,7 +383,7 @@ fn stream_observed<T: Float>(
         let x = Tensor::new(shape, batch.x.iter().map(|&v| T::from_f64(v)).collect()).expect("batch shape");
         let tape: Tape<Tensor<T>> = graph.forward(&params, &buffers, x);
         let logits = tape.output().cast::<f64>();
-        let samples = cotangent_samples(&logits, batch_targets(&batch), fisher, &mut rng);
+        let samples = cotangent_samples(&logits, batch_targets(&batch), fisher, seed, start);
         let last = samples.len() - 1;
         let mut tape = Some(tape);
         for (k, cot) in samples.iter().enumerate() {
@@ -357,7 +396,7 @@ fn stream_observed<T: Float>(
             graph.backward_observed(&params, &buffers, this, cot.cast::<T>(), Some(&mut obs));
         }
         batch_end(idx.len());
-        progress(idx.len());
+        progress(idx.len() * hvp_dist::size());
     }
     Ok(())
 }
@@ -421,6 +460,9 @@ impl Factors {
                 DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
             }
         }
+        allreduce_nested(&mut sums.a);
+        allreduce_nested(&mut sums.s);
+        allreduce_nested(&mut sums.diag);
         let mut out_layers = Vec::with_capacity(layers.len());
         for (li, l) in layers.iter().enumerate() {
             let a: Vec<f64> = sums.a[li].iter().map(|v| v / n).collect();
@@ -456,6 +498,7 @@ impl Factors {
                 DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
                 DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
             }
+            allreduce_nested(&mut sums.corrected);
             for (li, f) in out_layers.iter_mut().enumerate() {
                 f.corrected = Some(sums.corrected[li].iter().map(|v| v / n).collect());
             }
@@ -696,7 +739,7 @@ impl Factors {
             DType::F32 => stream_observed::<f32>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
             DType::F64 => stream_observed::<f64>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
         }
-        Ok(out)
+        Ok(hvp_dist::gather_shards(problem.data.len(), &out))
     }
 }
 

@@ -179,6 +179,32 @@ pub fn explain(
     Ok(Query { scores, meta })
 }
 
+/// A partial-result file, written (and fsynced) only by rank 0.
+struct PartialFile(Option<std::fs::File>);
+
+impl PartialFile {
+    fn create(path: &Path, root: bool) -> Result<Self> {
+        Ok(PartialFile(if root {
+            Some(std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?)
+        } else {
+            None
+        }))
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.as_ref().map_or(Ok(()), |f| f.sync_data())
+    }
+}
+
+impl Write for PartialFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.as_mut().map_or(Ok(buf.len()), |f| f.write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}
+
 fn partial_paths(out: &Path) -> (PathBuf, PathBuf) {
     let name = out
         .file_name()
@@ -236,7 +262,9 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let n = train_view.len();
     let dtype: DType = a.run.dtype.into();
     let (partial_csv, partial_meta) = partial_paths(&a.out);
-    let mut done = if a.resume {
+    // Only rank 0 reads and writes the partial files (one process: always).
+    let root = hvp_dist::is_root();
+    let mut done = if a.resume && root {
         completed(&partial_csv, &partial_meta, n)?
     } else {
         vec![]
@@ -258,19 +286,26 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
             }
         }
     }
-    let mut csv = std::fs::File::create(&partial_csv).with_context(|| format!("writing {}", partial_csv.display()))?;
+    let mut csv = PartialFile::create(&partial_csv, root)?;
     writeln!(csv, "train_index,test_index,score,label")?;
     for r in &kept_rows {
         writeln!(csv, "{r}")?;
     }
-    let mut meta_file = std::fs::File::create(&partial_meta)?;
+    let mut meta_file = PartialFile::create(&partial_meta, root)?;
     for (_, m) in &done {
         writeln!(meta_file, "{m}")?;
     }
+    // Every rank scores the same test points: rank 0 says which are done.
+    let mut done_mask: Vec<f64> = indices
+        .iter()
+        .map(|t| done.iter().any(|d| d.0 == *t) as u8 as f64)
+        .collect();
+    hvp_dist::allreduce_sum(&mut done_mask);
     let todo: Vec<usize> = indices
         .iter()
-        .copied()
-        .filter(|t| !done.iter().any(|d| d.0 == *t))
+        .zip(&done_mask)
+        .filter(|(_, &m)| m == 0.0)
+        .map(|(&t, _)| t)
         .collect();
     if a.resume && !done.is_empty() && !a.run.quiet {
         eprintln!(
@@ -301,8 +336,11 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     }
     progress.finish();
     drop(csv);
-    std::fs::rename(&partial_csv, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    let _ = std::fs::remove_file(&partial_meta);
+    drop(meta_file);
+    if root {
+        std::fs::rename(&partial_csv, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+        let _ = std::fs::remove_file(&partial_meta);
+    }
     done.sort_by_key(|d| indices.iter().position(|&t| t == d.0));
     if let Some(path) = &a.picture {
         draw(path, &problem, test.as_ref(), &done, a.top)?;

@@ -35,7 +35,20 @@ pub fn setup(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs) -> Res
     let (model, weights) = load_model(model_args)?;
     let data = load_data(data_args)?;
     crate::args::check_loss(model_args.loss, &data.view())?;
+    injected_failure()?;
     Ok((model, weights, data))
+}
+
+/// Test hook for multi-process jobs: `HVP_TEST_FAIL_RANK=r` makes rank r fail
+/// here, after loading, while the other ranks go on into the first data pass.
+pub fn injected_failure() -> Result<()> {
+    match std::env::var("HVP_TEST_FAIL_RANK")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+    {
+        Some(r) if r == hvp_dist::rank() => anyhow::bail!("failure injected on rank {r} (HVP_TEST_FAIL_RANK)"),
+        _ => Ok(()),
+    }
 }
 
 /// Reads a parameter-space vector (`--vector`, `--rhs`) with context.
