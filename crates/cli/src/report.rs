@@ -75,8 +75,18 @@ pub fn summary(what: &str, n: usize, elapsed: Duration, quiet: bool) {
         return;
     }
     let s = elapsed.as_secs_f64();
+    let processes = if hvp_dist::is_distributed() {
+        let c = hvp_dist::communication_seconds();
+        format!(
+            ", {} processes, allreduce {c:.3} s ({:.1}% of rank 0's time)",
+            hvp_dist::size(),
+            100.0 * c / s.max(1e-9)
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{what}: N={n}, {s:.3} s, {:.1} images/s, peak memory {}",
+        "{what}: N={n}, {s:.3} s, {:.1} images/s, peak memory {}{processes}",
         n as f64 / s.max(1e-9),
         format_bytes(peak_rss_bytes())
     );

@@ -8,6 +8,22 @@
 //! files and prints; an error or panic on any rank aborts the whole job.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Time spent in collective communication, for the summary line.
+static COMMUNICATION_NANOS: AtomicU64 = AtomicU64::new(0);
+
+fn timed(f: impl FnOnce()) {
+    let start = Instant::now();
+    f();
+    COMMUNICATION_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// Seconds this process has spent in allreduces (waiting for slower ranks included).
+pub fn communication_seconds() -> f64 {
+    COMMUNICATION_NANOS.load(Ordering::Relaxed) as f64 / 1e9
+}
 
 #[cfg(feature = "mpi")]
 mod mpi_backend;
@@ -79,7 +95,7 @@ pub fn shard_of(n: usize, r: usize, k: usize) -> Range<usize> {
 /// Sums `buf` over all ranks, in place; every rank receives the same bits.
 pub fn allreduce_sum(buf: &mut [f64]) {
     if is_distributed() {
-        backend::allreduce_sum(buf);
+        timed(|| backend::allreduce_sum(buf));
     }
 }
 
@@ -98,7 +114,7 @@ pub fn gather_shards(n: usize, local: &[f64]) -> Vec<f64> {
     );
     let mut full = vec![0.0; n];
     full[range].copy_from_slice(local);
-    backend::allreduce_sum(&mut full);
+    timed(|| backend::allreduce_sum(&mut full));
     full
 }
 
