@@ -17,6 +17,7 @@ use hvp_autodiff::{Dual, Graph, Tape, Value};
 use hvp_data::{check_labels, Batch, DataError, Dataset};
 use hvp_model::{Model, ParamVector, Weights};
 use hvp_tensor::{Float, Tensor};
+use rayon::prelude::*;
 
 /// What a batch's outputs are compared with: its float targets (MSE) when it
 /// has any, else its class labels (softmax cross-entropy).
@@ -26,6 +27,40 @@ pub fn batch_targets(batch: &Batch) -> Targets<'_> {
     } else {
         Targets::Values(&batch.targets)
     }
+}
+
+/// Owned targets of a sub-batch.
+enum OwnedTargets {
+    Classes(Vec<usize>),
+    Values(Vec<f64>),
+}
+
+impl OwnedTargets {
+    fn as_targets(&self) -> Targets<'_> {
+        match self {
+            OwnedTargets::Classes(c) => Targets::Classes(c),
+            OwnedTargets::Values(v) => Targets::Values(v),
+        }
+    }
+}
+
+/// `batch` cut into at most `parts` contiguous sub-batches (count, inputs, targets).
+fn split_batch(batch: &Batch, sample: usize, parts: usize) -> Vec<(usize, Vec<f64>, OwnedTargets)> {
+    let n = batch.len();
+    let parts = parts.clamp(1, n.max(1));
+    let width = if batch.targets.is_empty() { 0 } else { batch.targets.len() / n.max(1) };
+    (0..parts)
+        .map(|p| {
+            let (lo, hi) = (p * n / parts, (p + 1) * n / parts);
+            let targets = if width == 0 {
+                OwnedTargets::Classes(batch.labels[lo..hi].to_vec())
+            } else {
+                OwnedTargets::Values(batch.targets[lo * width..hi * width].to_vec())
+            };
+            (hi - lo, batch.x[lo * sample..hi * sample].to_vec(), targets)
+        })
+        .filter(|(count, _, _)| *count > 0)
+        .collect()
 }
 
 /// Which curvature matrix a product is taken with.
@@ -107,6 +142,15 @@ impl<'a> Problem<'a> {
     pub fn with_weight_decay(mut self, w: f64) -> Self {
         self.weight_decay = w;
         self
+    }
+
+    /// Sub-batches per batch: one per worker thread (`HVP_SPLIT_BATCH=0` turns
+    /// the split off, to compare).
+    fn split_threads(&self) -> usize {
+        match std::env::var("HVP_SPLIT_BATCH").ok().as_deref() {
+            Some("0") => 1,
+            _ => rayon::current_num_threads(),
+        }
     }
 
     fn theta(&self) -> ParamVector {
@@ -211,7 +255,7 @@ impl<'a> Problem<'a> {
         &self,
         progress: &dyn Fn(usize),
         what: &'static str,
-        mut per_batch: impl FnMut(Tensor<T>, Targets, f64) -> (f64, Vec<Option<Tensor<T>>>),
+        per_batch: impl Fn(Tensor<T>, Targets, f64) -> (f64, Vec<Option<Tensor<T>>>) + Sync,
     ) -> Result<PassResult, CurvatureError> {
         let n = self.data.len();
         let weight = 1.0 / n as f64;
@@ -220,11 +264,42 @@ impl<'a> Problem<'a> {
         let mut batch = Batch::default();
         let mut indices = Vec::with_capacity(self.batch_size);
         let shard = hvp_dist::shard(n);
+        let sample: usize = self.data.sample_shape().iter().product();
         for (k, start) in shard.clone().step_by(self.batch_size).enumerate() {
             indices.clear();
             indices.extend(start..(start + self.batch_size).min(shard.end));
             self.data.read(&indices, &mut batch)?;
-            let (loss, parts) = per_batch(self.input(&batch), batch_targets(&batch), weight);
+            // One sub-batch per worker thread, each run whole by one worker: no
+            // synchronisation between layers, and each worker's activations stay
+            // in its own cache. Sums are combined in f64 below.
+            let parts = split_batch(&batch, sample, self.split_threads());
+            let results: Vec<(f64, Vec<Option<Tensor<T>>>)> = parts
+                .par_iter()
+                .map(|(count, x, targets)| {
+                    let mut shape = vec![*count];
+                    shape.extend(self.data.sample_shape());
+                    let input = Tensor::new(shape, x.iter().map(|&v| T::from_f64(v)).collect())
+                        .expect("sub-batch matches sample shape");
+                    per_batch(input, targets.as_targets(), weight)
+                })
+                .collect();
+            let mut loss = 0.0;
+            let mut parts_sum: Vec<Option<Tensor<T>>> = Vec::new();
+            for (l, p) in results {
+                loss += l;
+                if parts_sum.is_empty() {
+                    parts_sum = p;
+                } else {
+                    for (acc_t, t) in parts_sum.iter_mut().zip(p) {
+                        match (acc_t.as_mut(), t) {
+                            (Some(a), Some(t)) => hvp_tensor::elementwise::add_assign(a, &t),
+                            (None, Some(t)) => *acc_t = Some(t),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            let parts = parts_sum;
             loss_sum += loss;
             for (a, p) in acc.tensors.iter_mut().zip(parts) {
                 if let Some(p) = p {
