@@ -48,7 +48,11 @@ impl OwnedTargets {
 fn split_batch(batch: &Batch, sample: usize, parts: usize) -> Vec<(usize, Vec<f64>, OwnedTargets)> {
     let n = batch.len();
     let parts = parts.clamp(1, n.max(1));
-    let width = if batch.targets.is_empty() { 0 } else { batch.targets.len() / n.max(1) };
+    let width = if batch.targets.is_empty() {
+        0
+    } else {
+        batch.targets.len() / n.max(1)
+    };
     (0..parts)
         .map(|p| {
             let (lo, hi) = (p * n / parts, (p + 1) * n / parts);
@@ -159,22 +163,38 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// Reads this rank's shard of the data (all of it in one process) batch by
-    /// batch, in order, calling `f(inputs, targets, count)`.
-    fn for_each_batch<T: Float>(
+    /// Per-example values of every example, in order: this rank streams its shard
+    /// in batches, each cut into one sub-batch per worker thread, calls
+    /// `f(inputs, targets)` on each (returning one value per example), and the
+    /// shards are gathered over processes.
+    fn per_example<T: Float>(
         &self,
-        mut f: impl FnMut(Tensor<T>, Targets, usize) -> Result<(), CurvatureError>,
-    ) -> Result<(), CurvatureError> {
+        what: &'static str,
+        progress: &dyn Fn(usize),
+        f: impl Fn(Tensor<T>, Targets) -> Vec<f64> + Sync,
+    ) -> Result<Vec<f64>, CurvatureError> {
         let shard = hvp_dist::shard(self.data.len());
+        let sample: usize = self.data.sample_shape().iter().product();
+        let mut out = Vec::with_capacity(shard.len());
         let mut batch = Batch::default();
         let mut idx = Vec::with_capacity(self.batch_size);
-        for start in shard.clone().step_by(self.batch_size) {
+        for (k, start) in shard.clone().step_by(self.batch_size).enumerate() {
             idx.clear();
             idx.extend(start..(start + self.batch_size).min(shard.end));
             self.data.read(&idx, &mut batch)?;
-            f(self.input::<T>(&batch), batch_targets(&batch), batch.len())?;
+            let parts = split_batch(&batch, sample, self.split_threads());
+            let values: Vec<Vec<f64>> = parts
+                .par_iter()
+                .map(|part| f(self.sub_batch_input(part), part.2.as_targets()))
+                .collect();
+            let before = out.len();
+            out.extend(values.into_iter().flatten());
+            if out[before..].iter().any(|v| !v.is_finite()) {
+                return Err(CurvatureError::NonFinite { what, batch: k });
+            }
+            progress(idx.len() * hvp_dist::size());
         }
-        Ok(())
+        Ok(hvp_dist::gather_shards(self.data.len(), &out))
     }
 
     /// Per-example directional derivatives `∇ℓ_i(θ) · s` for every example, in
@@ -194,59 +214,46 @@ impl<'a> Problem<'a> {
             .map(|(p, t)| Dual::new(p, Some(t)))
             .collect();
         let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
-        let mut out = Vec::with_capacity(self.data.len());
-        self.for_each_batch::<T>(|x, targets, count| {
+        self.per_example::<T>("per-example loss derivative", progress, |x, targets| {
             let tape = self.model.graph.forward(&duals, &buffers, Dual::constant(x));
-            let d = loss::directional(tape.output(), targets);
-            if d.iter().any(|v| !v.is_finite()) {
-                return Err(CurvatureError::NonFinite {
-                    what: "per-example loss derivative",
-                    batch: out.len() / self.batch_size,
-                });
-            }
-            out.extend(d);
-            progress(count * hvp_dist::size());
-            Ok(())
-        })?;
-        Ok(hvp_dist::gather_shards(self.data.len(), &out))
+            loss::directional(tape.output(), targets)
+        })
     }
 
     /// Predicted class (argmax of the logits) of every example.
     pub fn predictions<T: Float>(&self) -> Result<Vec<usize>, CurvatureError> {
-        let mut out = Vec::with_capacity(self.data.len());
-        self.for_each_logits::<T>(|z, _| {
+        let all = self.per_logits::<T>("logits", |z, _| {
             let c = z.rows_cols().1;
-            out.extend(
-                z.data()
-                    .chunks(c)
-                    .map(|row| (0..c).fold(0, |best, k| if row[k] > row[best] { k } else { best }) as f64),
-            );
+            z.data()
+                .chunks(c)
+                .map(|row| (0..c).fold(0, |best, k| if row[k] > row[best] { k } else { best }) as f64)
+                .collect()
         })?;
-        let all = hvp_dist::gather_shards(self.data.len(), &out);
         Ok(all.into_iter().map(|k| k as usize).collect())
     }
 
     /// Per-example losses `ℓ_i(θ)` (no regulariser).
     pub fn losses<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
-        let mut out = Vec::with_capacity(self.data.len());
-        self.for_each_logits::<T>(|z, targets| out.extend(loss::apply(z, targets, 1.0).losses))?;
-        Ok(hvp_dist::gather_shards(self.data.len(), &out))
+        self.per_logits::<T>("per-example loss", |z, targets| loss::apply(z, targets, 1.0).losses)
     }
 
-    /// The logits of every batch, in order.
-    fn for_each_logits<T: Float>(&self, mut f: impl FnMut(&Tensor<T>, Targets)) -> Result<(), CurvatureError> {
+    /// `f(logits, targets)` per example, for every example.
+    fn per_logits<T: Float>(
+        &self,
+        what: &'static str,
+        f: impl Fn(&Tensor<T>, Targets) -> Vec<f64> + Sync,
+    ) -> Result<Vec<f64>, CurvatureError> {
         let params: Vec<Tensor<T>> = self.weights.params_as();
         let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
-        self.for_each_batch::<T>(|x, targets, _| {
-            f(self.model.graph.forward(&params, &buffers, x).output(), targets);
-            Ok(())
+        self.per_example::<T>(what, &|_| {}, |x, targets| {
+            f(self.model.graph.forward(&params, &buffers, x).output(), targets)
         })
     }
 
-    fn input<T: Float>(&self, batch: &Batch) -> Tensor<T> {
-        let mut shape = vec![batch.len()];
+    fn sub_batch_input<T: Float>(&self, (count, x, _): &(usize, Vec<f64>, OwnedTargets)) -> Tensor<T> {
+        let mut shape = vec![*count];
         shape.extend(self.data.sample_shape());
-        Tensor::new(shape, batch.x.iter().map(|&v| T::from_f64(v)).collect()).expect("batch matches sample shape")
+        Tensor::new(shape, x.iter().map(|&v| T::from_f64(v)).collect()).expect("sub-batch matches sample shape")
     }
 
     /// Streams the data in batches, calling `per_batch(input, labels)` with the loss
@@ -275,13 +282,7 @@ impl<'a> Problem<'a> {
             let parts = split_batch(&batch, sample, self.split_threads());
             let results: Vec<(f64, Vec<Option<Tensor<T>>>)> = parts
                 .par_iter()
-                .map(|(count, x, targets)| {
-                    let mut shape = vec![*count];
-                    shape.extend(self.data.sample_shape());
-                    let input = Tensor::new(shape, x.iter().map(|&v| T::from_f64(v)).collect())
-                        .expect("sub-batch matches sample shape");
-                    per_batch(input, targets.as_targets(), weight)
-                })
+                .map(|part| per_batch(self.sub_batch_input(part), part.2.as_targets(), weight))
                 .collect();
             let mut loss = 0.0;
             let mut parts_sum: Vec<Option<Tensor<T>>> = Vec::new();
