@@ -114,17 +114,23 @@ def products(model, x, y, v, loss_kind="ce"):
     return names, loss.detach(), [g.detach() for g in grads], [h.detach() for h in hvp], [g.detach() for g in ggn]
 
 
-def write_case(name, model, arch, in_channels, x, y, v, cap, weights_mode):
-    d = ROOT / name
-    d.mkdir(parents=True, exist_ok=True)
-    model = model.double().eval()
-    names, loss, grads, hvps, ggns = products(model, x, y, v)
+def save_expected(d, model, x, y, v, cap, loss_kind="ce"):
+    """expected.safetensors of a case: loss, and grad/hvp/ggn per parameter (subsampled)."""
+    names, loss, grads, hvps, ggns = products(model, x, y, v, loss_kind)
     expected = {"loss": loss.reshape(1)}
     for n, g, h, gg in zip(names, grads, hvps, ggns):
         expected[f"grad/{n}"] = subset(g, cap)
         expected[f"hvp/{n}"] = subset(h, cap)
         expected[f"ggn/{n}"] = subset(gg, cap)
     save_file(expected, str(d / "expected.safetensors"))
+    return names, loss
+
+
+def write_case(name, model, arch, in_channels, x, y, v, cap, weights_mode):
+    d = ROOT / name
+    d.mkdir(parents=True, exist_ok=True)
+    model = model.double().eval()
+    names, loss = save_expected(d, model, x, y, v, cap)
     np.save(d / "inputs.npy", x.numpy())
     np.save(d / "labels.npy", y.numpy().astype(np.int64))
     meta = {"arch": arch, "in_channels": in_channels, "n": int(x.shape[0]), "subset_cap": cap,
@@ -206,13 +212,7 @@ def onnx_cases():
 
 def write_onnx_case(d, model, x, y, v, cap, vector_mode, loss_kind="ce"):
     model = model.double().eval()
-    names, loss, grads, hvps, ggns = products(model, x, y, v, loss_kind)
-    expected = {"loss": loss.reshape(1)}
-    for n, g, h, gg in zip(names, grads, hvps, ggns):
-        expected[f"grad/{n}"] = subset(g, cap)
-        expected[f"hvp/{n}"] = subset(h, cap)
-        expected[f"ggn/{n}"] = subset(gg, cap)
-    save_file(expected, str(d / "expected.safetensors"))
+    names, loss = save_expected(d, model, x, y, v, cap, loss_kind)
     np.save(d / "inputs.npy", x.numpy())
     np.save(d / "labels.npy", y.numpy().astype(np.int64) if loss_kind == "ce" else y.numpy())
     meta = {"n": int(x.shape[0]), "subset_cap": cap, "vector": vector_mode, "torch": torch.__version__,

@@ -40,9 +40,7 @@ pub fn gemm_into<T: Float>(
     accumulate: bool,
     par: Par,
 ) {
-    assert_eq!(a.len(), m * k, "gemm: lhs has {} elements, expected {m}x{k}", a.len());
-    assert_eq!(b.len(), k * n, "gemm: rhs has {} elements, expected {k}x{n}", b.len());
-    assert_eq!(c.len(), m * n, "gemm: dst has {} elements, expected {m}x{n}", c.len());
+    check_extents(c.len(), a.len(), b.len(), m, n, k);
     if T::DTYPE == DType::F32 && m > 0 && n > 0 && k > 0 {
         if let Some(lib) = onednn::library() {
             onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
@@ -50,6 +48,13 @@ pub fn gemm_into<T: Float>(
         }
     }
     rust_gemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
+}
+
+/// Panics (a caller bug, not bad input) when the slices do not hold m×k, k×n, m×n.
+fn check_extents(c: usize, a: usize, b: usize, m: usize, n: usize, k: usize) {
+    assert_eq!(a, m * k, "gemm: lhs has {a} elements, expected {m}x{k}");
+    assert_eq!(b, k * n, "gemm: rhs has {b} elements, expected {k}x{n}");
+    assert_eq!(c, m * n, "gemm: dst has {c} elements, expected {m}x{n}");
 }
 
 /// [`gemm_into`] on an explicitly chosen backend (to compare the two); `None`
@@ -68,9 +73,7 @@ pub fn gemm_into_backend<T: Float>(
     accumulate: bool,
     par: Par,
 ) -> Option<()> {
-    assert_eq!(a.len(), m * k, "gemm: lhs has {} elements, expected {m}x{k}", a.len());
-    assert_eq!(b.len(), k * n, "gemm: rhs has {} elements, expected {k}x{n}", b.len());
-    assert_eq!(c.len(), m * n, "gemm: dst has {} elements, expected {m}x{n}", c.len());
+    check_extents(c.len(), a.len(), b.len(), m, n, k);
     match backend {
         GemmBackend::Rust => rust_gemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, par),
         GemmBackend::OneDnn => {
