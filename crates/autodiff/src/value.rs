@@ -1,4 +1,4 @@
-use hvp_tensor::{elementwise, Float, Tensor};
+use hvp_tensor::{channel, elementwise, Float, Tensor};
 
 /// A bilinear kernel with its product rule built in: `(a, ȧ, b, ḃ) ↦ (f(a, b), tangent)`.
 pub type DualKernel<'a, T> =
@@ -7,8 +7,10 @@ pub type DualKernel<'a, T> =
 /// What a primitive computes on: a plain tensor (reverse mode) or a [`Dual`]
 /// (forward mode, and forward-over-reverse when the backward pass runs on them).
 ///
-/// Primitives are written with these four operations only, so that each one is
-/// differentiable in forward mode by construction.
+/// Primitives are written with these operations only (`linear`, `bilinear`,
+/// `nonlinear`, `add`, plus the fused `bilinear_fused` and `channel_affine` for
+/// hot paths, each with its JVP built in), so that each one is differentiable in
+/// forward mode by construction.
 pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// The value itself (without tangent).
     fn primal(&self) -> &Tensor<T>;
@@ -26,6 +28,9 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// `f(x)` for any differentiable `f`, with its JVP rule `jvp(x, ẋ)`.
     fn nonlinear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>, jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>)
         -> Self;
+    /// Per-channel `x·s + t` (`s`, `t` of shape `[C]`; no `t`: zero), whose
+    /// JVP `ẋ·s + x·ṡ + ṫ` a dual computes in one pass (BatchNorm's hot path).
+    fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self;
     /// `self + other`.
     fn add(&self, other: &Self) -> Self;
     /// `self += other` (cotangent accumulation).
@@ -58,6 +63,9 @@ impl<T: Float> Value<T> for Tensor<T> {
         _jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
     ) -> Self {
         f(self)
+    }
+    fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self {
+        channel::affine(x, s, t)
     }
     fn add(&self, other: &Self) -> Self {
         elementwise::add(self, other)
@@ -152,6 +160,18 @@ impl<T: Float> Value<T> for Dual<T> {
         Self {
             primal: f(&self.primal),
             tangent: self.tangent.as_ref().map(|t| jvp(&self.primal, t)),
+        }
+    }
+    fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self {
+        Self {
+            primal: channel::affine(&x.primal, &s.primal, t.map(|t| &t.primal)),
+            tangent: channel::affine_tangent(
+                &x.primal,
+                x.tangent.as_ref(),
+                &s.primal,
+                s.tangent.as_ref(),
+                t.and_then(|t| t.tangent.as_ref()),
+            ),
         }
     }
     fn add(&self, other: &Self) -> Self {

@@ -27,6 +27,74 @@ pub fn scale<T: Float>(x: &Tensor<T>, s: &Tensor<T>) -> Tensor<T> {
     out
 }
 
+/// `y[b, c, ...] = x[b, c, ...] · s[c] + t[c]` (no `t`: zero) in one pass.
+pub fn affine<T: Float>(x: &Tensor<T>, s: &Tensor<T>, t: Option<&Tensor<T>>) -> Tensor<T> {
+    affine_sum(x, Some(x), s, None, t)
+}
+
+/// The JVP of [`affine`] in one pass: `ẋ·s + x·ṡ + ṫ`, each term skipped when
+/// its tangent is absent (`None` when all are).
+pub fn affine_tangent<T: Float>(
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    s: &Tensor<T>,
+    ds: Option<&Tensor<T>>,
+    dt: Option<&Tensor<T>>,
+) -> Option<Tensor<T>> {
+    if dx.is_none() && ds.is_none() && dt.is_none() {
+        return None;
+    }
+    Some(affine_sum(x, dx, s, ds.map(|ds| (x, ds)), dt))
+}
+
+/// `a·s + x·r + t` per channel, shaped like `like` (each term optional), one pass.
+fn affine_sum<T: Float>(
+    like: &Tensor<T>,
+    a: Option<&Tensor<T>>,
+    s: &Tensor<T>,
+    xr: Option<(&Tensor<T>, &Tensor<T>)>,
+    t: Option<&Tensor<T>>,
+) -> Tensor<T> {
+    let (_, c, inner) = layout(like);
+    let mut out = Tensor::zeros(like.shape());
+    let zero = vec![T::ZERO; c];
+    let (sd, td) = (s.data(), t.map_or(&zero[..], |t| t.data()));
+    let (rd, xd) = match xr {
+        Some((x, r)) => (r.data(), Some(x.data())),
+        None => (&zero[..], None),
+    };
+    let ad = a.map(|a| a.data());
+    let inner = inner.max(1);
+    out.data_mut()
+        .par_chunks_mut(c * inner)
+        .enumerate()
+        .for_each(|(b, ex)| {
+            for (ch, plane) in ex.chunks_mut(inner).enumerate().take(c) {
+                let base = (b * c + ch) * inner;
+                let (sc, rc, tc) = (sd[ch], rd[ch], td[ch]);
+                match (ad, xd) {
+                    (Some(a), Some(x)) => {
+                        for (k, o) in plane.iter_mut().enumerate() {
+                            *o = a[base + k] * sc + x[base + k] * rc + tc;
+                        }
+                    }
+                    (Some(a), None) => {
+                        for (k, o) in plane.iter_mut().enumerate() {
+                            *o = a[base + k] * sc + tc;
+                        }
+                    }
+                    (None, Some(x)) => {
+                        for (k, o) in plane.iter_mut().enumerate() {
+                            *o = x[base + k] * rc + tc;
+                        }
+                    }
+                    (None, None) => plane.fill(tc),
+                }
+            }
+        });
+    out
+}
+
 /// A `shape`-shaped tensor whose channel `c` holds `t[c]` everywhere.
 pub fn broadcast<T: Float>(t: &Tensor<T>, shape: &[usize]) -> Tensor<T> {
     let mut out = Tensor::zeros(shape);
@@ -77,6 +145,29 @@ pub fn dot<T: Float>(x: &Tensor<T>, y: &Tensor<T>) -> Tensor<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn affine_and_its_tangent_match_the_separate_ops() {
+        let x = Tensor::new(vec![2, 3, 2], (0..12).map(|i| i as f64 * 0.5 - 2.0).collect()).unwrap();
+        let dx = Tensor::new(vec![2, 3, 2], (0..12).map(|i| (i as f64).sin()).collect()).unwrap();
+        let s = Tensor::new(vec![3], vec![1.5, -0.5, 2.0]).unwrap();
+        let ds = Tensor::new(vec![3], vec![0.25, 0.5, -1.0]).unwrap();
+        let t = Tensor::new(vec![3], vec![0.1, 0.2, 0.3]).unwrap();
+        let want = crate::elementwise::add(&scale(&x, &s), &broadcast(&t, x.shape()));
+        assert_eq!(affine(&x, &s, Some(&t)), want);
+        assert_eq!(affine(&x, &s, None), scale(&x, &s));
+        let tangent = affine_tangent(&x, Some(&dx), &s, Some(&ds), Some(&t)).unwrap();
+        let parts = crate::elementwise::add(&scale(&dx, &s), &scale(&x, &ds));
+        let want = crate::elementwise::add(&parts, &broadcast(&t, x.shape()));
+        for (a, b) in tangent.data().iter().zip(want.data()) {
+            assert!((a - b).abs() < 1e-15);
+        }
+        assert!(affine_tangent(&x, None, &s, None, None).is_none());
+        assert_eq!(
+            affine_tangent(&x, None, &s, None, Some(&t)),
+            Some(broadcast(&t, x.shape()))
+        );
+    }
 
     #[test]
     fn reductions_are_adjoint_to_broadcast_and_scale() {

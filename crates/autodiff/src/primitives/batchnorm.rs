@@ -33,8 +33,7 @@ fn scale_and_shift<T: Float, V: Value<T>>(gamma: &V, beta: &V, st: &Stats<T>) ->
 /// x `[B, C, ...]`, γ and β `[C]` → `[B, C, ...]`.
 pub fn forward<T: Float, V: Value<T>>(x: &V, gamma: &V, beta: &V, st: &Stats<T>) -> V {
     let (s, t) = scale_and_shift(gamma, beta, st);
-    let shape = x.primal().shape().to_vec();
-    V::bilinear(x, &s, channel::scale).add(&t.linear(|t| channel::broadcast(t, &shape)))
+    V::channel_affine(x, &s, Some(&t))
 }
 
 /// Cotangents `(gx, gγ, gβ)`; `gx` only when `need_input`.
@@ -47,7 +46,7 @@ pub fn vjp<T: Float, V: Value<T>>(
     need_input: bool,
 ) -> (Option<V>, V, V) {
     let (s, _) = scale_and_shift(gamma, beta, st);
-    let gx = need_input.then(|| V::bilinear(gy, &s, channel::scale));
+    let gx = need_input.then(|| V::channel_affine(gy, &s, None));
     let gs = V::bilinear(x, gy, channel::dot);
     let gt = gy.linear(channel::sum);
     // s = γ·inv_std and t = β − μ·s, so gγ = (gs − μ·gt)·inv_std and gβ = gt.
