@@ -565,3 +565,184 @@ fn folded_batchnorm_is_warned_about() {
     assert!(stderr.contains("BatchNorm was folded"), "{stderr}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("| onnx::Conv_6 | [3] | 3 | yes |"));
 }
+
+/// Shape plumbing with a dynamic batch (Shape → Gather → Unsqueeze → Concat →
+/// Reshape), Squeeze, Dropout, Erf and AveragePool: the imported graph's HVP
+/// equals central differences of its gradient (f64).
+#[test]
+fn dynamic_shape_plumbing_and_remaining_operators_differentiate_exactly() {
+    let tmp = TempDir::new("onnx-plumbing");
+    let float = |name: &str, dims: Vec<i64>, values: Vec<f32>| TensorProto {
+        name: name.into(),
+        dims,
+        data_type: data_type::FLOAT,
+        float_data: values,
+        ..Default::default()
+    };
+    let int64 = |name: &str, dims: Vec<i64>, values: Vec<i64>| TensorProto {
+        name: name.into(),
+        dims,
+        data_type: data_type::INT64,
+        int64_data: values,
+        ..Default::default()
+    };
+    let ints = |name: &str, v: Vec<i64>| AttributeProto {
+        name: name.into(),
+        r#type: 7,
+        ints: v,
+        ..Default::default()
+    };
+    let node = |op: &str, input: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
+        name: format!("{op}_{output}"),
+        op_type: op.into(),
+        input: input.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    };
+    let conv_w: Vec<f32> = vec![0.8, -0.6, 1.1];
+    let fc_w: Vec<f32> = (0..60).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05).collect();
+    let graph = GraphProto {
+        name: "plumbing".into(),
+        node: vec![
+            node(
+                "AveragePool",
+                &["x"],
+                "a",
+                vec![ints("kernel_shape", vec![2, 2]), ints("strides", vec![2, 2])],
+            ),
+            node("Conv", &["a", "conv.weight"], "b", vec![]),
+            node("Erf", &["b"], "c", vec![]),
+            node("Dropout", &["c"], "d", vec![]),
+            node("Shape", &["d"], "s", vec![]),
+            node("Gather", &["s", "zero"], "n", vec![]),
+            node("Unsqueeze", &["n", "axis0"], "n1", vec![]),
+            node(
+                "Concat",
+                &["n1", "minus_one"],
+                "target",
+                vec![AttributeProto {
+                    name: "axis".into(),
+                    r#type: 2,
+                    i: 0,
+                    ..Default::default()
+                }],
+            ),
+            node("Reshape", &["d", "target"], "e", vec![]),
+            node("Unsqueeze", &["e", "axis2"], "f", vec![]),
+            node("Squeeze", &["f", "axis2"], "h", vec![]),
+            NodeProto {
+                attribute: vec![AttributeProto {
+                    name: "transB".into(),
+                    r#type: 2,
+                    i: 1,
+                    ..Default::default()
+                }],
+                ..node("Gemm", &["h", "fc.weight"], "y", vec![])
+            },
+        ],
+        initializer: vec![
+            float("conv.weight", vec![3, 1, 1, 1], conv_w.clone()),
+            float("fc.weight", vec![5, 12], fc_w.clone()),
+            int64("zero", vec![], vec![0]),
+            int64("axis0", vec![1], vec![0]),
+            int64("axis2", vec![1], vec![2]),
+            int64("minus_one", vec![1], vec![-1]),
+        ],
+        input: vec![value_info("x", &[named_dim("N"), dim(1), dim(4), dim(4)])],
+        output: vec![value_info("y", &[named_dim("N"), dim(5)])],
+    };
+    let bytes = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    std::fs::write(tmp.path("m.onnx"), bytes).unwrap();
+    let x: Vec<f32> = (0..48).map(|i| ((i * 5 % 11) as f32) * 0.1 - 0.4).collect();
+    write_npy_f32(&tmp.path("x.npy"), &[3, 1, 4, 4], &x);
+    write_npy_i64(&tmp.path("y.npy"), &[0, 3, 4]);
+    let v_conv = [0.3, -0.2, 0.5];
+    let v_fc: Vec<f64> = (0..60).map(|i| ((i % 5) as f64 - 2.0) * 0.1).collect();
+    let weights = |h: f64, path: &str| {
+        let conv: Vec<f64> = conv_w.iter().zip(&v_conv).map(|(&w, d)| w as f64 + h * d).collect();
+        let fc: Vec<f64> = fc_w.iter().zip(&v_fc).map(|(&w, d)| w as f64 + h * d).collect();
+        hvp_model::io::write_safetensors(
+            &tmp.path(path),
+            &[
+                ("conv.weight".into(), Tensor::new(vec![3, 1, 1, 1], conv).unwrap()),
+                ("fc.weight".into(), Tensor::new(vec![5, 12], fc).unwrap()),
+            ],
+            DType::F64,
+        )
+        .unwrap();
+    };
+    weights(0.0, "w0.safetensors");
+    let vector = [
+        (
+            "conv.weight".to_string(),
+            Tensor::new(vec![3, 1, 1, 1], v_conv.to_vec()).unwrap(),
+        ),
+        ("fc.weight".to_string(), Tensor::new(vec![5, 12], v_fc.clone()).unwrap()),
+    ];
+    hvp_model::io::write_safetensors(&tmp.path("v.safetensors"), &vector, DType::F64).unwrap();
+    let base = |cmd: &str, w: &str, out: &str| -> Vec<String> {
+        [
+            cmd,
+            "--model",
+            &tmp.s("m.onnx"),
+            "--weights",
+            &tmp.s(w),
+            "--inputs",
+            &tmp.s("x.npy"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            [
+                "--labels",
+                &tmp.s("y.npy"),
+                "--dtype",
+                "f64",
+                "--batch-size",
+                "2",
+                "--quiet",
+            ]
+            .map(String::from),
+        )
+        .chain(["--out".to_string(), tmp.s(out)])
+        .collect()
+    };
+    let run = |args: Vec<String>| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let h = 1e-4;
+    weights(h, "wp.safetensors");
+    weights(-h, "wm.safetensors");
+    run(base("grad", "wp.safetensors", "gp.safetensors"));
+    run(base("grad", "wm.safetensors", "gm.safetensors"));
+    let mut product = base("product", "w0.safetensors", "hv.safetensors");
+    product.extend(["--vector".to_string(), tmp.s("v.safetensors")]);
+    run(product);
+    let (gp, gm, hv) = (
+        read_flat(&tmp.path("gp.safetensors")),
+        read_flat(&tmp.path("gm.safetensors")),
+        read_flat(&tmp.path("hv.safetensors")),
+    );
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (k, exact) in &hv {
+        for ((a, b), e) in gp[k].iter().zip(&gm[k]).zip(exact) {
+            let fd = (a - b) / (2.0 * h);
+            diff += (fd - e) * (fd - e);
+            norm += e * e;
+        }
+    }
+    let e = (diff / norm).sqrt();
+    assert!(norm > 1e-6, "the product is not trivially zero");
+    assert!(
+        e < 1e-6,
+        "HVP differs from central differences of the gradient by {e:e}"
+    );
+}

@@ -1216,12 +1216,7 @@ impl Importer<'_> {
         if attr_i(node, "group", 1) != 1 {
             return Err(self.err("grouped convolutions (group > 1) are not supported"));
         }
-        let (Some(&[Dim::Fixed(o), Dim::Fixed(c), Dim::Fixed(kh), Dim::Fixed(kw)]), 4) = (
-            Some(sw.as_slice())
-                .filter(|s| s.len() == 4)
-                .map(|s| <&[Dim; 4]>::try_from(s).expect("len 4")),
-            sx.len(),
-        ) else {
+        let (&[Dim::Fixed(o), Dim::Fixed(c), Dim::Fixed(kh), Dim::Fixed(kw)], 4) = (sw.as_slice(), sx.len()) else {
             return Err(self.err(format!(
                 "hvp supports 2-D convolutions of NCHW input by [O, C, kh, kw] weights; got input {} and weight {}",
                 show(&sx),
