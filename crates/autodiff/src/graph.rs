@@ -1,6 +1,6 @@
 use crate::primitives::nd::{self as ndp, Arith, Pointwise};
 use crate::primitives::{activation, batchnorm, conv2d, dense, structural};
-use crate::Value;
+use crate::{Dual, Value};
 use hvp_tensor::conv::ConvGeometry;
 use hvp_tensor::nd::MaxPoolGeometry;
 use hvp_tensor::{Float, Tensor};
@@ -484,7 +484,70 @@ impl Graph {
         buffers: &[Tensor<T>],
         tape: Tape<V>,
         output_cot: V,
+        observer: Option<LayerObserver<T>>,
+    ) -> Vec<Option<V>> {
+        self.run_backward(params, buffers, tape, output_cot, observer, &[])
+    }
+
+    /// Forward-over-reverse's result alone: the tangent of every parameter's
+    /// cotangent (`H v` when the output cotangent is a loss's), without the
+    /// cotangents' values (the gradient). The weight-gradient products of the
+    /// convolutions' values — one of the nine convolution-sized products per layer —
+    /// are skipped; everything else equals [`Graph::backward`]'s tangents bit for bit.
+    pub fn backward_tangents<T: Float>(
+        &self,
+        params: &[Dual<T>],
+        buffers: &[Tensor<T>],
+        tape: Tape<Dual<T>>,
+        output_cot: Dual<T>,
+    ) -> Vec<Option<Tensor<T>>> {
+        let value_free = self.conv_only_params(params.len());
+        self.run_backward(params, buffers, tape, output_cot, None, &value_free)
+            .into_iter()
+            .map(|g| g.and_then(|d| d.into_parts().1))
+            .collect()
+    }
+
+    /// Parameters used only as built-in convolutions' weights: their cotangents
+    /// come from the convolution VJP alone, so an empty value never meets a full one.
+    fn conv_only_params(&self, n_params: usize) -> Vec<bool> {
+        let mut conv = vec![false; n_params];
+        let mut other = vec![false; n_params];
+        for op in &self.nodes {
+            match *op {
+                Op::Conv2d { weight, bias, .. } => {
+                    conv[weight] = true;
+                    if let Some(b) = bias {
+                        other[b] = true;
+                    }
+                }
+                Op::Dense { weight, bias, .. } => {
+                    other[weight] = true;
+                    if let Some(b) = bias {
+                        other[b] = true;
+                    }
+                }
+                Op::BatchNorm { weight, bias, .. } => {
+                    other[weight] = true;
+                    other[bias] = true;
+                }
+                Op::Param { index } => other[index] = true,
+                _ => {}
+            }
+        }
+        conv.iter().zip(&other).map(|(&c, &o)| c && !o).collect()
+    }
+
+    /// The backward pass; `value_free[p]` (when present and true) lets parameter
+    /// `p`'s cotangent skip its value (see [`Graph::backward_tangents`]).
+    fn run_backward<T: Float, V: Value<T>>(
+        &self,
+        params: &[V],
+        buffers: &[Tensor<T>],
+        tape: Tape<V>,
+        output_cot: V,
         mut observer: Option<LayerObserver<T>>,
+        value_free: &[bool],
     ) -> Vec<Option<V>> {
         let train = tape.train;
         let mut values = tape.values;
@@ -523,8 +586,16 @@ impl Graph {
                     bias,
                     geometry,
                 } => {
-                    let (gx, gw, gb) =
-                        conv2d::vjp(val(input), &params[weight], bias.is_some(), &gy, geometry, need(input));
+                    let weight_value = !value_free.get(weight).copied().unwrap_or(false);
+                    let (gx, gw, gb) = conv2d::vjp(
+                        val(input),
+                        &params[weight],
+                        bias.is_some(),
+                        &gy,
+                        geometry,
+                        need(input),
+                        weight_value,
+                    );
                     to_inputs.extend(gx.map(|g| (input, g)));
                     accumulate(&mut grads[weight], gw);
                     if let (Some(b), Some(gb)) = (bias, gb) {
@@ -587,7 +658,15 @@ impl Graph {
                     bias,
                     geometry,
                 } => {
-                    let (gx, gw, gb) = conv2d::vjp(val(input), val(weight), bias.is_some(), &gy, geometry, need(input));
+                    let (gx, gw, gb) = conv2d::vjp(
+                        val(input),
+                        val(weight),
+                        bias.is_some(),
+                        &gy,
+                        geometry,
+                        need(input),
+                        true,
+                    );
                     to_inputs.extend(gx.map(|g| (input, g)));
                     to_inputs.push((weight, gw));
                     if let (Some(b), Some(gb)) = (bias, gb) {
@@ -638,5 +717,127 @@ impl Graph {
             values[i] = None;
         }
         grads
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss;
+
+    fn pseudo(shape: &[usize], seed: f64) -> Tensor<f64> {
+        let n = shape.iter().product();
+        Tensor::new(
+            shape.to_vec(),
+            (0..n).map(|i| ((i as f64 + seed) * 0.7131).sin()).collect(),
+        )
+        .unwrap()
+    }
+
+    /// conv → BN → ReLU → conv (+ the first conv's weight again as a `Param`
+    /// node when `tie`) → pool → dense.
+    fn small_net(tie: bool) -> (Graph, Vec<Vec<usize>>) {
+        let mut g = Graph::new();
+        let x = g.input();
+        let geometry = ConvGeometry { stride: 1, padding: 1 };
+        let c1 = g.push(Op::Conv2d {
+            input: x,
+            weight: 0,
+            bias: None,
+            geometry,
+        });
+        let bn = g.push(Op::BatchNorm {
+            input: c1,
+            weight: 1,
+            bias: 2,
+            mean: 0,
+            var: 1,
+            eps: 1e-5,
+        });
+        let r = g.push(Op::Relu { input: bn });
+        let c2 = g.push(Op::Conv2d {
+            input: r,
+            weight: 3,
+            bias: Some(4),
+            geometry: ConvGeometry { stride: 2, padding: 1 },
+        });
+        let mut last = g.push(Op::GlobalAvgPool { input: c2 });
+        if tie {
+            // Σ of the first conv's weight, broadcast onto the pooled features.
+            let w = g.push(Op::Param { index: 0 });
+            let s = g.push(Op::ReduceMean {
+                input: w,
+                axes: vec![0, 1, 2, 3],
+            });
+            let s = g.push(Op::Reshape {
+                input: s,
+                shape: vec![Dim::Fixed(1), Dim::Fixed(1)],
+            });
+            last = g.push(Op::Arith {
+                a: last,
+                b: s,
+                op: Arith::Mul,
+            });
+        }
+        g.push(Op::Dense {
+            input: last,
+            weight: 5,
+            bias: Some(6),
+        });
+        let shapes = vec![
+            vec![4, 2, 3, 3],
+            vec![4],
+            vec![4],
+            vec![3, 4, 3, 3],
+            vec![3],
+            vec![2, 3],
+            vec![2],
+        ];
+        (g, shapes)
+    }
+
+    #[test]
+    fn tangents_alone_equal_the_full_backward_pass_bit_for_bit() {
+        for tie in [false, true] {
+            let (graph, shapes) = small_net(tie);
+            assert_eq!(
+                graph.conv_only_params(shapes.len()),
+                [!tie, false, false, true, false, false, false]
+            );
+            let params: Vec<Dual<f64>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Dual::new(pseudo(s, i as f64), Some(pseudo(s, 10.0 + i as f64))))
+                .collect();
+            let buffers = vec![pseudo(&[4], 3.0), elementwise_abs_plus(pseudo(&[4], 4.0))];
+            let input = pseudo(&[3, 2, 5, 5], 7.0);
+            let run = |tangents_only: bool| -> Vec<Tensor<f64>> {
+                let tape = graph.forward(&params, &buffers, Dual::constant(input.clone()));
+                let out = loss::softmax_cross_entropy(tape.output(), &[0, 1, 1], 1.0);
+                if tangents_only {
+                    graph
+                        .backward_tangents(&params, &buffers, tape, out.cotangent)
+                        .into_iter()
+                        .map(|t| t.unwrap())
+                        .collect()
+                } else {
+                    graph
+                        .backward(&params, &buffers, tape, out.cotangent)
+                        .into_iter()
+                        .map(|d| d.unwrap().tangent().unwrap().clone())
+                        .collect()
+                }
+            };
+            let (full, alone) = (run(false), run(true));
+            for (p, (a, b)) in full.iter().zip(&alone).enumerate() {
+                assert_eq!(a.shape(), b.shape(), "parameter {p}");
+                assert_eq!(a.data(), b.data(), "parameter {p} (tie = {tie})");
+            }
+        }
+    }
+
+    fn elementwise_abs_plus(t: Tensor<f64>) -> Tensor<f64> {
+        let d = t.data().iter().map(|v| v.abs() + 0.5).collect();
+        Tensor::new(t.shape().to_vec(), d).unwrap()
     }
 }

@@ -38,4 +38,4 @@ pub mod primitives;
 mod value;
 
 pub use graph::{resolve_shape, BatchNormUpdate, Dim, Graph, LayerObserver, NodeId, Op, Tape};
-pub use value::{Dual, DualKernel, Value};
+pub use value::{Dual, DualKernel, TangentKernel, Value};

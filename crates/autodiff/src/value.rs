@@ -4,6 +4,11 @@ use hvp_tensor::{channel, elementwise, Float, Tensor};
 pub type DualKernel<'a, T> =
     &'a dyn Fn(&Tensor<T>, Option<&Tensor<T>>, &Tensor<T>, Option<&Tensor<T>>) -> (Tensor<T>, Option<Tensor<T>>);
 
+/// The tangent part of a bilinear kernel alone: `(a, ȧ, b, ḃ) ↦ f(ȧ, b) + f(a, ḃ)`
+/// (`None` when both tangents are absent).
+pub type TangentKernel<'a, T> =
+    &'a dyn Fn(&Tensor<T>, Option<&Tensor<T>>, &Tensor<T>, Option<&Tensor<T>>) -> Option<Tensor<T>>;
+
 /// What a primitive computes on: a plain tensor (reverse mode) or a [`Dual`]
 /// (forward mode, and forward-over-reverse when the backward pass runs on them).
 ///
@@ -25,6 +30,16 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// (e.g. a convolution's im2col patches).
     fn bilinear_fused(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>, dual: DualKernel<T>)
         -> Self;
+    /// Like [`Value::bilinear_fused`] for a result of which only the tangent is
+    /// read: a parameter's cotangent in forward-over-reverse, whose value is the
+    /// gradient and not wanted for `H v`. A dual skips the value's work and leaves
+    /// it empty (shape `[0]`); a plain tensor, having no tangent, computes `f(a, b)`.
+    fn bilinear_tangent_only(
+        a: &Self,
+        b: &Self,
+        f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
+        tangent: TangentKernel<T>,
+    ) -> Self;
     /// `f(x)` for any differentiable `f`, with its JVP rule `jvp(x, ẋ)`.
     fn nonlinear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>, jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>)
         -> Self;
@@ -55,6 +70,14 @@ impl<T: Float> Value<T> for Tensor<T> {
         f(a, b)
     }
     fn bilinear_fused(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>, _: DualKernel<T>) -> Self {
+        f(a, b)
+    }
+    fn bilinear_tangent_only(
+        a: &Self,
+        b: &Self,
+        f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
+        _: TangentKernel<T>,
+    ) -> Self {
         f(a, b)
     }
     fn nonlinear(
@@ -151,6 +174,17 @@ impl<T: Float> Value<T> for Dual<T> {
     ) -> Self {
         let (primal, tangent) = dual(&a.primal, a.tangent.as_ref(), &b.primal, b.tangent.as_ref());
         Self { primal, tangent }
+    }
+    fn bilinear_tangent_only(
+        a: &Self,
+        b: &Self,
+        _: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
+        tangent: TangentKernel<T>,
+    ) -> Self {
+        Self {
+            primal: Tensor::zeros(&[0]),
+            tangent: tangent(&a.primal, a.tangent.as_ref(), &b.primal, b.tangent.as_ref()),
+        }
     }
     fn nonlinear(
         &self,

@@ -115,7 +115,7 @@ fn conv2d_with_and_without_stride() {
             xs,
             &move |d| conv2d::forward(&d[0], &d[1], Some(&d[2]), g),
             &move |d, gy| {
-                let (gx, gw, gb) = conv2d::vjp(&d[0], &d[1], true, gy, g, true);
+                let (gx, gw, gb) = conv2d::vjp(&d[0], &d[1], true, gy, g, true, true);
                 vec![gx.unwrap(), gw, gb.unwrap()]
             },
         );

@@ -375,11 +375,7 @@ impl<'a> Problem<'a> {
         };
         let result = match curvature {
             Curvature::Hessian => self.stream(progress, what, |x, labels, w| {
-                let (loss, grads) = hessian_batch(graph, &duals, &buffers, x, labels, w);
-                (
-                    loss,
-                    grads.into_iter().map(|g| g.and_then(|d| d.into_parts().1)).collect(),
-                )
+                hessian_batch(graph, &duals, &buffers, x, labels, w)
             }),
             Curvature::Ggn => {
                 let primals: Vec<Tensor<T>> = duals.iter().map(|d| d.primal().clone()).collect();
@@ -404,7 +400,7 @@ impl<'a> Problem<'a> {
 }
 
 /// One batch of forward-over-reverse: returns the batch loss and, per parameter,
-/// the dual cotangent (gradient, `H v`).
+/// its block of `H v` (the gradient's tangent; the gradient itself is not formed).
 pub fn hessian_batch<T: Float>(
     graph: &Graph,
     params: &[Dual<T>],
@@ -412,11 +408,11 @@ pub fn hessian_batch<T: Float>(
     x: Tensor<T>,
     labels: Targets,
     weight: f64,
-) -> (f64, Vec<Option<Dual<T>>>) {
+) -> (f64, Vec<Option<Tensor<T>>>) {
     let tape = graph.forward(params, buffers, Dual::constant(x));
     let out = loss::apply(tape.output(), labels, weight);
-    let grads = graph.backward(params, buffers, tape, out.cotangent);
-    (out.losses.iter().sum(), grads)
+    let hv = graph.backward_tangents(params, buffers, tape, out.cotangent);
+    (out.losses.iter().sum(), hv)
 }
 
 /// One batch of `Jᵀ H_out J v`: a forward pass carrying tangents (J v), the

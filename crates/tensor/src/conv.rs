@@ -278,12 +278,42 @@ pub fn backward_weight_dual<T: Float>(
     w_shape: &[usize],
     g: ConvGeometry,
 ) -> (Tensor<T>, Option<Tensor<T>>) {
+    let (gw, dgw) = weight_gradient_parts(x, dx, gy, dgy, w_shape, g, true);
+    (gw.expect("value requested"), dgw)
+}
+
+/// Only the tangent of the weight gradient, `Σ ġy·colsᵀ(x) + gy·colsᵀ(ẋ)`
+/// (`None` when both tangents are absent): forward-over-reverse wants `H v`, not
+/// the gradient, so the value's product is skipped.
+pub fn backward_weight_tangent<T: Float>(
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    gy: &Tensor<T>,
+    dgy: Option<&Tensor<T>>,
+    w_shape: &[usize],
+    g: ConvGeometry,
+) -> Option<Tensor<T>> {
+    weight_gradient_parts(x, dx, gy, dgy, w_shape, g, false).1
+}
+
+fn weight_gradient_parts<T: Float>(
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    gy: &Tensor<T>,
+    dgy: Option<&Tensor<T>>,
+    w_shape: &[usize],
+    g: ConvGeometry,
+    want_value: bool,
+) -> (Option<Tensor<T>>, Option<Tensor<T>>) {
     let d = Dims::new(x.shape(), w_shape, g);
     let b = x.shape()[0];
     assert_eq!(gy.shape(), [b, d.o, d.ho, d.wo], "conv backward_weight: gradient shape");
     let (patch, plane) = (d.patch(), d.out_plane());
     let (img_in, img_out) = (d.c * d.h * d.w, d.o * plane);
     let tangent = dx.is_some() || dgy.is_some();
+    if !want_value && !tangent {
+        return (None, None);
+    }
     let wn = d.o * patch;
     let groups: Vec<usize> = (0..b).step_by(WEIGHT_GRAD_GROUP).collect();
     // Accumulated transposed, gWᵀ [patch, O] += cols [patch, HW] · gyᵀ: with the long
@@ -291,14 +321,16 @@ pub fn backward_weight_dual<T: Float>(
     let partials: Vec<(Vec<T>, Vec<T>)> = groups
         .par_iter()
         .map(|&start| {
-            let mut acc = vec![T::ZERO; wn];
+            let mut acc = vec![T::ZERO; if want_value { wn } else { 0 }];
             let mut dacc = vec![T::ZERO; if tangent { wn } else { 0 }];
             let mut cols = vec![T::ZERO; patch * plane];
             let mut dcols = vec![T::ZERO; if dx.is_some() { patch * plane } else { 0 }];
             for k in start..(start + WEIGHT_GRAD_GROUP).min(b) {
                 im2col(&x.data()[k * img_in..(k + 1) * img_in], &d, g, &mut cols);
                 let gyb = &gy.data()[k * img_out..(k + 1) * img_out];
-                gemm_into(&mut acc, &cols, false, gyb, true, patch, d.o, plane, true, Par::Serial);
+                if want_value {
+                    gemm_into(&mut acc, &cols, false, gyb, true, patch, d.o, plane, true, Par::Serial);
+                }
                 if let Some(dgy) = dgy {
                     let dgyb = &dgy.data()[k * img_out..(k + 1) * img_out];
                     gemm_into(
@@ -333,7 +365,7 @@ pub fn backward_weight_dual<T: Float>(
             (acc, dacc)
         })
         .collect();
-    let mut gwt = vec![T::ZERO; wn];
+    let mut gwt = vec![T::ZERO; if want_value { wn } else { 0 }];
     let mut dgwt = vec![T::ZERO; if tangent { wn } else { 0 }];
     for (p, dp) in partials {
         gwt.iter_mut().zip(p).for_each(|(a, v)| *a += v);
@@ -348,9 +380,7 @@ pub fn backward_weight_dual<T: Float>(
         }
         out
     };
-    let gw = transpose(&gwt);
-    let dgw = transpose(&dgwt);
-    (gw, tangent.then_some(dgw))
+    (want_value.then(|| transpose(&gwt)), tangent.then(|| transpose(&dgwt)))
 }
 
 #[cfg(test)]
@@ -450,7 +480,11 @@ mod tests {
             &backward_weight(&dx, &gy, w.shape(), g),
             &backward_weight(&x, &dgy, w.shape(), g),
         );
-        assert!(close(&dgw.unwrap(), &want));
+        let dgw = dgw.unwrap();
+        assert!(close(&dgw, &want));
+        let alone = backward_weight_tangent(&x, Some(&dx), &gy, Some(&dgy), w.shape(), g).unwrap();
+        assert_eq!(alone.data(), dgw.data(), "tangent without the value: bitwise the same");
+        assert!(backward_weight_tangent(&x, None, &gy, None, w.shape(), g).is_none());
         // Only one tangent present.
         let (_, dy) = forward_dual(&x, None, &w, Some(&dw), g);
         assert!(close(&dy.unwrap(), &forward(&x, &dw, g)));

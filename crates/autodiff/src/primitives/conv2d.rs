@@ -2,7 +2,7 @@
 
 use crate::Value;
 use hvp_tensor::conv::{self, ConvGeometry};
-use hvp_tensor::{channel, Float};
+use hvp_tensor::{channel, Float, Tensor};
 
 /// x `[B, C, H, W]`, w `[O, C, kh, kw]`, b `[O]` → `[B, O, Ho, Wo]`.
 pub fn forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: ConvGeometry) -> V {
@@ -18,7 +18,9 @@ pub fn forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: ConvGeomet
     }
 }
 
-/// Cotangents `(gx, gw, gb)`; `gx` only when `need_input`.
+/// Cotangents `(gx, gw, gb)`; `gx` only when `need_input`; `gw` without its value
+/// (only its tangent, see [`Value::bilinear_tangent_only`]) when `!weight_value`.
+#[allow(clippy::too_many_arguments)]
 pub fn vjp<T: Float, V: Value<T>>(
     x: &V,
     w: &V,
@@ -26,6 +28,7 @@ pub fn vjp<T: Float, V: Value<T>>(
     gy: &V,
     g: ConvGeometry,
     need_input: bool,
+    weight_value: bool,
 ) -> (Option<V>, V, Option<V>) {
     let xs = x.primal().shape();
     let hw = (xs[2], xs[3]);
@@ -35,12 +38,16 @@ pub fn vjp<T: Float, V: Value<T>>(
             conv::backward_input_dual(gy, dgy, w, dw, hw, g)
         })
     });
-    let gw = V::bilinear_fused(
-        x,
-        gy,
-        |x, gy| conv::backward_weight(x, gy, &w_shape, g),
-        &|x, dx, gy, dgy| conv::backward_weight_dual(x, dx, gy, dgy, &w_shape, g),
-    );
+    let value = |x: &Tensor<T>, gy: &Tensor<T>| conv::backward_weight(x, gy, &w_shape, g);
+    let gw = if weight_value {
+        V::bilinear_fused(x, gy, value, &|x, dx, gy, dgy| {
+            conv::backward_weight_dual(x, dx, gy, dgy, &w_shape, g)
+        })
+    } else {
+        V::bilinear_tangent_only(x, gy, value, &|x, dx, gy, dgy| {
+            conv::backward_weight_tangent(x, dx, gy, dgy, &w_shape, g)
+        })
+    };
     let gb = has_bias.then(|| gy.linear(channel::sum));
     (gx, gw, gb)
 }
