@@ -75,6 +75,15 @@ fn valid_range(d: &Dims, g: ConvGeometry, j: usize) -> (usize, usize) {
 
 /// `cols[(c·kh + i)·kw + j, oy·wo + ox] = x[c, oy·s − p + i, ox·s − p + j]` (0 outside).
 fn im2col<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
+    if g.stride == 1 && d.ho == d.h && d.wo == d.w {
+        im2col_same(x, d, g.padding, cols)
+    } else {
+        im2col_rows(x, d, g, cols)
+    }
+}
+
+/// [`im2col`] one output row at a time (any stride and padding).
+fn im2col_rows<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
     let plane = d.out_plane();
     let (s, p) = (g.stride, g.padding);
     for c in 0..d.c {
@@ -99,6 +108,57 @@ fn im2col<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
                     } else {
                         for (k, v) in dst[lo..hi].iter_mut().enumerate() {
                             *v = src[first + k * s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] for stride 1 and an output as large as the input (3×3 with padding
+/// 1, the ResNet's common case): each patch row is the whole input plane shifted
+/// by `(i − p)·w + (j − p)`, so it is one contiguous copy, after which the few
+/// entries that wrapped around a row edge, and the rows above or below the image,
+/// are zeroed — instead of one short copy per output row.
+fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
+    let (h, w) = (d.h, d.w);
+    let n = h * w;
+    for c in 0..d.c {
+        let xc = &x[c * n..(c + 1) * n];
+        for i in 0..d.kh {
+            for j in 0..d.kw {
+                let row = &mut cols[((c * d.kh + i) * d.kw + j) * n..][..n];
+                let (di, dj) = (i as isize - p as isize, j as isize - p as isize);
+                // Output rows whose input row oy + di lies inside the image.
+                let oy_lo = (-di).clamp(0, h as isize) as usize;
+                let oy_hi = (h as isize - di).clamp(oy_lo as isize, h as isize) as usize;
+                let (t0, t1) = (oy_lo * w, oy_hi * w);
+                row[..t0].fill(T::ZERO);
+                row[t1..].fill(T::ZERO);
+                // Flat shift; clip to source indices inside the plane (the clipped
+                // ends are wrapped columns, zeroed below anyway).
+                let off = di * w as isize + dj;
+                let a = (t0 as isize).max(-off).min(t1 as isize) as usize;
+                let b = (t1 as isize).min(n as isize - off).max(a as isize) as usize;
+                row[t0..a].fill(T::ZERO);
+                row[b..t1].fill(T::ZERO);
+                if b > a {
+                    let src = (a as isize + off) as usize;
+                    row[a..b].copy_from_slice(&xc[src..src + (b - a)]);
+                }
+                // Columns whose input column ox + dj falls outside [0, w).
+                let (lo, hi) = (
+                    (-dj).clamp(0, w as isize) as usize,
+                    (w as isize - dj).clamp(0, w as isize) as usize,
+                );
+                if lo > 0 || hi < w {
+                    // At most p entries per line: plain stores, not memset calls.
+                    for line in row[t0..t1].chunks_exact_mut(w) {
+                        let (left, rest) = line.split_at_mut(lo);
+                        let right = &mut rest[hi.max(lo) - lo..];
+                        for v in left.iter_mut().chain(right.iter_mut()) {
+                            *v = T::ZERO;
                         }
                     }
                 }
@@ -452,6 +512,28 @@ mod tests {
             let via_w = dot_f64(&w, &backward_weight(&x, &gy, w.shape(), g));
             assert!((base - via_x).abs() < 1e-10 * base.abs().max(1.0), "{g:?}");
             assert!((base - via_w).abs() < 1e-10 * base.abs().max(1.0), "{g:?}");
+        }
+    }
+
+    #[test]
+    fn contiguous_im2col_equals_the_row_by_row_one() {
+        for (h, w, k, p) in [
+            (7, 6, 3, 1),
+            (1, 1, 3, 1),
+            (2, 5, 3, 1),
+            (6, 4, 5, 2),
+            (4, 3, 1, 0),
+            (3, 8, 5, 2),
+        ] {
+            let g = ConvGeometry { stride: 1, padding: p };
+            let x = pseudo(&[1, 2, h, w], 0.9);
+            let d = Dims::new(x.shape(), &[1, 2, k, k], g);
+            assert_eq!((d.ho, d.wo), (h, w));
+            let mut want = vec![f64::NAN; d.patch() * d.out_plane()];
+            let mut got = vec![f64::NAN; d.patch() * d.out_plane()];
+            im2col_rows(x.data(), &d, g, &mut want);
+            im2col_same(x.data(), &d, p, &mut got);
+            assert_eq!(got, want, "{h}x{w}, kernel {k}, padding {p}");
         }
     }
 
