@@ -46,6 +46,9 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// Per-channel `x·s + t` (`s`, `t` of shape `[C]`; no `t`: zero), whose
     /// JVP `ẋ·s + x·ṡ + ṫ` a dual computes in one pass (BatchNorm's hot path).
     fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self;
+    /// Per-channel `(Σ x·g, Σ g)` in one pass (BatchNorm's parameter cotangents);
+    /// a dual also carries their tangents `(Σ ẋ·g + x·ġ, Σ ġ)`, same pass.
+    fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self);
     /// `self + other`.
     fn add(&self, other: &Self) -> Self;
     /// `self += other` (cotangent accumulation).
@@ -89,6 +92,9 @@ impl<T: Float> Value<T> for Tensor<T> {
     }
     fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self {
         channel::affine(x, s, t)
+    }
+    fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self) {
+        channel::dot_and_sum(x, g)
     }
     fn add(&self, other: &Self) -> Self {
         elementwise::add(self, other)
@@ -207,6 +213,20 @@ impl<T: Float> Value<T> for Dual<T> {
                 t.and_then(|t| t.tangent.as_ref()),
             ),
         }
+    }
+    fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self) {
+        let (xg, sg, dxg, dsg) =
+            channel::dot_and_sum_dual(&x.primal, x.tangent.as_ref(), &g.primal, g.tangent.as_ref());
+        (
+            Self {
+                primal: xg,
+                tangent: dxg,
+            },
+            Self {
+                primal: sg,
+                tangent: dsg,
+            },
+        )
     }
     fn add(&self, other: &Self) -> Self {
         Self {

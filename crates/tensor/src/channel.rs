@@ -56,7 +56,6 @@ fn affine_sum<T: Float>(
     t: Option<&Tensor<T>>,
 ) -> Tensor<T> {
     let (_, c, inner) = layout(like);
-    let mut out = Tensor::zeros(like.shape());
     let zero = vec![T::ZERO; c];
     let (sd, td) = (s.data(), t.map_or(&zero[..], |t| t.data()));
     let (rd, xd) = match xr {
@@ -65,34 +64,43 @@ fn affine_sum<T: Float>(
     };
     let ad = a.map(|a| a.data());
     let inner = inner.max(1);
-    out.data_mut()
+    let n = like.numel();
+    // Written once, element by element, into uninitialised capacity (no zero-fill).
+    let mut data: Vec<T> = Vec::with_capacity(n);
+    data.spare_capacity_mut()[..n]
         .par_chunks_mut(c * inner)
         .enumerate()
         .for_each(|(b, ex)| {
-            for (ch, plane) in ex.chunks_mut(inner).enumerate().take(c) {
+            for (ch, plane) in ex.chunks_mut(inner).enumerate() {
                 let base = (b * c + ch) * inner;
                 let (sc, rc, tc) = (sd[ch], rd[ch], td[ch]);
                 match (ad, xd) {
                     (Some(a), Some(x)) => {
                         for (k, o) in plane.iter_mut().enumerate() {
-                            *o = a[base + k] * sc + x[base + k] * rc + tc;
+                            o.write(a[base + k] * sc + x[base + k] * rc + tc);
                         }
                     }
                     (Some(a), None) => {
                         for (k, o) in plane.iter_mut().enumerate() {
-                            *o = a[base + k] * sc + tc;
+                            o.write(a[base + k] * sc + tc);
                         }
                     }
                     (None, Some(x)) => {
                         for (k, o) in plane.iter_mut().enumerate() {
-                            *o = x[base + k] * rc + tc;
+                            o.write(x[base + k] * rc + tc);
                         }
                     }
-                    (None, None) => plane.fill(tc),
+                    (None, None) => plane.iter_mut().for_each(|o| {
+                        o.write(tc);
+                    }),
                 }
             }
         });
-    out
+    // SAFETY: the chunks above partition the first n slots (n = B·C·inner, each
+    // example's chunk split into its C planes of `inner`), and every arm writes
+    // every element of its plane.
+    unsafe { data.set_len(n) };
+    Tensor::new(like.shape().to_vec(), data).expect("n elements")
 }
 
 /// A `shape`-shaped tensor whose channel `c` holds `t[c]` everywhere.
@@ -109,18 +117,53 @@ pub fn broadcast<T: Float>(t: &Tensor<T>, shape: &[usize]) -> Tensor<T> {
     out
 }
 
+/// Σ a·b over one plane with eight independent partial sums, so the loop
+/// vectorises (a single running sum is bound by the latency of each add).
+fn plane_dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::ZERO; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ac.remainder().iter().zip(bc.remainder()).map(|(&p, &q)| p * q).sum();
+    for (pa, pb) in ac.zip(bc) {
+        for k in 0..8 {
+            lanes[k] += pa[k] * pb[k];
+        }
+    }
+    lanes.iter().copied().sum::<T>() + tail
+}
+
+/// Σ a over one plane, eight partial sums (see [`plane_dot`]).
+fn plane_sum<T: Float>(a: &[T]) -> T {
+    let mut lanes = [T::ZERO; 8];
+    let ac = a.chunks_exact(8);
+    let tail: T = ac.remainder().iter().copied().sum();
+    for pa in ac {
+        for k in 0..8 {
+            lanes[k] += pa[k];
+        }
+    }
+    lanes.iter().copied().sum::<T>() + tail
+}
+
+/// Adds `f(range)` of every `[b, c]` plane of a `(b, c, inner)` layout into `out[c]`.
+fn per_channel<T: Float>(b: usize, c: usize, inner: usize, out: &mut [T], f: impl Fn(std::ops::Range<usize>) -> T) {
+    for bi in 0..b {
+        for (ch, o) in out.iter_mut().enumerate() {
+            let start = (bi * c + ch) * inner;
+            *o += f(start..start + inner);
+        }
+    }
+}
+
+fn channel_vec<T: Float>(v: Vec<T>) -> Tensor<T> {
+    Tensor::new(vec![v.len()], v).expect("one value per channel")
+}
+
 /// `out[c] = Σ_{b, ...} x[b, c, ...]`.
 pub fn sum<T: Float>(x: &Tensor<T>) -> Tensor<T> {
     let (b, c, inner) = layout(x);
     let mut out = vec![T::ZERO; c];
-    let d = x.data();
-    for bi in 0..b {
-        for (ch, o) in out.iter_mut().enumerate() {
-            let start = (bi * c + ch) * inner;
-            *o += d[start..start + inner].iter().copied().sum::<T>();
-        }
-    }
-    Tensor::new(vec![c], out).expect("length c")
+    per_channel(b, c, inner, &mut out, |r| plane_sum(&x.data()[r]));
+    channel_vec(out)
 }
 
 /// `out[c] = Σ_{b, ...} x[b, c, ...] · y[b, c, ...]`.
@@ -128,18 +171,53 @@ pub fn dot<T: Float>(x: &Tensor<T>, y: &Tensor<T>) -> Tensor<T> {
     assert_eq!(x.shape(), y.shape(), "channel dot: shapes differ");
     let (b, c, inner) = layout(x);
     let mut out = vec![T::ZERO; c];
-    let (xd, yd) = (x.data(), y.data());
+    per_channel(b, c, inner, &mut out, |r| plane_dot(&x.data()[r.clone()], &y.data()[r]));
+    channel_vec(out)
+}
+
+/// `(dot(x, g), sum(g))` in one pass over `g` (BatchNorm's parameter cotangents).
+pub fn dot_and_sum<T: Float>(x: &Tensor<T>, g: &Tensor<T>) -> (Tensor<T>, Tensor<T>) {
+    let (d, s, _, _) = dot_and_sum_dual(x, None, g, None);
+    (d, s)
+}
+
+/// [`dot_and_sum`] and its tangent in one pass, plane by plane while each plane
+/// is in cache: `(Σ x·g, Σ g, Σ ẋ·g + x·ġ, Σ ġ)`, each tangent `None` when its
+/// inputs carry none.
+#[allow(clippy::type_complexity)]
+pub fn dot_and_sum_dual<T: Float>(
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    g: &Tensor<T>,
+    dg: Option<&Tensor<T>>,
+) -> (Tensor<T>, Tensor<T>, Option<Tensor<T>>, Option<Tensor<T>>) {
+    assert_eq!(x.shape(), g.shape(), "channel dot: shapes differ");
+    for t in dx.iter().chain(dg.iter()) {
+        assert_eq!(t.shape(), x.shape(), "channel dot: tangent shape differs");
+    }
+    let (b, c, inner) = layout(x);
+    let (mut xg, mut sg) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+    let (mut dxg, mut dsg) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+    let (xd, gd) = (x.data(), g.data());
     for bi in 0..b {
-        for (ch, o) in out.iter_mut().enumerate() {
-            let start = (bi * c + ch) * inner;
-            *o += xd[start..start + inner]
-                .iter()
-                .zip(&yd[start..start + inner])
-                .map(|(&p, &q)| p * q)
-                .sum::<T>();
+        for ch in 0..c {
+            let r = (bi * c + ch) * inner..(bi * c + ch + 1) * inner;
+            let (xp, gp) = (&xd[r.clone()], &gd[r.clone()]);
+            xg[ch] += plane_dot(xp, gp);
+            sg[ch] += plane_sum(gp);
+            if let Some(dx) = dx {
+                dxg[ch] += plane_dot(&dx.data()[r.clone()], gp);
+            }
+            if let Some(dg) = dg {
+                let dgp = &dg.data()[r];
+                dxg[ch] += plane_dot(xp, dgp);
+                dsg[ch] += plane_sum(dgp);
+            }
         }
     }
-    Tensor::new(vec![c], out).expect("length c")
+    let tangent_dot = (dx.is_some() || dg.is_some()).then(|| channel_vec(dxg));
+    let tangent_sum = dg.is_some().then(|| channel_vec(dsg));
+    (channel_vec(xg), channel_vec(sg), tangent_dot, tangent_sum)
 }
 
 #[cfg(test)]
@@ -182,5 +260,43 @@ mod tests {
         let lhs = crate::elementwise::dot_f64(&scale(&x, &t), &y);
         let rhs = crate::elementwise::dot_f64(&t, &dot(&x, &y));
         assert!((lhs - rhs).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fused_dot_and_sum_equal_the_separate_reductions() {
+        // 37 elements per plane: exercises the 8-lane body and the tail.
+        let shape = [3, 2, 37];
+        let make =
+            |f: fn(f64) -> f64| Tensor::<f64>::new(shape.to_vec(), (0..222).map(|i| f(i as f64)).collect()).unwrap();
+        let (x, dx, g, dg) = (
+            make(|i| i.sin()),
+            make(|i| i.cos()),
+            make(|i| (0.3 * i).sin()),
+            make(|i| 1.0 / (1.0 + i)),
+        );
+        let naive = |a: &Tensor<f64>, b: Option<&Tensor<f64>>| -> Vec<f64> {
+            (0..2)
+                .map(|ch| {
+                    (0..3)
+                        .flat_map(|bi| (0..37).map(move |k| (bi * 2 + ch) * 37 + k))
+                        .map(|i| a.data()[i] * b.map_or(1.0, |b| b.data()[i]))
+                        .sum()
+                })
+                .collect()
+        };
+        let close = |a: &Tensor<f64>, b: &[f64]| a.data().iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-12);
+        let (xg, sg, dxg, dsg) = dot_and_sum_dual(&x, Some(&dx), &g, Some(&dg));
+        assert!(close(&xg, &naive(&x, Some(&g))) && close(&sg, &naive(&g, None)));
+        let want: Vec<f64> = naive(&dx, Some(&g))
+            .iter()
+            .zip(naive(&x, Some(&dg)))
+            .map(|(a, b)| a + b)
+            .collect();
+        assert!(close(&dxg.unwrap(), &want));
+        assert!(close(&dsg.unwrap(), &naive(&dg, None)));
+        assert!(close(&dot(&x, &g), &naive(&x, Some(&g))) && close(&sum(&g), &naive(&g, None)));
+        let (_, _, only_dx, no_dsum) = dot_and_sum_dual(&x, Some(&dx), &g, None);
+        assert!(close(&only_dx.unwrap(), &naive(&dx, Some(&g))) && no_dsum.is_none());
+        assert!(dot_and_sum_dual(&x, None, &g, None).2.is_none());
     }
 }

@@ -6,31 +6,30 @@ use rayon::prelude::*;
 /// Below this many elements a map runs on one thread (rayon overhead dominates).
 const PAR_MIN: usize = 1 << 15;
 
+// Outputs are collected, not zero-filled and then overwritten: rayon's indexed
+// collect writes straight into the new vector.
 fn zip_map<T: Float>(a: &Tensor<T>, b: &Tensor<T>, f: impl Fn(T, T) -> T + Sync) -> Tensor<T> {
     assert_eq!(a.shape(), b.shape(), "elementwise: shapes differ");
-    let mut out = Tensor::zeros(a.shape());
-    if a.numel() >= PAR_MIN {
-        out.data_mut()
-            .par_iter_mut()
-            .zip(a.data().par_iter().zip(b.data().par_iter()))
-            .for_each(|(o, (&x, &y))| *o = f(x, y));
+    let data: Vec<T> = if a.numel() >= PAR_MIN {
+        a.data()
+            .par_iter()
+            .zip(b.data().par_iter())
+            .map(|(&x, &y)| f(x, y))
+            .collect()
     } else {
-        for (o, (&x, &y)) in out.data_mut().iter_mut().zip(a.data().iter().zip(b.data())) {
-            *o = f(x, y);
-        }
-    }
-    out
+        a.data().iter().zip(b.data()).map(|(&x, &y)| f(x, y)).collect()
+    };
+    Tensor::new(a.shape().to_vec(), data).expect("same length as the input")
 }
 
 /// Applies `f` to every element.
 pub fn map<T: Float>(a: &Tensor<T>, f: impl Fn(T) -> T + Sync) -> Tensor<T> {
-    let mut out = a.clone();
-    if a.numel() >= PAR_MIN {
-        out.data_mut().par_iter_mut().for_each(|v| *v = f(*v));
+    let data: Vec<T> = if a.numel() >= PAR_MIN {
+        a.data().par_iter().map(|&x| f(x)).collect()
     } else {
-        out.data_mut().iter_mut().for_each(|v| *v = f(*v));
-    }
-    out
+        a.data().iter().map(|&x| f(x)).collect()
+    };
+    Tensor::new(a.shape().to_vec(), data).expect("same length as the input")
 }
 
 pub fn add<T: Float>(a: &Tensor<T>, b: &Tensor<T>) -> Tensor<T> {

@@ -47,8 +47,7 @@ pub fn vjp<T: Float, V: Value<T>>(
 ) -> (Option<V>, V, V) {
     let (s, _) = scale_and_shift(gamma, beta, st);
     let gx = need_input.then(|| V::channel_affine(gy, &s, None));
-    let gs = V::bilinear(x, gy, channel::dot);
-    let gt = gy.linear(channel::sum);
+    let (gs, gt) = V::channel_dot_and_sum(x, gy);
     // s = γ·inv_std and t = β − μ·s, so gγ = (gs − μ·gt)·inv_std and gβ = gt.
     let inv_std = st.inv_std();
     let neg_mean = elementwise::scale(st.mean, -T::ONE);
