@@ -229,14 +229,22 @@ impl<T: Float> Value<T> for Dual<T> {
         )
     }
     fn add(&self, other: &Self) -> Self {
+        let tangent = match (&self.tangent, &other.tangent) {
+            (Some(a), Some(b)) => Some(elementwise::add(a, b)),
+            (a, b) => a.as_ref().or(b.as_ref()).cloned(),
+        };
         Self {
             primal: elementwise::add(&self.primal, &other.primal),
-            tangent: add_opt(self.tangent.clone(), other.tangent.clone()),
+            tangent,
         }
     }
     fn add_assign(&mut self, other: &Self) {
         elementwise::add_assign(&mut self.primal, &other.primal);
-        self.tangent = add_opt(self.tangent.take(), other.tangent.clone());
+        match (&mut self.tangent, &other.tangent) {
+            (Some(a), Some(b)) => elementwise::add_assign(a, b),
+            (a @ None, Some(b)) => *a = Some(b.clone()),
+            (_, None) => {}
+        }
     }
     fn tangent(&self) -> Option<&Tensor<T>> {
         self.tangent.as_ref()

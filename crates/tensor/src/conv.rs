@@ -119,59 +119,126 @@ fn im2col_rows<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
     }
 }
 
+/// Where patch row `(i, j)` of a stride-1 same-size convolution reads its input:
+/// output position `t = oy·w + ox` reads the flat input position `t + off`. Only
+/// `t` in `[a, b)` (within the valid rows `[t0, t1)`) is read, and within it the
+/// columns outside `[lo, hi)` wrapped around a row edge and read nothing.
+struct ShiftedRow {
+    t0: usize,
+    t1: usize,
+    a: usize,
+    b: usize,
+    off: isize,
+    lo: usize,
+    hi: usize,
+}
+
+impl ShiftedRow {
+    fn new(d: &Dims, p: usize, i: usize, j: usize) -> Self {
+        let (h, w) = (d.h as isize, d.w as isize);
+        let n = h * w;
+        let (di, dj) = (i as isize - p as isize, j as isize - p as isize);
+        // Output rows whose input row oy + di lies inside the image.
+        let oy_lo = (-di).clamp(0, h);
+        let oy_hi = (h - di).clamp(oy_lo, h);
+        let (t0, t1) = (oy_lo * w, oy_hi * w);
+        let off = di * w + dj;
+        // Clipped to source positions inside the plane (the clipped ends wrapped).
+        let a = t0.max(-off).min(t1);
+        let b = t1.min(n - off).max(a);
+        Self {
+            t0: t0 as usize,
+            t1: t1 as usize,
+            a: a as usize,
+            b: b as usize,
+            off,
+            lo: (-dj).clamp(0, w) as usize,
+            hi: (w - dj).clamp(0, w) as usize,
+        }
+    }
+
+    /// Zeroes the wrapped columns of `row[t0..t1]` (at most `p` per line: plain
+    /// stores, not memset calls).
+    fn zero_wrapped<T: Float>(&self, row: &mut [T], w: usize) {
+        if self.lo == 0 && self.hi == w {
+            return;
+        }
+        for line in row[self.t0..self.t1].chunks_exact_mut(w) {
+            let (left, rest) = line.split_at_mut(self.lo);
+            let right = &mut rest[self.hi.max(self.lo) - self.lo..];
+            for v in left.iter_mut().chain(right.iter_mut()) {
+                *v = T::ZERO;
+            }
+        }
+    }
+
+    fn source(&self) -> usize {
+        (self.a as isize + self.off) as usize
+    }
+}
+
 /// [`im2col`] for stride 1 and an output as large as the input (3×3 with padding
 /// 1, the ResNet's common case): each patch row is the whole input plane shifted
 /// by `(i − p)·w + (j − p)`, so it is one contiguous copy, after which the few
 /// entries that wrapped around a row edge, and the rows above or below the image,
 /// are zeroed — instead of one short copy per output row.
 fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
-    let (h, w) = (d.h, d.w);
-    let n = h * w;
+    let n = d.h * d.w;
     for c in 0..d.c {
         let xc = &x[c * n..(c + 1) * n];
         for i in 0..d.kh {
             for j in 0..d.kw {
                 let row = &mut cols[((c * d.kh + i) * d.kw + j) * n..][..n];
-                let (di, dj) = (i as isize - p as isize, j as isize - p as isize);
-                // Output rows whose input row oy + di lies inside the image.
-                let oy_lo = (-di).clamp(0, h as isize) as usize;
-                let oy_hi = (h as isize - di).clamp(oy_lo as isize, h as isize) as usize;
-                let (t0, t1) = (oy_lo * w, oy_hi * w);
-                row[..t0].fill(T::ZERO);
-                row[t1..].fill(T::ZERO);
-                // Flat shift; clip to source indices inside the plane (the clipped
-                // ends are wrapped columns, zeroed below anyway).
-                let off = di * w as isize + dj;
-                let a = (t0 as isize).max(-off).min(t1 as isize) as usize;
-                let b = (t1 as isize).min(n as isize - off).max(a as isize) as usize;
-                row[t0..a].fill(T::ZERO);
-                row[b..t1].fill(T::ZERO);
-                if b > a {
-                    let src = (a as isize + off) as usize;
-                    row[a..b].copy_from_slice(&xc[src..src + (b - a)]);
+                let r = ShiftedRow::new(d, p, i, j);
+                row[..r.a].fill(T::ZERO);
+                row[r.b..].fill(T::ZERO);
+                if r.b > r.a {
+                    let src = r.source();
+                    row[r.a..r.b].copy_from_slice(&xc[src..src + (r.b - r.a)]);
                 }
-                // Columns whose input column ox + dj falls outside [0, w).
-                let (lo, hi) = (
-                    (-dj).clamp(0, w as isize) as usize,
-                    (w as isize - dj).clamp(0, w as isize) as usize,
-                );
-                if lo > 0 || hi < w {
-                    // At most p entries per line: plain stores, not memset calls.
-                    for line in row[t0..t1].chunks_exact_mut(w) {
-                        let (left, rest) = line.split_at_mut(lo);
-                        let right = &mut rest[hi.max(lo) - lo..];
-                        for v in left.iter_mut().chain(right.iter_mut()) {
-                            *v = T::ZERO;
-                        }
-                    }
+                r.zero_wrapped(row, d.w);
+            }
+        }
+    }
+}
+
+/// [`col2im_add`] for the same convolutions as [`im2col_same`]: zeroes the
+/// wrapped entries of each (scratch) patch row, then adds the row to the shifted
+/// input plane in one contiguous loop. Each input element receives the same
+/// terms in the same order as row by row (plus exact zeros).
+fn col2im_same_add<T: Float>(cols: &mut [T], d: &Dims, p: usize, x: &mut [T]) {
+    let n = d.h * d.w;
+    for c in 0..d.c {
+        let xc = &mut x[c * n..(c + 1) * n];
+        for i in 0..d.kh {
+            for j in 0..d.kw {
+                let row = &mut cols[((c * d.kh + i) * d.kw + j) * n..][..n];
+                let r = ShiftedRow::new(d, p, i, j);
+                if r.b <= r.a {
+                    continue;
+                }
+                r.zero_wrapped(row, d.w);
+                let dst = r.source();
+                for (acc, &v) in xc[dst..dst + (r.b - r.a)].iter_mut().zip(&row[r.a..r.b]) {
+                    *acc += v;
                 }
             }
         }
     }
 }
 
-/// Adjoint of [`im2col`]: adds each column entry back to the pixel it came from.
-fn col2im_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
+/// Adjoint of [`im2col`]: adds each column entry back to the pixel it came from
+/// (`cols` is scratch: the same-size path zeroes entries in it).
+fn col2im_add<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
+    if g.stride == 1 && d.ho == d.h && d.wo == d.w {
+        col2im_same_add(cols, d, g.padding, x)
+    } else {
+        col2im_rows_add(cols, d, g, x)
+    }
+}
+
+/// [`col2im_add`] one output row at a time (any stride and padding).
+fn col2im_rows_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
     let plane = d.out_plane();
     let (s, p) = (g.stride, g.padding);
     for c in 0..d.c {
@@ -321,27 +388,56 @@ pub fn backward_input_dual<T: Float>(
     } else {
         (0..b).map(|_| &mut [][..]).collect()
     };
+    // Both tangent terms as one product with a doubled inner dimension,
+    // `[W; Ẇ]ᵀ·[ġy; gy]`: one pass over the patch block instead of a product and
+    // an accumulating one (and k = 2·O runs faster than k = O for small O).
+    let stacked: Option<Vec<T>> = dgy
+        .and(dw)
+        .map(|dw| w.data().iter().chain(dw.data()).copied().collect());
     gx.data_mut()
         .par_chunks_mut(img_in)
         .zip(dgx_chunks)
         .enumerate()
         .for_each_init(
-            || vec![T::ZERO; patch * plane],
-            |cols, (k, (gxb, dgxb))| {
-                let gyb = &gy.data()[k * img_out..(k + 1) * img_out];
+            || {
+                (
+                    vec![T::ZERO; patch * plane],
+                    vec![T::ZERO; if stacked.is_some() { 2 * img_out } else { 0 }],
+                )
+            },
+            |(cols, both), (k, (gxb, dgxb))| {
+                let image = k * img_out..(k + 1) * img_out;
+                let gyb = &gy.data()[image.clone()];
                 gemm_into(cols, w.data(), true, gyb, false, patch, plane, d.o, false, Par::Serial);
                 col2im_add(cols, &d, g, gxb);
                 if !tangent {
                     return;
                 }
-                let mut acc = false;
-                if let Some(dgy) = dgy {
-                    let dgyb = &dgy.data()[k * img_out..(k + 1) * img_out];
-                    gemm_into(cols, w.data(), true, dgyb, false, patch, plane, d.o, false, Par::Serial);
-                    acc = true;
-                }
-                if let Some(dw) = dw {
-                    gemm_into(cols, dw.data(), true, gyb, false, patch, plane, d.o, acc, Par::Serial);
+                match (&stacked, dgy, dw) {
+                    (Some(wstack), Some(dgy), _) => {
+                        both[..img_out].copy_from_slice(&dgy.data()[image]);
+                        both[img_out..].copy_from_slice(gyb);
+                        gemm_into(
+                            cols,
+                            wstack,
+                            true,
+                            both,
+                            false,
+                            patch,
+                            plane,
+                            2 * d.o,
+                            false,
+                            Par::Serial,
+                        );
+                    }
+                    (_, Some(dgy), _) => {
+                        let dgyb = &dgy.data()[image];
+                        gemm_into(cols, w.data(), true, dgyb, false, patch, plane, d.o, false, Par::Serial);
+                    }
+                    (_, None, Some(dw)) => {
+                        gemm_into(cols, dw.data(), true, gyb, false, patch, plane, d.o, false, Par::Serial);
+                    }
+                    (_, None, None) => unreachable!("a tangent is present"),
                 }
                 col2im_add(cols, &d, g, dgxb);
             },
@@ -561,6 +657,11 @@ mod tests {
             im2col_rows(x.data(), &d, g, &mut want);
             im2col_same(x.data(), &d, p, &mut got);
             assert_eq!(got, want, "{h}x{w}, kernel {k}, padding {p}");
+            let mut rows = pseudo(&[1, d.patch() * d.out_plane()], 0.4).data().to_vec();
+            let (mut want_x, mut got_x) = (vec![0.5; 2 * h * w], vec![0.5; 2 * h * w]);
+            col2im_rows_add(&rows, &d, g, &mut want_x);
+            col2im_same_add(&mut rows, &d, p, &mut got_x);
+            assert_eq!(got_x, want_x, "col2im {h}x{w}, kernel {k}, padding {p}");
         }
     }
 
@@ -604,5 +705,9 @@ mod tests {
         // Only one tangent present.
         let (_, dy) = forward_dual(&x, None, &w, Some(&dw), g);
         assert!(close(&dy.unwrap(), &forward(&x, &dw, g)));
+        let (_, dgx) = backward_input_dual(&gy, Some(&dgy), &w, None, (6, 6), g);
+        assert!(close(&dgx.unwrap(), &backward_input(&dgy, &w, (6, 6), g)));
+        let (_, dgx) = backward_input_dual(&gy, None, &w, Some(&dw), (6, 6), g);
+        assert!(close(&dgx.unwrap(), &backward_input(&gy, &dw, (6, 6), g)));
     }
 }
