@@ -35,6 +35,39 @@ pub struct BenchArgs {
     /// Also write the rows as JSON lines here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Methods to time, in this order (e.g. `ggn` alone, to profile it).
+    #[arg(long, value_delimiter = ',', default_value = "grad,hvp,ggn")]
+    pub methods: Vec<BenchMethod>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMethod {
+    /// The gradient.
+    Grad,
+    /// The exact Hessian-vector product.
+    Hvp,
+    /// The Gauss-Newton-vector product.
+    Ggn,
+}
+
+impl BenchMethod {
+    fn name(self) -> &'static str {
+        match self {
+            BenchMethod::Grad => "grad",
+            BenchMethod::Hvp => "hvp",
+            BenchMethod::Ggn => "ggn",
+        }
+    }
+
+    /// FLOP units as counted for PyTorch in the docs: grad = 3 forwards, HVP = 9
+    /// (gradient and its tangent), GGN = 5.
+    fn forward_units(self) -> f64 {
+        match self {
+            BenchMethod::Grad => 3.0,
+            BenchMethod::Hvp => 9.0,
+            BenchMethod::Ggn => 5.0,
+        }
+    }
 }
 
 /// N(0, 1)-like images generated from (seed, index): no memory held, the same
@@ -122,8 +155,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         fwd / 1e6,
         hvp_tensor::onednn::gemm_backend().1
     );
-    // FLOP units as counted for PyTorch in docs: grad = 3 forwards, HVP = 9, GGN = 5.
-    let methods: [(&str, f64); 3] = [("grad", 3.0), ("hvp", 9.0), ("ggn", 5.0)];
     let mut rows = Vec::new();
     println!("| method | N | time (s) | images/s | GFLOP/s | × grad | peak RSS |");
     println!("|---|---|---|---|---|---|---|");
@@ -137,17 +168,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let problem = Problem::new(&model, &weights, &data, a.batch_size)?;
         reset_peak_rss();
         let mut grad_time = f64::NAN;
-        for (method, units) in methods {
+        for &method in &a.methods {
+            let units = method.forward_units();
             let once = || -> Result<f64> {
                 let start = Instant::now();
                 let none = |_: usize| {};
                 match (method, dtype) {
-                    ("grad", DType::F32) => drop(problem.gradient::<f32>(&none)?),
-                    ("grad", DType::F64) => drop(problem.gradient::<f64>(&none)?),
-                    ("hvp", DType::F32) => drop(problem.product::<f32>(Curvature::Hessian, &v, &none)?),
-                    ("hvp", DType::F64) => drop(problem.product::<f64>(Curvature::Hessian, &v, &none)?),
-                    (_, DType::F32) => drop(problem.product::<f32>(Curvature::Ggn, &v, &none)?),
-                    (_, DType::F64) => drop(problem.product::<f64>(Curvature::Ggn, &v, &none)?),
+                    (BenchMethod::Grad, DType::F32) => drop(problem.gradient::<f32>(&none)?),
+                    (BenchMethod::Grad, DType::F64) => drop(problem.gradient::<f64>(&none)?),
+                    (BenchMethod::Hvp, DType::F32) => drop(problem.product::<f32>(Curvature::Hessian, &v, &none)?),
+                    (BenchMethod::Hvp, DType::F64) => drop(problem.product::<f64>(Curvature::Hessian, &v, &none)?),
+                    (BenchMethod::Ggn, DType::F32) => drop(problem.product::<f32>(Curvature::Ggn, &v, &none)?),
+                    (BenchMethod::Ggn, DType::F64) => drop(problem.product::<f64>(Curvature::Ggn, &v, &none)?),
                 }
                 Ok(start.elapsed().as_secs_f64())
             };
@@ -156,11 +188,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             let times = (0..a.repeats.max(1)).map(|_| once()).collect::<Result<Vec<_>>>()?;
             let t = median(times);
-            if method == "grad" {
+            if method == BenchMethod::Grad {
                 grad_time = t;
             }
             let row = Row {
-                method,
+                method: method.name(),
                 n,
                 seconds: t,
                 images_per_s: n as f64 / t,
@@ -171,13 +203,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 dtype: dtype.name(),
             };
             println!(
-                "| {} | {} | {:.3} | {:.1} | {:.1} | {:.2} | {} |",
+                "| {} | {} | {:.3} | {:.1} | {:.1} | {} | {} |",
                 row.method,
                 row.n,
                 row.seconds,
                 row.images_per_s,
                 row.gflop_per_s,
-                row.ratio_to_grad,
+                if row.ratio_to_grad.is_finite() {
+                    format!("{:.2}", row.ratio_to_grad)
+                } else {
+                    "–".to_string()
+                },
                 format_bytes(row.peak_rss_bytes)
             );
             rows.push(row);
