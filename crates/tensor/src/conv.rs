@@ -109,8 +109,9 @@ fn im2col_rows<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
                     if s == 1 {
                         dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
                     } else {
-                        for (k, v) in dst[lo..hi].iter_mut().enumerate() {
-                            *v = src[first + k * s];
+                        // Strided iterator: no bounds check per element.
+                        for (v, &x) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                            *v = x;
                         }
                     }
                 }
@@ -263,8 +264,8 @@ fn col2im_rows_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T])
                             *a += b;
                         }
                     } else {
-                        for (k, &v) in src.iter().enumerate() {
-                            dst[first + k * s] += v;
+                        for (acc, &v) in dst[first..].iter_mut().step_by(s).zip(src) {
+                            *acc += v;
                         }
                     }
                 }
