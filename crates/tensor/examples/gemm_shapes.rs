@@ -1,6 +1,9 @@
-//! GFLOP/s of the `gemm` crate on the GEMM shapes the seed ResNet's convolutions
-//! produce, in both orientations and with images batched along n, single-threaded
-//! (as the conv kernels call it, one image per rayon task).
+//! GFLOP/s of hvp's f32 GEMM (oneDNN where installed, else the `gemm` crate) on the
+//! GEMM shapes the seed ResNet's convolutions produce, single-threaded (as the conv
+//! kernels call it, one image per rayon task): first the shapes as the kernels
+//! store them, then the main ones in all four storage orientations (NN, NT, TN,
+//! TT) and stacked (`[W; Ẇ]` with twice the rows, `[ġ; g]` with twice the inner
+//! dimension), for choosing how a convolution lays out its operands.
 //!
 //!     cargo run --release -p hvp-tensor --example gemm_shapes
 
@@ -50,5 +53,30 @@ fn main() {
         (1024, 1024, 1024, false, false),
     ] {
         println!("| {m} | {n} | {k} | {ta} | {tb} | {:.1} |", gflops(m, n, k, ta, tb));
+    }
+    println!();
+    println!("| m×n×k | NN | NT | TN | TT |");
+    println!("|---|---|---|---|---|");
+    for &(m, n, k) in &[
+        (16, 1024, 144),
+        (32, 1024, 144),
+        (32, 256, 288),
+        (64, 256, 288),
+        (64, 64, 576),
+        (128, 64, 576),
+        (144, 1024, 16),
+        (144, 1024, 32),
+        (288, 256, 32),
+        (288, 256, 64),
+        (576, 64, 64),
+        (576, 64, 128),
+        (144, 16, 1024),
+        (16, 1024, 16),
+    ] {
+        let speeds: Vec<String> = [(false, false), (false, true), (true, false), (true, true)]
+            .iter()
+            .map(|&(ta, tb)| format!("{:.1}", gflops(m, n, k, ta, tb)))
+            .collect();
+        println!("| {m}×{n}×{k} | {} |", speeds.join(" | "));
     }
 }
