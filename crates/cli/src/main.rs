@@ -1,5 +1,6 @@
 //! `hvp`: exact, streamed Hessian-vector products of a network's training loss.
 
+mod allocator;
 mod args;
 mod commands;
 mod picture;
@@ -69,6 +70,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_pages();
     let _mpi = hvp_dist::init();
     let cli = Cli::parse();
     if let Err(e) = hvp_tensor::onednn::check_requested_backend() {

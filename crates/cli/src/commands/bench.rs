@@ -149,11 +149,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dtype: DType = a.dtype.into();
     let threads = hvp_tensor::threads();
     eprintln!(
-        "hvp bench: {arch}, {} parameters, {dtype}, {threads} threads, batch {}, forward {:.1} MFLOP/image, f32 GEMM: {}",
+        "hvp bench: {arch}, {} parameters, {dtype}, {threads} threads, batch {}, forward {:.1} MFLOP/image, f32 GEMM: {}, malloc: {}",
         model.num_params(),
         a.batch_size,
         fwd / 1e6,
-        hvp_tensor::onednn::gemm_backend().1
+        hvp_tensor::onednn::gemm_backend().1,
+        crate::allocator::describe()
     );
     let mut rows = Vec::new();
     println!("| method | N | time (s) | images/s | GFLOP/s | × grad | peak RSS |");
