@@ -295,6 +295,24 @@ impl Graph {
         &self.nodes
     }
 
+    /// `true` at each eval-mode BatchNorm whose only user is the ReLU right after
+    /// it: the forward pass runs the two as one (`batchnorm::forward_relu`).
+    fn relu_after_batch_norm(&self) -> Vec<bool> {
+        let mut users = vec![0usize; self.nodes.len()];
+        for op in &self.nodes {
+            for j in op.inputs() {
+                users[j] += 1;
+            }
+        }
+        (0..self.nodes.len())
+            .map(|i| {
+                matches!(self.nodes[i], Op::BatchNorm { .. })
+                    && users[i] == 1
+                    && matches!(self.nodes.get(i + 1), Some(&Op::Relu { input }) if input == i)
+            })
+            .collect()
+    }
+
     /// Multiply-add FLOPs (2 per multiply-add) of the Conv2d and Dense nodes in
     /// one forward pass of a single example of `sample_shape`, given the
     /// parameter shapes. The unit the benchmark reports throughput in. Only the
@@ -379,7 +397,14 @@ impl Graph {
         let batch = input.primal().shape().first().copied().unwrap_or(1);
         let mut values: Vec<Option<V>> = Vec::with_capacity(self.nodes.len());
         let mut input = Some(input);
-        for op in &self.nodes {
+        let fused = if train {
+            vec![false; self.nodes.len()]
+        } else {
+            self.relu_after_batch_norm()
+        };
+        // The output of a fused BatchNorm + ReLU, held for the ReLU's node.
+        let mut pending_relu: Option<V> = None;
+        for (i, op) in self.nodes.iter().enumerate() {
             let val = |i: NodeId| values[i].as_ref().expect("earlier node has a value");
             let mut batch_norm = |input: NodeId, weight: &V, bias: &V, mean: usize, var: usize, eps: f64| {
                 if let Some(sink) = train_stats.as_mut() {
@@ -408,6 +433,23 @@ impl Graph {
                 Op::Dense { input, weight, bias } => {
                     dense::forward(val(input), &params[weight], bias.map(|b| &params[b]))
                 }
+                Op::BatchNorm {
+                    input,
+                    weight,
+                    bias,
+                    mean,
+                    var,
+                    eps,
+                } if fused[i] => {
+                    let st = batchnorm::Stats {
+                        mean: &buffers[mean],
+                        var: &buffers[var],
+                        eps,
+                    };
+                    pending_relu = Some(batchnorm::forward_relu(val(input), &params[weight], &params[bias], &st));
+                    // Nothing reads this node's value: the ReLU's backward uses its own output.
+                    V::constant(Tensor::zeros(&[0]))
+                }
                 Op::Conv2d {
                     input,
                     weight,
@@ -430,7 +472,7 @@ impl Graph {
                     var,
                     eps,
                 } => batch_norm(input, val(weight), val(bias), mean, var, eps),
-                Op::Relu { input } => activation::relu(val(input)),
+                Op::Relu { input } => pending_relu.take().unwrap_or_else(|| activation::relu(val(input))),
                 Op::Tanh { input } => activation::tanh(val(input)),
                 Op::Add { a, b } => val(a).add(val(b)),
                 Op::GlobalAvgPool { input } => structural::global_avg_pool(val(input)),
@@ -630,7 +672,7 @@ impl Graph {
                     to_inputs.push((weight, gg));
                     to_inputs.push((bias, gb));
                 }
-                Op::Relu { input } => to_inputs.push((input, activation::relu_vjp(val(input), &gy))),
+                Op::Relu { input } => to_inputs.push((input, activation::relu_vjp(val(i), &gy))),
                 Op::Tanh { input } => to_inputs.push((input, activation::tanh_vjp(val(input), &gy))),
                 Op::Add { a, b } => {
                     if need(a) {
@@ -737,6 +779,12 @@ mod tests {
     /// conv → BN → ReLU → conv (+ the first conv's weight again as a `Param`
     /// node when `tie`) → pool → dense.
     fn small_net(tie: bool) -> (Graph, Vec<Vec<usize>>) {
+        small_net_with(tie, false)
+    }
+
+    /// [`small_net`]; `split` puts an identity reshape between the BatchNorm and
+    /// the ReLU, so the two do not run fused.
+    fn small_net_with(tie: bool, split: bool) -> (Graph, Vec<Vec<usize>>) {
         let mut g = Graph::new();
         let x = g.input();
         let geometry = ConvGeometry { stride: 1, padding: 1 };
@@ -754,6 +802,14 @@ mod tests {
             var: 1,
             eps: 1e-5,
         });
+        let bn = if split {
+            g.push(Op::Reshape {
+                input: bn,
+                shape: vec![Dim::Batch, Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(5)],
+            })
+        } else {
+            bn
+        };
         let r = g.push(Op::Relu { input: bn });
         let c2 = g.push(Op::Conv2d {
             input: r,
@@ -794,6 +850,33 @@ mod tests {
             vec![2],
         ];
         (g, shapes)
+    }
+
+    #[test]
+    fn fused_batch_norm_relu_equals_the_separate_ops_bit_for_bit() {
+        let (fused, shapes) = small_net_with(false, false);
+        let (split, _) = small_net_with(false, true);
+        assert_eq!(fused.relu_after_batch_norm().iter().filter(|&&f| f).count(), 1);
+        assert!(!split.relu_after_batch_norm().contains(&true));
+        let params: Vec<Dual<f64>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Dual::new(pseudo(s, i as f64), Some(pseudo(s, 10.0 + i as f64))))
+            .collect();
+        let buffers = vec![pseudo(&[4], 3.0), elementwise_abs_plus(pseudo(&[4], 4.0))];
+        let input = pseudo(&[3, 2, 5, 5], 7.0);
+        let hvp = |graph: &Graph| -> (Tensor<f64>, Vec<Tensor<f64>>) {
+            let tape = graph.forward(&params, &buffers, Dual::constant(input.clone()));
+            let logits_tangent = tape.output().tangent().unwrap().clone();
+            let out = loss::softmax_cross_entropy(tape.output(), &[0, 1, 1], 1.0);
+            let hv = graph.backward_tangents(&params, &buffers, tape, out.cotangent);
+            (logits_tangent, hv.into_iter().map(|t| t.unwrap()).collect())
+        };
+        let ((jv_a, hv_a), (jv_b, hv_b)) = (hvp(&fused), hvp(&split));
+        assert_eq!(jv_a.data(), jv_b.data(), "forward tangent");
+        for (p, (a, b)) in hv_a.iter().zip(&hv_b).enumerate() {
+            assert_eq!(a.data(), b.data(), "H v block of parameter {p}");
+        }
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// Per-channel `x·s + t` (`s`, `t` of shape `[C]`; no `t`: zero), whose
     /// JVP `ẋ·s + x·ṡ + ṫ` a dual computes in one pass (BatchNorm's hot path).
     fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self;
+    /// `max(x·s + t, 0)` per channel: [`Value::channel_affine`] followed by a ReLU
+    /// in one pass (and one more for a dual's tangent), without materialising
+    /// the affine map's output.
+    fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self;
     /// Per-channel `(Σ x·g, Σ g)` in one pass (BatchNorm's parameter cotangents);
     /// a dual also carries their tangents `(Σ ẋ·g + x·ġ, Σ ġ)`, same pass.
     fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self);
@@ -92,6 +96,9 @@ impl<T: Float> Value<T> for Tensor<T> {
     }
     fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self {
         channel::affine(x, s, t)
+    }
+    fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self {
+        channel::affine_relu(x, s, t)
     }
     fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self) {
         channel::dot_and_sum(x, g)
@@ -213,6 +220,18 @@ impl<T: Float> Value<T> for Dual<T> {
                 t.and_then(|t| t.tangent.as_ref()),
             ),
         }
+    }
+    fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self {
+        let primal = channel::affine_relu(&x.primal, &s.primal, t.map(|t| &t.primal));
+        let tangent = channel::affine_relu_tangent(
+            &primal,
+            &x.primal,
+            x.tangent.as_ref(),
+            &s.primal,
+            s.tangent.as_ref(),
+            t.and_then(|t| t.tangent.as_ref()),
+        );
+        Self { primal, tangent }
     }
     fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self) {
         let (xg, sg, dxg, dsg) =

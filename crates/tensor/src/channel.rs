@@ -29,7 +29,41 @@ pub fn scale<T: Float>(x: &Tensor<T>, s: &Tensor<T>) -> Tensor<T> {
 
 /// `y[b, c, ...] = x[b, c, ...] · s[c] + t[c]` (no `t`: zero) in one pass.
 pub fn affine<T: Float>(x: &Tensor<T>, s: &Tensor<T>, t: Option<&Tensor<T>>) -> Tensor<T> {
-    affine_sum(x, Some(x), s, None, t)
+    affine_sum(x, Some(x), s, None, t, |v, _| v)
+}
+
+/// `max(x·s + t, 0)` per channel in one pass (BatchNorm followed by a ReLU,
+/// without storing the BatchNorm's output).
+pub fn affine_relu<T: Float>(x: &Tensor<T>, s: &Tensor<T>, t: Option<&Tensor<T>>) -> Tensor<T> {
+    affine_sum(x, Some(x), s, None, t, |v, _| if v > T::ZERO { v } else { T::ZERO })
+}
+
+/// The JVP of [`affine_relu`] in one pass, `1[y > 0]·(ẋ·s + x·ṡ + ṫ)` with `y` its
+/// output (`y > 0` exactly where the affine map is), `None` when no tangent is present.
+pub fn affine_relu_tangent<T: Float>(
+    y: &Tensor<T>,
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    s: &Tensor<T>,
+    ds: Option<&Tensor<T>>,
+    dt: Option<&Tensor<T>>,
+) -> Option<Tensor<T>> {
+    if dx.is_none() && ds.is_none() && dt.is_none() {
+        return None;
+    }
+    assert_eq!(
+        y.shape(),
+        x.shape(),
+        "affine_relu_tangent: output and input shapes differ"
+    );
+    let mask = y.data();
+    Some(affine_sum(x, dx, s, ds.map(|ds| (x, ds)), dt, |v, k| {
+        if mask[k] > T::ZERO {
+            v
+        } else {
+            T::ZERO
+        }
+    }))
 }
 
 /// The JVP of [`affine`] in one pass: `ẋ·s + x·ṡ + ṫ`, each term skipped when
@@ -44,16 +78,18 @@ pub fn affine_tangent<T: Float>(
     if dx.is_none() && ds.is_none() && dt.is_none() {
         return None;
     }
-    Some(affine_sum(x, dx, s, ds.map(|ds| (x, ds)), dt))
+    Some(affine_sum(x, dx, s, ds.map(|ds| (x, ds)), dt, |v, _| v))
 }
 
-/// `a·s + x·r + t` per channel, shaped like `like` (each term optional), one pass.
+/// `post(a·s + x·r + t, index)` per channel, shaped like `like` (each term
+/// optional), one pass; `post` fuses what follows (a ReLU, or its mask).
 fn affine_sum<T: Float>(
     like: &Tensor<T>,
     a: Option<&Tensor<T>>,
     s: &Tensor<T>,
     xr: Option<(&Tensor<T>, &Tensor<T>)>,
     t: Option<&Tensor<T>>,
+    post: impl Fn(T, usize) -> T + Sync,
 ) -> Tensor<T> {
     let (_, c, inner) = layout(like);
     let zero = vec![T::ZERO; c];
@@ -77,22 +113,24 @@ fn affine_sum<T: Float>(
                 match (ad, xd) {
                     (Some(a), Some(x)) => {
                         for (k, o) in plane.iter_mut().enumerate() {
-                            o.write(a[base + k] * sc + x[base + k] * rc + tc);
+                            o.write(post(a[base + k] * sc + x[base + k] * rc + tc, base + k));
                         }
                     }
                     (Some(a), None) => {
                         for (k, o) in plane.iter_mut().enumerate() {
-                            o.write(a[base + k] * sc + tc);
+                            o.write(post(a[base + k] * sc + tc, base + k));
                         }
                     }
                     (None, Some(x)) => {
                         for (k, o) in plane.iter_mut().enumerate() {
-                            o.write(x[base + k] * rc + tc);
+                            o.write(post(x[base + k] * rc + tc, base + k));
                         }
                     }
-                    (None, None) => plane.iter_mut().for_each(|o| {
-                        o.write(tc);
-                    }),
+                    (None, None) => {
+                        for (k, o) in plane.iter_mut().enumerate() {
+                            o.write(post(tc, base + k));
+                        }
+                    }
                 }
             }
         });
@@ -245,6 +283,23 @@ mod tests {
             affine_tangent(&x, None, &s, None, Some(&t)),
             Some(broadcast(&t, x.shape()))
         );
+    }
+
+    #[test]
+    fn fused_relu_equals_affine_then_relu_bit_for_bit() {
+        let x = Tensor::new(vec![2, 3, 2], (0..12).map(|i| i as f32 * 0.5 - 2.0).collect()).unwrap();
+        let dx = Tensor::new(vec![2, 3, 2], (0..12).map(|i| (i as f32).sin()).collect()).unwrap();
+        let s = Tensor::new(vec![3], vec![1.5, -0.5, 2.0]).unwrap();
+        let ds = Tensor::new(vec![3], vec![0.25, 0.5, -1.0]).unwrap();
+        let t = Tensor::new(vec![3], vec![0.1, 0.2, 0.3]).unwrap();
+        let z = affine(&x, &s, Some(&t));
+        let y = affine_relu(&x, &s, Some(&t));
+        assert_eq!(y, crate::elementwise::relu(&z));
+        assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
+        let dz = affine_tangent(&x, Some(&dx), &s, Some(&ds), Some(&t)).unwrap();
+        let dy = affine_relu_tangent(&y, &x, Some(&dx), &s, Some(&ds), Some(&t)).unwrap();
+        assert_eq!(dy, crate::elementwise::relu_mask(&z, &dz));
+        assert!(affine_relu_tangent(&y, &x, None, &s, None, None).is_none());
     }
 
     #[test]

@@ -173,6 +173,15 @@ impl ShiftedRow {
         }
     }
 
+    /// The rows of every kernel offset `(i, j)`, in patch-row order (they do not
+    /// depend on the channel, so they are computed once per image).
+    fn all(d: &Dims, p: usize) -> Vec<Self> {
+        (0..d.kh)
+            .flat_map(|i| (0..d.kw).map(move |j| (i, j)))
+            .map(|(i, j)| Self::new(d, p, i, j))
+            .collect()
+    }
+
     fn source(&self) -> usize {
         (self.a as isize + self.off) as usize
     }
@@ -185,20 +194,18 @@ impl ShiftedRow {
 /// are zeroed — instead of one short copy per output row.
 fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
     let n = d.h * d.w;
+    let shifts = ShiftedRow::all(d, p);
     for c in 0..d.c {
         let xc = &x[c * n..(c + 1) * n];
-        for i in 0..d.kh {
-            for j in 0..d.kw {
-                let row = &mut cols[((c * d.kh + i) * d.kw + j) * n..][..n];
-                let r = ShiftedRow::new(d, p, i, j);
-                row[..r.a].fill(T::ZERO);
-                row[r.b..].fill(T::ZERO);
-                if r.b > r.a {
-                    let src = r.source();
-                    row[r.a..r.b].copy_from_slice(&xc[src..src + (r.b - r.a)]);
-                }
-                r.zero_wrapped(row, d.w);
+        for (ij, r) in shifts.iter().enumerate() {
+            let row = &mut cols[(c * d.kh * d.kw + ij) * n..][..n];
+            row[..r.a].fill(T::ZERO);
+            row[r.b..].fill(T::ZERO);
+            if r.b > r.a {
+                let src = r.source();
+                row[r.a..r.b].copy_from_slice(&xc[src..src + (r.b - r.a)]);
             }
+            r.zero_wrapped(row, d.w);
         }
     }
 }
@@ -209,20 +216,18 @@ fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
 /// terms in the same order as row by row (plus exact zeros).
 fn col2im_same_add<T: Float>(cols: &mut [T], d: &Dims, p: usize, x: &mut [T]) {
     let n = d.h * d.w;
+    let shifts = ShiftedRow::all(d, p);
     for c in 0..d.c {
         let xc = &mut x[c * n..(c + 1) * n];
-        for i in 0..d.kh {
-            for j in 0..d.kw {
-                let row = &mut cols[((c * d.kh + i) * d.kw + j) * n..][..n];
-                let r = ShiftedRow::new(d, p, i, j);
-                if r.b <= r.a {
-                    continue;
-                }
-                r.zero_wrapped(row, d.w);
-                let dst = r.source();
-                for (acc, &v) in xc[dst..dst + (r.b - r.a)].iter_mut().zip(&row[r.a..r.b]) {
-                    *acc += v;
-                }
+        for (ij, r) in shifts.iter().enumerate() {
+            let row = &mut cols[(c * d.kh * d.kw + ij) * n..][..n];
+            if r.b <= r.a {
+                continue;
+            }
+            r.zero_wrapped(row, d.w);
+            let dst = r.source();
+            for (acc, &v) in xc[dst..dst + (r.b - r.a)].iter_mut().zip(&row[r.a..r.b]) {
+                *acc += v;
             }
         }
     }

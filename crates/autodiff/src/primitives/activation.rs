@@ -8,10 +8,12 @@ pub fn relu<T: Float, V: Value<T>>(x: &V) -> V {
     x.nonlinear(elementwise::relu, elementwise::relu_mask)
 }
 
-/// `gx = gy · 1[x > 0]`: linear in `gy`; the mask's derivative is 0 almost everywhere.
-pub fn relu_vjp<T: Float, V: Value<T>>(x: &V, gy: &V) -> V {
-    let x = x.primal();
-    gy.linear(|g| elementwise::relu_mask(x, g))
+/// `gx = gy · 1[y > 0]` with `y = relu(x)` the ReLU's *output* (`y > 0` exactly
+/// where `x > 0`, so the input need not be kept): linear in `gy`; the mask's
+/// derivative is 0 almost everywhere.
+pub fn relu_vjp<T: Float, V: Value<T>>(y: &V, gy: &V) -> V {
+    let y = y.primal();
+    gy.linear(|g| elementwise::relu_mask(y, g))
 }
 
 /// `tanh(x)`, smooth: used where finite differences must converge (tests).

@@ -36,6 +36,14 @@ pub fn forward<T: Float, V: Value<T>>(x: &V, gamma: &V, beta: &V, st: &Stats<T>)
     V::channel_affine(x, &s, Some(&t))
 }
 
+/// [`forward`] followed by a ReLU, `max(BN(x), 0)`, in one pass: the graph runs
+/// it where a ReLU is a BatchNorm's only user. The ReLU's backward reads its own
+/// output for the mask, so the BatchNorm's output is never stored.
+pub fn forward_relu<T: Float, V: Value<T>>(x: &V, gamma: &V, beta: &V, st: &Stats<T>) -> V {
+    let (s, t) = scale_and_shift(gamma, beta, st);
+    V::channel_affine_relu(x, &s, Some(&t))
+}
+
 /// Cotangents `(gx, gγ, gβ)`; `gx` only when `need_input`.
 pub fn vjp<T: Float, V: Value<T>>(
     x: &V,
