@@ -295,9 +295,10 @@ impl Graph {
         &self.nodes
     }
 
-    /// `true` at each eval-mode BatchNorm whose only user is the ReLU right after
-    /// it: the forward pass runs the two as one (`batchnorm::forward_relu`).
-    fn relu_after_batch_norm(&self) -> Vec<bool> {
+    /// `true` at each eval-mode BatchNorm and each sum whose only user is the ReLU
+    /// right after it: the forward pass runs the two as one
+    /// (`batchnorm::forward_relu`, `Value::add_relu`).
+    fn fused_with_relu(&self) -> Vec<bool> {
         let mut users = vec![0usize; self.nodes.len()];
         for op in &self.nodes {
             for j in op.inputs() {
@@ -306,7 +307,7 @@ impl Graph {
         }
         (0..self.nodes.len())
             .map(|i| {
-                matches!(self.nodes[i], Op::BatchNorm { .. })
+                matches!(self.nodes[i], Op::BatchNorm { .. } | Op::Add { .. })
                     && users[i] == 1
                     && matches!(self.nodes.get(i + 1), Some(&Op::Relu { input }) if input == i)
             })
@@ -400,7 +401,7 @@ impl Graph {
         let fused = if train {
             vec![false; self.nodes.len()]
         } else {
-            self.relu_after_batch_norm()
+            self.fused_with_relu()
         };
         // The output of a fused BatchNorm + ReLU, held for the ReLU's node.
         let mut pending_relu: Option<V> = None;
@@ -474,6 +475,11 @@ impl Graph {
                 } => batch_norm(input, val(weight), val(bias), mean, var, eps),
                 Op::Relu { input } => pending_relu.take().unwrap_or_else(|| activation::relu(val(input))),
                 Op::Tanh { input } => activation::tanh(val(input)),
+                Op::Add { a, b } if fused[i] => {
+                    pending_relu = Some(val(a).add_relu(val(b)));
+                    // Nothing reads this node's value (as for a fused BatchNorm).
+                    V::constant(Tensor::zeros(&[0]))
+                }
                 Op::Add { a, b } => val(a).add(val(b)),
                 Op::GlobalAvgPool { input } => structural::global_avg_pool(val(input)),
                 Op::AvgPool { input, kernel, stride } => structural::avg_pool(val(input), kernel, stride),
@@ -776,14 +782,14 @@ mod tests {
         .unwrap()
     }
 
-    /// conv → BN → ReLU → conv (+ the first conv's weight again as a `Param`
-    /// node when `tie`) → pool → dense.
+    /// conv → BN → ReLU → (+ conv output) → ReLU → conv (+ the first conv's
+    /// weight again as a `Param` node when `tie`) → pool → dense.
     fn small_net(tie: bool) -> (Graph, Vec<Vec<usize>>) {
         small_net_with(tie, false)
     }
 
-    /// [`small_net`]; `split` puts an identity reshape between the BatchNorm and
-    /// the ReLU, so the two do not run fused.
+    /// [`small_net`]; `split` puts an identity reshape before each ReLU, so
+    /// neither runs fused with the BatchNorm or sum before it.
     fn small_net_with(tie: bool, split: bool) -> (Graph, Vec<Vec<usize>>) {
         let mut g = Graph::new();
         let x = g.input();
@@ -811,6 +817,17 @@ mod tests {
             bn
         };
         let r = g.push(Op::Relu { input: bn });
+        // A residual sum and its ReLU.
+        let sum = g.push(Op::Add { a: r, b: c1 });
+        let sum = if split {
+            g.push(Op::Reshape {
+                input: sum,
+                shape: vec![Dim::Batch, Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(5)],
+            })
+        } else {
+            sum
+        };
+        let r = g.push(Op::Relu { input: sum });
         let c2 = g.push(Op::Conv2d {
             input: r,
             weight: 3,
@@ -853,11 +870,11 @@ mod tests {
     }
 
     #[test]
-    fn fused_batch_norm_relu_equals_the_separate_ops_bit_for_bit() {
+    fn fused_relus_equal_the_separate_ops_bit_for_bit() {
         let (fused, shapes) = small_net_with(false, false);
         let (split, _) = small_net_with(false, true);
-        assert_eq!(fused.relu_after_batch_norm().iter().filter(|&&f| f).count(), 1);
-        assert!(!split.relu_after_batch_norm().contains(&true));
+        assert_eq!(fused.fused_with_relu().iter().filter(|&&f| f).count(), 2);
+        assert!(!split.fused_with_relu().contains(&true));
         let params: Vec<Dual<f64>> = shapes
             .iter()
             .enumerate()

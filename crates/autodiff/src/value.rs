@@ -55,6 +55,9 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self);
     /// `self + other`.
     fn add(&self, other: &Self) -> Self;
+    /// `max(self + other, 0)`: a residual sum and its ReLU in one pass (and one
+    /// more for a dual's tangent), without materialising the sum.
+    fn add_relu(&self, other: &Self) -> Self;
     /// `self += other` (cotangent accumulation).
     fn add_assign(&mut self, other: &Self);
     /// The tangent, when there is one.
@@ -105,6 +108,9 @@ impl<T: Float> Value<T> for Tensor<T> {
     }
     fn add(&self, other: &Self) -> Self {
         elementwise::add(self, other)
+    }
+    fn add_relu(&self, other: &Self) -> Self {
+        elementwise::add_relu(self, other)
     }
     fn add_assign(&mut self, other: &Self) {
         elementwise::add_assign(self, other)
@@ -256,6 +262,15 @@ impl<T: Float> Value<T> for Dual<T> {
             primal: elementwise::add(&self.primal, &other.primal),
             tangent,
         }
+    }
+    fn add_relu(&self, other: &Self) -> Self {
+        let primal = elementwise::add_relu(&self.primal, &other.primal);
+        let tangent = match (&self.tangent, &other.tangent) {
+            (Some(a), Some(b)) => Some(elementwise::add_relu_tangent(&primal, a, b)),
+            (Some(t), None) | (None, Some(t)) => Some(elementwise::relu_mask(&primal, t)),
+            (None, None) => None,
+        };
+        Self { primal, tangent }
     }
     fn add_assign(&mut self, other: &Self) {
         elementwise::add_assign(&mut self.primal, &other.primal);

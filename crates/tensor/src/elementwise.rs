@@ -48,6 +48,36 @@ pub fn scale<T: Float>(a: &Tensor<T>, s: T) -> Tensor<T> {
     map(a, |x| x * s)
 }
 
+/// `max(a + b, 0)` in one pass (a residual sum followed by its ReLU).
+pub fn add_relu<T: Float>(a: &Tensor<T>, b: &Tensor<T>) -> Tensor<T> {
+    zip_map(a, b, |x, y| {
+        let s = x + y;
+        if s > T::ZERO {
+            s
+        } else {
+            T::ZERO
+        }
+    })
+}
+
+/// The JVP of [`add_relu`] in one pass, `1[y > 0]·(ȧ + ḃ)` with `y` its output.
+pub fn add_relu_tangent<T: Float>(y: &Tensor<T>, da: &Tensor<T>, db: &Tensor<T>) -> Tensor<T> {
+    assert_eq!(y.shape(), da.shape(), "add_relu_tangent: shapes differ");
+    assert_eq!(y.shape(), db.shape(), "add_relu_tangent: shapes differ");
+    let f = |((&m, &p), &q): ((&T, &T), &T)| if m > T::ZERO { p + q } else { T::ZERO };
+    let data: Vec<T> = if y.numel() >= PAR_MIN {
+        y.data()
+            .par_iter()
+            .zip(da.data().par_iter())
+            .zip(db.data().par_iter())
+            .map(f)
+            .collect()
+    } else {
+        y.data().iter().zip(da.data()).zip(db.data()).map(f).collect()
+    };
+    Tensor::new(y.shape().to_vec(), data).expect("same length as the input")
+}
+
 /// `a += b`, in place.
 pub fn add_assign<T: Float>(a: &mut Tensor<T>, b: &Tensor<T>) {
     assert_eq!(a.shape(), b.shape(), "add_assign: shapes differ");
@@ -84,4 +114,19 @@ pub fn dot_f64<T: Float>(a: &Tensor<T>, b: &Tensor<T>) -> f64 {
         .zip(b.data())
         .map(|(x, y)| x.to_f64() * y.to_f64())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_add_relu_equals_add_then_relu_bit_for_bit() {
+        let t = |seed: f32| Tensor::new(vec![3, 5], (0..15).map(|i| (i as f32 * 0.9 + seed).sin()).collect()).unwrap();
+        let (a, b, da, db) = (t(0.1), t(2.0), t(4.0), t(6.0));
+        let y = add_relu(&a, &b);
+        assert_eq!(y, relu(&add(&a, &b)));
+        assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
+        assert_eq!(add_relu_tangent(&y, &da, &db), relu_mask(&y, &add(&da, &db)));
+    }
 }
