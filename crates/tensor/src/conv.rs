@@ -7,6 +7,7 @@ use crate::linalg::{gemm_into, Par};
 use crate::pool::out_size;
 use crate::{Float, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Images per partial weight gradient. Fixed (not tied to the thread count) so
 /// the summation order, and hence the result, is the same for any `--threads`.
@@ -14,6 +15,27 @@ const WEIGHT_GRAD_GROUP: usize = 8;
 
 /// Below this many output channels the forward pass stacks `[W; Ẇ]` into one GEMM.
 const STACK_BELOW_CHANNELS: usize = 32;
+
+/// `src` into `dst` (compiles to a memcpy).
+fn copy_uninit<T: Float>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    for (o, &v) in dst.iter_mut().zip(src) {
+        o.write(v);
+    }
+}
+
+/// An initialised slice seen as one that may be written without reading.
+fn as_uninit<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: same layout; callers only write initialised `T`s through it, so
+    // the slice stays initialised.
+    unsafe { &mut *(s as *mut [T] as *mut [MaybeUninit<T>]) }
+}
+
+/// # Safety
+/// Every element of `s` must be initialised.
+unsafe fn assume_init_mut<T>(s: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: same layout; the caller guarantees initialisation.
+    unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
+}
 
 /// Stride and zero padding of a convolution (equal along both axes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,62 +329,101 @@ pub fn forward_dual<T: Float>(
     let (patch, plane) = (d.patch(), d.out_plane());
     let (img_in, img_out) = (d.c * d.h * d.w, d.o * plane);
     let tangent = dx.is_some() || dw.is_some();
-    let mut y = Tensor::zeros(&[b, d.o, d.ho, d.wo]);
-    let mut dy = Tensor::zeros(if tangent { y.shape() } else { &[0] });
-    let dy_chunks: Vec<&mut [T]> = if tangent {
-        dy.data_mut().chunks_mut(img_out).collect()
-    } else {
-        (0..b).map(|_| &mut [][..]).collect()
-    };
     // With few output channels the GEMM's m is too small for its kernels (16×1024×144
     // runs at ~25 GFLOP/s here, 32×1024×144 at ~33): compute `[W; Ẇ]·cols(x)` as one
     // product into a scratch block and copy the two halves out.
     let stacked: Option<Vec<T>> = dw
         .filter(|_| d.o < STACK_BELOW_CHANNELS)
         .map(|dw| w.data().iter().chain(dw.data()).copied().collect());
-    y.data_mut()
-        .par_chunks_mut(img_out)
-        .zip(dy_chunks)
-        .enumerate()
-        .for_each_init(
-            || {
-                (
-                    vec![T::ZERO; patch * plane],
-                    vec![T::ZERO; if dx.is_some() { patch * plane } else { 0 }],
-                    vec![T::ZERO; if stacked.is_some() { 2 * img_out } else { 0 }],
-                )
-            },
-            |(cols, dcols, both), (k, (yb, dyb))| {
-                im2col(&x.data()[k * img_in..(k + 1) * img_in], &d, g, cols);
-                let (wd, o) = (w.data(), d.o);
-                if let Some(wstack) = &stacked {
-                    gemm_into(
-                        both,
-                        wstack,
-                        false,
-                        cols,
-                        false,
-                        2 * o,
-                        plane,
-                        patch,
-                        false,
-                        Par::Serial,
-                    );
-                    yb.copy_from_slice(&both[..img_out]);
-                    dyb.copy_from_slice(&both[img_out..]);
-                } else {
-                    gemm_into(yb, wd, false, cols, false, o, plane, patch, false, Par::Serial);
-                    if let Some(dw) = dw {
-                        gemm_into(dyb, dw.data(), false, cols, false, o, plane, patch, false, Par::Serial);
-                    }
+    // The stacked path copies every output element, so its outputs start
+    // uninitialised; the GEMMs of the other write into zeroed ones.
+    let len = b * img_out;
+    let output = |wanted: bool| -> Vec<T> {
+        match (wanted, stacked.is_some()) {
+            (false, _) => Vec::new(),
+            (true, true) => Vec::with_capacity(len),
+            (true, false) => vec![T::ZERO; len],
+        }
+    };
+    let (mut y, mut dy) = (output(true), output(tangent));
+    let uninit = stacked.is_some();
+    let (y_slots, dy_slots) = (
+        image_slots(&mut y, b, img_out, true, uninit),
+        image_slots(&mut dy, b, img_out, tangent, uninit),
+    );
+    y_slots.into_par_iter().zip(dy_slots).enumerate().for_each_init(
+        || {
+            (
+                vec![T::ZERO; patch * plane],
+                vec![T::ZERO; if dx.is_some() { patch * plane } else { 0 }],
+                vec![T::ZERO; if stacked.is_some() { 2 * img_out } else { 0 }],
+            )
+        },
+        |(cols, dcols, both), (k, (y_slot, dy_slot))| {
+            im2col(&x.data()[k * img_in..(k + 1) * img_in], &d, g, cols);
+            let (wd, o) = (w.data(), d.o);
+            if let Some(wstack) = &stacked {
+                gemm_into(
+                    both,
+                    wstack,
+                    false,
+                    cols,
+                    false,
+                    2 * o,
+                    plane,
+                    patch,
+                    false,
+                    Par::Serial,
+                );
+                copy_uninit(y_slot, &both[..img_out]);
+                copy_uninit(dy_slot, &both[img_out..]);
+            }
+            // SAFETY: written just above (stacked), or zero-initialised.
+            let (yb, dyb) = unsafe { (assume_init_mut(y_slot), assume_init_mut(dy_slot)) };
+            if stacked.is_none() {
+                gemm_into(yb, wd, false, cols, false, o, plane, patch, false, Par::Serial);
+                if let Some(dw) = dw {
+                    gemm_into(dyb, dw.data(), false, cols, false, o, plane, patch, false, Par::Serial);
                 }
-                if let Some(dx) = dx {
-                    im2col(&dx.data()[k * img_in..(k + 1) * img_in], &d, g, dcols);
-                    gemm_into(dyb, wd, false, dcols, false, o, plane, patch, dw.is_some(), Par::Serial);
-                }
-            },
-        );
-    (y, tangent.then_some(dy))
+            }
+            if let Some(dx) = dx {
+                im2col(&dx.data()[k * img_in..(k + 1) * img_in], &d, g, dcols);
+                gemm_into(dyb, wd, false, dcols, false, o, plane, patch, dw.is_some(), Par::Serial);
+            }
+        },
+    );
+    if stacked.is_some() {
+        // SAFETY: every image's slots were filled by the copies above (the
+        // stacked path runs only with a tangent, so both outputs are wanted).
+        unsafe {
+            y.set_len(len);
+            dy.set_len(len);
+        }
+    }
+    let shape = vec![b, d.o, d.ho, d.wo];
+    let dy = tangent.then(|| Tensor::new(shape.clone(), dy).expect("b·o·ho·wo elements"));
+    (Tensor::new(shape, y).expect("b·o·ho·wo elements"), dy)
+}
+
+/// One output slot per image in `v`: its first `images·per_image` elements, in
+/// its spare capacity when `uninit` (then filled by the caller before `set_len`),
+/// or empty slots when the output is not `wanted`.
+fn image_slots<T: Float>(
+    v: &mut Vec<T>,
+    images: usize,
+    per_image: usize,
+    wanted: bool,
+    uninit: bool,
+) -> Vec<&mut [MaybeUninit<T>]> {
+    if !wanted || per_image == 0 {
+        (0..images).map(|_| &mut [][..]).collect()
+    } else if uninit {
+        v.spare_capacity_mut()[..images * per_image]
+            .chunks_mut(per_image)
+            .collect()
+    } else {
+        as_uninit(&mut v[..]).chunks_mut(per_image).collect()
+    }
 }
 
 /// Gradient with respect to the input: `gy [B, O, Ho, Wo]`, w `[O, C, kh, kw]` →
