@@ -255,6 +255,39 @@ fn col2im_same_add<T: Float>(cols: &mut [T], d: &Dims, p: usize, x: &mut [T]) {
     }
 }
 
+/// `x = col2im(cols)` into a fresh (uninitialised) image: for the same-size
+/// convolutions the centre patch row covers every pixel unshifted, so it is
+/// written first and the other rows added (no zero-fill); otherwise the image
+/// is zeroed and [`col2im_add`] adds into it.
+fn col2im_into<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [MaybeUninit<T>]) {
+    if !(g.stride == 1 && d.ho == d.h && d.wo == d.w) {
+        x.iter_mut().for_each(|v| {
+            v.write(T::ZERO);
+        });
+        // SAFETY: every element was just written.
+        return col2im_add(cols, d, g, unsafe { assume_init_mut(x) });
+    }
+    let (n, p) = (d.h * d.w, g.padding);
+    let centre = p * d.kw + p;
+    let shifts = ShiftedRow::all(d, p);
+    for (c, xc) in x.chunks_mut(n.max(1)).enumerate().take(d.c) {
+        copy_uninit(xc, &cols[(c * d.kh * d.kw + centre) * n..][..n]);
+        // SAFETY: the centre row (offset 0, no wrapped entries) wrote all n.
+        let xc = unsafe { assume_init_mut(xc) };
+        for (ij, r) in shifts.iter().enumerate() {
+            let row = &mut cols[(c * d.kh * d.kw + ij) * n..][..n];
+            if ij == centre || r.b <= r.a {
+                continue;
+            }
+            r.zero_wrapped(row, d.w);
+            let dst = r.source();
+            for (acc, &v) in xc[dst..dst + (r.b - r.a)].iter_mut().zip(&row[r.a..r.b]) {
+                *acc += v;
+            }
+        }
+    }
+}
+
 /// Adjoint of [`im2col`]: adds each column entry back to the pixel it came from
 /// (`cols` is scratch: the same-size path zeroes entries in it).
 fn col2im_add<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
@@ -448,68 +481,73 @@ pub fn backward_input_dual<T: Float>(
     let (patch, plane) = (d.patch(), d.out_plane());
     let (img_in, img_out) = (d.c * d.h * d.w, d.o * plane);
     let tangent = dgy.is_some() || dw.is_some();
-    let mut gx = Tensor::zeros(&[b, d.c, d.h, d.w]);
-    let mut dgx = Tensor::zeros(if tangent { gx.shape() } else { &[0] });
-    let dgx_chunks: Vec<&mut [T]> = if tangent {
-        dgx.data_mut().chunks_mut(img_in).collect()
-    } else {
-        (0..b).map(|_| &mut [][..]).collect()
-    };
+    // Each image is written whole by `col2im_into`: no zero-fill first.
+    let len = b * img_in;
+    let mut gx: Vec<T> = Vec::with_capacity(len);
+    let mut dgx: Vec<T> = Vec::with_capacity(if tangent { len } else { 0 });
+    let gx_slots = image_slots(&mut gx, b, img_in, true, true);
+    let dgx_slots = image_slots(&mut dgx, b, img_in, tangent, true);
     // Both tangent terms as one product with a doubled inner dimension,
     // `[W; Ẇ]ᵀ·[ġy; gy]`: one pass over the patch block instead of a product and
     // an accumulating one (and k = 2·O runs faster than k = O for small O).
     let stacked: Option<Vec<T>> = dgy
         .and(dw)
         .map(|dw| w.data().iter().chain(dw.data()).copied().collect());
-    gx.data_mut()
-        .par_chunks_mut(img_in)
-        .zip(dgx_chunks)
-        .enumerate()
-        .for_each_init(
-            || {
-                (
-                    vec![T::ZERO; patch * plane],
-                    vec![T::ZERO; if stacked.is_some() { 2 * img_out } else { 0 }],
-                )
-            },
-            |(cols, both), (k, (gxb, dgxb))| {
-                let image = k * img_out..(k + 1) * img_out;
-                let gyb = &gy.data()[image.clone()];
-                gemm_into(cols, w.data(), true, gyb, false, patch, plane, d.o, false, Par::Serial);
-                col2im_add(cols, &d, g, gxb);
-                if !tangent {
-                    return;
+    gx_slots.into_par_iter().zip(dgx_slots).enumerate().for_each_init(
+        || {
+            (
+                vec![T::ZERO; patch * plane],
+                vec![T::ZERO; if stacked.is_some() { 2 * img_out } else { 0 }],
+            )
+        },
+        |(cols, both), (k, (gxb, dgxb))| {
+            let image = k * img_out..(k + 1) * img_out;
+            let gyb = &gy.data()[image.clone()];
+            gemm_into(cols, w.data(), true, gyb, false, patch, plane, d.o, false, Par::Serial);
+            col2im_into(cols, &d, g, gxb);
+            if !tangent {
+                return;
+            }
+            match (&stacked, dgy, dw) {
+                (Some(wstack), Some(dgy), _) => {
+                    both[..img_out].copy_from_slice(&dgy.data()[image]);
+                    both[img_out..].copy_from_slice(gyb);
+                    gemm_into(
+                        cols,
+                        wstack,
+                        true,
+                        both,
+                        false,
+                        patch,
+                        plane,
+                        2 * d.o,
+                        false,
+                        Par::Serial,
+                    );
                 }
-                match (&stacked, dgy, dw) {
-                    (Some(wstack), Some(dgy), _) => {
-                        both[..img_out].copy_from_slice(&dgy.data()[image]);
-                        both[img_out..].copy_from_slice(gyb);
-                        gemm_into(
-                            cols,
-                            wstack,
-                            true,
-                            both,
-                            false,
-                            patch,
-                            plane,
-                            2 * d.o,
-                            false,
-                            Par::Serial,
-                        );
-                    }
-                    (_, Some(dgy), _) => {
-                        let dgyb = &dgy.data()[image];
-                        gemm_into(cols, w.data(), true, dgyb, false, patch, plane, d.o, false, Par::Serial);
-                    }
-                    (_, None, Some(dw)) => {
-                        gemm_into(cols, dw.data(), true, gyb, false, patch, plane, d.o, false, Par::Serial);
-                    }
-                    (_, None, None) => unreachable!("a tangent is present"),
+                (_, Some(dgy), _) => {
+                    let dgyb = &dgy.data()[image];
+                    gemm_into(cols, w.data(), true, dgyb, false, patch, plane, d.o, false, Par::Serial);
                 }
-                col2im_add(cols, &d, g, dgxb);
-            },
-        );
-    (gx, tangent.then_some(dgx))
+                (_, None, Some(dw)) => {
+                    gemm_into(cols, dw.data(), true, gyb, false, patch, plane, d.o, false, Par::Serial);
+                }
+                (_, None, None) => unreachable!("a tangent is present"),
+            }
+            col2im_into(cols, &d, g, dgxb);
+        },
+    );
+    // SAFETY: col2im_into wrote every image's slot whole (the tangent's when present).
+    unsafe {
+        gx.set_len(len);
+        if tangent {
+            dgx.set_len(len);
+        }
+    }
+    let shape = vec![b, d.c, d.h, d.w];
+    let dgx = tangent.then(|| Tensor::new(shape.clone(), dgx).expect("b·c·h·w elements"));
+    let gx = Tensor::new(shape, gx).expect("b·c·h·w elements");
+    (gx, dgx)
 }
 
 /// Gradient with respect to the weights: `Σ_b gy_b · im2col(x_b)ᵀ`, shape of `w_shape`.
@@ -726,9 +764,20 @@ mod tests {
             assert_eq!(got, want, "{h}x{w}, kernel {k}, padding {p}");
             let mut rows = pseudo(&[1, d.patch() * d.out_plane()], 0.4).data().to_vec();
             let (mut want_x, mut got_x) = (vec![0.5; 2 * h * w], vec![0.5; 2 * h * w]);
+            let fresh_rows = rows.clone();
             col2im_rows_add(&rows, &d, g, &mut want_x);
             col2im_same_add(&mut rows, &d, p, &mut got_x);
             assert_eq!(got_x, want_x, "col2im {h}x{w}, kernel {k}, padding {p}");
+            // Into a fresh image (centre row written first): the same sums, reordered.
+            let (mut rows, mut zeroed) = (fresh_rows.clone(), vec![0.0; 2 * h * w]);
+            col2im_rows_add(&fresh_rows, &d, g, &mut zeroed);
+            let mut fresh = vec![MaybeUninit::<f64>::uninit(); 2 * h * w];
+            col2im_into(&mut rows, &d, g, &mut fresh);
+            // SAFETY: col2im_into writes the whole image.
+            let fresh = unsafe { assume_init_mut(&mut fresh) };
+            for (a, b) in fresh.iter().zip(&zeroed) {
+                assert!((a - b).abs() < 1e-12, "col2im_into {h}x{w}, kernel {k}, padding {p}");
+            }
         }
     }
 
