@@ -251,13 +251,18 @@ impl BatchNormRefs {
             let (gx, gg, gb) = batchnorm::train_vjp(x.primal(), weight.primal(), gy.primal(), self.eps);
             (need_input.then(|| V::constant(gx)), V::constant(gg), V::constant(gb))
         } else {
-            let st = batchnorm::Stats {
-                mean: &buffers[self.mean],
-                var: &buffers[self.var],
-                eps: self.eps,
-            };
+            let st = eval_stats(buffers, self.mean, self.var, self.eps);
             batchnorm::vjp(x, weight, bias, &st, gy, need_input)
         }
+    }
+}
+
+/// An eval-mode BatchNorm's running statistics, from the buffers.
+fn eval_stats<T: Float>(buffers: &[Tensor<T>], mean: usize, var: usize, eps: f64) -> batchnorm::Stats<'_, T> {
+    batchnorm::Stats {
+        mean: &buffers[mean],
+        var: &buffers[var],
+        eps,
     }
 }
 
@@ -421,35 +426,13 @@ impl Graph {
                     });
                     V::constant(y)
                 } else {
-                    let st = batchnorm::Stats {
-                        mean: &buffers[mean],
-                        var: &buffers[var],
-                        eps,
-                    };
-                    batchnorm::forward(val(input), weight, bias, &st)
+                    batchnorm::forward(val(input), weight, bias, &eval_stats(buffers, mean, var, eps))
                 }
             };
             let out = match *op {
                 Op::Input => input.take().expect("a single input node"),
                 Op::Dense { input, weight, bias } => {
                     dense::forward(val(input), &params[weight], bias.map(|b| &params[b]))
-                }
-                Op::BatchNorm {
-                    input,
-                    weight,
-                    bias,
-                    mean,
-                    var,
-                    eps,
-                } if fused[i] => {
-                    let st = batchnorm::Stats {
-                        mean: &buffers[mean],
-                        var: &buffers[var],
-                        eps,
-                    };
-                    pending_relu = Some(batchnorm::forward_relu(val(input), &params[weight], &params[bias], &st));
-                    // Nothing reads this node's value: the ReLU's backward uses its own output.
-                    V::constant(Tensor::zeros(&[0]))
                 }
                 Op::Conv2d {
                     input,
@@ -464,7 +447,17 @@ impl Graph {
                     mean,
                     var,
                     eps,
-                } => batch_norm(input, &params[weight], &params[bias], mean, var, eps),
+                } => {
+                    if fused[i] {
+                        let st = eval_stats(buffers, mean, var, eps);
+                        let y = batchnorm::forward_relu(val(input), &params[weight], &params[bias], &st);
+                        pending_relu = Some(y);
+                        // Nothing reads this node's value: the ReLU's backward uses its own output.
+                        V::constant(Tensor::zeros(&[0]))
+                    } else {
+                        batch_norm(input, &params[weight], &params[bias], mean, var, eps)
+                    }
+                }
                 Op::BatchNormNode {
                     input,
                     weight,

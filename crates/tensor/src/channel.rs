@@ -48,22 +48,13 @@ pub fn affine_relu_tangent<T: Float>(
     ds: Option<&Tensor<T>>,
     dt: Option<&Tensor<T>>,
 ) -> Option<Tensor<T>> {
-    if dx.is_none() && ds.is_none() && dt.is_none() {
-        return None;
-    }
     assert_eq!(
         y.shape(),
         x.shape(),
         "affine_relu_tangent: output and input shapes differ"
     );
     let mask = y.data();
-    Some(affine_sum(x, dx, s, ds.map(|ds| (x, ds)), dt, |v, k| {
-        if mask[k] > T::ZERO {
-            v
-        } else {
-            T::ZERO
-        }
-    }))
+    tangent_sum(x, dx, s, ds, dt, |v, k| if mask[k] > T::ZERO { v } else { T::ZERO })
 }
 
 /// The JVP of [`affine`] in one pass: `ẋ·s + x·ṡ + ṫ`, each term skipped when
@@ -75,10 +66,22 @@ pub fn affine_tangent<T: Float>(
     ds: Option<&Tensor<T>>,
     dt: Option<&Tensor<T>>,
 ) -> Option<Tensor<T>> {
+    tangent_sum(x, dx, s, ds, dt, |v, _| v)
+}
+
+/// `post(ẋ·s + x·ṡ + ṫ)` in one pass, `None` when every tangent is absent.
+fn tangent_sum<T: Float>(
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    s: &Tensor<T>,
+    ds: Option<&Tensor<T>>,
+    dt: Option<&Tensor<T>>,
+    post: impl Fn(T, usize) -> T + Sync,
+) -> Option<Tensor<T>> {
     if dx.is_none() && ds.is_none() && dt.is_none() {
         return None;
     }
-    Some(affine_sum(x, dx, s, ds.map(|ds| (x, ds)), dt, |v, _| v))
+    Some(affine_sum(x, dx, s, ds.map(|ds| (x, ds)), dt, post))
 }
 
 /// `post(a·s + x·r + t, index)` per channel, shaped like `like` (each term

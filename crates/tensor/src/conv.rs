@@ -232,40 +232,19 @@ fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
     }
 }
 
-/// [`col2im_add`] for the same convolutions as [`im2col_same`]: zeroes the
-/// wrapped entries of each (scratch) patch row, then adds the row to the shifted
-/// input plane in one contiguous loop. Each input element receives the same
-/// terms in the same order as row by row (plus exact zeros).
-fn col2im_same_add<T: Float>(cols: &mut [T], d: &Dims, p: usize, x: &mut [T]) {
-    let n = d.h * d.w;
-    let shifts = ShiftedRow::all(d, p);
-    for c in 0..d.c {
-        let xc = &mut x[c * n..(c + 1) * n];
-        for (ij, r) in shifts.iter().enumerate() {
-            let row = &mut cols[(c * d.kh * d.kw + ij) * n..][..n];
-            if r.b <= r.a {
-                continue;
-            }
-            r.zero_wrapped(row, d.w);
-            let dst = r.source();
-            for (acc, &v) in xc[dst..dst + (r.b - r.a)].iter_mut().zip(&row[r.a..r.b]) {
-                *acc += v;
-            }
-        }
-    }
-}
-
-/// `x = col2im(cols)` into a fresh (uninitialised) image: for the same-size
-/// convolutions the centre patch row covers every pixel unshifted, so it is
-/// written first and the other rows added (no zero-fill); otherwise the image
-/// is zeroed and [`col2im_add`] adds into it.
+/// `x = col2im(cols)`, the adjoint of [`im2col`], into a fresh (uninitialised)
+/// image (`cols` is scratch: entries that wrapped around a row edge are zeroed
+/// in it). For the same-size convolutions each patch row is added to the
+/// shifted plane in one contiguous loop, and the centre row, which covers every
+/// pixel unshifted, is written first (no zero-fill); otherwise the image is
+/// zeroed and [`col2im_rows_add`] adds into it.
 fn col2im_into<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [MaybeUninit<T>]) {
     if !(g.stride == 1 && d.ho == d.h && d.wo == d.w) {
         x.iter_mut().for_each(|v| {
             v.write(T::ZERO);
         });
         // SAFETY: every element was just written.
-        return col2im_add(cols, d, g, unsafe { assume_init_mut(x) });
+        return col2im_rows_add(cols, d, g, unsafe { assume_init_mut(x) });
     }
     let (n, p) = (d.h * d.w, g.padding);
     let centre = p * d.kw + p;
@@ -288,17 +267,8 @@ fn col2im_into<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [May
     }
 }
 
-/// Adjoint of [`im2col`]: adds each column entry back to the pixel it came from
-/// (`cols` is scratch: the same-size path zeroes entries in it).
-fn col2im_add<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
-    if g.stride == 1 && d.ho == d.h && d.wo == d.w {
-        col2im_same_add(cols, d, g.padding, x)
-    } else {
-        col2im_rows_add(cols, d, g, x)
-    }
-}
-
-/// [`col2im_add`] one output row at a time (any stride and padding).
+/// Adjoint of [`im2col`] one output row at a time (any stride and padding): adds
+/// each column entry back to the pixel it came from.
 fn col2im_rows_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
     let plane = d.out_plane();
     let (s, p) = (g.stride, g.padding);
@@ -763,14 +733,9 @@ mod tests {
             im2col_same(x.data(), &d, p, &mut got);
             assert_eq!(got, want, "{h}x{w}, kernel {k}, padding {p}");
             let mut rows = pseudo(&[1, d.patch() * d.out_plane()], 0.4).data().to_vec();
-            let (mut want_x, mut got_x) = (vec![0.5; 2 * h * w], vec![0.5; 2 * h * w]);
-            let fresh_rows = rows.clone();
-            col2im_rows_add(&rows, &d, g, &mut want_x);
-            col2im_same_add(&mut rows, &d, p, &mut got_x);
-            assert_eq!(got_x, want_x, "col2im {h}x{w}, kernel {k}, padding {p}");
             // Into a fresh image (centre row written first): the same sums, reordered.
-            let (mut rows, mut zeroed) = (fresh_rows.clone(), vec![0.0; 2 * h * w]);
-            col2im_rows_add(&fresh_rows, &d, g, &mut zeroed);
+            let mut zeroed = vec![0.0; 2 * h * w];
+            col2im_rows_add(&rows, &d, g, &mut zeroed);
             let mut fresh = vec![MaybeUninit::<f64>::uninit(); 2 * h * w];
             col2im_into(&mut rows, &d, g, &mut fresh);
             // SAFETY: col2im_into writes the whole image.
