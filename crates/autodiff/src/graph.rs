@@ -862,19 +862,25 @@ mod tests {
         (g, shapes)
     }
 
+    /// Dual parameters (tangent = a direction), BatchNorm buffers and a batch of
+    /// three inputs for [`small_net`].
+    fn small_net_operands(shapes: &[Vec<usize>]) -> (Vec<Dual<f64>>, Vec<Tensor<f64>>, Tensor<f64>) {
+        let params = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Dual::new(pseudo(s, i as f64), Some(pseudo(s, 10.0 + i as f64))))
+            .collect();
+        let buffers = vec![pseudo(&[4], 3.0), elementwise_abs_plus(pseudo(&[4], 4.0))];
+        (params, buffers, pseudo(&[3, 2, 5, 5], 7.0))
+    }
+
     #[test]
     fn fused_relus_equal_the_separate_ops_bit_for_bit() {
         let (fused, shapes) = small_net_with(false, false);
         let (split, _) = small_net_with(false, true);
         assert_eq!(fused.fused_with_relu().iter().filter(|&&f| f).count(), 2);
         assert!(!split.fused_with_relu().contains(&true));
-        let params: Vec<Dual<f64>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Dual::new(pseudo(s, i as f64), Some(pseudo(s, 10.0 + i as f64))))
-            .collect();
-        let buffers = vec![pseudo(&[4], 3.0), elementwise_abs_plus(pseudo(&[4], 4.0))];
-        let input = pseudo(&[3, 2, 5, 5], 7.0);
+        let (params, buffers, input) = small_net_operands(&shapes);
         let hvp = |graph: &Graph| -> (Tensor<f64>, Vec<Tensor<f64>>) {
             let tape = graph.forward(&params, &buffers, Dual::constant(input.clone()));
             let logits_tangent = tape.output().tangent().unwrap().clone();
@@ -897,13 +903,7 @@ mod tests {
                 graph.conv_only_params(shapes.len()),
                 [!tie, false, false, true, false, false, false]
             );
-            let params: Vec<Dual<f64>> = shapes
-                .iter()
-                .enumerate()
-                .map(|(i, s)| Dual::new(pseudo(s, i as f64), Some(pseudo(s, 10.0 + i as f64))))
-                .collect();
-            let buffers = vec![pseudo(&[4], 3.0), elementwise_abs_plus(pseudo(&[4], 4.0))];
-            let input = pseudo(&[3, 2, 5, 5], 7.0);
+            let (params, buffers, input) = small_net_operands(&shapes);
             let run = |tangents_only: bool| -> Vec<Tensor<f64>> {
                 let tape = graph.forward(&params, &buffers, Dual::constant(input.clone()));
                 let out = loss::softmax_cross_entropy(tape.output(), &[0, 1, 1], 1.0);

@@ -265,13 +265,22 @@ pub fn dot_and_sum_dual<T: Float>(
 mod tests {
     use super::*;
 
+    /// `x`, `ẋ` `[2, 3, 2]` and per-channel `s`, `ṡ`, `t`.
+    #[allow(clippy::type_complexity)]
+    fn affine_operands<T: Float>() -> (Tensor<T>, Tensor<T>, Tensor<T>, Tensor<T>, Tensor<T>) {
+        let t = |shape: Vec<usize>, v: Vec<f64>| Tensor::new(shape, v.into_iter().map(T::from_f64).collect()).unwrap();
+        (
+            t(vec![2, 3, 2], (0..12).map(|i| i as f64 * 0.5 - 2.0).collect()),
+            t(vec![2, 3, 2], (0..12).map(|i| (i as f64).sin()).collect()),
+            t(vec![3], vec![1.5, -0.5, 2.0]),
+            t(vec![3], vec![0.25, 0.5, -1.0]),
+            t(vec![3], vec![0.1, 0.2, 0.3]),
+        )
+    }
+
     #[test]
     fn affine_and_its_tangent_match_the_separate_ops() {
-        let x = Tensor::new(vec![2, 3, 2], (0..12).map(|i| i as f64 * 0.5 - 2.0).collect()).unwrap();
-        let dx = Tensor::new(vec![2, 3, 2], (0..12).map(|i| (i as f64).sin()).collect()).unwrap();
-        let s = Tensor::new(vec![3], vec![1.5, -0.5, 2.0]).unwrap();
-        let ds = Tensor::new(vec![3], vec![0.25, 0.5, -1.0]).unwrap();
-        let t = Tensor::new(vec![3], vec![0.1, 0.2, 0.3]).unwrap();
+        let (x, dx, s, ds, t) = affine_operands::<f64>();
         let want = crate::elementwise::add(&scale(&x, &s), &broadcast(&t, x.shape()));
         assert_eq!(affine(&x, &s, Some(&t)), want);
         assert_eq!(affine(&x, &s, None), scale(&x, &s));
@@ -290,11 +299,7 @@ mod tests {
 
     #[test]
     fn fused_relu_equals_affine_then_relu_bit_for_bit() {
-        let x = Tensor::new(vec![2, 3, 2], (0..12).map(|i| i as f32 * 0.5 - 2.0).collect()).unwrap();
-        let dx = Tensor::new(vec![2, 3, 2], (0..12).map(|i| (i as f32).sin()).collect()).unwrap();
-        let s = Tensor::new(vec![3], vec![1.5, -0.5, 2.0]).unwrap();
-        let ds = Tensor::new(vec![3], vec![0.25, 0.5, -1.0]).unwrap();
-        let t = Tensor::new(vec![3], vec![0.1, 0.2, 0.3]).unwrap();
+        let (x, dx, s, ds, t) = affine_operands::<f32>();
         let z = affine(&x, &s, Some(&t));
         let y = affine_relu(&x, &s, Some(&t));
         assert_eq!(y, crate::elementwise::relu(&z));
