@@ -41,13 +41,88 @@ pub fn gemm_into<T: Float>(
     par: Par,
 ) {
     check_extents(c.len(), a.len(), b.len(), m, n, k);
+    let ld = RowStrides::packed(trans_a, trans_b, m, n, k);
+    dispatch(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
+}
+
+/// Row strides (elements from one stored row to the next) of a GEMM's operands,
+/// for views into larger buffers (a window of columns of a wider matrix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowStrides {
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+}
+
+impl RowStrides {
+    /// The strides of contiguous operands (what [`gemm_into`] assumes).
+    pub fn packed(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize) -> Self {
+        RowStrides {
+            a: if trans_a { m } else { k },
+            b: if trans_b { k } else { n },
+            c: n,
+        }
+    }
+}
+
+/// [`gemm_into`] on strided operands: stored row `r` of `a` starts at `r · ld.a`
+/// (likewise `b`, `c`), so each slice needs `(rows − 1)·ld + cols` elements.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided_into<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld: RowStrides,
+    accumulate: bool,
+    par: Par,
+) {
+    let stored = |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
+    check_view("lhs", a.len(), stored(trans_a, m, k), ld.a);
+    check_view("rhs", b.len(), stored(trans_b, k, n), ld.b);
+    check_view("dst", c.len(), (m, n), ld.c);
+    dispatch(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
+}
+
+/// Panics (a caller bug) when a `rows × cols` view at row stride `ld` does not fit.
+fn check_view(what: &str, len: usize, (rows, cols): (usize, usize), ld: usize) {
+    assert!(cols <= ld || rows <= 1, "gemm: {what} row stride {ld} < {cols} columns");
+    let need = if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * ld + cols
+    };
+    assert!(
+        len >= need,
+        "gemm: {what} has {len} elements, a {rows}x{cols} view at stride {ld} needs {need}"
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dispatch<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld: RowStrides,
+    accumulate: bool,
+    par: Par,
+) {
     if T::DTYPE == DType::F32 && m > 0 && n > 0 && k > 0 {
         if let Some(lib) = onednn::library() {
-            onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
+            onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
             return;
         }
     }
-    rust_gemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
+    rust_gemm(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
 }
 
 /// Panics (a caller bug, not bad input) when the slices do not hold m×k, k×n, m×n.
@@ -74,14 +149,15 @@ pub fn gemm_into_backend<T: Float>(
     par: Par,
 ) -> Option<()> {
     check_extents(c.len(), a.len(), b.len(), m, n, k);
+    let ld = RowStrides::packed(trans_a, trans_b, m, n, k);
     match backend {
-        GemmBackend::Rust => rust_gemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, par),
+        GemmBackend::Rust => rust_gemm(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par),
         GemmBackend::OneDnn => {
             let lib = onednn::loaded()?;
             if T::DTYPE != DType::F32 || m == 0 || n == 0 || k == 0 {
                 return None;
             }
-            onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, accumulate, par);
+            onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
         }
     }
     Some(())
@@ -98,6 +174,7 @@ fn onednn_f32<T: Float>(
     m: usize,
     n: usize,
     k: usize,
+    ld: RowStrides,
     accumulate: bool,
     par: Par,
 ) {
@@ -115,7 +192,9 @@ fn onednn_f32<T: Float>(
             std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()),
         )
     };
-    lib.sgemm(c, a, trans_a, b, trans_b, m, n, k, accumulate, threads);
+    lib.sgemm(
+        c, ld.c, a, ld.a, trans_a, b, ld.b, trans_b, m, n, k, accumulate, threads,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -128,6 +207,7 @@ fn rust_gemm<T: Float>(
     m: usize,
     n: usize,
     k: usize,
+    ld: RowStrides,
     accumulate: bool,
     par: Par,
 ) {
@@ -136,15 +216,25 @@ fn rust_gemm<T: Float>(
     }
     if k == 0 {
         if !accumulate {
-            c.fill(T::ZERO);
+            for r in 0..m {
+                c[r * ld.c..r * ld.c + n].fill(T::ZERO);
+            }
         }
         return;
     }
-    // Row-major strides: element (i, j) of an r×c matrix is at i*c + j.
-    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the pointers cover exactly the asserted m×k, k×n and m×n extents with
-    // the strides above, `c` is borrowed mutably and does not alias `a` or `b`.
+    // (row, column) strides of op(a), op(b): stored row r starts at r·ld.
+    let (a_rs, a_cs) = if trans_a {
+        (1, ld.a as isize)
+    } else {
+        (ld.a as isize, 1)
+    };
+    let (b_rs, b_cs) = if trans_b {
+        (1, ld.b as isize)
+    } else {
+        (ld.b as isize, 1)
+    };
+    // SAFETY: the callers checked that the slices cover the m×k, k×n and m×n
+    // views at these strides; `c` is borrowed mutably and does not alias `a` or `b`.
     unsafe {
         gemm::gemm(
             m,
@@ -152,7 +242,7 @@ fn rust_gemm<T: Float>(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ld.c as isize,
             accumulate,
             a.as_ptr(),
             a_cs,
@@ -257,6 +347,50 @@ mod tests {
                                 (x - y).abs() <= 1e-6 * k as f32 + 1e-6 * y.abs(),
                                 "{m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: {x} vs {y}"
                             );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Windows into wider buffers (row stride = columns + 3) give the packed
+    /// product, in every orientation, on the backend in use (oneDNN where
+    /// installed), and leave the destination's gap columns untouched.
+    #[test]
+    fn strided_views_equal_packed_operands() {
+        let (m, n, k, gap) = (6, 9, 5, 3);
+        let widen = |v: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+            let mut out = vec![f32::NAN; rows * (cols + gap)];
+            for r in 0..rows {
+                out[r * (cols + gap)..][..cols].copy_from_slice(&v[r * cols..][..cols]);
+            }
+            out
+        };
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.91).cos()).collect();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            for accumulate in [false, true] {
+                let mut want: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+                let mut got = widen(&want, m, n);
+                gemm_into(&mut want, &a[..], ta, &b[..], tb, m, n, k, accumulate, Par::Serial);
+                let ld = RowStrides {
+                    a: ac + gap,
+                    b: bc + gap,
+                    c: n + gap,
+                };
+                let (wa, wb) = (widen(&a, ar, ac), widen(&b, br, bc));
+                gemm_strided_into(&mut got, &wa, ta, &wb, tb, m, n, k, ld, accumulate, Par::Serial);
+                for r in 0..m {
+                    for j in 0..n + gap {
+                        let x = got[r * (n + gap) + j];
+                        if j < n {
+                            let y = want[r * n + j];
+                            assert!((x - y).abs() <= 1e-5, "ta={ta} tb={tb} acc={accumulate}: {x} vs {y}");
+                        } else {
+                            assert!(x.is_nan(), "gap column written");
                         }
                     }
                 }

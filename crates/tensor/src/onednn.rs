@@ -142,15 +142,18 @@ pub fn check_requested_backend() -> Result<(), String> {
 }
 
 impl OneDnn {
-    /// Row-major `c = beta·c + op(a)·op(b)` (see `linalg::gemm_into`), using
-    /// `threads` OpenMP threads.
+    /// Row-major `c = beta·c + op(a)·op(b)` (see `linalg::gemm_strided_into`;
+    /// `ld` = row strides as stored), using `threads` OpenMP threads.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn sgemm(
         &self,
         c: &mut [f32],
+        ldc: usize,
         a: &[f32],
+        lda: usize,
         trans_a: bool,
         b: &[f32],
+        ldb: usize,
         trans_b: bool,
         m: usize,
         n: usize,
@@ -168,11 +171,9 @@ impl OneDnn {
                 }
             });
         }
-        let lda = if trans_a { m } else { k } as i64;
-        let ldb = if trans_b { k } else { n } as i64;
         let beta = if accumulate { 1.0 } else { 0.0 };
-        // SAFETY: the caller checked the slice extents (m×k, k×n, m×n); the leading
-        // dimensions describe those row-major layouts; `c` does not alias `a`/`b`.
+        // SAFETY: the caller checked that the slices hold the m×k, k×n and m×n
+        // operands at these row strides; `c` does not alias `a`/`b`.
         let status = unsafe {
             (self.sgemm)(
                 if trans_a { b'T' } else { b'N' } as c_char,
@@ -182,12 +183,12 @@ impl OneDnn {
                 k as i64,
                 1.0,
                 a.as_ptr(),
-                lda,
+                lda as i64,
                 b.as_ptr(),
-                ldb,
+                ldb as i64,
                 beta,
                 c.as_mut_ptr(),
-                n as i64,
+                ldc as i64,
             )
         };
         // dnnl_sgemm only fails on invalid arguments, which the asserts in

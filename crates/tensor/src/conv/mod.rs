@@ -9,6 +9,8 @@ use crate::{Float, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+mod rows;
+
 /// Images per partial weight gradient. Fixed (not tied to the thread count) so
 /// the summation order, and hence the result, is the same for any `--threads`.
 const WEIGHT_GRAD_GROUP: usize = 8;
@@ -107,12 +109,41 @@ fn im2col<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
     }
 }
 
-/// [`im2col`] one output row at a time (any stride and padding).
+/// The two column phases of a plane `[h, w]`: `phases[q][y, u] = x[y, 2u + q]`
+/// (`[2][h, ⌈w/2⌉]`, the odd phase's last column 0 when `w` is odd), so that a
+/// stride-2 gather along a row becomes a contiguous copy.
+fn column_phases<T: Float>(xc: &[T], h: usize, w: usize, phases: &mut [T]) {
+    let wp = w.div_ceil(2);
+    let (even, odd) = phases.split_at_mut(h * wp);
+    for ((src, e), o) in xc
+        .chunks_exact(w)
+        .zip(even.chunks_exact_mut(wp))
+        .zip(odd.chunks_exact_mut(wp))
+    {
+        let pairs = src.chunks_exact(2);
+        if let [last] = pairs.remainder() {
+            e[wp - 1] = *last;
+            o[wp - 1] = T::ZERO;
+        }
+        for ((pe, po), pair) in e.iter_mut().zip(o.iter_mut()).zip(pairs) {
+            *pe = pair[0];
+            *po = pair[1];
+        }
+    }
+}
+
+/// [`im2col`] one output row at a time (any stride and padding; stride 2 reads
+/// the input's column phases, so each output row is one contiguous copy).
 fn im2col_rows<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
     let plane = d.out_plane();
     let (s, p) = (g.stride, g.padding);
+    let wp = d.w.div_ceil(2);
+    let mut phases = vec![T::ZERO; if s == 2 { 2 * d.h * wp } else { 0 }];
     for c in 0..d.c {
         let xc = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        if s == 2 {
+            column_phases(xc, d.h, d.w, &mut phases);
+        }
         for i in 0..d.kh {
             for j in 0..d.kw {
                 let row = &mut cols[((c * d.kh + i) * d.kw + j) * plane..][..plane];
@@ -125,11 +156,19 @@ fn im2col_rows<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
                         continue;
                     }
                     let src = &xc[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    dst[..lo].fill(T::ZERO);
-                    dst[hi..].fill(T::ZERO);
+                    // At most `p` entries each side: plain stores (a `fill` here is a
+                    // memset call per output row, which dominated stride-2 layers).
+                    let (left, rest) = dst.split_at_mut(lo);
+                    for v in left.iter_mut().chain(rest[hi - lo..].iter_mut()) {
+                        *v = T::ZERO;
+                    }
                     let first = lo * s + j - p;
                     if s == 1 {
                         dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    } else if s == 2 {
+                        // Column `first + 2t` is column `first / 2 + t` of phase `first % 2`.
+                        let phase = &phases[(first % 2) * d.h * wp + iy as usize * wp..][..wp];
+                        dst[lo..hi].copy_from_slice(&phase[first / 2..first / 2 + (hi - lo)]);
                     } else {
                         // Strided iterator: no bounds check per element.
                         for (v, &x) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
@@ -207,6 +246,18 @@ impl ShiftedRow {
     fn source(&self) -> usize {
         (self.a as isize + self.off) as usize
     }
+
+    /// Writes this shifted copy of the plane `xc` into `row` (one output plane
+    /// long): the valid span in one copy, everything else zero.
+    fn fill<T: Float>(&self, row: &mut [T], xc: &[T], w: usize) {
+        row[..self.a].fill(T::ZERO);
+        row[self.b..].fill(T::ZERO);
+        if self.b > self.a {
+            let src = self.source();
+            row[self.a..self.b].copy_from_slice(&xc[src..src + (self.b - self.a)]);
+        }
+        self.zero_wrapped(row, w);
+    }
 }
 
 /// [`im2col`] for stride 1 and an output as large as the input (3×3 with padding
@@ -220,14 +271,7 @@ fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
     for c in 0..d.c {
         let xc = &x[c * n..(c + 1) * n];
         for (ij, r) in shifts.iter().enumerate() {
-            let row = &mut cols[(c * d.kh * d.kw + ij) * n..][..n];
-            row[..r.a].fill(T::ZERO);
-            row[r.b..].fill(T::ZERO);
-            if r.b > r.a {
-                let src = r.source();
-                row[r.a..r.b].copy_from_slice(&xc[src..src + (r.b - r.a)]);
-            }
-            r.zero_wrapped(row, d.w);
+            r.fill(&mut cols[(c * d.kh * d.kw + ij) * n..][..n], xc, d.w);
         }
     }
 }
@@ -272,8 +316,12 @@ fn col2im_into<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [May
 fn col2im_rows_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
     let plane = d.out_plane();
     let (s, p) = (g.stride, g.padding);
+    // Stride 2 adds into the column phases (contiguous), interleaved once per channel.
+    let wp = d.w.div_ceil(2);
+    let mut phases = vec![T::ZERO; if s == 2 { 2 * d.h * wp } else { 0 }];
     for c in 0..d.c {
         let xc = &mut x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        phases.fill(T::ZERO);
         for i in 0..d.kh {
             for j in 0..d.kw {
                 let row = &cols[((c * d.kh + i) * d.kw + j) * plane..][..plane];
@@ -293,6 +341,11 @@ fn col2im_rows_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T])
                         for (a, &b) in dst[first..first + (hi - lo)].iter_mut().zip(src) {
                             *a += b;
                         }
+                    } else if s == 2 {
+                        let at = (first % 2) * d.h * wp + iy as usize * wp + first / 2;
+                        for (a, &b) in phases[at..at + (hi - lo)].iter_mut().zip(src) {
+                            *a += b;
+                        }
                     } else {
                         for (acc, &v) in dst[first..].iter_mut().step_by(s).zip(src) {
                             *acc += v;
@@ -300,6 +353,29 @@ fn col2im_rows_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T])
                     }
                 }
             }
+        }
+        if s == 2 {
+            add_column_phases(&phases, d.h, d.w, xc);
+        }
+    }
+}
+
+/// The adjoint of [`column_phases`]: `x[y, 2u + q] += phases[q][y, u]`.
+fn add_column_phases<T: Float>(phases: &[T], h: usize, w: usize, xc: &mut [T]) {
+    let wp = w.div_ceil(2);
+    let (even, odd) = phases.split_at(h * wp);
+    for ((dst, e), o) in xc
+        .chunks_exact_mut(w)
+        .zip(even.chunks_exact(wp))
+        .zip(odd.chunks_exact(wp))
+    {
+        let mut pairs = dst.chunks_exact_mut(2);
+        for ((pair, &pe), &po) in pairs.by_ref().zip(e).zip(o) {
+            pair[0] += pe;
+            pair[1] += po;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last += e[wp - 1];
         }
     }
 }
@@ -328,6 +404,9 @@ pub fn forward_dual<T: Float>(
     g: ConvGeometry,
 ) -> (Tensor<T>, Option<Tensor<T>>) {
     let d = Dims::new(x.shape(), w.shape(), g);
+    if rows::applies(&d, g) {
+        return rows::forward_dual(x, dx, w, dw, &d, d.o < STACK_BELOW_CHANNELS);
+    }
     let b = x.shape()[0];
     let (patch, plane) = (d.patch(), d.out_plane());
     let (img_in, img_out) = (d.c * d.h * d.w, d.o * plane);
@@ -448,6 +527,9 @@ pub fn backward_input_dual<T: Float>(
     let ws = w.shape();
     let d = Dims::new(&[b, ws[1], input_hw.0, input_hw.1], ws, g);
     assert_eq!(gy.shape(), [b, d.o, d.ho, d.wo], "conv backward_input: gradient shape");
+    if rows::applies(&d, g) {
+        return rows::backward_input_dual(gy, dgy, w, dw, &d);
+    }
     let (patch, plane) = (d.patch(), d.out_plane());
     let (img_in, img_out) = (d.c * d.h * d.w, d.o * plane);
     let tangent = dgy.is_some() || dw.is_some();
@@ -572,6 +654,9 @@ fn weight_gradient_parts<T: Float>(
     if !want_value && !tangent {
         return (None, None);
     }
+    if rows::applies(&d, g) {
+        return rows::weight_gradient_parts(x, dx, gy, dgy, &d, want_value);
+    }
     let wn = d.o * patch;
     let groups: Vec<usize> = (0..b).step_by(WEIGHT_GRAD_GROUP).collect();
     // Accumulated transposed, gWᵀ [patch, O] += cols [patch, HW] · gyᵀ: with the long
@@ -689,27 +774,39 @@ mod tests {
         y
     }
 
+    /// Kernel size, stride, padding: the row-patch path (stride 1, same size: 3×3,
+    /// 5×5, 1×1) and the im2col one (stride 2, or a shrinking output).
+    const GEOMETRIES: [(usize, usize, usize); 7] = [
+        (3, 1, 1),
+        (5, 1, 2),
+        (1, 1, 0),
+        (3, 2, 1),
+        (3, 2, 0),
+        (3, 1, 0),
+        (1, 2, 0),
+    ];
+
     #[test]
     fn forward_matches_definition_and_backwards_are_adjoint() {
-        for g in [
-            ConvGeometry { stride: 1, padding: 1 },
-            ConvGeometry { stride: 2, padding: 1 },
-            ConvGeometry { stride: 2, padding: 0 },
-        ] {
-            let x = pseudo(&[11, 3, 7, 6], 0.3);
-            let w = pseudo(&[4, 3, 3, 3], 1.7);
-            let y = forward(&x, &w, g);
-            let want = naive(&x, &w, g);
-            for (a, b) in y.data().iter().zip(want.data()) {
-                assert!((a - b).abs() < 1e-12, "{g:?}: {a} vs {b}");
+        // Odd and even widths (the stride-2 column phases differ).
+        for (h, wd) in [(7, 6), (6, 7)] {
+            for (k, stride, padding) in GEOMETRIES {
+                let g = ConvGeometry { stride, padding };
+                let x = pseudo(&[11, 3, h, wd], 0.3);
+                let w = pseudo(&[4, 3, k, k], 1.7);
+                let y = forward(&x, &w, g);
+                let want = naive(&x, &w, g);
+                for (a, b) in y.data().iter().zip(want.data()) {
+                    assert!((a - b).abs() < 1e-12, "{g:?} k={k}: {a} vs {b}");
+                }
+                let gy = pseudo(y.shape(), 5.0);
+                // ⟨conv(x, w), gy⟩ = ⟨x, backward_input(gy)⟩ = ⟨w, backward_weight(x, gy)⟩
+                let base = dot_f64(&y, &gy);
+                let via_x = dot_f64(&x, &backward_input(&gy, &w, (h, wd), g));
+                let via_w = dot_f64(&w, &backward_weight(&x, &gy, w.shape(), g));
+                assert!((base - via_x).abs() < 1e-10 * base.abs().max(1.0), "{g:?} k={k}");
+                assert!((base - via_w).abs() < 1e-10 * base.abs().max(1.0), "{g:?} k={k}");
             }
-            let gy = pseudo(y.shape(), 5.0);
-            // ⟨conv(x, w), gy⟩ = ⟨x, backward_input(gy)⟩ = ⟨w, backward_weight(x, gy)⟩
-            let base = dot_f64(&y, &gy);
-            let via_x = dot_f64(&x, &backward_input(&gy, &w, (7, 6), g));
-            let via_w = dot_f64(&w, &backward_weight(&x, &gy, w.shape(), g));
-            assert!((base - via_x).abs() < 1e-10 * base.abs().max(1.0), "{g:?}");
-            assert!((base - via_w).abs() < 1e-10 * base.abs().max(1.0), "{g:?}");
         }
     }
 
@@ -749,13 +846,15 @@ mod tests {
     #[test]
     fn dual_kernels_equal_the_product_rule() {
         // 3 output channels: the forward stacks [W; Ẇ]; 33: separate products.
+        // Stride 1: row patches; stride 2: im2col.
         for o in [3, STACK_BELOW_CHANNELS + 1] {
-            dual_kernels_at(o);
+            for stride in [1, 2] {
+                dual_kernels_at(o, ConvGeometry { stride, padding: 1 });
+            }
         }
     }
 
-    fn dual_kernels_at(o: usize) {
-        let g = ConvGeometry { stride: 2, padding: 1 };
+    fn dual_kernels_at(o: usize, g: ConvGeometry) {
         let (x, dx) = (pseudo(&[9, 2, 6, 6], 0.1), pseudo(&[9, 2, 6, 6], 0.2));
         let (w, dw) = (pseudo(&[o, 2, 3, 3], 0.3), pseudo(&[o, 2, 3, 3], 0.4));
         let close =

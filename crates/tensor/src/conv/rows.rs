@@ -1,0 +1,289 @@
+//! Same-size stride-1 convolutions (the ResNet's 3×3, padding 1) on *row
+//! patches*: each input channel is expanded only along the kernel's width — `kw`
+//! horizontally shifted copies of its plane, with `p` zero rows above and below —
+//! and the kernel's `kh` rows become `kh` accumulating GEMMs over windows of those
+//! copies, each window one image row further down. The patches are `kw`× the
+//! input instead of im2col's `kh·kw`×, and there is no col2im: the input gradient
+//! is the same convolution of the output gradient with the weights flipped and
+//! transposed (`W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j]`).
+//!
+//! `HVP_CONV=im2col` turns this path off (to compare the two).
+
+use super::{ConvGeometry, Dims, ShiftedRow, WEIGHT_GRAD_GROUP};
+use crate::linalg::{gemm_strided_into, Par, RowStrides};
+use crate::{Float, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Whether this convolution runs on row patches: stride 1, an output as large
+/// as the input (so `kh = kw = 2p + 1`), and not switched off by `HVP_CONV=im2col`.
+pub(super) fn applies(d: &Dims, g: ConvGeometry) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| !matches!(std::env::var("HVP_CONV").as_deref(), Ok("im2col")));
+    enabled && g.stride == 1 && d.kh == 2 * g.padding + 1 && d.kw == d.kh && d.ho == d.h && d.wo == d.w
+}
+
+/// Length of one row-patch line: the plane with `p` zero rows above and below.
+fn line_len(d: &Dims) -> usize {
+    (d.h + d.kh - 1) * d.w
+}
+
+/// `rows[(c·kw + j)·L + t] = x[c, t / w − p, t % w + j − p]` (0 outside the
+/// image) for one image `x` `[C, H, W]`, `L` = [`line_len`].
+fn row_patches<T: Float>(x: &[T], d: &Dims, rows: &mut [T]) {
+    let (n, p) = (d.h * d.w, (d.kh - 1) / 2);
+    let (len, pad) = (line_len(d), p * d.w);
+    let shifts: Vec<ShiftedRow> = (0..d.kw).map(|j| ShiftedRow::new(d, p, p, j)).collect();
+    for (c, xc) in x.chunks_exact(n.max(1)).enumerate().take(d.c) {
+        for (j, r) in shifts.iter().enumerate() {
+            let line = &mut rows[(c * d.kw + j) * len..][..len];
+            line[..pad].fill(T::ZERO);
+            line[pad + n..].fill(T::ZERO);
+            r.fill(&mut line[pad..pad + n], xc, d.w);
+        }
+    }
+}
+
+/// `out [m × H·W] = Σ_i wrows[i] [m × k] · rows[:, i·w ..]` (row `i` of the kernel
+/// reads the window starting `i` image rows down); `k` = input channels · kw.
+fn row_gemms<T: Float>(out: &mut [T], wrows: &[T], m: usize, k: usize, rows: &[T], d: &Dims) {
+    let n = d.h * d.w;
+    let ld = RowStrides {
+        a: k,
+        b: line_len(d),
+        c: n,
+    };
+    for i in 0..d.kh {
+        let a = &wrows[i * m * k..][..m * k];
+        gemm_strided_into(out, a, false, &rows[i * d.w..], false, m, n, k, ld, i > 0, Par::Serial);
+    }
+}
+
+/// Weights `[O, C, kh, kw]` regrouped by kernel row, `[kh][O × C·kw]`.
+fn weight_rows<T: Float>(w: &[T], o: usize, d: &Dims) -> Vec<T> {
+    let mut out = Vec::with_capacity(w.len());
+    for i in 0..d.kh {
+        for oi in 0..o {
+            for c in 0..d.c {
+                let base = ((oi * d.c + c) * d.kh + i) * d.kw;
+                out.extend_from_slice(&w[base..base + d.kw]);
+            }
+        }
+    }
+    out
+}
+
+/// The flipped, transposed weights of the input gradient, `[kh][C × (parts·O)·kw]`:
+/// column `(q·O + o)·kw + j` of kernel row `i` holds `parts[q][o, c, kh−1−i, kw−1−j]`.
+fn flipped_weight_rows<T: Float>(parts: &[&[T]], d: &Dims) -> Vec<T> {
+    let (kh, kw) = (d.kh, d.kw);
+    let mut out = Vec::with_capacity(parts.len() * d.o * d.c * kh * kw);
+    for i in 0..kh {
+        for c in 0..d.c {
+            for w in parts {
+                for o in 0..d.o {
+                    let base = ((o * d.c + c) * kh + (kh - 1 - i)) * kw;
+                    out.extend((0..kw).map(|j| w[base + kw - 1 - j]));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [`super::forward_dual`] on row patches; `stack` computes `[W; Ẇ]·rows(x)` as
+/// one product (few output channels).
+pub(super) fn forward_dual<T: Float>(
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    w: &Tensor<T>,
+    dw: Option<&Tensor<T>>,
+    d: &Dims,
+    stack: bool,
+) -> (Tensor<T>, Option<Tensor<T>>) {
+    let b = x.shape()[0];
+    let n = d.h * d.w;
+    let (img_in, img_out) = (d.c * n, d.o * n);
+    let k = d.c * d.kw;
+    let tangent = dx.is_some() || dw.is_some();
+    let w_rows = weight_rows(w.data(), d.o, d);
+    let dw_rows = dw.map(|dw| weight_rows(dw.data(), d.o, d));
+    let stacked: Option<Vec<T>> = dw.filter(|_| stack).map(|dw| {
+        let both: Vec<T> = w.data().iter().chain(dw.data()).copied().collect();
+        weight_rows(&both, 2 * d.o, d)
+    });
+    let mut y = vec![T::ZERO; b * img_out];
+    let mut dy = vec![T::ZERO; if tangent { b * img_out } else { 0 }];
+    let dy_chunks: Vec<&mut [T]> = if tangent {
+        dy.chunks_mut(img_out).collect()
+    } else {
+        (0..b).map(|_| &mut [][..]).collect()
+    };
+    y.par_chunks_mut(img_out).zip(dy_chunks).enumerate().for_each_init(
+        || {
+            (
+                vec![T::ZERO; k * line_len(d)],
+                vec![T::ZERO; if stacked.is_some() { 2 * img_out } else { 0 }],
+            )
+        },
+        |(rows, both), (im, (yb, dyb))| {
+            let image = im * img_in..(im + 1) * img_in;
+            row_patches(&x.data()[image.clone()], d, rows);
+            if let Some(ws) = &stacked {
+                row_gemms(both, ws, 2 * d.o, k, rows, d);
+                yb.copy_from_slice(&both[..img_out]);
+                dyb.copy_from_slice(&both[img_out..]);
+            } else {
+                row_gemms(yb, &w_rows, d.o, k, rows, d);
+                if let Some(dwr) = &dw_rows {
+                    row_gemms(dyb, dwr, d.o, k, rows, d);
+                }
+            }
+            if let Some(dx) = dx {
+                row_patches(&dx.data()[image], d, rows);
+                // Added onto Ẇ·rows(x) when that was computed, else the first.
+                let first = dw.is_none();
+                let ld = RowStrides {
+                    a: k,
+                    b: line_len(d),
+                    c: n,
+                };
+                for i in 0..d.kh {
+                    let a = &w_rows[i * d.o * k..][..d.o * k];
+                    let acc = !(first && i == 0);
+                    gemm_strided_into(dyb, a, false, &rows[i * d.w..], false, d.o, n, k, ld, acc, Par::Serial);
+                }
+            }
+        },
+    );
+    let shape = vec![b, d.o, d.h, d.w];
+    let dy = tangent.then(|| Tensor::new(shape.clone(), dy).expect("b·o·h·w elements"));
+    (Tensor::new(shape, y).expect("b·o·h·w elements"), dy)
+}
+
+/// [`super::backward_input_dual`] on row patches of the output gradient: the
+/// value `W'⋆gy`, the tangent `[W' | Ẇ']⋆[ġy; gy]` as one product when both
+/// tangent terms are present (the rows of `gy` computed once for both).
+pub(super) fn backward_input_dual<T: Float>(
+    gy: &Tensor<T>,
+    dgy: Option<&Tensor<T>>,
+    w: &Tensor<T>,
+    dw: Option<&Tensor<T>>,
+    d: &Dims,
+) -> (Tensor<T>, Option<Tensor<T>>) {
+    let b = gy.shape()[0];
+    let n = d.h * d.w;
+    let (img_in, img_out) = (d.c * n, d.o * n);
+    // The transposed convolution maps O channels to C: its row patches have O·kw lines.
+    let t = Dims { c: d.o, o: d.c, ..*d };
+    let k = d.o * d.kw;
+    let len = line_len(d);
+    let tangent = dgy.is_some() || dw.is_some();
+    let w_flip = flipped_weight_rows(&[w.data()], d);
+    let dw_flip = dw.map(|dw| flipped_weight_rows(&[dw.data()], d));
+    let stacked = dgy.and(dw).map(|dw| flipped_weight_rows(&[w.data(), dw.data()], d));
+    let mut gx = vec![T::ZERO; b * img_in];
+    let mut dgx = vec![T::ZERO; if tangent { b * img_in } else { 0 }];
+    let dgx_chunks: Vec<&mut [T]> = if tangent {
+        dgx.chunks_mut(img_in).collect()
+    } else {
+        (0..b).map(|_| &mut [][..]).collect()
+    };
+    gx.par_chunks_mut(img_in).zip(dgx_chunks).enumerate().for_each_init(
+        // [rows(ġy); rows(gy)]: the value reads the second half alone.
+        || vec![T::ZERO; 2 * k * len],
+        |rows, (im, (gxb, dgxb))| {
+            let image = im * img_out..(im + 1) * img_out;
+            let (rows_dgy, rows_gy) = rows.split_at_mut(k * len);
+            row_patches(&gy.data()[image.clone()], &t, rows_gy);
+            row_gemms(gxb, &w_flip, d.c, k, rows_gy, &t);
+            match (&stacked, dgy, &dw_flip) {
+                (Some(ws), Some(dgy), _) => {
+                    row_patches(&dgy.data()[image], &t, rows_dgy);
+                    row_gemms(dgxb, ws, d.c, 2 * k, rows, &t);
+                }
+                (_, Some(dgy), _) => {
+                    row_patches(&dgy.data()[image], &t, rows_dgy);
+                    row_gemms(dgxb, &w_flip, d.c, k, rows_dgy, &t);
+                }
+                (_, None, Some(dwf)) => row_gemms(dgxb, dwf, d.c, k, rows_gy, &t),
+                (_, None, None) => {}
+            }
+        },
+    );
+    let shape = vec![b, d.c, d.h, d.w];
+    let dgx = tangent.then(|| Tensor::new(shape.clone(), dgx).expect("b·c·h·w elements"));
+    (Tensor::new(shape, gx).expect("b·c·h·w elements"), dgx)
+}
+
+/// [`super::weight_gradient_parts`] on row patches: per kernel row `i`,
+/// `gW_iᵀ [C·kw × O] += rows(x)[:, i·w ..] · gyᵀ`, partial sums over fixed groups
+/// of images added in order (thread-count independent).
+pub(super) fn weight_gradient_parts<T: Float>(
+    x: &Tensor<T>,
+    dx: Option<&Tensor<T>>,
+    gy: &Tensor<T>,
+    dgy: Option<&Tensor<T>>,
+    d: &Dims,
+    want_value: bool,
+) -> (Option<Tensor<T>>, Option<Tensor<T>>) {
+    let b = x.shape()[0];
+    let n = d.h * d.w;
+    let (img_in, img_out) = (d.c * n, d.o * n);
+    let (k, len) = (d.c * d.kw, line_len(d));
+    let tangent = dx.is_some() || dgy.is_some();
+    let wn = d.o * d.c * d.kh * d.kw;
+    let ld = RowStrides { a: len, b: n, c: d.o };
+    let add_products = |acc: &mut [T], rows: &[T], g: &[T]| {
+        for i in 0..d.kh {
+            let out = &mut acc[i * k * d.o..][..k * d.o];
+            gemm_strided_into(out, &rows[i * d.w..], false, g, true, k, d.o, n, ld, true, Par::Serial);
+        }
+    };
+    let groups: Vec<usize> = (0..b).step_by(WEIGHT_GRAD_GROUP).collect();
+    let partials: Vec<(Vec<T>, Vec<T>)> = groups
+        .par_iter()
+        .map(|&start| {
+            let mut acc = vec![T::ZERO; if want_value { wn } else { 0 }];
+            let mut dacc = vec![T::ZERO; if tangent { wn } else { 0 }];
+            let mut rows = vec![T::ZERO; k * len];
+            for im in start..(start + WEIGHT_GRAD_GROUP).min(b) {
+                row_patches(&x.data()[im * img_in..(im + 1) * img_in], d, &mut rows);
+                let gyb = &gy.data()[im * img_out..(im + 1) * img_out];
+                if want_value {
+                    add_products(&mut acc, &rows, gyb);
+                }
+                if let Some(dgy) = dgy {
+                    add_products(&mut dacc, &rows, &dgy.data()[im * img_out..(im + 1) * img_out]);
+                }
+                if let Some(dx) = dx {
+                    row_patches(&dx.data()[im * img_in..(im + 1) * img_in], d, &mut rows);
+                    add_products(&mut dacc, &rows, gyb);
+                }
+            }
+            (acc, dacc)
+        })
+        .collect();
+    let mut gwt = vec![T::ZERO; if want_value { wn } else { 0 }];
+    let mut dgwt = vec![T::ZERO; if tangent { wn } else { 0 }];
+    for (p, dp) in partials {
+        gwt.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+        dgwt.iter_mut().zip(dp).for_each(|(a, v)| *a += v);
+    }
+    // [kh][C·kw × O] → [O, C, kh, kw].
+    let regroup = |t: &[T]| -> Tensor<T> {
+        let mut out = vec![T::ZERO; wn];
+        for i in 0..d.kh {
+            for c in 0..d.c {
+                for j in 0..d.kw {
+                    let row = &t[(i * k + c * d.kw + j) * d.o..][..d.o];
+                    for (o, &v) in row.iter().enumerate() {
+                        out[((o * d.c + c) * d.kh + i) * d.kw + j] = v;
+                    }
+                }
+            }
+        }
+        Tensor::new(vec![d.o, d.c, d.kh, d.kw], out).expect("o·c·kh·kw elements")
+    };
+    (want_value.then(|| regroup(&gwt)), tangent.then(|| regroup(&dgwt)))
+}
