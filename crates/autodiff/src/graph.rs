@@ -375,7 +375,20 @@ impl Graph {
 
     /// Runs the graph on `input`, keeping every node's value for [`Graph::backward`].
     pub fn forward<T: Float, V: Value<T>>(&self, params: &[V], buffers: &[Tensor<T>], input: V) -> Tape<V> {
-        self.run_forward(params, buffers, input, None)
+        self.run_forward(params, buffers, input, None, false)
+    }
+
+    /// [`Graph::forward`] for a pass whose tangents are wanted at the output only
+    /// (`J v` for the GGN and Fisher products, followed by a plain backward pass):
+    /// each node's tangent is freed as soon as its last user has run, so their
+    /// memory is reused within the pass instead of all being held to the end.
+    pub fn forward_output_tangent<T: Float, V: Value<T>>(
+        &self,
+        params: &[V],
+        buffers: &[Tensor<T>],
+        input: V,
+    ) -> Tape<V> {
+        self.run_forward(params, buffers, input, None, true)
     }
 
     /// Train-mode forward pass (BatchNorm on batch statistics, as PyTorch's
@@ -388,7 +401,7 @@ impl Graph {
         input: Tensor<T>,
     ) -> (Tape<Tensor<T>>, Vec<BatchNormUpdate>) {
         let mut stats = Vec::new();
-        let tape = self.run_forward(params, buffers, input, Some(&mut stats));
+        let tape = self.run_forward(params, buffers, input, Some(&mut stats), false);
         (tape, stats)
     }
 
@@ -398,8 +411,18 @@ impl Graph {
         buffers: &[Tensor<T>],
         input: V,
         mut train_stats: Option<&mut Vec<BatchNormUpdate>>,
+        free_tangents: bool,
     ) -> Tape<V> {
         let train = train_stats.is_some();
+        // The last node reading each node's value (its tangent's last reader).
+        let mut last_user: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
+        if free_tangents {
+            for (i, op) in self.nodes.iter().enumerate() {
+                for j in op.inputs() {
+                    last_user[j] = Some(i);
+                }
+            }
+        }
         let batch = input.primal().shape().first().copied().unwrap_or(1);
         let mut values: Vec<Option<V>> = Vec::with_capacity(self.nodes.len());
         let mut input = Some(input);
@@ -499,6 +522,13 @@ impl Graph {
                 }
             };
             values.push(Some(out));
+            if free_tangents {
+                for j in op.inputs() {
+                    if let (Some(v), true) = (values[j].as_mut(), last_user[j] == Some(i)) {
+                        v.forget_tangent();
+                    }
+                }
+            }
         }
         Tape { values, train }
     }
@@ -925,6 +955,28 @@ mod tests {
             for (p, (a, b)) in full.iter().zip(&alone).enumerate() {
                 assert_eq!(a.shape(), b.shape(), "parameter {p}");
                 assert_eq!(a.data(), b.data(), "parameter {p} (tie = {tie})");
+            }
+        }
+    }
+
+    #[test]
+    fn output_tangent_pass_frees_the_inner_tangents_only() {
+        for tie in [false, true] {
+            let (graph, shapes) = small_net(tie);
+            let (params, buffers, input) = small_net_operands(&shapes);
+            let full = graph.forward(&params, &buffers, Dual::constant(input.clone()));
+            let lean = graph.forward_output_tangent(&params, &buffers, Dual::constant(input.clone()));
+            assert_eq!(lean.output().primal().data(), full.output().primal().data());
+            assert_eq!(
+                lean.output().tangent().unwrap().data(),
+                full.output().tangent().unwrap().data(),
+                "J v (tie = {tie})"
+            );
+            let n = lean.values.len();
+            for (i, (a, b)) in lean.values.iter().zip(&full.values).enumerate().take(n - 1) {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                assert_eq!(a.primal().data(), b.primal().data(), "node {i} value kept");
+                assert!(a.tangent().is_none(), "node {i} tangent freed (tie = {tie})");
             }
         }
     }

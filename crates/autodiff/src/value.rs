@@ -64,6 +64,8 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     fn tangent(&self) -> Option<&Tensor<T>>;
     /// Drops the tangent.
     fn into_primal(self) -> Tensor<T>;
+    /// Frees the tangent in place (a plain tensor has none).
+    fn forget_tangent(&mut self) {}
 }
 
 impl<T: Float> Value<T> for Tensor<T> {
@@ -285,5 +287,8 @@ impl<T: Float> Value<T> for Dual<T> {
     }
     fn into_primal(self) -> Tensor<T> {
         self.primal
+    }
+    fn forget_tangent(&mut self) {
+        self.tangent = None;
     }
 }

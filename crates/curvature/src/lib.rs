@@ -426,7 +426,7 @@ pub fn ggn_batch<T: Float>(
     labels: Targets,
     weight: f64,
 ) -> (f64, Vec<Option<Tensor<T>>>) {
-    let tape = graph.forward(duals, buffers, Dual::constant(x));
+    let tape = graph.forward_output_tangent(duals, buffers, Dual::constant(x));
     let out = loss::apply(tape.output(), labels, weight);
     let h_out_jv = out.cotangent.tangent_or_zeros();
     let tape: Tape<Tensor<T>> = tape.map(Dual::into_primal);
@@ -447,7 +447,7 @@ pub fn fisher_batch<T: Float>(
     labels: Targets,
     weight: f64,
 ) -> (f64, Vec<Option<Tensor<T>>>) {
-    let tape = graph.forward(duals, buffers, Dual::constant(x));
+    let tape = graph.forward_output_tangent(duals, buffers, Dual::constant(x));
     let directional = loss::directional(tape.output(), labels);
     let tape: Tape<Tensor<T>> = tape.map(Dual::into_primal);
     let out = loss::apply(tape.output(), labels, 1.0);
