@@ -72,6 +72,16 @@ fn main() {
         (576, 64, 128),
         (144, 16, 1024),
         (16, 1024, 16),
+        // Row patches (k = C·3 per kernel row): stages 1-3, single and stacked.
+        (16, 1024, 48),
+        (32, 1024, 48),
+        (32, 256, 96),
+        (64, 256, 96),
+        (64, 64, 192),
+        (128, 64, 192),
+        (48, 16, 1024),
+        (96, 32, 256),
+        (192, 64, 64),
     ] {
         let speeds: Vec<String> = [(false, false), (false, true), (true, false), (true, true)]
             .iter()

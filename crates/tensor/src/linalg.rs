@@ -45,6 +45,18 @@ pub fn gemm_into<T: Float>(
     dispatch(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
 }
 
+/// `dst [cols × rows] = srcᵀ` for a row-major `src [rows × cols]` (a GEMM operand
+/// turned around where the kernels run faster on the other orientation).
+pub fn transpose_into<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    assert_eq!(src.len(), rows * cols, "transpose: source is not {rows}x{cols}");
+    assert_eq!(dst.len(), rows * cols, "transpose: destination is not {cols}x{rows}");
+    for (r, row) in src.chunks_exact(cols.max(1)).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
+        }
+    }
+}
+
 /// Row strides (elements from one stored row to the next) of a GEMM's operands,
 /// for views into larger buffers (a window of columns of a wider matrix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
