@@ -649,7 +649,6 @@ fn weight_gradient_parts<T: Float>(
     let b = x.shape()[0];
     assert_eq!(gy.shape(), [b, d.o, d.ho, d.wo], "conv backward_weight: gradient shape");
     let (patch, plane) = (d.patch(), d.out_plane());
-    let (img_in, img_out) = (d.c * d.h * d.w, d.o * plane);
     let tangent = dx.is_some() || dgy.is_some();
     if !want_value && !tangent {
         return (None, None);
@@ -657,47 +656,20 @@ fn weight_gradient_parts<T: Float>(
     if rows::applies(&d, g) {
         return rows::weight_gradient_parts(x, dx, gy, dgy, &d, want_value);
     }
-    let wn = d.o * patch;
-    let groups: Vec<usize> = (0..b).step_by(WEIGHT_GRAD_GROUP).collect();
     // Accumulated transposed, gWᵀ [patch, O] += cols [patch, HW] · gyᵀ: with the long
     // HW dimension as k and patch as m this runs ~2× faster than gy · colsᵀ; and
     // with gyᵀ stored `[HW × O]` (one small transpose per image) as an NN product,
     // faster again than NT (144×16×1024: 84 vs 65 GFLOP/s, `examples/gemm_shapes.rs`).
-    let add_product = |acc: &mut [T], cols: &[T], g_t: &[T]| {
-        gemm_into(acc, cols, false, g_t, false, patch, d.o, plane, true, Par::Serial);
-    };
-    let partials: Vec<(Vec<T>, Vec<T>)> = groups
-        .par_iter()
-        .map(|&start| {
-            let mut acc = vec![T::ZERO; if want_value { wn } else { 0 }];
-            let mut dacc = vec![T::ZERO; if tangent { wn } else { 0 }];
-            let mut cols = vec![T::ZERO; patch * plane];
-            let (mut gy_t, mut dgy_t) = (vec![T::ZERO; img_out], vec![T::ZERO; img_out]);
-            for k in start..(start + WEIGHT_GRAD_GROUP).min(b) {
-                im2col(&x.data()[k * img_in..(k + 1) * img_in], &d, g, &mut cols);
-                let image = k * img_out..(k + 1) * img_out;
-                transpose_into(&gy.data()[image.clone()], d.o, plane, &mut gy_t);
-                if want_value {
-                    add_product(&mut acc, &cols, &gy_t);
-                }
-                if let Some(dgy) = dgy {
-                    transpose_into(&dgy.data()[image], d.o, plane, &mut dgy_t);
-                    add_product(&mut dacc, &cols, &dgy_t);
-                }
-                if let Some(dx) = dx {
-                    im2col(&dx.data()[k * img_in..(k + 1) * img_in], &d, g, &mut cols);
-                    add_product(&mut dacc, &cols, &gy_t);
-                }
-            }
-            (acc, dacc)
-        })
-        .collect();
-    let mut gwt = vec![T::ZERO; if want_value { wn } else { 0 }];
-    let mut dgwt = vec![T::ZERO; if tangent { wn } else { 0 }];
-    for (p, dp) in partials {
-        gwt.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-        dgwt.iter_mut().zip(dp).for_each(|(a, v)| *a += v);
-    }
+    let (gwt, dgwt) = weight_gradient_sums(
+        (x, dx),
+        (gy, dgy),
+        d.o,
+        want_value,
+        d.o * patch,
+        patch * plane,
+        |image, cols| im2col(image, &d, g, cols),
+        |acc, cols, g_t| gemm_into(acc, cols, false, g_t, false, patch, d.o, plane, true, Par::Serial),
+    );
     let transpose = |t: &[T]| -> Tensor<T> {
         let mut out = Tensor::zeros(w_shape);
         for (r, row) in t.chunks(d.o).enumerate() {
@@ -708,6 +680,64 @@ fn weight_gradient_parts<T: Float>(
         out
     };
     (want_value.then(|| transpose(&gwt)), tangent.then(|| transpose(&dgwt)))
+}
+
+/// The weight-gradient sums shared by both convolution lowerings: over the
+/// images, `product(patches(x_b), gy_bᵀ)` (the value, when `want_value`) and
+/// `product(patches(x_b), ġy_bᵀ) + product(patches(ẋ_b), gy_bᵀ)` (the tangent,
+/// when a tangent is present), with `gy_b` handed over transposed, `[H·W × O]`.
+/// `patches` fills an image's patch buffer of `patch_len`; `product` adds one
+/// product into an accumulator of `len`. Partial sums over fixed groups of
+/// images are added in order, so the result does not depend on the thread count.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn weight_gradient_sums<T: Float>(
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (gy, dgy): (&Tensor<T>, Option<&Tensor<T>>),
+    out_channels: usize,
+    want_value: bool,
+    len: usize,
+    patch_len: usize,
+    patches: impl Fn(&[T], &mut [T]) + Sync,
+    product: impl Fn(&mut [T], &[T], &[T]) + Sync,
+) -> (Vec<T>, Vec<T>) {
+    let b = x.shape()[0];
+    let (img_in, img_out) = (x.numel() / b.max(1), gy.numel() / b.max(1));
+    let plane = img_out / out_channels.max(1);
+    let tangent = dx.is_some() || dgy.is_some();
+    let groups: Vec<usize> = (0..b).step_by(WEIGHT_GRAD_GROUP).collect();
+    let partials: Vec<(Vec<T>, Vec<T>)> = groups
+        .par_iter()
+        .map(|&start| {
+            let mut acc = vec![T::ZERO; if want_value { len } else { 0 }];
+            let mut dacc = vec![T::ZERO; if tangent { len } else { 0 }];
+            let mut cols = vec![T::ZERO; patch_len];
+            let (mut gy_t, mut dgy_t) = (vec![T::ZERO; img_out], vec![T::ZERO; img_out]);
+            for k in start..(start + WEIGHT_GRAD_GROUP).min(b) {
+                patches(&x.data()[k * img_in..(k + 1) * img_in], &mut cols);
+                let image = k * img_out..(k + 1) * img_out;
+                transpose_into(&gy.data()[image.clone()], out_channels, plane, &mut gy_t);
+                if want_value {
+                    product(&mut acc, &cols, &gy_t);
+                }
+                if let Some(dgy) = dgy {
+                    transpose_into(&dgy.data()[image], out_channels, plane, &mut dgy_t);
+                    product(&mut dacc, &cols, &dgy_t);
+                }
+                if let Some(dx) = dx {
+                    patches(&dx.data()[k * img_in..(k + 1) * img_in], &mut cols);
+                    product(&mut dacc, &cols, &gy_t);
+                }
+            }
+            (acc, dacc)
+        })
+        .collect();
+    let mut gwt = vec![T::ZERO; if want_value { len } else { 0 }];
+    let mut dgwt = vec![T::ZERO; if tangent { len } else { 0 }];
+    for (p, dp) in partials {
+        gwt.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+        dgwt.iter_mut().zip(dp).for_each(|(a, v)| *a += v);
+    }
+    (gwt, dgwt)
 }
 
 #[cfg(test)]

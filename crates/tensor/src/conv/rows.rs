@@ -9,8 +9,8 @@
 //!
 //! `HVP_CONV=im2col` turns this path off (to compare the two).
 
-use super::{ConvGeometry, Dims, ShiftedRow, WEIGHT_GRAD_GROUP};
-use crate::linalg::{gemm_strided_into, transpose_into, Par, RowStrides};
+use super::{ConvGeometry, Dims, ShiftedRow};
+use crate::linalg::{gemm_strided_into, Par, RowStrides};
 use crate::{Float, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -217,8 +217,8 @@ pub(super) fn backward_input_dual<T: Float>(
 }
 
 /// [`super::weight_gradient_parts`] on row patches: per kernel row `i`,
-/// `gW_iᵀ [C·kw × O] += rows(x)[:, i·w ..] · gyᵀ`, partial sums over fixed groups
-/// of images added in order (thread-count independent).
+/// `gW_iᵀ [C·kw × O] += rows(x)[:, i·w ..] · gyᵀ` (summed by
+/// [`super::weight_gradient_sums`]).
 pub(super) fn weight_gradient_parts<T: Float>(
     x: &Tensor<T>,
     dx: Option<&Tensor<T>>,
@@ -227,9 +227,7 @@ pub(super) fn weight_gradient_parts<T: Float>(
     d: &Dims,
     want_value: bool,
 ) -> (Option<Tensor<T>>, Option<Tensor<T>>) {
-    let b = x.shape()[0];
     let n = d.h * d.w;
-    let (img_in, img_out) = (d.c * n, d.o * n);
     let (k, len) = (d.c * d.kw, line_len(d));
     let tangent = dx.is_some() || dgy.is_some();
     let wn = d.o * d.c * d.kh * d.kw;
@@ -239,42 +237,31 @@ pub(super) fn weight_gradient_parts<T: Float>(
     let add_products = |acc: &mut [T], rows: &[T], g_t: &[T]| {
         for i in 0..d.kh {
             let out = &mut acc[i * k * d.o..][..k * d.o];
-            gemm_strided_into(out, &rows[i * d.w..], false, g_t, false, k, d.o, n, ld, true, Par::Serial);
+            gemm_strided_into(
+                out,
+                &rows[i * d.w..],
+                false,
+                g_t,
+                false,
+                k,
+                d.o,
+                n,
+                ld,
+                true,
+                Par::Serial,
+            );
         }
     };
-    let groups: Vec<usize> = (0..b).step_by(WEIGHT_GRAD_GROUP).collect();
-    let partials: Vec<(Vec<T>, Vec<T>)> = groups
-        .par_iter()
-        .map(|&start| {
-            let mut acc = vec![T::ZERO; if want_value { wn } else { 0 }];
-            let mut dacc = vec![T::ZERO; if tangent { wn } else { 0 }];
-            let mut rows = vec![T::ZERO; k * len];
-            let (mut gy_t, mut dgy_t) = (vec![T::ZERO; img_out], vec![T::ZERO; img_out]);
-            for im in start..(start + WEIGHT_GRAD_GROUP).min(b) {
-                row_patches(&x.data()[im * img_in..(im + 1) * img_in], d, &mut rows);
-                let image = im * img_out..(im + 1) * img_out;
-                transpose_into(&gy.data()[image.clone()], d.o, n, &mut gy_t);
-                if want_value {
-                    add_products(&mut acc, &rows, &gy_t);
-                }
-                if let Some(dgy) = dgy {
-                    transpose_into(&dgy.data()[image], d.o, n, &mut dgy_t);
-                    add_products(&mut dacc, &rows, &dgy_t);
-                }
-                if let Some(dx) = dx {
-                    row_patches(&dx.data()[im * img_in..(im + 1) * img_in], d, &mut rows);
-                    add_products(&mut dacc, &rows, &gy_t);
-                }
-            }
-            (acc, dacc)
-        })
-        .collect();
-    let mut gwt = vec![T::ZERO; if want_value { wn } else { 0 }];
-    let mut dgwt = vec![T::ZERO; if tangent { wn } else { 0 }];
-    for (p, dp) in partials {
-        gwt.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-        dgwt.iter_mut().zip(dp).for_each(|(a, v)| *a += v);
-    }
+    let (gwt, dgwt) = super::weight_gradient_sums(
+        (x, dx),
+        (gy, dgy),
+        d.o,
+        want_value,
+        wn,
+        k * len,
+        |image, rows| row_patches(image, d, rows),
+        add_products,
+    );
     // [kh][C·kw × O] → [O, C, kh, kw].
     let regroup = |t: &[T]| -> Tensor<T> {
         let mut out = vec![T::ZERO; wn];
