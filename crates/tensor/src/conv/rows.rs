@@ -44,9 +44,11 @@ fn row_patches<T: Float>(x: &[T], d: &Dims, rows: &mut [T]) {
     }
 }
 
-/// `out [m × H·W] = Σ_i wrows[i] [m × k] · rows[:, i·w ..]` (row `i` of the kernel
-/// reads the window starting `i` image rows down); `k` = input channels · kw.
-fn row_gemms<T: Float>(out: &mut [T], wrows: &[T], m: usize, k: usize, rows: &[T], d: &Dims) {
+/// `out [m × H·W] (+)= Σ_i wrows[i] [m × k] · rows[:, i·w ..]` (row `i` of the
+/// kernel reads the window starting `i` image rows down; `k` = input channels · kw),
+/// added to `out` when `accumulate`, else overwriting it.
+#[allow(clippy::too_many_arguments)]
+fn row_gemms<T: Float>(out: &mut [T], wrows: &[T], m: usize, k: usize, rows: &[T], d: &Dims, accumulate: bool) {
     let n = d.h * d.w;
     let ld = RowStrides {
         a: k,
@@ -55,7 +57,8 @@ fn row_gemms<T: Float>(out: &mut [T], wrows: &[T], m: usize, k: usize, rows: &[T
     };
     for i in 0..d.kh {
         let a = &wrows[i * m * k..][..m * k];
-        gemm_strided_into(out, a, false, &rows[i * d.w..], false, m, n, k, ld, i > 0, Par::Serial);
+        let add = accumulate || i > 0;
+        gemm_strided_into(out, a, false, &rows[i * d.w..], false, m, n, k, ld, add, Par::Serial);
     }
 }
 
@@ -107,7 +110,7 @@ pub(super) fn forward_dual<T: Float>(
     let k = d.c * d.kw;
     let tangent = dx.is_some() || dw.is_some();
     let w_rows = weight_rows(w.data(), d.o, d);
-    let dw_rows = dw.map(|dw| weight_rows(dw.data(), d.o, d));
+    let dw_rows = dw.filter(|_| !stack).map(|dw| weight_rows(dw.data(), d.o, d));
     let stacked: Option<Vec<T>> = dw.filter(|_| stack).map(|dw| {
         let both: Vec<T> = w.data().iter().chain(dw.data()).copied().collect();
         weight_rows(&both, 2 * d.o, d)
@@ -130,29 +133,19 @@ pub(super) fn forward_dual<T: Float>(
             let image = im * img_in..(im + 1) * img_in;
             row_patches(&x.data()[image.clone()], d, rows);
             if let Some(ws) = &stacked {
-                row_gemms(both, ws, 2 * d.o, k, rows, d);
+                row_gemms(both, ws, 2 * d.o, k, rows, d, false);
                 yb.copy_from_slice(&both[..img_out]);
                 dyb.copy_from_slice(&both[img_out..]);
             } else {
-                row_gemms(yb, &w_rows, d.o, k, rows, d);
+                row_gemms(yb, &w_rows, d.o, k, rows, d, false);
                 if let Some(dwr) = &dw_rows {
-                    row_gemms(dyb, dwr, d.o, k, rows, d);
+                    row_gemms(dyb, dwr, d.o, k, rows, d, false);
                 }
             }
             if let Some(dx) = dx {
                 row_patches(&dx.data()[image], d, rows);
-                // Added onto Ẇ·rows(x) when that was computed, else the first.
-                let first = dw.is_none();
-                let ld = RowStrides {
-                    a: k,
-                    b: line_len(d),
-                    c: n,
-                };
-                for i in 0..d.kh {
-                    let a = &w_rows[i * d.o * k..][..d.o * k];
-                    let acc = !(first && i == 0);
-                    gemm_strided_into(dyb, a, false, &rows[i * d.w..], false, d.o, n, k, ld, acc, Par::Serial);
-                }
+                // Added onto Ẇ·rows(x) when that was computed.
+                row_gemms(dyb, &w_rows, d.o, k, rows, d, dw.is_some());
             }
         },
     );
@@ -196,17 +189,17 @@ pub(super) fn backward_input_dual<T: Float>(
             let image = im * img_out..(im + 1) * img_out;
             let (rows_dgy, rows_gy) = rows.split_at_mut(k * len);
             row_patches(&gy.data()[image.clone()], &t, rows_gy);
-            row_gemms(gxb, &w_flip, d.c, k, rows_gy, &t);
+            row_gemms(gxb, &w_flip, d.c, k, rows_gy, &t, false);
             match (&stacked, dgy, &dw_flip) {
                 (Some(ws), Some(dgy), _) => {
                     row_patches(&dgy.data()[image], &t, rows_dgy);
-                    row_gemms(dgxb, ws, d.c, 2 * k, rows, &t);
+                    row_gemms(dgxb, ws, d.c, 2 * k, rows, &t, false);
                 }
                 (_, Some(dgy), _) => {
                     row_patches(&dgy.data()[image], &t, rows_dgy);
-                    row_gemms(dgxb, &w_flip, d.c, k, rows_dgy, &t);
+                    row_gemms(dgxb, &w_flip, d.c, k, rows_dgy, &t, false);
                 }
-                (_, None, Some(dwf)) => row_gemms(dgxb, dwf, d.c, k, rows_gy, &t),
+                (_, None, Some(dwf)) => row_gemms(dgxb, dwf, d.c, k, rows_gy, &t, false),
                 (_, None, None) => {}
             }
         },
