@@ -27,7 +27,7 @@ impl Cifar10 {
         };
         let mut records = Vec::new();
         for f in &files {
-            let bytes = std::fs::read(f).map_err(|e| DataError::io(f, e))?;
+            let bytes = hvp_io::read::read_bounded(f, 1 << 30, "a CIFAR-10 batch file")?;
             if bytes.len() % RECORD != 0 || bytes.is_empty() {
                 return Err(DataError::Truncated {
                     path: f.clone(),

@@ -17,6 +17,8 @@ pub enum DataError {
     LabelRange { index: usize, label: usize, classes: usize },
     #[error("{0}")]
     Mismatch(String),
+    #[error(transparent)]
+    File(#[from] hvp_io::IoError),
 }
 
 impl DataError {

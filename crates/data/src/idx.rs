@@ -3,7 +3,7 @@
 //! per batch; examples are `[1, 28, 28]`.
 
 use crate::{Batch, DataError, Dataset};
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -15,59 +15,103 @@ pub struct Idx {
     labels: Vec<u8>,
 }
 
-/// Reads an IDX file (gzip-compressed or raw) and checks its magic number.
+/// Largest IDX payload accepted (MNIST's training images are 47 MB).
+const MAX_IDX_BYTES: u64 = 16 << 30;
+
+/// Reads an IDX file (gzip-compressed or raw), checks its magic number, and
+/// reads exactly the bytes its header declares: sizes are checked (overflow,
+/// the file's real size, available memory) before anything is allocated, and a
+/// gzip stream is never inflated beyond the declared size.
 fn read_idx(dir: &Path, stem: &str, magic: u32) -> Result<(PathBuf, Vec<usize>, Vec<u8>), DataError> {
     let raw_path = dir.join(stem);
     let gz_path = dir.join(format!("{stem}.gz"));
     let path = if gz_path.exists() { gz_path } else { raw_path };
-    let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
-    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        GzDecoder::new(&bytes[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::Truncated {
-                path: path.clone(),
-                reason: format!("gzip stream is damaged ({e})"),
-            })?;
-        out
+    let (file, file_size) = hvp_io::read::open_regular(&path)?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut first = [0u8; 2];
+    let gz = reader.fill_buf_peek(&mut first).map_err(|e| DataError::io(&path, e))? == 2
+        && hvp_io::read::is_gzip(&first);
+    let mut source: Box<dyn Read> = if gz {
+        Box::new(MultiGzDecoder::new(reader))
     } else {
-        bytes
+        Box::new(reader)
     };
-    let fmt = |reason: String| DataError::Format {
+    let truncated = |reason: String| DataError::Truncated {
         path: path.clone(),
         reason,
     };
-    if bytes.len() < 4 {
-        return Err(DataError::Truncated {
-            path: path.clone(),
-            reason: "no IDX header".into(),
-        });
-    }
-    let found = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let read_err = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            truncated("IDX header cut short".into())
+        } else if gz {
+            truncated(format!("gzip stream is damaged ({e})"))
+        } else {
+            DataError::io(&path, e)
+        }
+    };
+    let mut head = [0u8; 4];
+    source.read_exact(&mut head).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            truncated("no IDX header".into())
+        } else {
+            read_err(e)
+        }
+    })?;
+    let found = u32::from_be_bytes(head);
     if found != magic {
-        return Err(fmt(format!(
-            "magic number {found:#010x}, expected {magic:#010x}: not an IDX file of that kind"
-        )));
+        return Err(DataError::Format {
+            path: path.clone(),
+            reason: format!("magic number {found:#010x}, expected {magic:#010x}: not an IDX file of that kind"),
+        });
     }
     let ndims = (magic & 0xff) as usize;
-    let header = 4 + 4 * ndims;
-    if bytes.len() < header {
-        return Err(DataError::Truncated {
+    let mut dims = Vec::with_capacity(ndims);
+    for _ in 0..ndims {
+        source.read_exact(&mut head).map_err(read_err)?;
+        dims.push(u32::from_be_bytes(head) as usize);
+    }
+    let header = 4 + 4 * ndims as u64;
+    let payload = hvp_io::memory::checked_product(&dims, &format!("IDX file {}", path.display()))? as u64;
+    if payload > MAX_IDX_BYTES {
+        return Err(DataError::Format {
             path: path.clone(),
-            reason: "IDX header cut short".into(),
+            reason: format!("the header declares {dims:?} = {payload} bytes, beyond any IDX dataset (corrupt header?)"),
         });
     }
-    let dims: Vec<usize> = (0..ndims)
-        .map(|d| u32::from_be_bytes([bytes[4 + 4 * d], bytes[5 + 4 * d], bytes[6 + 4 * d], bytes[7 + 4 * d]]) as usize)
-        .collect();
-    let need = header + dims.iter().product::<usize>();
-    if bytes.len() < need {
-        return Err(DataError::Truncated {
-            path: path.clone(),
-            reason: format!("{} bytes, the header promises {need}", bytes.len()),
-        });
+    if !gz && file_size < header + payload {
+        return Err(truncated(format!(
+            "{file_size} bytes, the header promises {}",
+            header + payload
+        )));
     }
-    Ok((path, dims, bytes[header..need].to_vec()))
+    hvp_io::memory::check_fits(payload, &format!("reading {}", path.display()), "use a machine with more memory")?;
+    let mut bytes = Vec::with_capacity(payload as usize);
+    source
+        .take(payload)
+        .read_to_end(&mut bytes)
+        .map_err(|e| truncated(format!("gzip stream is damaged ({e})")))?;
+    if (bytes.len() as u64) < payload {
+        return Err(truncated(format!(
+            "{} bytes of data, the header promises {payload}",
+            bytes.len()
+        )));
+    }
+    Ok((path, dims, bytes))
+}
+
+/// Peeks at the first bytes of a buffered reader without consuming them.
+trait Peek {
+    fn fill_buf_peek(&mut self, out: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl<R: Read> Peek for std::io::BufReader<R> {
+    fn fill_buf_peek(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::BufRead;
+        let buf = self.fill_buf()?;
+        let n = buf.len().min(out.len());
+        out[..n].copy_from_slice(&buf[..n]);
+        Ok(n)
+    }
 }
 
 impl Idx {

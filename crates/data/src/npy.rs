@@ -57,7 +57,7 @@ fn header_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 impl NpyArray {
     /// Opens `path` and parses its header; checks the file holds all the data.
     pub fn open(path: &Path) -> Result<Self, DataError> {
-        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        let (file, file_size) = hvp_io::read::open_regular(path)?;
         let fmt = |reason: String| DataError::Format {
             path: path.to_path_buf(),
             reason,
@@ -81,6 +81,13 @@ impl NpyArray {
             }
             v => return Err(fmt(format!("unsupported NPY format version {v}"))),
         };
+        // numpy writes headers of a few hundred bytes (and refuses to read
+        // more than 10,000 by default); a larger length is a corrupt preamble.
+        if header_len > 1 << 20 || header_start + header_len as u64 > file_size {
+            return Err(truncated(&format!(
+                "the preamble declares a {header_len}-byte header in a {file_size}-byte file"
+            )));
+        }
         let mut header = vec![0u8; header_len];
         file.read_exact_at(&mut header, header_start)
             .map_err(|_| truncated("header cut short"))?;
@@ -111,8 +118,12 @@ impl NpyArray {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| fmt(format!("bad shape ({shape_txt})")))?;
         let data_offset = header_start + header_len as u64;
-        let need = data_offset + (shape.iter().product::<usize>() * dtype.size()) as u64;
-        let have = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+        let numel = hvp_io::memory::checked_product(&shape, &format!("NPY file {}", path.display()))?;
+        let need = numel
+            .checked_mul(dtype.size())
+            .and_then(|b| (b as u64).checked_add(data_offset))
+            .ok_or_else(|| fmt(format!("shape {shape:?} overflows; the header is corrupt")))?;
+        let have = file_size;
         if have < need {
             return Err(truncated(&format!("{have} bytes, the header promises {need}")));
         }

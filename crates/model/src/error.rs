@@ -29,4 +29,6 @@ pub enum ModelError {
     DType { path: PathBuf, name: String, dtype: String },
     #[error("{path}: tensor '{name}' contains NaN or infinite values")]
     NonFinite { path: PathBuf, name: String },
+    #[error(transparent)]
+    File(#[from] hvp_io::IoError),
 }

@@ -4,39 +4,17 @@ use crate::ModelError;
 use hvp_tensor::{DType, Tensor};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a
-/// rename, so a reader never sees a partly written file. In a multi-process
-/// (MPI) job only rank 0 writes; the others hold the same bytes.
+/// Writes `bytes` to `path` through a temporary file in the same directory,
+/// created exclusively (never through a planted symlink), and a rename, so a
+/// reader never sees a partly written file. In a multi-process (MPI) job only
+/// rank 0 writes; the others hold the same bytes.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     if !hvp_dist::is_root() {
         return Ok(());
     }
-    let err = |source| ModelError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    Ok(hvp_io::write::atomic_write(path, bytes)?)
 }
 
 /// One tensor read from a safetensors file, converted to f64.
@@ -49,10 +27,9 @@ pub struct StoredTensor {
 /// tensors of other dtypes are listed under their name with `Err(dtype)`, so the
 /// caller decides whether they matter (PyTorch's `num_batches_tracked` is I64).
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Result<StoredTensor, String>>, ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (_, size) = hvp_io::read::open_regular(path)?;
+    hvp_io::memory::check_fits(size, &format!("reading {}", path.display()), "use a machine with more memory")?;
+    let bytes = hvp_io::read::read_bounded(path, size.max(1 << 20), "a safetensors file")?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),

@@ -66,10 +66,21 @@ impl Constant {
             .iter()
             .map(|&d| usize::try_from(d).map_err(|_| format!("tensor '{}' has a negative dimension {d}", t.name)))
             .collect::<Result<Vec<_>, _>>()?;
-        let numel: usize = shape.iter().product();
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("tensor '{}' has shape {shape:?}, whose size overflows", t.name))?;
+        let elem = match t.data_type {
+            data_type::DOUBLE | data_type::INT64 => 8,
+            data_type::FLOAT | data_type::INT32 => 4,
+            _ => 1,
+        };
         let external;
         let raw: &[u8] = if t.data_location == 1 {
-            external = read_external(t, model_dir)?;
+            let expected = numel
+                .checked_mul(elem)
+                .ok_or_else(|| format!("tensor '{}' has shape {shape:?}, whose size overflows", t.name))?;
+            external = read_external(t, model_dir, expected)?;
             &external
         } else {
             &t.raw_data
@@ -270,35 +281,44 @@ impl Constant {
 }
 
 /// Reads the bytes of a tensor stored outside the model (`location`, `offset`,
-/// `length` entries), relative to the model's folder.
-fn read_external(t: &TensorProto, model_dir: &Path) -> Result<Vec<u8>, String> {
+/// `length` entries). The file must lie inside the model's folder (no `..`, no
+/// absolute path, no symlink out) and be a regular file holding the whole range;
+/// only `expected` bytes (the declared shape × element size) are read.
+fn read_external(t: &TensorProto, model_dir: &Path, expected: usize) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
     let entry = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str());
     let location = entry("location").ok_or_else(|| format!("tensor '{}' is external but names no file", t.name))?;
-    let file = model_dir.join(location);
-    let bytes = std::fs::read(&file).map_err(|e| {
-        format!(
-            "tensor '{}' is stored in {}, which cannot be read: {e}",
-            t.name,
-            file.display()
-        )
-    })?;
-    let parse = |key: &str| -> Result<Option<usize>, String> {
+    let file = hvp_io::confine::resolve_inside(model_dir, location, &model_dir.join("<model>"))
+        .map_err(|e| format!("tensor '{}': {e}", t.name))?;
+    let (handle, size) = hvp_io::read::open_regular(&file).map_err(|e| format!("tensor '{}': {e}", t.name))?;
+    let parse = |key: &str| -> Result<Option<u64>, String> {
         entry(key)
             .map(|v| {
-                v.parse::<usize>()
+                v.parse::<u64>()
                     .map_err(|_| format!("tensor '{}': bad external {key} '{v}'", t.name))
             })
             .transpose()
     };
     let offset = parse("offset")?.unwrap_or(0);
-    let length = parse("length")?.unwrap_or(bytes.len().saturating_sub(offset));
-    bytes.get(offset..offset + length).map(<[u8]>::to_vec).ok_or_else(|| {
-        format!(
-            "tensor '{}': {} is shorter than offset {offset} + length {length}",
+    let length = parse("length")?.unwrap_or(expected as u64);
+    if length != expected as u64 {
+        return Err(format!(
+            "tensor '{}': external length {length} bytes, but its shape and type need {expected}",
+            t.name
+        ));
+    }
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(format!(
+            "tensor '{}': {} has {size} bytes, shorter than offset {offset} + length {length}",
             t.name,
             file.display()
-        )
-    })
+        ));
+    }
+    let mut bytes = vec![0u8; expected];
+    handle
+        .read_exact_at(&mut bytes, offset)
+        .map_err(|e| format!("tensor '{}': cannot read {}: {e}", t.name, file.display()))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

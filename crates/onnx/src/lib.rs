@@ -68,6 +68,8 @@ pub enum OnnxError {
     BadGlob { glob: String, reason: String },
     #[error(transparent)]
     Weights(#[from] hvp_model::ModelError),
+    #[error(transparent)]
+    File(#[from] hvp_io::IoError),
 }
 
 /// How to import.
@@ -90,9 +92,7 @@ pub struct Imported {
 
 /// Reads and imports the ONNX model at `path`.
 pub fn load(path: &Path, options: &ImportOptions) -> Result<Imported, OnnxError> {
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // Protocol buffers cannot exceed 2 GiB; larger weights live in external data files.
+    let bytes = hvp_io::read::read_bounded(path, 2 << 30, "an ONNX model")?;
     import::import(path, &bytes, options)
 }
