@@ -69,10 +69,10 @@ pub struct DataArgs {
     #[arg(long)]
     pub dataset: Option<String>,
     /// Use only the first N examples.
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::limit, long)]
     pub limit: Option<usize>,
     /// Zero-pad images by P pixels on each side (e.g. 2 for 28x28 → 32x32).
-    #[arg(long, default_value_t = 0)]
+    #[arg(value_parser = crate::checks::pad, long, default_value_t = 0)]
     pub pad: usize,
     /// Keep only these classes, relabelled 0, 1, … in this order (e.g. 1,7).
     #[arg(long, value_delimiter = ',')]
@@ -117,13 +117,13 @@ impl From<DTypeArg> for DType {
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// Examples per batch (memory is one batch of activations and tangents).
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = crate::checks::batch_size, long, default_value_t = 256)]
     pub batch_size: usize,
     /// Compute dtype; sums over batches are accumulated in f64 either way.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::threads, long)]
     pub threads: Option<usize>,
     /// No progress bar and no summary line.
     #[arg(long)]
@@ -144,8 +144,38 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Refuses weights that the compute dtype cannot hold: in f32 a value beyond
+/// ±3.4e38 would become infinite and every product silently wrong.
+pub fn check_weights_fit(model: &Model, weights: &Weights, dtype: DType) -> Result<()> {
+    if dtype == DType::F64 {
+        return Ok(());
+    }
+    let named = model
+        .params
+        .iter()
+        .zip(&weights.params)
+        .chain(model.buffers.iter().zip(&weights.buffers));
+    for (spec, t) in named {
+        if let Some(v) = t.data().iter().find(|v| v.abs() > f32::MAX as f64) {
+            bail!(
+                "tensor '{}' holds {v:e}, beyond the f32 range (±3.4e38): computing in f32 would overflow to \
+                 infinity; pass --dtype f64",
+                spec.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Parses `--arch` and reads the weights, or imports `--model` (ONNX), and builds the model.
 pub fn load_model(m: &ModelArgs) -> Result<(Model, Weights)> {
+    if m.params.is_some() && m.model.is_none() {
+        bail!(
+            "--params selects parameters of ONNX models (--model); the built-in architecture {} always uses all \
+             its parameters. Export the model to ONNX to restrict the Hessian to a subset (README: Your own model)",
+            m.arch.as_deref().unwrap_or("")
+        );
+    }
     if let Some(path) = &m.model {
         let options = hvp_onnx::ImportOptions {
             params_glob: m.params.clone(),

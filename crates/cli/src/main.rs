@@ -2,7 +2,9 @@
 
 mod allocator;
 mod args;
+mod checks;
 mod commands;
+mod output;
 mod picture;
 mod report;
 
@@ -99,8 +101,28 @@ fn main() -> ExitCode {
         // In a multi-process job an error on any rank aborts them all.
         Err(e) if hvp_dist::is_distributed() => hvp_dist::fail(&format!("error: {e:#}"), 1),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", error_chain(&e));
+            if e.downcast_ref::<commands::solve::SolveFailed>().is_some() {
+                ExitCode::from(commands::solve::EXIT_SOLVE_FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: library errors often
+/// quote their source in their own message already.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }

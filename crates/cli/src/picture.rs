@@ -5,7 +5,6 @@
 use anyhow::{Context, Result};
 use font8x8::{UnicodeFonts, BASIC_FONTS};
 use image::{Rgb, RgbImage};
-use std::path::Path;
 
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
 pub const BLACK: Rgb<u8> = Rgb([0, 0, 0]);
@@ -85,13 +84,13 @@ impl Canvas {
         }
     }
 
-    /// Encodes as PNG and writes atomically.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// Encodes as PNG.
+    pub fn png(&self) -> Result<Vec<u8>> {
         let mut bytes = Vec::new();
         self.img
             .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
             .context("encoding the PNG")?;
-        hvp_model::io::atomic_write(path, &bytes).with_context(|| format!("writing {}", path.display()))
+        Ok(bytes)
     }
 }
 
@@ -102,7 +101,7 @@ pub struct Tile {
 }
 
 /// Rows of tiles: per test point, the test image then helpful then harmful examples.
-pub fn grid(rows: &[(String, Vec<Tile>)], shape: &[usize], path: &Path) -> Result<()> {
+pub fn grid(rows: &[(String, Vec<Tile>)], shape: &[usize]) -> Result<Vec<u8>> {
     let scale = (96 / shape[1].max(1)).max(1) as i64;
     let (tw, th) = (shape[2] as i64 * scale, shape[1] as i64 * scale);
     let cell_w = tw.max(13 * 8) + 12;
@@ -123,11 +122,11 @@ pub fn grid(rows: &[(String, Vec<Tile>)], shape: &[usize], path: &Path) -> Resul
             }
         }
     }
-    canvas.save(path)
+    canvas.png()
 }
 
 /// Scatter plot of predicted (x) against actual (y) changes with the y = x line.
-pub fn scatter(predicted: &[f64], actual: &[f64], title: &str, path: &Path) -> Result<()> {
+pub fn scatter(predicted: &[f64], actual: &[f64], title: &str) -> Result<Vec<u8>> {
     let (w, h, m) = (520i64, 520i64, 60i64);
     let mut canvas = Canvas::new(w as u32, h as u32);
     let all = predicted.iter().chain(actual);
@@ -151,5 +150,5 @@ pub fn scatter(predicted: &[f64], actual: &[f64], title: &str, path: &Path) -> R
     canvas.text(8, 36, "actual (retrained)", BLACK);
     canvas.text(m, h - m + 6, &format!("{lo:.2e}"), BLACK);
     canvas.text(w - m - 72, h - m + 6, &format!("{hi:.2e}"), BLACK);
-    canvas.save(path)
+    canvas.png()
 }

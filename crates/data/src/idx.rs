@@ -29,8 +29,8 @@ fn read_idx(dir: &Path, stem: &str, magic: u32) -> Result<(PathBuf, Vec<usize>, 
     let (file, file_size) = hvp_io::read::open_regular(&path)?;
     let mut reader = std::io::BufReader::new(file);
     let mut first = [0u8; 2];
-    let gz = reader.fill_buf_peek(&mut first).map_err(|e| DataError::io(&path, e))? == 2
-        && hvp_io::read::is_gzip(&first);
+    let gz =
+        reader.fill_buf_peek(&mut first).map_err(|e| DataError::io(&path, e))? == 2 && hvp_io::read::is_gzip(&first);
     let mut source: Box<dyn Read> = if gz {
         Box::new(MultiGzDecoder::new(reader))
     } else {
@@ -84,7 +84,11 @@ fn read_idx(dir: &Path, stem: &str, magic: u32) -> Result<(PathBuf, Vec<usize>, 
             header + payload
         )));
     }
-    hvp_io::memory::check_fits(payload, &format!("reading {}", path.display()), "use a machine with more memory")?;
+    hvp_io::memory::check_fits(
+        payload,
+        &format!("reading {}", path.display()),
+        "use a machine with more memory",
+    )?;
     let mut bytes = Vec::with_capacity(payload as usize);
     source
         .take(payload)

@@ -170,7 +170,9 @@ pub fn train(
 
 /// Newton's method on `L(θ) + (w/2)‖θ‖²` (Hessian solves by CG on exact products)
 /// until the gradient norm is below `tol`: the exact optimum of a convex
-/// objective, warm-started from `weights`. Returns the steps taken.
+/// objective, warm-started from `weights`. Returns the steps taken; an error
+/// when the gradient norm is still above `tol` after `max_steps` (a retrained
+/// model that is not at its optimum would make leave-one-out checks meaningless).
 pub fn newton(
     model: &Model,
     weights: &mut Weights,
@@ -209,5 +211,13 @@ pub fn newton(
         next.axpy(-1.0, &d);
         weights.params = next.tensors;
     }
-    Ok(max_steps)
+    let problem = Problem::new(model, weights, data, batch_size)?.with_weight_decay(weight_decay);
+    let gnorm = problem.gradient::<f64>(&|_| {})?.value.norm();
+    if gnorm < tol {
+        return Ok(max_steps);
+    }
+    Err(InfluenceError::Training(format!(
+        "Newton's method did not reach the optimum in {max_steps} steps (gradient norm {gnorm:.3e} > {tol:.1e}); \
+         the objective may be non-convex here: use --retrain gd, or a larger --weight-decay"
+    )))
 }

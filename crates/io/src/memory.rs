@@ -12,10 +12,12 @@ pub fn available_bytes() -> Option<u64> {
 
 /// `a × b × …` without overflow, or an error naming `what`.
 pub fn checked_product(dims: &[usize], what: &str) -> Result<usize, IoError> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| IoError::Overflow {
-        what: what.to_string(),
-        detail: format!("the product of {dims:?} exceeds {}", usize::MAX),
-    })
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| IoError::Overflow {
+            what: what.to_string(),
+            detail: format!("the product of {dims:?} exceeds {}", usize::MAX),
+        })
 }
 
 /// Refuses an allocation of `bytes` that the machine cannot hold. `fix` says

@@ -35,11 +35,7 @@ fn folder_of(path: &Path) -> PathBuf {
 /// Creates a new file at exactly `path`, failing if anything (a file, a symlink,
 /// dangling or not) is already there.
 pub fn create_exclusive(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)
+    OpenOptions::new().write(true).create_new(true).mode(0o644).open(path)
 }
 
 /// Checks that `path` can be an output: a file name in an existing folder, not a
@@ -66,7 +62,10 @@ pub fn check_destination(path: &Path) -> Result<(), IoError> {
 fn create_temporary(path: &Path) -> Result<(PathBuf, File), IoError> {
     check_destination(path)?;
     let dir = folder_of(path);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut last = None;
     for _ in 0..16 {
         let tmp = dir.join(format!(".{name}.{}.tmp", unique_suffix()));
@@ -133,7 +132,10 @@ impl Outputs {
     /// The open temporary of an output, for streamed writes.
     pub fn file(&mut self, id: OutputId) -> &mut File {
         // Every temporary stays open from `reserve` until `commit` consumes the set.
-        self.staged[id.0].file.as_mut().expect("temporaries stay open until commit")
+        self.staged[id.0]
+            .file
+            .as_mut()
+            .expect("temporaries stay open until commit")
     }
 
     /// Writes the whole content of an output (replacing what was written).
@@ -143,7 +145,10 @@ impl Outputs {
             path: s.dest.clone(),
             source,
         };
-        let f = s.file.as_mut().ok_or_else(|| err(std::io::Error::other("output already closed")))?;
+        let f = s
+            .file
+            .as_mut()
+            .ok_or_else(|| err(std::io::Error::other("output already closed")))?;
         f.set_len(0).map_err(err)?;
         use std::io::Seek;
         f.seek(std::io::SeekFrom::Start(0)).map_err(err)?;
@@ -151,9 +156,18 @@ impl Outputs {
         Ok(())
     }
 
+    /// Gives up one output: its temporary is removed and its destination left as
+    /// it was (e.g. the solution of a failed solve, when its report is kept).
+    pub fn discard(&mut self, id: OutputId) {
+        let s = &mut self.staged[id.0];
+        s.file = None;
+        let _ = std::fs::remove_file(&s.tmp);
+        s.tmp = PathBuf::new();
+    }
+
     /// Flushes every temporary to disk and renames each onto its destination.
     pub fn commit(mut self) -> Result<(), IoError> {
-        for s in &mut self.staged {
+        for s in self.staged.iter_mut().filter(|s| !s.tmp.as_os_str().is_empty()) {
             if let Some(f) = s.file.take() {
                 f.sync_all().map_err(|source| IoError::Write {
                     path: s.dest.clone(),
@@ -161,7 +175,10 @@ impl Outputs {
                 })?;
             }
         }
-        let staged = std::mem::take(&mut self.staged);
+        let staged: Vec<Staged> = std::mem::take(&mut self.staged)
+            .into_iter()
+            .filter(|s| !s.tmp.as_os_str().is_empty())
+            .collect();
         let mut rest = staged.into_iter();
         while let Some(s) = rest.next() {
             if let Err(source) = std::fs::rename(&s.tmp, &s.dest) {
@@ -178,7 +195,7 @@ impl Outputs {
 
 impl Drop for Outputs {
     fn drop(&mut self) {
-        for s in &self.staged {
+        for s in self.staged.iter().filter(|s| !s.tmp.as_os_str().is_empty()) {
             let _ = std::fs::remove_file(&s.tmp);
         }
     }
@@ -211,7 +228,10 @@ impl Lock {
     /// Takes the lock of `output`. A lock left by a process that no longer
     /// exists (killed) is taken over.
     pub fn acquire(output: &Path) -> Result<Lock, IoError> {
-        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let lock = output.with_file_name(format!("{name}.lock"));
         for _ in 0..2 {
             match create_exclusive(&lock) {
@@ -220,7 +240,9 @@ impl Lock {
                     return Ok(Lock { path: lock });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&lock).ok().and_then(|s| s.trim().parse::<u32>().ok());
+                    let holder = std::fs::read_to_string(&lock)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok());
                     let alive = holder.is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists());
                     let is_symlink = std::fs::symlink_metadata(&lock).is_ok_and(|m| m.file_type().is_symlink());
                     if alive || is_symlink {

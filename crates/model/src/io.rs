@@ -28,7 +28,11 @@ pub struct StoredTensor {
 /// caller decides whether they matter (PyTorch's `num_batches_tracked` is I64).
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Result<StoredTensor, String>>, ModelError> {
     let (_, size) = hvp_io::read::open_regular(path)?;
-    hvp_io::memory::check_fits(size, &format!("reading {}", path.display()), "use a machine with more memory")?;
+    hvp_io::memory::check_fits(
+        size,
+        &format!("reading {}", path.display()),
+        "use a machine with more memory",
+    )?;
     let bytes = hvp_io::read::read_bounded(path, size.max(1 << 20), "a safetensors file")?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),

@@ -1,4 +1,4 @@
-use crate::io::{read_safetensors, write_safetensors};
+use crate::io::read_safetensors;
 use crate::weights::{checked, reject_extra};
 use crate::{Model, ModelError};
 use hvp_tensor::{DType, Tensor};
@@ -59,13 +59,18 @@ impl ParamVector {
 
     /// Writes the vector atomically in `dtype`, one tensor per parameter name.
     pub fn save(&self, model: &Model, path: &Path, dtype: DType) -> Result<(), ModelError> {
+        crate::io::atomic_write(path, &self.safetensors_bytes(model, dtype))
+    }
+
+    /// The vector as a safetensors file in `dtype`, one tensor per parameter.
+    pub fn safetensors_bytes(&self, model: &Model, dtype: DType) -> Vec<u8> {
         let named: Vec<(String, Tensor<f64>)> = model
             .params
             .iter()
             .zip(&self.tensors)
             .map(|(s, t)| (s.name.clone(), t.clone()))
             .collect();
-        write_safetensors(path, &named, dtype)
+        crate::io::safetensors_bytes(&named, dtype, &[])
     }
 
     fn values(&self) -> impl Iterator<Item = &f64> {

@@ -67,13 +67,52 @@ enum Entry {
 
 type Res<T> = Result<T, OnnxError>;
 
-/// Which inputs of an operator are weights (trainable when they are float initializers).
-fn weight_slots(op: &str) -> &'static [usize] {
-    match op {
-        "Conv" | "Gemm" | "BatchNormalization" => &[1, 2],
-        "MatMul" => &[0, 1],
-        _ => &[],
+/// How an operator uses one of its inputs, for deciding what an initializer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InputUse {
+    /// The output depends smoothly on it: a float initializer here is trainable.
+    Differentiable,
+    /// A running statistic (BatchNorm mean and variance): a buffer, not trained.
+    Statistic,
+    /// Read for its value at load time only (shapes, axes, indices, exponents,
+    /// bounds) or for its type: a constant.
+    LoadTime,
+}
+
+/// The use of input `slot` of operator `op`.
+fn input_use(op: &str, slot: usize) -> InputUse {
+    match (op, slot) {
+        ("BatchNormalization", 3 | 4) => InputUse::Statistic,
+        ("Reshape" | "Expand" | "Squeeze" | "Unsqueeze" | "Tile" | "Gather" | "GatherElements", 1)
+        | ("ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "Split" | "TopK" | "CastLike", 1)
+        | ("Pow", 1)
+        | ("Slice", 1..)
+        | ("Pad" | "Dropout" | "Clip" | "Resize" | "Range" | "OneHot" | "Upsample", 1..)
+        | ("Shape" | "Size" | "ConstantOfShape" | "Range" | "EyeLike", 0) => InputUse::LoadTime,
+        _ => InputUse::Differentiable,
     }
+}
+
+/// What an initializer is to hvp, and why (for `hvp params`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Trainable: a float tensor the loss depends on through differentiable ops.
+    Parameter,
+    /// Excluded from the parameters by `--params`.
+    Frozen,
+    /// BatchNorm running statistics.
+    Buffer,
+    /// Integer tensors, and floats read only at load time.
+    Constant,
+}
+
+/// One initializer of the model with its role.
+#[derive(Clone, Debug)]
+pub struct InitializerInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: Role,
+    pub reason: String,
 }
 
 fn is_float_type(t: i32) -> bool {
@@ -204,18 +243,34 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         }
     }
 
-    // Trainable candidates: float initializers at weight inputs, in order of use.
+    // Trainable candidates: float initializers that some operator differentiates
+    // through, in order of first use (PyTorch's state_dict order). Identity
+    // nodes that copy an initializer were turned into initializers above.
+    let is_copy = |node: &NodeProto| {
+        node.op_type == "Identity" && node.output.first().is_some_and(|o| init_index.contains_key(o))
+    };
     let mut candidates: Vec<String> = Vec::new();
-    for node in &graph.node {
-        for &slot in weight_slots(&node.op_type) {
-            if let Some(name) = node.input.get(slot).filter(|n| !n.is_empty()) {
-                if let Some(&i) = init_index.get(name) {
-                    let t = &initializers[i];
-                    let float = matches!(t.data_type, data_type::FLOAT | data_type::DOUBLE);
-                    if float && !candidates.contains(name) {
-                        candidates.push(name.clone());
-                    }
+    let mut first_use: HashMap<String, (InputUse, String)> = HashMap::new();
+    for node in graph.node.iter().filter(|n| !is_copy(n)) {
+        for (slot, name) in node.input.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
+            let Some(&i) = init_index.get(name) else { continue };
+            let usage = input_use(&node.op_type, slot);
+            let label = if node.name.is_empty() {
+                node.op_type.clone()
+            } else {
+                format!("{} '{}'", node.op_type, node.name)
+            };
+            let how = format!("input {slot} of {label}");
+            match first_use.get(name) {
+                Some((InputUse::Differentiable, _)) => {}
+                Some((InputUse::Statistic, _)) if usage != InputUse::Differentiable => {}
+                _ => {
+                    first_use.insert(name.clone(), (usage, how));
                 }
+            }
+            let float = matches!(initializers[i].data_type, data_type::FLOAT | data_type::DOUBLE);
+            if float && usage == InputUse::Differentiable && !candidates.contains(name) {
+                candidates.push(name.clone());
             }
         }
     }
@@ -254,11 +309,36 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         op: String::new(),
     };
     let mut candidate_shapes = Vec::new();
+    let mut roles = Vec::new();
     for t in &initializers {
         let c = Constant::from_proto(t, model_dir).map_err(|reason| model_err(format!("initializer: {reason}")))?;
         if candidates.contains(&t.name) {
             candidate_shapes.push((t.name.clone(), c.shape.clone()));
         }
+        let (usage, how) = first_use
+            .get(&t.name)
+            .cloned()
+            .unwrap_or((InputUse::LoadTime, "used by no operator".into()));
+        let (role, reason) = if selected.contains(&t.name) {
+            (Role::Parameter, format!("float, differentiated through ({how})"))
+        } else if candidates.contains(&t.name) {
+            (
+                Role::Frozen,
+                format!("excluded by --params; would be trainable ({how})"),
+            )
+        } else if usage == InputUse::Statistic {
+            (Role::Buffer, format!("running statistic ({how})"))
+        } else if !c.float {
+            (Role::Constant, format!("integer tensor ({how})"))
+        } else {
+            (Role::Constant, format!("read at load time only ({how})"))
+        };
+        roles.push(InitializerInfo {
+            name: t.name.clone(),
+            shape: c.shape.clone(),
+            role,
+            reason,
+        });
         let entry = if selected.contains(&t.name) {
             imp.params.push(ParamSpec {
                 name: t.name.clone(),
@@ -412,6 +492,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         weights,
         warnings,
         candidates: candidate_shapes,
+        initializers: roles,
     })
 }
 
@@ -562,6 +643,11 @@ impl Importer<'_> {
     fn static_input(&self, node: &NodeProto, k: usize, what: &str) -> Res<Constant> {
         match self.required(node, k)? {
             Entry::Static(c) => Ok(c),
+            Entry::Param(i) => Err(self.err(format!(
+                "{what} (input {k}) is the trainable initializer '{}', but hvp cannot differentiate {} with respect \
+                 to it; exclude it from the parameters with a --params glob that does not match it",
+                self.params[i].name, self.op
+            ))),
             _ => Err(self.dynamic(format!(
                 "{what} (input {k}) is computed per batch; hvp needs it fixed at load time"
             ))),

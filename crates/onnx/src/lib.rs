@@ -9,9 +9,11 @@
 //! * `import`: the translation of nodes into graph operations, with every
 //!   shape inferred at load time so that evaluation cannot fail later.
 //!
-//! Trainable parameters are the float initializers feeding the weight and bias
-//! inputs of Conv, Gemm, MatMul and the scale and bias of BatchNormalization
-//! (optionally restricted by a glob); everything else is a constant.
+//! Trainable parameters are the float initializers that some operator
+//! differentiates through (any input but shapes, axes, indices, exponents and
+//! bounds), except BatchNorm running statistics (buffers); a glob may restrict
+//! them. An operator that would need a derivative hvp cannot take with respect
+//! to a parameter is refused by name.
 
 mod constant;
 mod import;
@@ -20,7 +22,7 @@ pub mod proto;
 use hvp_model::{Model, Weights};
 use std::path::{Path, PathBuf};
 
-pub use import::SUPPORTED_OPS;
+pub use import::{InitializerInfo, Role, SUPPORTED_OPS};
 
 /// Why an ONNX file could not be imported.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,8 @@ pub struct Imported {
     pub warnings: Vec<String>,
     /// Every trainable candidate before `--params` (name, shape), for `hvp params`.
     pub candidates: Vec<(String, Vec<usize>)>,
+    /// Every initializer with its role (parameter, frozen, buffer, constant) and why.
+    pub initializers: Vec<InitializerInfo>,
 }
 
 /// Reads and imports the ONNX model at `path`.

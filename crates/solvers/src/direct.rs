@@ -33,8 +33,21 @@ pub fn dense_matrix(op: &dyn LinearOperator, like: &ParamVector) -> Result<Vec<f
     Ok(m)
 }
 
-/// `(M + λI)⁻¹ g` for the operator `m` (undamped).
+/// Relative residual a direct solve must reach unless told otherwise.
+pub const DEFAULT_TOL: f64 = 1e-6;
+
+/// `(M + λI)⁻¹ g` for the operator `m` (undamped), to [`DEFAULT_TOL`].
 pub fn solve(m: &dyn LinearOperator, damping: f64, g: &ParamVector) -> Result<(ParamVector, SolveReport), SolverError> {
+    solve_to(m, damping, g, DEFAULT_TOL)
+}
+
+/// `(M + λI)⁻¹ g`, failed unless the exact relative residual is ≤ `tol`.
+pub fn solve_to(
+    m: &dyn LinearOperator,
+    damping: f64,
+    g: &ParamVector,
+    tol: f64,
+) -> Result<(ParamVector, SolveReport), SolverError> {
     let n = m.dim();
     if n > MAX_PARAMS {
         return Err(SolverError::TooLarge {
@@ -50,10 +63,8 @@ pub fn solve(m: &dyn LinearOperator, damping: f64, g: &ParamVector) -> Result<(P
     }
     let b = g.to_flat();
     let mut report = SolveReport {
-        solver: "direct".into(),
         iterations: 1,
-        converged: true,
-        ..Default::default()
+        ..SolveReport::exact("direct", tol)
     };
     let x = match cholesky_solve(n, &a, &b) {
         Some(x) => x,

@@ -801,13 +801,11 @@ pub fn solve(
     let p0 = exact.products();
     let x = factors.inverse_product(g, damping);
     let report = SolveReport {
-        solver: match factors.kind {
-            FactorKind::Kfac => "kfac".into(),
-            FactorKind::Ekfac => "ekfac".into(),
-        },
         iterations: 1,
-        converged: true,
-        ..Default::default()
+        ..SolveReport::approximate(match factors.kind {
+            FactorKind::Kfac => "kfac",
+            FactorKind::Ekfac => "ekfac",
+        })
     };
     let report = finish(exact, g, &x, report, p0, start)?;
     Ok((x, report))

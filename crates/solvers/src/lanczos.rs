@@ -143,10 +143,8 @@ pub fn solve(
     let mut order: Vec<usize> = (0..ritz.values.len()).collect();
     order.sort_by(|&a, &b| ritz.values[b].abs().total_cmp(&ritz.values[a].abs()));
     let mut report = SolveReport {
-        solver: "arnoldi".into(),
         iterations: ritz.values.len(),
-        converged: true,
-        ..Default::default()
+        ..SolveReport::approximate("arnoldi")
     };
     let mut x = g.zeros_like();
     let mut kept = Vec::new();

@@ -22,7 +22,7 @@ mod operator;
 mod report;
 
 pub use operator::{CurvatureOperator, Damped, LinearOperator};
-pub use report::{finish, SolveReport};
+pub use report::{finish, SolveReport, SolveStatus};
 
 use hvp_curvature::CurvatureError;
 

@@ -41,10 +41,7 @@ pub fn solve(
     let start = Instant::now();
     let p0 = exact.products();
     let mut minibatch = 0usize;
-    let mut report = SolveReport {
-        solver: "lissa".into(),
-        ..Default::default()
-    };
+    let mut report = SolveReport::approximate("lissa");
     let scale = match opts.scale {
         Some(s) if s > 0.0 => s,
         Some(s) => return Err(SolverError::BadOption(format!("--scale must be positive, got {s}"))),
@@ -105,7 +102,6 @@ pub fn solve(
     total.scale(1.0 / opts.repeats.max(1) as f64);
     report.iterations = opts.depth * opts.repeats.max(1);
     report.minibatch_products = Some(minibatch);
-    report.converged = true;
     let report = finish(exact, g, &total, report, p0, start)?;
     Ok((total, report))
 }

@@ -2,10 +2,39 @@ use crate::{LinearOperator, SolverError};
 use hvp_model::ParamVector;
 use serde::Serialize;
 
+/// The outcome of a solve, judged on the exact residual.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SolveStatus {
+    /// An exact method (direct, CG, PCG) whose residual is within the tolerance.
+    Converged,
+    /// A structured or truncated approximation (K-FAC, EK-FAC, Arnoldi, LiSSA):
+    /// its residual is reported, it is never called converged.
+    #[default]
+    Approximate,
+    /// Tolerance not reached, negative curvature, divergence or a non-finite
+    /// result: the solution must not be used as if it were `(M + λI)⁻¹ g`.
+    Failed,
+}
+
+impl SolveStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            SolveStatus::Converged => "converged",
+            SolveStatus::Approximate => "approximate",
+            SolveStatus::Failed => "failed",
+        }
+    }
+}
+
 /// What a solver did and how accurate its answer is.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SolveReport {
     pub solver: String,
+    /// converged / approximate / failed, from the exact residual.
+    pub status: SolveStatus,
+    /// The relative residual an exact method must reach (`None` for approximations).
+    pub tolerance: Option<f64>,
     pub iterations: usize,
     /// Curvature-vector products over the data used by the solve, including the
     /// final residual check (mini-batch products of LiSSA counted separately).
@@ -15,7 +44,11 @@ pub struct SolveReport {
     pub seconds: f64,
     /// `‖(M+λI)x − g‖ / ‖g‖` with the exact operator.
     pub relative_residual: f64,
+    /// `status == converged` (kept for readers of earlier reports).
     pub converged: bool,
+    /// Why the solve failed and what to change (set when `status` is failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     pub warnings: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eigenvalues: Option<Vec<f64>>,
@@ -23,7 +56,42 @@ pub struct SolveReport {
     pub scale: Option<f64>,
 }
 
-/// Fills in the exact relative residual of `x` (one more product) and the totals.
+impl SolveReport {
+    /// A report for an exact method that must reach `tolerance`.
+    pub fn exact(solver: &str, tolerance: f64) -> Self {
+        SolveReport {
+            solver: solver.into(),
+            tolerance: Some(tolerance),
+            ..Default::default()
+        }
+    }
+
+    /// A report for a structured or truncated approximation.
+    pub fn approximate(solver: &str) -> Self {
+        SolveReport {
+            solver: solver.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Marks the solve failed (the first reason is kept).
+    pub fn fail(&mut self, reason: String) {
+        self.status = SolveStatus::Failed;
+        self.converged = false;
+        self.failure.get_or_insert(reason);
+    }
+
+    /// True unless the solve failed.
+    pub fn usable(&self) -> bool {
+        self.status != SolveStatus::Failed
+    }
+}
+
+/// Fills in the exact relative residual of `x` (one more product), the totals,
+/// and the status: a non-finite solution or residual fails every method; an
+/// exact method converges only when the exact residual is within its tolerance;
+/// an approximation stays approximate and is flagged when its residual is ≥ 1
+/// (worse than returning x = 0).
 pub fn finish(
     op: &dyn LinearOperator,
     g: &ParamVector,
@@ -32,10 +100,42 @@ pub fn finish(
     start_products: usize,
     start: std::time::Instant,
 ) -> Result<SolveReport, SolverError> {
-    let mut r = op.apply(x)?;
-    r.axpy(-1.0, g);
-    report.relative_residual = r.norm() / g.norm().max(f64::MIN_POSITIVE);
+    let residual = if x.norm().is_finite() {
+        let mut r = op.apply(x)?;
+        r.axpy(-1.0, g);
+        r.norm() / g.norm().max(f64::MIN_POSITIVE)
+    } else {
+        f64::NAN
+    };
+    report.relative_residual = residual;
     report.products = op.products() - start_products;
     report.seconds = start.elapsed().as_secs_f64();
+    if !residual.is_finite() {
+        report.fail(format!(
+            "the solution (or its residual) is not finite: M + λI is singular or the products overflow; increase \
+             --damping or use --dtype f64 (relative residual {residual})"
+        ));
+    }
+    match (report.status, report.tolerance) {
+        (SolveStatus::Failed, _) => {}
+        (_, Some(tol)) if residual <= tol => {
+            report.status = SolveStatus::Converged;
+        }
+        (_, Some(tol)) => report.fail(format!(
+            "relative residual {residual:.3e} is above the tolerance {tol:.1e}: raise --max-iter, use --solver pcg, \
+             increase --damping, or loosen --tol"
+        )),
+        (_, None) => {
+            report.status = SolveStatus::Approximate;
+            if residual >= 1.0 {
+                report.warnings.push(format!(
+                    "APPROXIMATION WORSE THAN ZERO: {} gives relative residual {residual:.3e} ≥ 1, so x = 0 would be \
+                     closer to (M + λI)⁻¹ g; increase --damping, use --curvature ggn, or use an exact solver (cg, pcg)",
+                    report.solver
+                ));
+            }
+        }
+    }
+    report.converged = report.status == SolveStatus::Converged;
     Ok(report)
 }

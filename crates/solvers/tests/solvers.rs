@@ -204,12 +204,13 @@ fn indefinite_hessian_is_reported_and_lissa_divergence_is_an_error() {
         "cg",
     )
     .unwrap();
+    // Negative curvature is a failed solve, with the reason and the fix.
+    assert_eq!(rep.status, hvp_solvers::SolveStatus::Failed, "{rep:?}");
+    assert!(!rep.converged);
+    let why = rep.failure.as_deref().unwrap_or("");
     assert!(
-        rep.warnings
-            .iter()
-            .any(|w| w.contains("negative curvature") && w.contains("--curvature ggn")),
-        "{:?}",
-        rep.warnings
+        why.contains("negative curvature") && why.contains("--curvature ggn"),
+        "{why}"
     );
 
     // A scale far below λ_max makes the recursion blow up: an error, not a NaN.

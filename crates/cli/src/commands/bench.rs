@@ -21,11 +21,11 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "100,1000,4000")]
     pub sizes: Vec<usize>,
     /// Timed repeats per measurement (the median is reported), after one warm-up.
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 3)]
     pub repeats: usize,
-    #[arg(long, default_value_t = 250)]
+    #[arg(value_parser = crate::checks::batch_size, long, default_value_t = 250)]
     pub batch_size: usize,
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::threads, long)]
     pub threads: Option<usize>,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,

@@ -25,13 +25,13 @@ pub struct CompareArgs {
     pub rhs: PathBuf,
     #[arg(long, value_enum, default_value = "ggn")]
     pub curvature: CurvatureArg,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.01)]
     pub damping: f64,
     /// LiSSA depth (its accuracy depends on it; see the truncation warning).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 1000)]
     pub depth: usize,
     /// Arnoldi rank.
-    #[arg(long, default_value_t = 50)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 50)]
     pub rank: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -57,8 +57,15 @@ pub fn run(a: CompareArgs) -> Result<()> {
         seed: a.seed,
         factors: None,
         fisher: FisherArg::Mc,
+        keep_unconverged: false,
     };
     let (reference, rref) = run_solver(&problem, &opts(SolverArg::Cg, 1e-10, 2000), dtype, &g)?;
+    if !rref.usable() {
+        return Err(super::solve::failed(
+            &rref,
+            "the reference CG did not converge, so no comparison was made",
+        ));
+    }
     println!(
         "{:?} of {} over {} examples ({} parameters), λ = {}, {dtype}; reference: CG to {:.1e} residual ({} iterations)\n",
         a.curvature,

@@ -36,11 +36,11 @@ pub struct DemoArgs {
     #[arg(long, value_delimiter = ',', default_value = "100,250,500")]
     pub subsets: Vec<usize>,
     /// Random subsets per m.
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 3)]
     pub repeats: usize,
-    #[arg(long, default_value_t = 250)]
+    #[arg(value_parser = crate::checks::batch_size, long, default_value_t = 250)]
     pub batch_size: usize,
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::threads, long)]
     pub threads: Option<usize>,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
@@ -239,7 +239,8 @@ fn influence_part(a: &DemoArgs, dir: &std::path::Path, data: &dyn Dataset, model
         ));
     }
     let path = a.out_dir.join("influence.png");
-    super::influence::draw(&path, &problem, &test, &queries, 4)?;
+    let png = super::influence::draw(&problem, &test, &queries, 4)?;
+    hvp_model::io::atomic_write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
     println!(
         "EK-FAC factors (true Fisher, one sampled label per image, from 400 training images), s_test = (F + λI)⁻¹∇ℓ(z_test) with \
          λ = {damping} + weight decay, and the scores of all {} training images for 3 test images by one \
@@ -325,11 +326,11 @@ fn mislabel_part(a: &DemoArgs, dir: &std::path::Path, dtype: DType) -> Result<()
         })
         .collect::<Result<Vec<_>>>()?;
     let path = a.out_dir.join("self-influence.png");
-    grid(
+    let png = grid(
         &[("highest self-influence (red: label was flipped)".to_string(), tiles)],
         &shape,
-        &path,
     )?;
+    hvp_model::io::atomic_write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
     println!("\nPicture of the 12 highest: {}", path.display());
     Ok(())
 }

@@ -14,7 +14,7 @@ pub struct GradArgs {
     pub run: RunArgs,
     /// L2 coefficient w of the training objective L + (w/2)‖θ‖² (adds w·θ to the
     /// gradient and w·I to the curvature).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Output safetensors file: one tensor per trainable parameter, in the compute dtype.
     #[arg(long)]

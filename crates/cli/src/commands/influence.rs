@@ -7,8 +7,8 @@
 //! (JVP of the per-example losses along s_test), never per-example gradients.
 
 use super::solve::{report_json, run_solver, SolverOptions};
-use super::write_json;
 use crate::args::{load_model, open_data_spec, set_threads, ModelArgs, RunArgs};
+use crate::output::Outputs;
 use crate::picture::{grid, Tile, BLACK, GREEN, RED};
 use crate::report::{summary, Progress};
 use anyhow::{bail, Context, Result};
@@ -38,23 +38,23 @@ pub struct InfluenceArgs {
     #[arg(long, value_delimiter = ',')]
     pub test_indices: Option<Vec<usize>>,
     /// Zero-pad images of both sets by P pixels.
-    #[arg(long, default_value_t = 0)]
+    #[arg(value_parser = crate::checks::pad, long, default_value_t = 0)]
     pub pad: usize,
     /// Keep only these classes of both sets, relabelled 0, 1, … (e.g. 1,7).
     #[arg(long, value_delimiter = ',')]
     pub classes: Option<Vec<usize>>,
     /// Use only the first N training examples.
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::limit, long)]
     pub limit_train: Option<usize>,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]
     pub solver: SolverOptions,
     /// L2 coefficient of the training objective (adds w·I to the curvature).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Helpful and harmful examples listed per test point.
-    #[arg(long, default_value_t = 5)]
+    #[arg(value_parser = crate::checks::small_count, long, default_value_t = 5)]
     pub top: usize,
     /// Scores as CSV: train_index,test_index,score,label.
     #[arg(long)]
@@ -71,14 +71,13 @@ pub struct InfluenceArgs {
     pub picture: Option<PathBuf>,
 }
 
-/// Draws the influence grid for the explained test points.
+/// Draws the influence grid for the explained test points (PNG bytes).
 pub fn draw(
-    path: &Path,
     problem: &Problem,
     test: &dyn Dataset,
     queries: &[(usize, serde_json::Value)],
     top: usize,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let shape = test.sample_shape();
     if shape.len() != 3 {
         bail!("--picture needs image data [C, H, W], these examples have shape {shape:?}");
@@ -125,7 +124,7 @@ pub fn draw(
             tiles,
         ));
     }
-    grid(&rows, &shape, path)
+    grid(&rows, &shape)
 }
 
 /// One explained test point.
@@ -133,6 +132,10 @@ pub struct Query {
     pub scores: Vec<f64>,
     pub meta: serde_json::Value,
 }
+
+/// The CSV header of the scores: solve status and residual repeat the test
+/// point's, so every row says how far its s_test is from (M + λI)⁻¹ ∇ℓ(z_t).
+pub const CSV_HEADER: &str = "train_index,test_index,score,label,solve_status,relative_residual";
 
 /// Top-k helpful (largest) and harmful (smallest) training indices.
 pub fn top_k(scores: &[f64], k: usize) -> (Vec<usize>, Vec<usize>) {
@@ -156,6 +159,16 @@ pub fn explain(
     let test_problem = Problem::new(train.model, train.weights, &one, 1)?;
     let g = test_problem.gradient::<f64>(&|_| {})?;
     let (s_test, report) = run_solver(train, opts, dtype, &g.value)?;
+    if !report.usable() {
+        super::solve::print_report(&report);
+        if !opts.keep_unconverged {
+            return Err(super::solve::failed(
+                &report,
+                &format!("test example {t} was not scored and no scores were written"),
+            ));
+        }
+        eprintln!("warning (test {t}): scoring from a FAILED solve (--keep-unconverged); the scores are not influence");
+    }
     let n = train.data.len() as f64;
     let scores: Vec<f64> = match dtype {
         DType::F32 => train.loss_directional::<f32>(&s_test, progress)?,
@@ -168,6 +181,8 @@ pub fn explain(
         "test_index": t,
         "label": test.label(t),
         "test_loss": g.loss,
+        "solve_status": report.status.name(),
+        "relative_residual": report.relative_residual,
         "solver_report": report_json(&report, opts, train.data.len(), dtype),
     });
     if !report.warnings.is_empty() {
@@ -179,16 +194,23 @@ pub fn explain(
     Ok(Query { scores, meta })
 }
 
-/// A partial-result file, written (and fsynced) only by rank 0.
+/// A partial-result file, written (and fsynced) only by rank 0. Created
+/// exclusively: whatever was at its name (an old partial file, a planted
+/// symlink) is removed first, never opened.
 struct PartialFile(Option<std::fs::File>);
 
 impl PartialFile {
     fn create(path: &Path, root: bool) -> Result<Self> {
-        Ok(PartialFile(if root {
-            Some(std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?)
-        } else {
-            None
-        }))
+        if !root {
+            return Ok(PartialFile(None));
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing the old {}", path.display())),
+        }
+        let f = hvp_io::write::create_exclusive(path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(PartialFile(Some(f)))
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
@@ -216,11 +238,116 @@ fn partial_paths(out: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
-/// Test points whose rows and metadata are complete in the partial files.
-fn completed(csv: &Path, meta: &Path, n: usize) -> Result<Vec<(usize, serde_json::Value)>> {
+/// FNV-1a, 64 bits: a content hash that does not change between builds.
+fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Content hash of a file given on the command line (for the fingerprint).
+fn file_hash(path: &Path) -> Result<String> {
+    let (mut f, _) = hvp_io::read::open_regular(path)?;
+    let mut h = FNV_OFFSET;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h = fnv1a(&buf[..n], h);
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Content hash of a dataset: every label, and the inputs of its first and
+/// last examples (a full pass would cost as much as scoring).
+fn data_hash(ds: &dyn Dataset) -> Result<String> {
+    let mut h = FNV_OFFSET;
+    for i in 0..ds.len() {
+        h = fnv1a(&(ds.label(i) as u64).to_le_bytes(), h);
+    }
+    let n = ds.len();
+    let ends: Vec<usize> = (0..n.min(64)).chain(n.saturating_sub(64).max(n.min(64))..n).collect();
+    let mut b = hvp_data::Batch::default();
+    ds.read(&ends, &mut b)?;
+    for v in b.x.iter().chain(&b.targets) {
+        h = fnv1a(&v.to_le_bytes(), h);
+    }
+    Ok(format!("{n}:{h:016x}"))
+}
+
+/// Everything that determines the scores of a run: a resumed run must match
+/// it field by field.
+fn fingerprint(a: &InfluenceArgs, train: &dyn Dataset, test: &dyn Dataset) -> Result<serde_json::Value> {
+    let hash_opt = |p: &Option<PathBuf>| p.as_deref().map(file_hash).transpose();
+    let o = &a.solver;
+    Ok(serde_json::json!({
+        "model": a.model.model.as_ref().map(|p| p.display().to_string()),
+        "model_hash": hash_opt(&a.model.model)?,
+        "arch": a.model.arch,
+        "weights_hash": hash_opt(&a.model.weights)?,
+        "params": a.model.params,
+        "loss": format!("{:?}", a.model.loss),
+        "train_data": data_hash(train)?,
+        "test_data": data_hash(test)?,
+        "test_indices": a.test_indices.clone().unwrap_or_else(|| vec![0]),
+        "dtype": format!("{:?}", a.run.dtype),
+        "weight_decay": a.weight_decay,
+        "solver": format!("{:?}", o.solver),
+        "curvature": format!("{:?}", o.curvature),
+        "damping": o.damping,
+        "tol": o.tol,
+        "max_iter": o.max_iter,
+        "depth": o.depth,
+        "repeats": o.repeats,
+        "scale": o.scale,
+        "lissa_batch": o.lissa_batch,
+        "rank": o.rank,
+        "seed": o.seed,
+        "factors_hash": hash_opt(&o.factors)?,
+        "fisher": format!("{:?}", o.fisher),
+        "keep_unconverged": o.keep_unconverged,
+    }))
+}
+
+/// Test points whose rows and metadata are complete in the partial files,
+/// after checking the partial files were written by the same configuration.
+fn completed(
+    csv: &Path,
+    meta: &Path,
+    n: usize,
+    expected: &serde_json::Value,
+) -> Result<Vec<(usize, serde_json::Value)>> {
     let (Ok(c), Ok(m)) = (std::fs::File::open(csv), std::fs::read_to_string(meta)) else {
         return Ok(vec![]);
     };
+    let mut lines = m.lines().filter(|l| !l.trim().is_empty());
+    let recorded: serde_json::Value = lines
+        .next()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v.get("fingerprint").cloned())
+        .unwrap_or(serde_json::Value::Null);
+    if &recorded != expected {
+        let differs: Vec<String> = match (recorded.as_object(), expected.as_object()) {
+            (Some(r), Some(e)) => e
+                .iter()
+                .filter(|(k, v)| r.get(*k) != Some(v))
+                .map(|(k, v)| format!("{k}: {} then, {v} now", r.get(k).unwrap_or(&serde_json::Value::Null)))
+                .collect(),
+            _ => vec!["the partial file records no configuration".into()],
+        };
+        bail!(
+            "--resume: {} was written by a run with another configuration ({}); rerun with the original options, \
+             or without --resume to start over",
+            meta.display(),
+            differs.join("; ")
+        );
+    }
     let mut counts = std::collections::BTreeMap::<usize, usize>::new();
     for line in std::io::BufReader::new(c).lines().skip(1) {
         let line = line?;
@@ -229,11 +356,13 @@ fn completed(csv: &Path, meta: &Path, n: usize) -> Result<Vec<(usize, serde_json
         }
     }
     let mut done = Vec::new();
-    for line in m.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).context("reading the partial metadata")?;
-        let t = v["test_index"]
-            .as_u64()
-            .context("partial metadata without test_index")? as usize;
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue; // a line cut by the interruption
+        };
+        let Some(t) = v["test_index"].as_u64().map(|t| t as usize) else {
+            continue;
+        };
         if counts.get(&t) == Some(&n) {
             done.push((t, v));
         }
@@ -243,7 +372,19 @@ fn completed(csv: &Path, meta: &Path, n: usize) -> Result<Vec<(usize, serde_json
 
 pub fn run(a: InfluenceArgs) -> Result<()> {
     set_threads(a.run.threads)?;
+    let root = hvp_dist::is_root();
+    // One run per output at a time: a second fails here, before any work.
+    let _lock = if root {
+        Some(hvp_io::write::Lock::acquire(&a.out)?)
+    } else {
+        None
+    };
+    let mut outputs = Outputs::new();
+    let out_slot = outputs.reserve(&a.out)?;
+    let json_slot = outputs.reserve_opt(a.json.as_ref())?;
+    let picture_slot = outputs.reserve_opt(a.picture.as_ref())?;
     let (model, weights) = load_model(&a.model)?;
+    crate::args::check_weights_fit(&model, &weights, a.run.dtype.into())?;
     let train_src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
     let train_view = Subset::first(train_src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
     let test = open_data_spec(&a.test, a.pad, a.classes.as_deref())?;
@@ -262,10 +403,10 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let n = train_view.len();
     let dtype: DType = a.run.dtype.into();
     let (partial_csv, partial_meta) = partial_paths(&a.out);
+    let config = fingerprint(&a, &train_view, test.as_ref())?;
     // Only rank 0 reads and writes the partial files (one process: always).
-    let root = hvp_dist::is_root();
     let mut done = if a.resume && root {
-        completed(&partial_csv, &partial_meta, n)?
+        completed(&partial_csv, &partial_meta, n, &config)?
     } else {
         vec![]
     };
@@ -287,11 +428,12 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
         }
     }
     let mut csv = PartialFile::create(&partial_csv, root)?;
-    writeln!(csv, "train_index,test_index,score,label")?;
+    writeln!(csv, "{CSV_HEADER}")?;
     for r in &kept_rows {
         writeln!(csv, "{r}")?;
     }
     let mut meta_file = PartialFile::create(&partial_meta, root)?;
+    writeln!(meta_file, "{}", serde_json::json!({ "fingerprint": config }))?;
     for (_, m) in &done {
         writeln!(meta_file, "{m}")?;
     }
@@ -318,9 +460,14 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let start = Instant::now();
     for &t in &todo {
         let q = explain(&problem, test.as_ref(), t, &a.solver, dtype, &|k| progress.advance(k))?;
-        let mut block = String::with_capacity(n * 32);
+        let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
+        let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
+        let mut block = String::with_capacity(n * 48);
         for (i, s) in q.scores.iter().enumerate() {
-            block.push_str(&format!("{i},{t},{s:.9e},{}\n", train_view.label(i)));
+            block.push_str(&format!(
+                "{i},{t},{s:.9e},{},{status},{residual:.3e}\n",
+                train_view.label(i)
+            ));
         }
         csv.write_all(block.as_bytes())?;
         csv.sync_data()?;
@@ -337,30 +484,35 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     progress.finish();
     drop(csv);
     drop(meta_file);
-    if root {
-        std::fs::rename(&partial_csv, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-        let _ = std::fs::remove_file(&partial_meta);
-    }
     done.sort_by_key(|d| indices.iter().position(|&t| t == d.0));
-    if let Some(path) = &a.picture {
-        draw(path, &problem, test.as_ref(), &done, a.top)?;
+    if let Some(slot) = picture_slot {
+        let png = draw(&problem, test.as_ref(), &done, a.top)?;
+        outputs.put(slot, &png)?;
     }
-    if let Some(path) = &a.json {
-        write_json(
-            path,
-            &serde_json::json!({
-                "convention": CONVENTION,
-                "model": model.arch.to_string(),
-                "train": a.train,
-                "test": a.test,
-                "train_examples": n,
-                "damping": a.solver.damping,
-                "weight_decay": a.weight_decay,
-                "curvature": format!("{:?}", a.solver.curvature).to_lowercase(),
-                "solver": format!("{:?}", a.solver.solver).to_lowercase(),
-                "queries": done.iter().map(|d| d.1.clone()).collect::<Vec<_>>(),
-            }),
-        )?;
+    if let Some(slot) = json_slot {
+        let value = serde_json::json!({
+            "convention": CONVENTION,
+            "model": model.arch.to_string(),
+            "train": a.train,
+            "test": a.test,
+            "train_examples": n,
+            "damping": a.solver.damping,
+            "weight_decay": a.weight_decay,
+            "curvature": format!("{:?}", a.solver.curvature).to_lowercase(),
+            "solver": format!("{:?}", a.solver.solver).to_lowercase(),
+            "queries": done.iter().map(|d| d.1.clone()).collect::<Vec<_>>(),
+        });
+        outputs.put(slot, (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
+    }
+    if let Some(file) = outputs.file(out_slot) {
+        let mut partial =
+            std::fs::File::open(&partial_csv).with_context(|| format!("reading {}", partial_csv.display()))?;
+        std::io::copy(&mut partial, file).with_context(|| format!("writing {}", a.out.display()))?;
+    }
+    outputs.commit()?;
+    if root {
+        let _ = std::fs::remove_file(&partial_csv);
+        let _ = std::fs::remove_file(&partial_meta);
     }
     if !a.run.quiet {
         for (t, m) in &done {

@@ -33,6 +33,7 @@ pub enum PassKind<'a> {
 pub fn setup(model_args: &ModelArgs, data_args: &DataArgs, run: &RunArgs) -> Result<(Model, Weights, LoadedData)> {
     set_threads(run.threads)?;
     let (model, weights) = load_model(model_args)?;
+    crate::args::check_weights_fit(&model, &weights, run.dtype.into())?;
     let data = load_data(data_args)?;
     crate::args::check_loss(model_args.loss, &data.view())?;
     injected_failure()?;

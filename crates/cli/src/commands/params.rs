@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use hvp_onnx::Role;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -26,17 +27,31 @@ pub fn run(a: ParamsArgs) -> Result<()> {
         eprintln!("warning: {}: {w}", a.model.display());
     }
     let selected: Vec<&str> = imported.model.param_names();
-    println!("| parameter | shape | elements | trainable |");
-    println!("|---|---|---|---|");
+    println!("| initializer | shape | elements | trainable | role | why |");
+    println!("|---|---|---|---|---|---|");
     let (mut total, mut chosen) = (0usize, 0usize);
-    for (name, shape) in &imported.candidates {
-        let n: usize = shape.iter().product();
-        let on = selected.contains(&name.as_str());
-        total += n;
+    for info in &imported.initializers {
+        let n: usize = info.shape.iter().product();
+        let on = selected.contains(&info.name.as_str());
+        if matches!(info.role, Role::Parameter | Role::Frozen) {
+            total += n;
+        }
         if on {
             chosen += n;
         }
-        println!("| {name} | {shape:?} | {n} | {} |", if on { "yes" } else { "no" });
+        let role = match info.role {
+            Role::Parameter => "parameter",
+            Role::Frozen => "frozen",
+            Role::Buffer => "buffer",
+            Role::Constant => "constant",
+        };
+        println!(
+            "| {} | {:?} | {n} | {} | {role} | {} |",
+            info.name,
+            info.shape,
+            if on { "yes" } else { "no" },
+            info.reason
+        );
     }
     println!(
         "{} of {} parameter tensors trainable: {chosen} of {total} scalars; {} constant buffers (running statistics, shape constants, frozen weights)",

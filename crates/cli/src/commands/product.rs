@@ -14,7 +14,7 @@ pub struct ProductArgs {
     #[command(flatten)]
     pub run: RunArgs,
     /// L2 coefficient w of the training objective L + (w/2)‖θ‖² (adds w·I to the curvature).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Direction v: one tensor per trainable parameter, same names and shapes as the weights.
     #[arg(long)]

@@ -28,10 +28,10 @@ pub struct SelfInfluenceArgs {
     pub factors: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "mc")]
     pub fisher: FisherArg,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 1e-3)]
     pub damping: f64,
     /// L2 coefficient of the training objective (added to the damping).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -42,6 +42,13 @@ pub struct SelfInfluenceArgs {
 
 /// Self-influence of every example (in dataset order).
 pub fn compute(a: &SelfInfluenceArgs, problem: &Problem, progress: &dyn Fn(usize)) -> Result<Vec<f64>> {
+    if a.damping + a.weight_decay == 0.0 {
+        anyhow::bail!(
+            "--damping 0 (and no --weight-decay): the factored curvature is singular wherever a layer has fewer \
+             examples than inputs, so (F̂ + λI)⁻¹ is undefined and every score would be NaN; give --damping > 0 \
+             (the default is 1e-3)"
+        );
+    }
     let factors = match &a.factors {
         Some(p) => Factors::load(problem.model, p).with_context(|| format!("reading {}", p.display()))?,
         None => Factors::compute(
@@ -65,6 +72,14 @@ pub fn run(a: SelfInfluenceArgs) -> Result<()> {
     let start = Instant::now();
     let values = compute(&a, &problem, &|n| progress.advance(n))?;
     progress.finish();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!(
+            "the self-influence of example {i} is {} (singular or overflowing factors); nothing was written to {}; \
+             increase --damping or use --dtype f64",
+            values[i],
+            a.out.display()
+        );
+    }
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&x, &y| values[y].total_cmp(&values[x]).then(x.cmp(&y)));
     let mut text = String::from("rank,train_index,self_influence,label\n");

@@ -1,7 +1,8 @@
 //! `hvp solve`: `x = (M + λI)⁻¹ g` by a chosen solver, with a report of its accuracy.
 
-use super::{load_vector, save_vector, setup, write_json};
+use super::{load_vector, setup};
 use crate::args::{CurvatureArg, DataArgs, ModelArgs, RunArgs};
+use crate::output::Outputs;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use hvp_curvature::{Curvature, Problem};
@@ -10,7 +11,7 @@ use hvp_model::ParamVector;
 use hvp_solvers::cg::CgOptions;
 use hvp_solvers::kfac::{FactorKind, Factors, FisherKind};
 use hvp_solvers::lissa::LissaOptions;
-use hvp_solvers::{cg, direct, kfac, lanczos, lissa, CurvatureOperator, Damped, SolveReport, SolverError};
+use hvp_solvers::{cg, direct, kfac, lanczos, lissa, CurvatureOperator, Damped, SolveReport, SolveStatus, SolverError};
 use hvp_tensor::DType;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
@@ -63,28 +64,28 @@ pub struct SolverOptions {
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
     /// λ in (M + λI).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub damping: f64,
     /// cg: relative residual to stop at.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(value_parser = crate::checks::tolerance, long, default_value_t = 1e-6)]
     pub tol: f64,
     /// cg: iteration cap.
-    #[arg(long, default_value_t = 100)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 100)]
     pub max_iter: usize,
     /// lissa: recursion depth.
-    #[arg(long, default_value_t = 200)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 200)]
     pub depth: usize,
     /// lissa: independent recursions averaged.
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 1)]
     pub repeats: usize,
     /// lissa: scale (default 1.5 × a power-iteration estimate of λ_max).
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::positive, long)]
     pub scale: Option<f64>,
     /// lissa: examples per sampled mini-batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 32)]
     pub lissa_batch: usize,
     /// arnoldi: number of eigenpairs kept (= Lanczos steps).
-    #[arg(long, default_value_t = 50)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 50)]
     pub rank: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -94,6 +95,38 @@ pub struct SolverOptions {
     /// kfac, ekfac, pcg: how factors are computed when --factors is absent.
     #[arg(long, value_enum, default_value = "mc")]
     pub fisher: FisherArg,
+    /// Write the solution (and, in influence, the scores) even when the solve
+    /// failed (tolerance not reached, negative curvature); the report says so.
+    /// Without it a failed solve writes no solution and exits with code 3.
+    #[arg(long)]
+    pub keep_unconverged: bool,
+}
+
+/// A solve that did not reach its tolerance (exit code 3).
+#[derive(Debug)]
+pub struct SolveFailed(pub String);
+
+impl std::fmt::Display for SolveFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SolveFailed {}
+
+/// The exit code of a failed solve.
+pub const EXIT_SOLVE_FAILED: u8 = 3;
+
+/// The error for a failed solve: residual, reason, the fix, and `consequence`
+/// (what was not written).
+pub fn failed(report: &SolveReport, consequence: &str) -> anyhow::Error {
+    anyhow::Error::new(SolveFailed(format!(
+        "{} solve failed: {} (relative residual ‖(M+λI)x − g‖/‖g‖ = {:.3e}); {consequence}; pass \
+         --keep-unconverged to use the unconverged result anyway",
+        report.solver,
+        report.failure.as_deref().unwrap_or("tolerance not reached"),
+        report.relative_residual
+    )))
 }
 
 #[derive(Args)]
@@ -137,7 +170,7 @@ pub fn run_solver(
         damping: opts.damping,
     };
     match opts.solver {
-        SolverArg::Direct => direct::solve(&op, opts.damping, g),
+        SolverArg::Direct => direct::solve_to(&op, opts.damping, g, opts.tol),
         SolverArg::Cg => cg::solve(
             &damped,
             g,
@@ -150,6 +183,17 @@ pub fn run_solver(
         ),
         SolverArg::Arnoldi => lanczos::solve(&op, opts.damping, g, opts.rank, opts.seed),
         SolverArg::Kfac | SolverArg::Ekfac | SolverArg::Pcg => {
+            if opts.damping == 0.0 {
+                return Err(SolverError::BadOption(
+                    format!(
+                        "--solver {:?} with --damping 0: the Kronecker factors are singular wherever a layer has \
+                     fewer examples than inputs, so their inverse is undefined; give a damping > 0 (e.g. 1e-3, or \
+                     a small fraction of the mean eigenvalue that `hvp spectrum` reports)",
+                        opts.solver
+                    )
+                    .to_lowercase(),
+                ));
+            }
             let want = if opts.solver == SolverArg::Kfac {
                 FactorKind::Kfac
             } else {
@@ -219,6 +263,10 @@ pub fn report_json(report: &SolveReport, opts: &SolverOptions, n: usize, dtype: 
         m.insert("damping".into(), opts.damping.into());
         m.insert("examples".into(), n.into());
         m.insert("dtype".into(), dtype.name().into());
+        m.insert(
+            "kept_unconverged".into(),
+            (opts.keep_unconverged && !report.usable()).into(),
+        );
     }
     v
 }
@@ -234,7 +282,11 @@ pub fn print_report(r: &SolveReport) {
             .unwrap_or_default(),
         r.seconds,
         r.relative_residual,
-        if r.converged { "" } else { " (not converged)" }
+        match r.status {
+            SolveStatus::Converged => format!(" ≤ tolerance {:.1e}: converged", r.tolerance.unwrap_or(0.0)),
+            SolveStatus::Approximate => ": APPROXIMATE (a structured approximation, not a converged solve)".into(),
+            SolveStatus::Failed => ": FAILED".into(),
+        }
     );
     for w in &r.warnings {
         eprintln!("warning: {w}");
@@ -242,6 +294,9 @@ pub fn print_report(r: &SolveReport) {
 }
 
 pub fn run(a: SolveArgs) -> Result<()> {
+    let mut outputs = Outputs::new();
+    let out_slot = outputs.reserve(&a.out)?;
+    let report_slot = outputs.reserve_opt(a.report.as_ref())?;
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
     let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
@@ -251,12 +306,34 @@ pub fn run(a: SolveArgs) -> Result<()> {
     }
     let dtype: DType = a.run.dtype.into();
     let (x, report) = run_solver(&problem, &a.solver, dtype, &g)?;
-    save_vector(&model, &x, &a.out, dtype)?;
-    if let Some(path) = &a.report {
-        write_json(path, &report_json(&report, &a.solver, view.len(), dtype))?;
+    if let Some(slot) = report_slot {
+        let text = serde_json::to_string_pretty(&report_json(&report, &a.solver, view.len(), dtype))? + "\n";
+        outputs.put(slot, text.as_bytes())?;
     }
-    if !a.run.quiet {
+    // A failed solve keeps its report (the diagnosis) but not its solution.
+    let keep = report.usable() || a.solver.keep_unconverged;
+    if keep {
+        outputs.put(out_slot, &x.safetensors_bytes(&model, dtype))?;
+    } else {
+        outputs.discard(out_slot);
+    }
+    outputs.commit()?;
+    if !a.run.quiet || !report.usable() {
         print_report(&report);
+    }
+    if !report.usable() {
+        if keep {
+            eprintln!(
+                "warning: the unconverged solution was written to {} (--keep-unconverged)",
+                a.out.display()
+            );
+        }
+        let consequence = if keep {
+            format!("the solution was written to {} as asked", a.out.display())
+        } else {
+            format!("no solution was written to {}", a.out.display())
+        };
+        return Err(failed(&report, &consequence));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use super::{setup, write_json};
 use crate::args::{CurvatureArg, DataArgs, ModelArgs, RunArgs};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use hvp_curvature::Problem;
 use hvp_data::Dataset;
@@ -22,13 +22,13 @@ pub struct SpectrumArgs {
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
     /// Number of largest eigenvalues to print.
-    #[arg(long, default_value_t = 10)]
+    #[arg(value_parser = crate::checks::small_count, long, default_value_t = 10)]
     pub top: usize,
     /// Lanczos steps (default: max(3 × top, 30)); more steps, better extreme estimates.
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::iterations, long)]
     pub steps: Option<usize>,
     /// Rademacher probes for the trace estimate.
-    #[arg(long, default_value_t = 10)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 10)]
     pub trace_samples: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -42,7 +42,14 @@ pub fn run(a: SpectrumArgs) -> Result<()> {
     let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
     let op = CurvatureOperator::new(&problem, a.curvature.into(), a.run.dtype.into());
     let like = ParamVector::zeros(&model);
-    let steps = a.steps.unwrap_or((3 * a.top).max(30));
+    if a.top > model.num_params() {
+        bail!(
+            "--top {} asks for more eigenvalues than the {} parameters have",
+            a.top,
+            model.num_params()
+        );
+    }
+    let steps = a.steps.unwrap_or((3 * a.top).max(30)).min(model.num_params());
     let ritz = lanczos::lanczos(&op, steps, &lanczos::random_unit(&like, a.seed))?;
     let mut top: Vec<f64> = ritz.values.iter().rev().take(a.top).copied().collect();
     top.sort_by(|x, y| y.total_cmp(x));

@@ -35,18 +35,18 @@ pub struct SubsampleArgs {
     #[arg(long, value_delimiter = ',', default_value = "100,250,500")]
     pub sizes: Vec<usize>,
     /// Random subsets per size.
-    #[arg(long, default_value_t = 5)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 5)]
     pub repeats: usize,
     /// Mini-batches sampled for the predicted error.
-    #[arg(long, default_value_t = 10)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 10)]
     pub predict_batches: usize,
     /// Examples per mini-batch for the predicted error.
-    #[arg(long, default_value_t = 50)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 50)]
     pub predict_batch_size: usize,
     /// Also measure the inverse product's error with this solver.
     #[arg(long, value_enum)]
     pub solver: Option<SolverArg>,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub damping: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -169,9 +169,19 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
         seed: a.seed,
         factors: None,
         fisher: super::solve::FisherArg::Mc,
+        keep_unconverged: false,
     });
     let full_solution = match &solver_opts {
-        Some(o) => Some(run_solver(&problem, o, dtype, &v)?.0),
+        Some(o) => {
+            let (x, report) = run_solver(&problem, o, dtype, &v)?;
+            if !report.usable() {
+                return Err(super::solve::failed(
+                    &report,
+                    "the full-data inverse product is unknown, so no subset error was computed",
+                ));
+            }
+            Some(x)
+        }
         None => None,
     };
     println!(

@@ -31,15 +31,15 @@ pub struct TrainArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub run: RunArgs,
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 1)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(value_parser = crate::checks::positive, long, default_value_t = 0.01)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::momentum, long, default_value_t = 0.0)]
     pub momentum: f64,
     /// L2 coefficient w: the objective is L + (w/2)‖θ‖² (pass the same value to
     /// the curvature commands, which then add w·I).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     #[arg(long, value_enum, default_value = "sgd")]
     pub optimizer: OptimizerArg,

@@ -9,7 +9,7 @@ use super::influence::{explain, top_k};
 use super::solve::SolverOptions;
 use super::write_json;
 use crate::args::{load_model, open_data_spec, set_threads, ModelArgs, RunArgs};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hvp_curvature::Problem;
 use hvp_data::{Dataset, Subset};
@@ -58,19 +58,19 @@ pub struct ValidateArgs {
     pub test: String,
     #[arg(long, default_value_t = 0)]
     pub test_index: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 20)]
     pub k: usize,
     #[arg(long, value_enum, default_value = "top")]
     pub remove: RemoveArg,
     #[arg(long, value_enum, default_value = "newton")]
     pub retrain: RetrainArg,
-    #[arg(long, default_value_t = 5)]
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 5)]
     pub retrain_epochs: usize,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(value_parser = crate::checks::positive, long, default_value_t = 0.01)]
     pub lr: f64,
-    #[arg(long)]
+    #[arg(value_parser = crate::checks::limit, long)]
     pub limit_train: Option<usize>,
-    #[arg(long, default_value_t = 0)]
+    #[arg(value_parser = crate::checks::pad, long, default_value_t = 0)]
     pub pad: usize,
     /// Keep only these classes of both sets, relabelled 0, 1, … (e.g. 1,7).
     #[arg(long, value_delimiter = ',')]
@@ -79,7 +79,7 @@ pub struct ValidateArgs {
     pub run: RunArgs,
     #[command(flatten)]
     pub solver: SolverOptions,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// JSON report: predicted and actual changes, correlations.
     #[arg(long)]
@@ -244,7 +244,8 @@ pub fn run(a: ValidateArgs) -> Result<()> {
     );
     if let Some(path) = &a.plot {
         let title = format!("{}: test {}, Pearson {p:.3}, Spearman {s:.3}", model.arch, a.test_index);
-        crate::picture::scatter(&predicted, &actual, &title, path)?;
+        let png = crate::picture::scatter(&predicted, &actual, &title)?;
+        hvp_model::io::atomic_write(path, &png).with_context(|| format!("writing {}", path.display()))?;
     }
     write_json(
         &a.report,
