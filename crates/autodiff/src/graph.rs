@@ -189,6 +189,9 @@ pub struct Graph {
     /// Whether a node's value depends on the parameters: only those nodes need a
     /// cotangent, so the input's gradient is never computed.
     needs_grad: Vec<bool>,
+    /// Elements of all node values for one example, where the builder knew
+    /// them (imported graphs): what one example's activations cost.
+    example_elements: Option<usize>,
 }
 
 /// The value of every node of one forward pass, consumed by the backward pass.
@@ -278,6 +281,16 @@ impl Graph {
         Self::default()
     }
 
+    /// Records the elements of all node values for one example.
+    pub fn set_example_elements(&mut self, elements: usize) {
+        self.example_elements = Some(elements);
+    }
+
+    /// Elements of all node values for one example, when known.
+    pub fn example_elements(&self) -> Option<usize> {
+        self.example_elements
+    }
+
     /// Adds the input node (node 0).
     pub fn input(&mut self) -> NodeId {
         assert!(self.nodes.is_empty(), "the input must be the first node");
@@ -325,8 +338,21 @@ impl Graph {
     /// built-in layer types are counted; shapes after an imported-graph
     /// operation are unknown here and the layers that follow count as zero.
     pub fn forward_flops(&self, sample_shape: &[usize], param_shapes: &[Vec<usize>]) -> f64 {
+        self.walk_shapes(sample_shape, param_shapes).0
+    }
+
+    /// Elements of all node values for one example of `sample_shape`: recorded
+    /// by the builder (imported graphs) or inferred for the built-in layers.
+    pub fn activation_elements(&self, sample_shape: &[usize], param_shapes: &[Vec<usize>]) -> usize {
+        self.example_elements
+            .unwrap_or_else(|| self.walk_shapes(sample_shape, param_shapes).1)
+    }
+
+    /// FLOPs and activation elements of the built-in layers for one example.
+    fn walk_shapes(&self, sample_shape: &[usize], param_shapes: &[Vec<usize>]) -> (f64, usize) {
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
         let mut flops = 0.0;
+        let mut elements = 0usize;
         for op in &self.nodes {
             let known = |i: NodeId| -> Option<&Vec<usize>> { Some(&shapes[i]).filter(|s| !s.is_empty()) };
             let shape = match *op {
@@ -368,9 +394,10 @@ impl Graph {
                 }
                 _ => vec![],
             };
+            elements = elements.saturating_add(shape.iter().product::<usize>());
             shapes.push(shape);
         }
-        flops
+        (flops, elements)
     }
 
     /// Runs the graph on `input`, keeping every node's value for [`Graph::backward`].

@@ -85,6 +85,11 @@ pub fn small_count(s: &str) -> Result<usize, String> {
     count(s, 0, 1_000_000, "this count")
 }
 
+/// Image channels of a built-in network: 1 to 4,096.
+pub fn channels(s: &str) -> Result<usize, String> {
+    count(s, 1, 4096, "the channel count")
+}
+
 /// An example limit: at least 1.
 pub fn limit(s: &str) -> Result<usize, String> {
     count(s, 1, usize::MAX, "--limit")

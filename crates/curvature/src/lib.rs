@@ -86,6 +86,8 @@ pub enum CurvatureError {
     Input(String),
     #[error("the dataset is empty")]
     Empty,
+    #[error(transparent)]
+    Memory(#[from] hvp_io::IoError),
     #[error("the {what} contains NaN or infinite values after batch {batch}; the model or vector overflows in this dtype (try --dtype f64)")]
     NonFinite { what: &'static str, batch: usize },
 }
@@ -123,6 +125,17 @@ impl<'a> Problem<'a> {
             return Err(CurvatureError::Empty);
         }
         model.check_input(&data.sample_shape()).map_err(CurvatureError::Input)?;
+        let param_shapes: Vec<Vec<usize>> = model.params.iter().map(|p| p.shape.clone()).collect();
+        let elements = model.graph.activation_elements(&data.sample_shape(), &param_shapes);
+        // Values and tangents of every node (f64 at most), plus cotangents.
+        let bytes = (batch_size.min(data.len()) as u64)
+            .saturating_mul(elements as u64)
+            .saturating_mul(8 * 3);
+        hvp_io::memory::check_fits(
+            bytes,
+            &format!("a batch of {} examples", batch_size.min(data.len())),
+            "use a smaller --batch-size",
+        )?;
         match data.target_width() {
             None => check_labels(data, model.num_classes)?,
             Some(k) if k != model.num_classes => {

@@ -7,10 +7,12 @@
 //! * [`write`]: outputs written to temporaries created exclusively (never through
 //!   a planted symlink), renamed into place all together or not at all, and lock
 //!   files so that two runs never share one output;
+//! * [`fuzz`]: a deterministic mutator for the parsers' fuzz tests;
 //! * [`memory`]: allocations sized from headers or flags checked against the
 //!   memory the machine has before they are made.
 
 pub mod confine;
+pub mod fuzz;
 pub mod memory;
 pub mod read;
 pub mod write;

@@ -49,6 +49,11 @@ impl FromStr for Architecture {
                 let blocks: [usize; 3] = nums
                     .try_into()
                     .map_err(|_| bad("give three block counts, e.g. resnet-cifar:2,2,2"))?;
+                if let Some(&b) = blocks.iter().find(|&&b| b > MAX_BLOCKS) {
+                    return Err(bad(&format!(
+                        "{b} blocks in a stage; at most {MAX_BLOCKS} are supported"
+                    )));
+                }
                 Ok(Architecture::ResNetCifar {
                     blocks,
                     tanh: kind == "resnet-cifar-tanh",
@@ -58,6 +63,7 @@ impl FromStr for Architecture {
                 if nums.len() < 2 {
                     return Err(bad("give at least the input size and the number of classes"));
                 }
+                check_mlp_size(&nums).map_err(|r| bad(&r))?;
                 Ok(Architecture::Mlp {
                     sizes: nums,
                     tanh: kind == "mlp-tanh",
@@ -67,6 +73,7 @@ impl FromStr for Architecture {
                 if nums.len() != 2 {
                     return Err(bad("give the input size and the number of classes, e.g. logreg:784,10"));
                 }
+                check_mlp_size(&nums).map_err(|r| bad(&r))?;
                 Ok(Architecture::Mlp {
                     sizes: nums,
                     tanh: false,
@@ -75,6 +82,32 @@ impl FromStr for Architecture {
             _ => Err(ModelError::UnknownArch(spec.to_string())),
         }
     }
+}
+
+/// Most residual blocks per stage of `resnet-cifar`.
+const MAX_BLOCKS: usize = 1000;
+
+/// Most parameters of a built-in architecture (8 GB as f64 weights, before the
+/// vectors and activations a run needs besides).
+pub const MAX_BUILTIN_PARAMS: usize = 1 << 30;
+
+/// Checks an MLP's layer sizes with checked arithmetic: its parameter count
+/// must exist and stay below [`MAX_BUILTIN_PARAMS`].
+fn check_mlp_size(sizes: &[usize]) -> Result<(), String> {
+    let mut total = 0usize;
+    for w in sizes.windows(2) {
+        let layer = w[0]
+            .checked_mul(w[1])
+            .and_then(|m| m.checked_add(w[1]))
+            .ok_or_else(|| format!("a {}x{} layer overflows", w[1], w[0]))?;
+        total = total.checked_add(layer).ok_or("the parameter count overflows")?;
+    }
+    if total > MAX_BUILTIN_PARAMS {
+        return Err(format!(
+            "{total} parameters; built-in architectures are limited to {MAX_BUILTIN_PARAMS}"
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Display for Architecture {

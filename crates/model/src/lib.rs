@@ -17,7 +17,7 @@ pub mod io;
 mod vector;
 mod weights;
 
-pub use arch::{Architecture, Init, Model, ParamSpec};
+pub use arch::{Architecture, Init, Model, ParamSpec, MAX_BUILTIN_PARAMS};
 pub use error::ModelError;
 pub use vector::ParamVector;
 pub use weights::Weights;

@@ -185,6 +185,7 @@ impl Constant {
         let mut shape = self.shape[..axis].to_vec();
         shape.extend_from_slice(index_shape);
         shape.extend_from_slice(&self.shape[axis + 1..]);
+        check_size(&shape)?;
         let mut picks = Vec::with_capacity(outer * resolved.len() * inner);
         for o in 0..outer {
             for &j in &resolved {
@@ -214,11 +215,12 @@ impl Constant {
     }
 
     /// Broadcast to `shape` (numpy rules, checked by the caller).
-    pub fn expand(&self, shape: &[usize]) -> Self {
+    pub fn expand(&self, shape: &[usize]) -> Result<Self, String> {
+        check_size(shape)?;
         let positions: Vec<f64> = (0..self.numel()).map(|i| i as f64).collect();
         let src = hvp_tensor::Tensor::new(self.shape.clone(), positions).expect("own length");
         let grown = nd::expand(&src, shape);
-        self.pick(shape.to_vec(), grown.data().iter().map(|&p| p as usize))
+        Ok(self.pick(shape.to_vec(), grown.data().iter().map(|&p| p as usize)))
     }
 
     pub fn transpose(&self, perm: &[usize]) -> Self {
@@ -252,18 +254,21 @@ impl Constant {
     pub fn arith(a: &Constant, b: &Constant, op: char) -> Result<Self, String> {
         let shape = nd::broadcast_shape(&a.shape, &b.shape)
             .ok_or_else(|| format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape))?;
-        let (ea, eb) = (a.expand(&shape), b.expand(&shape));
+        let (ea, eb) = (a.expand(&shape)?, b.expand(&shape)?);
         let float = a.float || b.float;
         let mut values = Vec::with_capacity(ea.numel());
         for (&x, &y) in ea.values.iter().zip(&eb.values) {
             let v = match (x, y) {
-                (Scalar::Int(x), Scalar::Int(y)) if !float => Scalar::Int(match op {
-                    '+' => x + y,
-                    '-' => x - y,
-                    '*' => x * y,
-                    _ if y == 0 => return Err("integer division by zero".into()),
-                    _ => x.div_euclid(y),
-                }),
+                (Scalar::Int(x), Scalar::Int(y)) if !float => Scalar::Int(
+                    match op {
+                        '+' => x.checked_add(y),
+                        '-' => x.checked_sub(y),
+                        '*' => x.checked_mul(y),
+                        _ if y == 0 => return Err("integer division by zero".into()),
+                        _ => x.checked_div_euclid(y),
+                    }
+                    .ok_or_else(|| format!("integer overflow in {x} {op} {y}"))?,
+                ),
                 (x, y) => match (x.as_f64(), y.as_f64()) {
                     (Some(x), Some(y)) => Scalar::Float(match op {
                         '+' => x + y,
@@ -277,6 +282,20 @@ impl Constant {
             values.push(v);
         }
         Ok(Constant { shape, values, float })
+    }
+}
+
+/// Most elements of a tensor computed at load time (shape plumbing, folded
+/// constants): far above any real model's, far below what would exhaust memory.
+pub const MAX_CONSTANT_ELEMENTS: usize = 1 << 26;
+
+/// Refuses a load-time tensor whose size overflows or exceeds [`MAX_CONSTANT_ELEMENTS`].
+pub fn check_size(shape: &[usize]) -> Result<usize, String> {
+    match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= MAX_CONSTANT_ELEMENTS => Ok(n),
+        _ => Err(format!(
+            "a load-time tensor of shape {shape:?} would exceed {MAX_CONSTANT_ELEMENTS} elements"
+        )),
     }
 }
 
@@ -374,7 +393,7 @@ mod tests {
     #[test]
     fn expand_transpose_and_arith_fold() {
         let a = Constant::floats(vec![2, 1], [1.0, 2.0]);
-        let e = a.expand(&[2, 3]);
+        let e = a.expand(&[2, 3]).unwrap();
         assert_eq!(e.to_f64().unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
         let t = Constant::floats(vec![2, 3], (0..6).map(f64::from)).transpose(&[1, 0]);
         assert_eq!(t.to_f64().unwrap(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);

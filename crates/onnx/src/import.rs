@@ -196,7 +196,17 @@ struct Importer<'a> {
     export_batch: Option<usize>,
     node: String,
     op: String,
+    /// Elements of every node's value for one example (the activations kept).
+    example_elements: usize,
+    /// Why the last node's output is too large, if it is.
+    oversized: Option<String>,
 }
+
+/// Most elements of one node's value per example (512 MB in f64).
+const MAX_NODE_ELEMENTS: usize = 1 << 26;
+
+/// Most elements of all nodes' values per example (4 GB in f64).
+const MAX_EXAMPLE_ELEMENTS: usize = 1 << 29;
 
 pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Imported> {
     let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode {
@@ -307,6 +317,8 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         export_batch: None,
         node: String::new(),
         op: String::new(),
+        example_elements: 0,
+        oversized: None,
     };
     let mut candidate_shapes = Vec::new();
     let mut roles = Vec::new();
@@ -432,6 +444,14 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
             continue;
         }
         imp.node_op(node)?;
+        if let Some(reason) = imp.oversized.take() {
+            return Err(imp.err(reason));
+        }
+        if imp.example_elements > MAX_EXAMPLE_ELEMENTS {
+            return Err(imp.err(format!(
+                "the activations of one example would exceed {MAX_EXAMPLE_ELEMENTS} elements"
+            )));
+        }
     }
 
     let [output] = graph.output.as_slice() else {
@@ -468,6 +488,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         });
     }
 
+    imp.graph.set_example_elements(imp.example_elements);
     let warnings = folded_batchnorm_warning(&graph.node).into_iter().collect();
     let name = path
         .file_name()
@@ -578,6 +599,28 @@ impl Importer<'_> {
     }
 
     fn push(&mut self, op: Op, shape: Vec<Dim>) -> Entry {
+        // Sizes per example, checked here so that evaluation never allocates
+        // beyond them; the import stops after the node that broke them.
+        let numel = shape
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => 1,
+                Dim::Fixed(n) => *n,
+            })
+            .try_fold(1usize, |a, d| a.checked_mul(d));
+        match numel {
+            Some(n) if n <= MAX_NODE_ELEMENTS => {
+                self.example_elements = self.example_elements.saturating_add(n);
+            }
+            _ => {
+                self.oversized.get_or_insert_with(|| {
+                    format!(
+                        "its output of shape {} per example exceeds {MAX_NODE_ELEMENTS} elements",
+                        show(&shape)
+                    )
+                });
+            }
+        }
         Entry::Runtime {
             node: self.graph.push(op),
             shape,
@@ -1066,7 +1109,7 @@ impl Importer<'_> {
                         Dim::Batch => Err(self.dynamic("a constant expanded to the batch size")),
                     })
                     .collect::<Res<_>>()?;
-                Ok(Entry::Static(c.expand(&out)))
+                Ok(Entry::Static(c.expand(&out).map_err(|r| self.err(r))?))
             }
             e if shape == from => Ok(e),
             _ => Err(self.err("expanding data computed per batch to a larger shape is not supported")),

@@ -17,7 +17,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub random_vector: bool,
     /// Input channels of resnet-cifar (3 for CIFAR, 1 for MNIST).
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = crate::checks::channels, long, default_value_t = 3)]
     pub in_channels: usize,
     /// Dtype of the file written.
     #[arg(long, value_enum, default_value = "f32")]
