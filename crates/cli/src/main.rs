@@ -102,7 +102,11 @@ fn main() -> ExitCode {
         Err(e) if hvp_dist::is_distributed() => hvp_dist::fail(&format!("error: {e:#}"), 1),
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
-            if e.downcast_ref::<commands::solve::SolveFailed>().is_some() {
+            let solver_failed = matches!(
+                e.downcast_ref::<hvp_solvers::SolverError>(),
+                Some(hvp_solvers::SolverError::Diverged(_) | hvp_solvers::SolverError::Dense(_))
+            );
+            if solver_failed || e.downcast_ref::<commands::solve::SolveFailed>().is_some() {
                 ExitCode::from(commands::solve::EXIT_SOLVE_FAILED)
             } else {
                 ExitCode::FAILURE

@@ -7,11 +7,11 @@
 mod common;
 
 use common::*;
+use hvp_onnx::proto::Dimension;
 use hvp_onnx::proto::{
     data_type, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
     TypeProtoTensor, ValueInfoProto,
 };
-use hvp_onnx::proto::Dimension;
 use prost::Message;
 use std::path::Path;
 use std::process::Output;
@@ -22,16 +22,67 @@ fn mlp_fixture(name: &str) -> String {
     fixture("mlp").join(name).to_string_lossy().into_owned()
 }
 
-/// `hvp solve` on the MLP fixture (32 examples) with extra arguments.
-fn solve(extra: &[&str]) -> Output {
-    let (w, x, y, v) = (
-        mlp_fixture("weights.safetensors"),
-        mlp_fixture("inputs.npy"),
-        mlp_fixture("labels.npy"),
-        mlp_fixture("vector.safetensors"),
-    );
+/// `hvp COMMAND` on the MLP fixture (32 examples) with the options in `opts`
+/// (space-separated) and `paths` (flags with file or computed arguments).
+fn on_mlp(command: &str, opts: &str, paths: &[&str]) -> Output {
+    let (w, x) = (mlp_fixture("weights.safetensors"), mlp_fixture("inputs.npy"));
+    on_mlp_with(command, &w, &x, opts, paths)
+}
+
+/// As [`on_mlp`], with other weights and inputs files.
+fn on_mlp_with(command: &str, weights: &str, inputs: &str, opts: &str, paths: &[&str]) -> Output {
+    let y = mlp_fixture("labels.npy");
     let mut args = vec![
-        "solve", "--arch", ARCH, "--weights", &w, "--inputs", &x, "--labels", &y, "--rhs", &v,
+        command,
+        "--arch",
+        ARCH,
+        "--weights",
+        weights,
+        "--inputs",
+        inputs,
+        "--labels",
+        &y,
+    ];
+    args.extend(opts.split_whitespace());
+    args.extend(paths);
+    hvp(&args)
+}
+
+/// `hvp solve` on the MLP fixture, right-hand side its vector.
+fn solve(opts: &str, paths: &[&str]) -> Output {
+    let v = mlp_fixture("vector.safetensors");
+    let mut all = vec!["--rhs", &v];
+    all.extend(paths);
+    on_mlp("solve", opts, &all)
+}
+
+/// `hvp influence` of a fresh `mlp:784,8,10` on the first `limit` MNIST subset
+/// images for test points 0 and 1, CG on the GGN, with extra arguments.
+fn influence(tmp: &TempDir, limit: &str, extra: &[&str]) -> Output {
+    let w = tmp.s("w.safetensors");
+    if !Path::new(&w).exists() {
+        ok(&["init", "--arch", "mlp:784,8,10", "--seed", "0", "--out", &w]);
+    }
+    let d = format!("mnist:{}", repo_root().join("data/mnist-subset").display());
+    let test = format!("{d}:test");
+    let mut args = vec![
+        "influence",
+        "--arch",
+        "mlp:784,8,10",
+        "--weights",
+        &w,
+        "--train",
+        &d,
+        "--test",
+        &test,
+        "--limit-train",
+        limit,
+        "--test-indices",
+        "0,1",
+        "--solver",
+        "cg",
+        "--curvature",
+        "ggn",
     ];
     args.extend(extra);
     hvp(&args)
@@ -59,35 +110,44 @@ fn failed_solve_exits_3_with_its_report_and_no_solution() {
     let tmp = TempDir::new("trust-failed");
     let (x, r) = (tmp.s("x.safetensors"), tmp.s("r.json"));
     // The MLP's Hessian is indefinite: CG meets negative curvature.
-    let o = solve(&["--solver", "cg", "--damping", "0.01", "--out", &x, "--report", &r]);
+    let o = solve("--solver cg --damping 0.01", &["--out", &x, "--report", &r]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let line = one_error_line(&o);
-    assert!(line.contains("negative curvature") && line.contains("--keep-unconverged"), "{line}");
+    assert!(
+        line.contains("negative curvature") && line.contains("--keep-unconverged"),
+        "{line}"
+    );
     assert!(!Path::new(&x).exists(), "a failed solve wrote its solution");
     let report = json(Path::new(&r));
     assert_eq!(report["status"], "failed");
     assert_eq!(report["converged"], false);
     assert!(report["failure"].as_str().unwrap().contains("--curvature ggn"));
     // Too few iterations on a positive definite system: failed, not converged.
-    let o = solve(&[
-        "--solver", "cg", "--curvature", "ggn", "--damping", "0.01", "--max-iter", "2", "--out", &x, "--report", &r,
-    ]);
+    let o = solve(
+        "--solver cg --curvature ggn --damping 0.01 --max-iter 2",
+        &["--out", &x, "--report", &r],
+    );
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    assert!(one_error_line(&o).contains("above the tolerance"));
+    let line = one_error_line(&o);
+    assert!(
+        line.contains("did not reach the tolerance") && line.contains("--max-iter"),
+        "{line}"
+    );
     assert_eq!(json(Path::new(&r))["status"], "failed");
     assert!(!Path::new(&x).exists());
     // Asked explicitly: the solution is written, the report says so, the exit is still 3.
-    let o = solve(&[
-        "--solver", "cg", "--curvature", "ggn", "--damping", "0.01", "--max-iter", "2", "--keep-unconverged",
-        "--out", &x, "--report", &r,
-    ]);
+    let o = solve(
+        "--solver cg --curvature ggn --damping 0.01 --max-iter 2 --keep-unconverged",
+        &["--out", &x, "--report", &r],
+    );
     assert_eq!(o.status.code(), Some(3));
     assert!(Path::new(&x).exists());
     assert_eq!(json(Path::new(&r))["kept_unconverged"], true);
     // Run to its tolerance, the same solve converges: exit 0, status converged.
-    let o = solve(&[
-        "--solver", "cg", "--curvature", "ggn", "--damping", "0.01", "--dtype", "f64", "--out", &x, "--report", &r,
-    ]);
+    let o = solve(
+        "--solver cg --curvature ggn --damping 0.01 --dtype f64",
+        &["--out", &x, "--report", &r],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let report = json(Path::new(&r));
     assert_eq!(report["status"], "converged");
@@ -99,50 +159,55 @@ fn structured_approximations_are_never_called_converged() {
     let tmp = TempDir::new("trust-approx");
     let (x, r) = (tmp.s("x.safetensors"), tmp.s("r.json"));
     for solver in ["kfac", "ekfac", "arnoldi", "lissa"] {
-        let o = solve(&[
-            "--solver", solver, "--curvature", "ggn", "--damping", "0.1", "--rank", "5", "--depth", "50", "--out", &x,
-            "--report", &r,
-        ]);
+        let o = solve(
+            "--curvature ggn --damping 0.1 --rank 5 --depth 50",
+            &["--solver", solver, "--out", &x, "--report", &r],
+        );
         assert!(o.status.success(), "{solver}: {}", stderr(&o));
         let report = json(Path::new(&r));
         assert_eq!(report["status"], "approximate", "{solver}: {report}");
         assert_eq!(report["converged"], false, "{solver}");
     }
     // EK-FAC on the indefinite Hessian: residual 2.8e3 measured, far worse than x = 0.
-    let o = solve(&["--solver", "ekfac", "--damping", "1e-6", "--out", &x, "--report", &r]);
+    let o = solve("--solver ekfac --damping 1e-6", &["--out", &x, "--report", &r]);
     assert!(o.status.success());
     let report = json(Path::new(&r));
     assert!(report["relative_residual"].as_f64().unwrap() >= 1.0);
     assert!(stderr(&o).contains("APPROXIMATION WORSE THAN ZERO"), "{}", stderr(&o));
     let warned = report["warnings"].as_array().unwrap();
-    assert!(warned.iter().any(|w| w.as_str().unwrap().contains("WORSE THAN ZERO")), "{report}");
+    assert!(
+        warned.iter().any(|w| w.as_str().unwrap().contains("WORSE THAN ZERO")),
+        "{report}"
+    );
     // K-FAC's inverse is undefined without damping: refused, not NaN.
-    let o = solve(&["--solver", "kfac", "--damping", "0", "--out", &x]);
+    let x0 = tmp.s("x0.safetensors");
+    let o = solve("--solver kfac --damping 0", &["--out", &x0]);
     assert!(one_error_line(&o).contains("--damping"));
-    assert!(!Path::new(&x).exists());
+    assert!(!Path::new(&x0).exists());
 }
 
 #[test]
 fn influence_refuses_to_score_from_a_failed_solve() {
     let tmp = TempDir::new("trust-influence");
-    let w = tmp.s("w.safetensors");
-    ok(&["init", "--arch", "mlp:784,8,10", "--seed", "0", "--out", &w]);
-    let d = format!("mnist:{}", repo_root().join("data/mnist-subset").display());
-    let test = format!("{d}:test");
     let out = tmp.s("scores.csv");
     let json_out = tmp.s("scores.json");
     let args = [
-        "influence", "--arch", "mlp:784,8,10", "--weights", &w, "--train", &d, "--test", &test, "--limit-train", "200",
-        "--test-indices", "0,1", "--solver", "cg", "--curvature", "ggn", "--damping", "0.01", "--max-iter", "1",
-        "--out", &out, "--json", &json_out,
+        "--damping",
+        "0.01",
+        "--max-iter",
+        "1",
+        "--out",
+        &out,
+        "--json",
+        &json_out,
     ];
-    let o = hvp(&args);
+    let o = influence(&tmp, "200", &args);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(one_error_line(&o).contains("was not scored"));
     assert!(!Path::new(&out).exists() && !Path::new(&json_out).exists());
     let mut keep = args.to_vec();
     keep.push("--keep-unconverged");
-    let o = hvp(&keep);
+    let o = influence(&tmp, "200", &keep);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.starts_with("train_index,test_index,score,label,solve_status,relative_residual\n"));
@@ -156,17 +221,14 @@ fn influence_refuses_to_score_from_a_failed_solve() {
 fn bad_numbers_are_refused_at_the_door() {
     let tmp = TempDir::new("trust-numbers");
     let out = tmp.s("out.safetensors");
-    let (w, x, y, v) = (
+    let (w, x, v) = (
         mlp_fixture("weights.safetensors"),
         mlp_fixture("inputs.npy"),
-        mlp_fixture("labels.npy"),
         mlp_fixture("vector.safetensors"),
     );
     let product = |flag: &str, value: &str| {
-        hvp(&[
-            "product", "--arch", ARCH, "--weights", &w, "--inputs", &x, "--labels", &y, "--vector", &v, "--out", &out,
-            flag, value,
-        ])
+        let arg = format!("{flag}={value}");
+        on_mlp("product", "", &["--vector", &v, "--out", &out, &arg])
     };
     for (flag, value) in [
         ("--weight-decay", "nan"),
@@ -184,21 +246,25 @@ fn bad_numbers_are_refused_at_the_door() {
         assert!(e.starts_with("error:") && e.contains(flag), "{flag} {value}: {e}");
         assert!(!Path::new(&out).exists());
     }
-    for (flag, value) in [("--damping", "nan"), ("--damping", "-0.5"), ("--tol", "0"), ("--scale", "inf")] {
-        let o = solve(&["--solver", "cg", flag, value, "--out", &out]);
+    for (flag, value) in [
+        ("--damping", "nan"),
+        ("--damping", "-0.5"),
+        ("--tol", "0"),
+        ("--scale", "inf"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let o = solve("--solver cg", &[&arg, "--out", &out]);
         assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", stderr(&o));
         assert!(stderr(&o).contains(flag));
     }
-    let o = hvp(&[
-        "self-influence", "--arch", ARCH, "--weights", &w, "--inputs", &x, "--labels", &y, "--damping", "0", "--out",
-        &out,
-    ]);
+    let o = on_mlp("self-influence", "--damping 0", &["--out", &out]);
     assert!(one_error_line(&o).contains("--damping 0"));
     assert!(!Path::new(&out).exists());
-    let o = hvp(&[
-        "grad", "--arch", ARCH, "--weights", &w, "--inputs", &x, "--labels", &y, "--params", "fc.*", "--out", &out,
-    ]);
-    assert!(one_error_line(&o).contains("--params"), "--params must not be ignored with --arch");
+    let o = on_mlp("grad", "--params fc.*", &["--out", &out]);
+    assert!(
+        one_error_line(&o).contains("--params"),
+        "--params must not be ignored with --arch"
+    );
     // f64 weights beyond the f32 range: refused in f32 with the tensor's name, fine in f64.
     let big = tmp.s("big.safetensors");
     let mut tensors = read_flat(Path::new(&w));
@@ -207,19 +273,22 @@ fn bad_numbers_are_refused_at_the_door() {
     let named: Vec<(String, hvp_tensor::Tensor<f64>)> = model
         .params
         .iter()
-        .map(|p| (p.name.clone(), hvp_tensor::Tensor::new(p.shape.clone(), tensors[&p.name].clone()).unwrap()))
+        .map(|p| {
+            (
+                p.name.clone(),
+                hvp_tensor::Tensor::new(p.shape.clone(), tensors[&p.name].clone()).unwrap(),
+            )
+        })
         .collect();
     hvp_model::io::write_safetensors(Path::new(&big), &named, hvp_tensor::DType::F64).unwrap();
-    let o = hvp(&["grad", "--arch", ARCH, "--weights", &big, "--inputs", &x, "--labels", &y, "--out", &out]);
+    let o = on_mlp_with("grad", &big, &x, "", &["--out", &out]);
     let line = one_error_line(&o);
     assert!(line.contains("'2.bias'") && line.contains("--dtype f64"), "{line}");
     assert!(!Path::new(&out).exists());
     // Sizes: a gigantic --arch, --top beyond the parameter count.
     let o = hvp(&["init", "--arch", "mlp:784,1000000000000,10", "--out", &out]);
     assert!(one_error_line(&o).contains("parameters"));
-    let o = hvp(&[
-        "spectrum", "--arch", ARCH, "--weights", &w, "--inputs", &x, "--labels", &y, "--top", "100000",
-    ]);
+    let o = on_mlp("spectrum", "--top 100000", &[]);
     assert!(one_error_line(&o).contains("--top"));
 }
 
@@ -230,18 +299,12 @@ fn npy_header_sizes_are_checked_before_allocating() {
     let x = tmp.path("x.npy");
     // Declares 10^11 x 10^6 floats in a file of a few hundred bytes.
     write_npy(&x, "<f4", &[100_000_000_000, 1_000_000], &[0u8; 64]);
-    let y = mlp_fixture("labels.npy");
-    let o = hvp(&[
-        "grad", "--arch", ARCH, "--weights", &mlp_fixture("weights.safetensors"), "--inputs", x.to_str().unwrap(),
-        "--labels", &y, "--out", &out,
-    ]);
+    let w = mlp_fixture("weights.safetensors");
+    let o = on_mlp_with("grad", &w, x.to_str().unwrap(), "", &["--out", &out]);
     let line = one_error_line(&o);
     assert!(line.contains("x.npy"), "{line}");
     // Reading a device or a FIFO never starts.
-    let o = hvp(&[
-        "grad", "--arch", ARCH, "--weights", "/dev/zero", "--inputs", &mlp_fixture("inputs.npy"), "--labels", &y,
-        "--out", &out,
-    ]);
+    let o = on_mlp_with("grad", "/dev/zero", &mlp_fixture("inputs.npy"), "", &["--out", &out]);
     assert!(one_error_line(&o).contains("not a regular file"));
 }
 
@@ -250,17 +313,17 @@ fn outputs_are_written_together_or_not_at_all_and_never_through_symlinks() {
     let tmp = TempDir::new("trust-outputs");
     let x = tmp.s("x.safetensors");
     // The report's folder does not exist: refused before solving, and x not written.
-    let o = solve(&[
-        "--solver", "cg", "--curvature", "ggn", "--damping", "0.1", "--out", &x, "--report",
-        &tmp.s("missing/r.json"),
-    ]);
+    let o = solve(
+        "--solver cg --curvature ggn --damping 0.1",
+        &["--out", &x, "--report", &tmp.s("missing/r.json")],
+    );
     assert!(one_error_line(&o).contains("does not exist"));
     assert!(!Path::new(&x).exists());
     // A symlink planted at the output is replaced, its target untouched.
     let victim = tmp.path("victim.txt");
     std::fs::write(&victim, "precious").unwrap();
     std::os::unix::fs::symlink(&victim, &x).unwrap();
-    let o = solve(&["--solver", "cg", "--curvature", "ggn", "--damping", "0.1", "--dtype", "f64", "--out", &x]);
+    let o = solve("--solver cg --curvature ggn --damping 0.1 --dtype f64", &["--out", &x]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     assert!(!std::fs::symlink_metadata(&x).unwrap().file_type().is_symlink());
@@ -275,19 +338,11 @@ fn outputs_are_written_together_or_not_at_all_and_never_through_symlinks() {
 #[test]
 fn influence_runs_lock_their_output_and_resume_only_the_same_configuration() {
     let tmp = TempDir::new("trust-resume");
-    let w = tmp.s("w.safetensors");
-    ok(&["init", "--arch", "mlp:784,8,10", "--seed", "0", "--out", &w]);
-    let d = format!("mnist:{}", repo_root().join("data/mnist-subset").display());
-    let test = format!("{d}:test");
     let out = tmp.s("scores.csv");
     let run = |damping: &str, extra: &[&str]| {
-        let mut args = vec![
-            "influence", "--arch", "mlp:784,8,10", "--weights", &w, "--train", &d, "--test", &test, "--limit-train",
-            "100", "--test-indices", "0,1", "--solver", "cg", "--curvature", "ggn", "--damping", damping, "--dtype",
-            "f64", "--out", &out, "--quiet",
-        ];
+        let mut args = vec!["--damping", damping, "--dtype", "f64", "--out", &out, "--quiet"];
         args.extend(extra);
-        hvp(&args)
+        influence(&tmp, "100", &args)
     };
     // Another run holds the lock (this test process is alive): refused at once.
     let lock = tmp.path("scores.csv.lock");
@@ -308,7 +363,10 @@ fn influence_runs_lock_their_output_and_resume_only_the_same_configuration() {
     std::fs::write(&partial_meta, format!("{config}\n")).unwrap();
     let o = run("0.1", &["--resume"]);
     let line = one_error_line(&o);
-    assert!(line.contains("another configuration") && line.contains("damping"), "{line}");
+    assert!(
+        line.contains("another configuration") && line.contains("damping"),
+        "{line}"
+    );
     // A symlink planted at the partial file is removed, never written through.
     let victim = tmp.path("victim.txt");
     std::fs::write(&victim, "precious").unwrap();
@@ -393,7 +451,10 @@ fn trainable_tensors_through_any_differentiable_op_are_parameters() {
     write_model(
         &m,
         vec![node("MatMul", &["x", "w"], "h"), node("Mul", &["h", "gamma"], "y")],
-        vec![float_init("w", vec![4, 3], w), float_init("gamma", vec![3], gamma.clone())],
+        vec![
+            float_init("w", vec![4, 3], w),
+            float_init("gamma", vec![3], gamma.clone()),
+        ],
     );
     let listing = ok(&["params", "--model", m.to_str().unwrap()]);
     assert!(listing.contains("| gamma | [3] | 3 | yes | parameter |"), "{listing}");
@@ -450,7 +511,10 @@ fn trainable_tensor_into_a_non_differentiable_input_is_refused_by_name() {
     );
     let o = hvp(&["params", "--model", m.to_str().unwrap()]);
     let line = one_error_line(&o);
-    assert!(line.contains("'table'") && line.contains("Gather") && line.contains("--params"), "{line}");
+    assert!(
+        line.contains("'table'") && line.contains("Gather") && line.contains("--params"),
+        "{line}"
+    );
     // Excluding it makes the model usable.
     let listing = ok(&["params", "--model", m.to_str().unwrap(), "--params", "w"]);
     assert!(listing.contains("| table | [5, 4] | 20 | no | frozen |"), "{listing}");

@@ -20,7 +20,7 @@ mod transform;
 pub use cifar::Cifar10;
 pub use error::DataError;
 pub use idx::Idx;
-pub use npy::{NpyArray, NpyDataset, NpyDtype};
+pub use npy::{npy_bytes, NpyArray, NpyDataset, NpyDtype};
 pub use transform::{ClassFilter, InMemory, Padded, Relabelled, Subset};
 
 use std::path::Path;

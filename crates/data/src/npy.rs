@@ -36,6 +36,27 @@ impl NpyDtype {
     }
 }
 
+/// An NPY v1 file holding `data` (raw little-endian bytes) of dtype `descr`
+/// (e.g. `<f4`, `<i8`) and C-order `shape`, as `numpy.save` writes it.
+pub fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = match dims.as_slice() {
+        [one] => format!("({one},)"),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
+    // numpy pads the header with spaces so that the data starts at a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
 /// An open NPY file: its header, with the data left on disk.
 pub struct NpyArray {
     path: PathBuf,

@@ -3,7 +3,7 @@
 //! and header numbers set to extremes). Every mutant must be read or refused
 //! with an error; none may panic, abort on a huge allocation or hang.
 
-use hvp_data::{Batch, Cifar10, Dataset, Idx, NpyDataset};
+use hvp_data::{npy_bytes as npy, Batch, Cifar10, Dataset, Idx, NpyDataset};
 use hvp_io::fuzz::{run_cases, Mutator};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,25 +15,6 @@ fn temp_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let tuple = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    out.extend(data);
-    out
 }
 
 /// Reads every example of a dataset that opened, as a command would.

@@ -7,9 +7,9 @@
 
 use super::influence::{explain, top_k};
 use super::solve::SolverOptions;
-use super::write_json;
 use crate::args::{load_model, open_data_spec, set_threads, ModelArgs, RunArgs};
-use anyhow::{bail, Context, Result};
+use crate::output::Outputs;
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use hvp_curvature::Problem;
 use hvp_data::{Dataset, Subset};
@@ -109,6 +109,9 @@ fn test_loss(model: &Model, w: &Weights, test: &dyn Dataset, t: usize) -> Result
 
 pub fn run(a: ValidateArgs) -> Result<()> {
     set_threads(a.run.threads)?;
+    let mut outputs = Outputs::new();
+    let report_slot = outputs.reserve(&a.report)?;
+    let plot_slot = outputs.reserve_opt(a.plot.as_ref())?;
     let src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
     crate::args::check_loss(crate::args::LossArg::Ce, src.as_ref())?;
     let train_view = Subset::first(src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
@@ -242,14 +245,11 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         a.test_index,
         chosen.len()
     );
-    if let Some(path) = &a.plot {
+    if let Some(slot) = plot_slot {
         let title = format!("{}: test {}, Pearson {p:.3}, Spearman {s:.3}", model.arch, a.test_index);
-        let png = crate::picture::scatter(&predicted, &actual, &title)?;
-        hvp_model::io::atomic_write(path, &png).with_context(|| format!("writing {}", path.display()))?;
+        outputs.put(slot, &crate::picture::scatter(&predicted, &actual, &title)?)?;
     }
-    write_json(
-        &a.report,
-        &serde_json::json!({
+    let report = serde_json::json!({
             "convention": super::influence::CONVENTION,
             "model": model.arch.to_string(),
             "test_index": a.test_index,
@@ -265,7 +265,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             "retrain": format!("{:?}", a.retrain).to_lowercase(),
             "damping": a.solver.damping,
             "weight_decay": a.weight_decay,
-        }),
-    )?;
-    Ok(())
+    });
+    outputs.put(report_slot, (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    outputs.commit()
 }

@@ -181,24 +181,9 @@ pub fn subset(v: &[f64], cap: Option<usize>) -> Vec<f64> {
     }
 }
 
-/// A minimal NPY v1 writer for test inputs.
+/// Writes an NPY v1 file for test inputs.
 pub fn write_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    out.extend(bytes);
-    std::fs::write(path, out).unwrap();
+    std::fs::write(path, hvp_data::npy_bytes(descr, shape, bytes)).unwrap();
 }
 
 pub fn write_npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
