@@ -218,6 +218,9 @@ fn influence_and_self_influence_scores_equal_one_process() {
             "0,5",
             "--solver",
             "cg",
+            // The MLP's Hessian is indefinite (CG would fail); the GGN is not.
+            "--curvature",
+            "ggn",
             "--damping",
             "0.1",
             "--dtype",

@@ -52,8 +52,25 @@ pub fn check_destination(path: &Path) -> Result<(), IoError> {
     if !dir.is_dir() {
         return Err(bad(format!("the folder {} does not exist", dir.display())));
     }
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+    if ["/dev", "/proc", "/sys"].iter().any(|p| real.starts_with(p)) {
+        return Err(bad(format!(
+            "{} holds devices and kernel files, not outputs; give a path to a file elsewhere",
+            real.display()
+        )));
+    }
     if path.is_dir() {
         return Err(bad("it is a directory".into()));
+    }
+    // Replacing a device or a FIFO (e.g. /dev/null as root) with a file would be
+    // worse than failing; a symlink itself is replaced, its target left alone.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let t = meta.file_type();
+        if !t.is_file() && !t.is_symlink() {
+            return Err(bad(
+                "it exists and is not a regular file (a device, FIFO or socket)".into()
+            ));
+        }
     }
     Ok(())
 }
@@ -324,6 +341,8 @@ mod tests {
         assert!(out.reserve(&d.join(".").join("a")).is_err(), "same file twice");
         assert!(Outputs::new().reserve(&d.join("missing/x")).is_err());
         assert!(Outputs::new().reserve(&d).is_err());
+        assert!(Outputs::new().reserve(Path::new("/dev/null")).is_err());
+        assert!(Outputs::new().reserve(Path::new("/dev/stdout")).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::Instant;
 #[derive(Args)]
 pub struct BenchArgs {
     /// Dataset sizes N to time.
-    #[arg(long, value_delimiter = ',', default_value = "100,1000,4000")]
+    #[arg(value_parser = crate::checks::iterations, long, value_delimiter = ',', default_value = "100,1000,4000")]
     pub sizes: Vec<usize>,
     /// Timed repeats per measurement (the median is reported), after one warm-up.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 3)]

@@ -30,10 +30,10 @@ pub struct DemoArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Dataset sizes N for the exact HVP.
-    #[arg(long, value_delimiter = ',', default_value = "250,500,1000,2000")]
+    #[arg(value_parser = crate::checks::iterations, long, value_delimiter = ',', default_value = "250,500,1000,2000")]
     pub sizes: Vec<usize>,
     /// Subset sizes m for the subsampling error (against the largest N).
-    #[arg(long, value_delimiter = ',', default_value = "100,250,500")]
+    #[arg(value_parser = crate::checks::iterations, long, value_delimiter = ',', default_value = "100,250,500")]
     pub subsets: Vec<usize>,
     /// Random subsets per m.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 3)]

@@ -323,9 +323,12 @@ fn completed(
     n: usize,
     expected: &serde_json::Value,
 ) -> Result<Vec<(usize, serde_json::Value)>> {
-    let (Ok(c), Ok(m)) = (std::fs::File::open(csv), std::fs::read_to_string(meta)) else {
+    if !(csv.exists() && meta.exists()) {
         return Ok(vec![]);
-    };
+    }
+    // Regular files only: a FIFO planted at these names must not hang the run.
+    let (c, _) = hvp_io::read::open_regular(csv)?;
+    let m = String::from_utf8_lossy(&hvp_io::read::read_bounded(meta, 1 << 30, "influence metadata")?).into_owned();
     let mut lines = m.lines().filter(|l| !l.trim().is_empty());
     let recorded: serde_json::Value = lines
         .next()
@@ -414,7 +417,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let mut kept_rows: Vec<String> = Vec::new();
     if !done.is_empty() {
         let keep: std::collections::BTreeSet<usize> = done.iter().map(|d| d.0).collect();
-        let f = std::fs::File::open(&partial_csv)?;
+        let (f, _) = hvp_io::read::open_regular(&partial_csv)?;
         for line in std::io::BufReader::new(f).lines().skip(1) {
             let line = line?;
             if line

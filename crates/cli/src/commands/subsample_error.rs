@@ -32,7 +32,7 @@ pub struct SubsampleArgs {
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
     /// Subset sizes m.
-    #[arg(long, value_delimiter = ',', default_value = "100,250,500")]
+    #[arg(value_parser = crate::checks::iterations, long, value_delimiter = ',', default_value = "100,250,500")]
     pub sizes: Vec<usize>,
     /// Random subsets per size.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 5)]

@@ -85,6 +85,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         (None, None) => anyhow::bail!("give --arch SPEC or --model FILE.onnx"),
     };
     model.check_input(&shape).map_err(anyhow::Error::msg)?;
+    crate::args::check_weights_fit(&model, &weights, a.run.dtype.into())?;
     hvp_data::check_labels(&view, model.num_classes)?;
     let opts = TrainOptions {
         epochs: a.epochs,

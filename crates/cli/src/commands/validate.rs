@@ -142,6 +142,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             }
         }
     };
+    crate::args::check_weights_fit(&model, &weights, a.run.dtype.into())?;
     let test = open_data_spec(&a.test, a.pad, a.classes.as_deref())?;
     if a.test_index >= test.len() {
         bail!(
