@@ -417,6 +417,18 @@ impl Factors {
         let in_layer: Vec<bool> = (0..model.params.len())
             .map(|p| layers.iter().any(|l| l.weight == p || l.bias == Some(p)))
             .collect();
+        // The factors, their eigenbases and the per-thread partial sums: about
+        // four copies of every A (in×in) and S (out×out) matrix, in f64.
+        let elements = layers.iter().fold(0u64, |acc, l| {
+            let (a, s) = (l.a_dim as u64, l.s_dim as u64);
+            acc.saturating_add((a * a).saturating_add(s * s).saturating_add(a * s))
+        });
+        hvp_io::memory::check_fits(
+            elements.saturating_mul(8 * 4),
+            "the Kronecker factors",
+            "restrict the parameters (--params) or use --solver cg",
+        )
+        .map_err(|e| SolverError::BadOption(e.to_string()))?;
         let mut sums = Sums {
             a: layers.iter().map(|l| vec![0.0; l.a_dim * l.a_dim]).collect(),
             s: layers.iter().map(|l| vec![0.0; l.s_dim * l.s_dim]).collect(),

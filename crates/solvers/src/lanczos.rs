@@ -62,6 +62,12 @@ pub struct Ritz {
 /// orthogonal to the basis, so k = dim always spans the whole space.
 pub fn lanczos(op: &dyn LinearOperator, k: usize, start: &ParamVector) -> Result<Ritz, SolverError> {
     let k = k.min(op.dim()).max(1);
+    hvp_io::memory::check_fits(
+        (k as u64).saturating_mul(op.dim() as u64).saturating_mul(8),
+        &format!("a Lanczos basis of {k} vectors"),
+        "use fewer steps (--rank, --steps)",
+    )
+    .map_err(|e| SolverError::BadOption(e.to_string()))?;
     let mut q = start.clone();
     q.scale(1.0 / q.norm());
     let mut basis: Vec<ParamVector> = Vec::with_capacity(k);
