@@ -64,8 +64,9 @@ pub struct DataArgs {
     /// Labels as an NPY array [N] (uint8, int32 or int64).
     #[arg(long, requires = "inputs")]
     pub labels: Option<PathBuf>,
-    /// mnist:DIR[:train|test] (MNIST or Fashion-MNIST IDX files, gz or raw) or
-    /// cifar10:DIR[:train|test] (CIFAR-10 binary batches); pixels scaled to [0, 1].
+    /// mnist:DIR[:train|test] (MNIST or Fashion-MNIST IDX files, gz or raw),
+    /// cifar10:DIR[:train|test] (CIFAR-10 binary batches; pixels scaled to [0, 1])
+    /// or npy:X.npy,Y.npy (as --inputs/--labels).
     #[arg(long)]
     pub dataset: Option<String>,
     /// Use only the first N examples.
@@ -235,18 +236,20 @@ pub fn open_data_spec(spec: &str, pad: usize, classes: Option<&[usize]>) -> Resu
 
 pub fn load_data(d: &DataArgs) -> Result<LoadedData> {
     let source: Box<dyn Dataset> = match (&d.inputs, &d.labels, &d.dataset) {
-        (Some(x), Some(y), None) => Box::new(NpyDataset::open(x, y)?),
-        (None, None, Some(spec)) => open_spec(spec)?,
+        (Some(x), Some(y), None) => {
+            let source: Box<dyn Dataset> = Box::new(NpyDataset::open(x, y)?);
+            let source: Box<dyn Dataset> = if d.pad > 0 {
+                Box::new(Padded::new(source, d.pad)?)
+            } else {
+                source
+            };
+            match &d.classes {
+                Some(c) => Box::new(ClassFilter::new(source, c.clone())?),
+                None => source,
+            }
+        }
+        (None, None, Some(spec)) => open_data_spec(spec, d.pad, d.classes.as_deref())?,
         _ => bail!("give the data as --inputs X.npy --labels Y.npy or as --dataset SPEC"),
-    };
-    let source: Box<dyn Dataset> = if d.pad > 0 {
-        Box::new(Padded::new(source, d.pad)?)
-    } else {
-        source
-    };
-    let source: Box<dyn Dataset> = match &d.classes {
-        Some(c) => Box::new(ClassFilter::new(source, c.clone())?),
-        None => source,
     };
     if d.limit == Some(0) {
         bail!("--limit must be at least 1");

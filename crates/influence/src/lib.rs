@@ -8,6 +8,7 @@
 //! harmed t. M is the Hessian (or GGN/Fisher) of the mean training loss plus the
 //! weight decay `w·I` when the objective has one.
 
+pub mod scores;
 pub mod stats;
 pub mod train;
 
@@ -21,4 +22,15 @@ pub enum InfluenceError {
     Data(#[from] hvp_data::DataError),
     #[error("{0}")]
     Training(String),
+    #[error(
+        "{} solve for test example {test_index} failed: {} (relative residual ‖(M+λI)x − g‖/‖g‖ = {:.3e}); it was \
+         not scored",
+        report.solver,
+        report.failure.as_deref().unwrap_or("tolerance not reached"),
+        report.relative_residual
+    )]
+    SolveFailed {
+        test_index: usize,
+        report: Box<hvp_solvers::SolveReport>,
+    },
 }

@@ -617,6 +617,13 @@ impl Factors {
     }
 
     /// Reads factors written by [`Factors::save`] for this model, checking every shape.
+    /// The K-FAC view of these factors: EK-FAC's corrected eigenvalues dropped.
+    pub fn without_corrections(mut self) -> Factors {
+        self.kind = FactorKind::Kfac;
+        self.layers.iter_mut().for_each(|l| l.corrected = None);
+        self
+    }
+
     pub fn load(model: &Model, path: &Path) -> Result<Factors, ModelError> {
         let mut stored = read_safetensors(path)?;
         let bad = |name: String, reason: &str| ModelError::Corrupt {

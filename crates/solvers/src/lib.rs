@@ -10,9 +10,13 @@
 //!   from a power-iteration estimate of λ_max, divergence detection;
 //! * [`lanczos`]: top-k eigenpairs (Lanczos with full reorthogonalisation; the
 //!   symmetric case of Arnoldi, Schioppa et al. 2022) and the inverse on that
-//!   subspace; also spectrum estimates (extreme eigenvalues, Hutchinson trace).
+//!   subspace; also spectrum estimates (extreme eigenvalues, Hutchinson trace);
+//! * [`kfac`]: K-FAC and EK-FAC factors and their inverse products;
+//!
+//! and [`solve`], which runs the solver a [`SolverConfig`] names.
 
 pub mod cg;
+mod config;
 pub mod dense;
 pub mod direct;
 pub mod kfac;
@@ -21,6 +25,7 @@ pub mod lissa;
 mod operator;
 mod report;
 
+pub use config::{solve, SolverConfig, SolverKind};
 pub use operator::{CurvatureOperator, Damped, LinearOperator};
 pub use report::{finish, SolveReport, SolveStatus};
 

@@ -246,3 +246,51 @@ fn spectrum_estimates_match_the_dense_eigenvalues() {
     let (est, se) = lanczos::hutchinson_trace(&op, &like, 30, 3).unwrap();
     assert!((est - trace).abs() < 4.0 * se + 1e-12, "trace {est} ± {se} vs {trace}");
 }
+
+/// The one entry point runs what the configuration names, with the same result
+/// as calling each solver directly; factor files of the wrong kind are refused.
+#[test]
+fn solver_configuration_dispatches_to_each_solver() {
+    let s = setup("logreg:49,10", 200, 4);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 64).unwrap();
+    let g = rhs(&s.model);
+    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let damping = 1e-2;
+    let config = |kind| hvp_solvers::SolverConfig {
+        damping,
+        tol: 1e-10,
+        max_iter: 500,
+        ..hvp_solvers::SolverConfig::new(kind)
+    };
+    let (x_direct, _) = direct::solve_to(&op, damping, &g, 1e-10).unwrap();
+    let (x, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Direct), DType::F64, &g).unwrap();
+    assert_eq!(x.to_flat(), x_direct.to_flat());
+    assert_eq!(rep.status, hvp_solvers::SolveStatus::Converged);
+    let (x, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Cg), DType::F64, &g).unwrap();
+    assert!(x.relative_error(&x_direct) < 1e-8 && rep.solver == "cg", "{rep:?}");
+    let (_, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Arnoldi), DType::F64, &g).unwrap();
+    assert_eq!(rep.status, hvp_solvers::SolveStatus::Approximate);
+    // K-FAC factors saved to a file: the ekfac solver refuses them, kfac uses them.
+    let path = std::env::temp_dir().join(format!("hvp-dispatch-{}.safetensors", std::process::id()));
+    let f = hvp_solvers::kfac::Factors::compute(
+        &p,
+        hvp_solvers::kfac::FactorKind::Kfac,
+        hvp_solvers::kfac::FisherKind::Empirical,
+        DType::F64,
+        0,
+        &|_| {},
+    )
+    .unwrap();
+    f.save(&s.model, &path).unwrap();
+    let with_file = |kind| hvp_solvers::SolverConfig {
+        factors: Some(path.clone()),
+        ..config(kind)
+    };
+    assert!(hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Ekfac), DType::F64, &g).is_err());
+    let (x, rep) = hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Kfac), DType::F64, &g).unwrap();
+    let damped = Damped { inner: &op, damping };
+    let (x_kfac, _) = hvp_solvers::kfac::solve(&f, &damped, damping, &g).unwrap();
+    assert_eq!(x.to_flat(), x_kfac.to_flat());
+    assert_eq!(rep.status, hvp_solvers::SolveStatus::Approximate);
+    let _ = std::fs::remove_file(&path);
+}

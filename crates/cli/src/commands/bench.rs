@@ -23,10 +23,13 @@ pub struct BenchArgs {
     /// Timed repeats per measurement (the median is reported), after one warm-up.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 3)]
     pub repeats: usize,
+    /// Examples per batch (memory is one batch of activations and tangents).
     #[arg(value_parser = crate::checks::batch_size, long, default_value_t = 250)]
     pub batch_size: usize,
+    /// Worker threads (default: all cores).
     #[arg(value_parser = crate::checks::threads, long)]
     pub threads: Option<usize>,
+    /// Compute dtype; sums over batches are accumulated in f64 either way.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
     /// Architecture to time (default: the seed ResNet).

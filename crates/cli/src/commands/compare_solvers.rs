@@ -23,8 +23,10 @@ pub struct CompareArgs {
     /// Right-hand side g.
     #[arg(long)]
     pub rhs: PathBuf,
+    /// Curvature M: hessian (exact), ggn (Jᵀ H_out J) or fisher (empirical Fisher).
     #[arg(long, value_enum, default_value = "ggn")]
     pub curvature: CurvatureArg,
+    /// λ in (M + λI).
     #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.01)]
     pub damping: f64,
     /// LiSSA depth (its accuracy depends on it; see the truncation warning).
@@ -33,6 +35,7 @@ pub struct CompareArgs {
     /// Arnoldi rank.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 50)]
     pub rank: usize,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }

@@ -4,12 +4,12 @@
 //! (time and peak memory per N: time linear, memory flat), then the relative
 //! error of HVPs over random subsets of m images against the full-data HVP.
 
-use super::subsample_error::Prediction;
 use crate::args::{set_threads, DTypeArg};
 use crate::picture::{grid, Tile, BLACK, GREEN, RED};
 use crate::report::{format_bytes, peak_rss_bytes, reset_peak_rss};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use hvp_curvature::subsample::Prediction;
 use hvp_curvature::{Curvature, Problem};
 use hvp_data::Relabelled;
 use hvp_data::{Dataset, Idx, Padded, Subset};
@@ -38,12 +38,16 @@ pub struct DemoArgs {
     /// Random subsets per m.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 3)]
     pub repeats: usize,
+    /// Examples per batch (memory is one batch of activations and tangents).
     #[arg(value_parser = crate::checks::batch_size, long, default_value_t = 250)]
     pub batch_size: usize,
+    /// Worker threads (default: all cores).
     #[arg(value_parser = crate::checks::threads, long)]
     pub threads: Option<usize>,
+    /// Compute dtype; sums over batches are accumulated in f64 either way.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Where the demo writes its figures.
@@ -219,16 +223,10 @@ fn influence_part(a: &DemoArgs, dir: &std::path::Path, data: &dyn Dataset, model
     let damping = 1e-3;
     let mut queries = Vec::new();
     for t in [0usize, 1, 2] {
-        let one = Subset::new(&test, vec![t])?;
-        let g = Problem::new(model, &weights, &one, 1)?.gradient::<f64>(&|_| {})?.value;
+        let (g, _) = hvp_influence::scores::test_gradient(&problem, &test, t)?;
         let s_test = factors.inverse_product(&g, damping + opts.weight_decay);
-        let n = data.len() as f64;
-        let scores: Vec<f64> = problem
-            .loss_directional::<f32>(&s_test, &|_| {})?
-            .iter()
-            .map(|d| d / n)
-            .collect();
-        let (helpful, harmful) = super::influence::top_k(&scores, 4);
+        let scores = hvp_influence::scores::scores(&problem, &s_test, DType::F32, &|_| {})?;
+        let (helpful, harmful) = hvp_influence::scores::top_k(&scores, 4);
         let entry = |i: &usize| serde_json::json!({"train_index": i, "score": scores[*i]});
         queries.push((
             t,

@@ -27,11 +27,13 @@ pub struct FactorsArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    /// Factors to compute: kfac, or ekfac (K-FAC with corrected eigenvalues).
     #[arg(long, value_enum, default_value = "ekfac")]
     pub kind: KindArg,
     /// How the output-gradient factor S is estimated.
     #[arg(long, value_enum, default_value = "mc")]
     pub fisher: FisherArg,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output safetensors file (written atomically).

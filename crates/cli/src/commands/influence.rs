@@ -6,7 +6,7 @@
 //! chosen solver; the scores of a whole training set are one forward-mode pass
 //! (JVP of the per-example losses along s_test), never per-example gradients.
 
-use super::solve::{report_json, run_solver, SolverOptions};
+use super::solve::{report_json, SolverOptions};
 use crate::args::{load_model, open_data_spec, set_threads, ModelArgs, RunArgs};
 use crate::output::Outputs;
 use crate::picture::{grid, Tile, BLACK, GREEN, RED};
@@ -15,14 +15,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hvp_curvature::Problem;
 use hvp_data::{check_labels, Dataset, Subset};
+use hvp_influence::{scores, InfluenceError};
 use hvp_tensor::DType;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub const CONVENTION: &str = "score(i, t) = grad loss(z_t)^T (M + lambda I)^-1 grad loss(z_i) / N: the predicted increase of \
-test loss t if training example i is removed (positive = helpful, negative = harmful); M = Hessian (or GGN/Fisher) of the \
-mean training loss, plus weight_decay * I";
+pub use hvp_influence::scores::{top_k, CONVENTION};
 
 #[derive(Args)]
 pub struct InfluenceArgs {
@@ -43,9 +42,12 @@ pub struct InfluenceArgs {
     /// Keep only these classes of both sets, relabelled 0, 1, … (e.g. 1,7).
     #[arg(long, value_delimiter = ',')]
     pub classes: Option<Vec<usize>>,
-    /// Use only the first N training examples.
-    #[arg(value_parser = crate::checks::limit, long)]
+    /// Use only the first N training examples (alias --limit).
+    #[arg(value_parser = crate::checks::limit, long, visible_alias = "limit")]
     pub limit_train: Option<usize>,
+    /// Use only the first N test examples.
+    #[arg(value_parser = crate::checks::limit, long)]
+    pub limit_test: Option<usize>,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]
@@ -127,7 +129,7 @@ pub fn draw(
     grid(&rows, &shape)
 }
 
-/// One explained test point.
+/// One explained test point: the scores and their JSON metadata.
 pub struct Query {
     pub scores: Vec<f64>,
     pub meta: serde_json::Value,
@@ -137,16 +139,9 @@ pub struct Query {
 /// point's, so every row says how far its s_test is from (M + λI)⁻¹ ∇ℓ(z_t).
 pub const CSV_HEADER: &str = "train_index,test_index,score,label,solve_status,relative_residual";
 
-/// Top-k helpful (largest) and harmful (smallest) training indices.
-pub fn top_k(scores: &[f64], k: usize) -> (Vec<usize>, Vec<usize>) {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let helpful = order.iter().take(k).copied().collect();
-    let harmful = order.iter().rev().take(k).copied().collect();
-    (helpful, harmful)
-}
-
-/// s_test and the scores of every training example for test example `t`.
+/// s_test and the scores of every training example for test example `t`
+/// (`hvp_influence::scores::explain`), with the CLI's reporting: a failed solve
+/// is exit code 3 unless `--keep-unconverged`.
 pub fn explain(
     train: &Problem,
     test: &dyn Dataset,
@@ -155,43 +150,34 @@ pub fn explain(
     dtype: DType,
     progress: &dyn Fn(usize),
 ) -> Result<Query> {
-    let one = Subset::new(test, vec![t])?;
-    let test_problem = Problem::new(train.model, train.weights, &one, 1)?;
-    let g = test_problem.gradient::<f64>(&|_| {})?;
-    let (s_test, report) = run_solver(train, opts, dtype, &g.value)?;
-    if !report.usable() {
-        super::solve::print_report(&report);
-        if !opts.keep_unconverged {
+    let e = match scores::explain(train, test, t, &opts.config(), dtype, opts.keep_unconverged, progress) {
+        Err(InfluenceError::SolveFailed { report, .. }) => {
+            super::solve::print_report(&report);
             return Err(super::solve::failed(
                 &report,
                 &format!("test example {t} was not scored and no scores were written"),
             ));
         }
+        other => other?,
+    };
+    let report = &e.report;
+    if !report.usable() {
+        super::solve::print_report(report);
         eprintln!("warning (test {t}): scoring from a FAILED solve (--keep-unconverged); the scores are not influence");
     }
-    let n = train.data.len() as f64;
-    let scores: Vec<f64> = match dtype {
-        DType::F32 => train.loss_directional::<f32>(&s_test, progress)?,
-        DType::F64 => train.loss_directional::<f64>(&s_test, progress)?,
+    for w in &report.warnings {
+        eprintln!("warning (test {t}): {w}");
     }
-    .into_iter()
-    .map(|d| d / n)
-    .collect();
-    let mut meta = serde_json::json!({
+    let meta = serde_json::json!({
         "test_index": t,
-        "label": test.label(t),
-        "test_loss": g.loss,
+        "label": e.label,
+        "test_loss": e.test_loss,
         "solve_status": report.status.name(),
         "relative_residual": report.relative_residual,
-        "solver_report": report_json(&report, opts, train.data.len(), dtype),
+        "solver_report": report_json(report, opts, train.data.len(), dtype),
+        "s_test_norm": e.s_test_norm,
     });
-    if !report.warnings.is_empty() {
-        for w in &report.warnings {
-            eprintln!("warning (test {t}): {w}");
-        }
-    }
-    meta["s_test_norm"] = s_test.norm().into();
-    Ok(Query { scores, meta })
+    Ok(Query { scores: e.scores, meta })
 }
 
 /// A partial-result file, written (and fsynced) only by rank 0. Created
@@ -390,11 +376,13 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     crate::args::check_weights_fit(&model, &weights, a.run.dtype.into())?;
     let train_src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
     let train_view = Subset::first(train_src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
-    let test = open_data_spec(&a.test, a.pad, a.classes.as_deref())?;
+    let test_src = open_data_spec(&a.test, a.pad, a.classes.as_deref())?;
+    let test = Subset::first(test_src.as_ref(), a.limit_test.unwrap_or(usize::MAX));
+    let test: &dyn Dataset = &test;
     crate::args::check_loss(a.model.loss, train_src.as_ref())?;
-    crate::args::check_loss(a.model.loss, test.as_ref())?;
+    crate::args::check_loss(a.model.loss, test)?;
     model.check_input(&test.sample_shape()).map_err(anyhow::Error::msg)?;
-    check_labels(test.as_ref(), model.num_classes)?;
+    check_labels(test, model.num_classes)?;
     let indices = a.test_indices.clone().unwrap_or_else(|| vec![0]);
     if let Some(&bad) = indices.iter().find(|&&t| t >= test.len()) {
         bail!(
@@ -406,7 +394,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let n = train_view.len();
     let dtype: DType = a.run.dtype.into();
     let (partial_csv, partial_meta) = partial_paths(&a.out);
-    let config = fingerprint(&a, &train_view, test.as_ref())?;
+    let config = fingerprint(&a, &train_view, test)?;
     // Only rank 0 reads and writes the partial files (one process: always).
     let mut done = if a.resume && root {
         completed(&partial_csv, &partial_meta, n, &config)?
@@ -462,7 +450,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let progress = Progress::new(todo.len() * n, "influence", a.run.quiet);
     let start = Instant::now();
     for &t in &todo {
-        let q = explain(&problem, test.as_ref(), t, &a.solver, dtype, &|k| progress.advance(k))?;
+        let q = explain(&problem, test, t, &a.solver, dtype, &|k| progress.advance(k))?;
         let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
         let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
         let mut block = String::with_capacity(n * 48);
@@ -489,7 +477,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     drop(meta_file);
     done.sort_by_key(|d| indices.iter().position(|&t| t == d.0));
     if let Some(slot) = picture_slot {
-        let png = draw(&problem, test.as_ref(), &done, a.top)?;
+        let png = draw(&problem, test, &done, a.top)?;
         outputs.put(slot, &png)?;
     }
     if let Some(slot) = json_slot {

@@ -19,6 +19,7 @@ pub struct ProductArgs {
     /// Direction v: one tensor per trainable parameter, same names and shapes as the weights.
     #[arg(long)]
     pub vector: PathBuf,
+    /// Curvature M: hessian (exact), ggn (Jᵀ H_out J) or fisher (empirical Fisher).
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
     /// Output safetensors file M·v, one tensor per parameter, in the compute dtype.

@@ -26,13 +26,16 @@ pub struct SelfInfluenceArgs {
     /// Factors from `hvp factors` (EK-FAC computed now when absent).
     #[arg(long)]
     pub factors: Option<PathBuf>,
+    /// How factors are computed: mc (labels sampled from the model), empirical (true labels) or exact.
     #[arg(long, value_enum, default_value = "mc")]
     pub fisher: FisherArg,
+    /// λ in (M + λI).
     #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 1e-3)]
     pub damping: f64,
     /// L2 coefficient of the training objective (added to the damping).
     #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// CSV rank,train_index,self_influence,label, highest first (written atomically).

@@ -5,17 +5,12 @@ use crate::args::{CurvatureArg, DataArgs, ModelArgs, RunArgs};
 use crate::output::Outputs;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use hvp_curvature::{Curvature, Problem};
-use hvp_data::{Dataset, Subset};
+use hvp_curvature::Problem;
+use hvp_data::Dataset;
 use hvp_model::ParamVector;
-use hvp_solvers::cg::CgOptions;
-use hvp_solvers::kfac::{FactorKind, Factors, FisherKind};
-use hvp_solvers::lissa::LissaOptions;
-use hvp_solvers::{cg, direct, kfac, lanczos, lissa, CurvatureOperator, Damped, SolveReport, SolveStatus, SolverError};
+use hvp_solvers::kfac::FisherKind;
+use hvp_solvers::{SolveReport, SolveStatus, SolverConfig, SolverError, SolverKind};
 use hvp_tensor::DType;
-use rand::rngs::StdRng;
-use rand::seq::index::sample;
-use rand::SeedableRng;
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -59,8 +54,10 @@ impl From<FisherArg> for FisherKind {
 /// Options of every solver (each uses its own).
 #[derive(Args, Clone, Debug)]
 pub struct SolverOptions {
+    /// Solver: direct, cg, lissa, arnoldi, kfac, ekfac or pcg (see the README table).
     #[arg(long, value_enum)]
     pub solver: SolverArg,
+    /// Curvature M: hessian (exact), ggn (Jᵀ H_out J) or fisher (empirical Fisher).
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
     /// λ in (M + λI).
@@ -87,6 +84,7 @@ pub struct SolverOptions {
     /// arnoldi: number of eigenpairs kept (= Lanczos steps).
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 50)]
     pub rank: usize,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// kfac, ekfac, pcg: factors from `hvp factors` (computed now when absent).
@@ -150,6 +148,41 @@ pub struct SolveArgs {
     pub report: Option<PathBuf>,
 }
 
+impl From<SolverArg> for SolverKind {
+    fn from(s: SolverArg) -> Self {
+        match s {
+            SolverArg::Direct => SolverKind::Direct,
+            SolverArg::Cg => SolverKind::Cg,
+            SolverArg::Lissa => SolverKind::Lissa,
+            SolverArg::Arnoldi => SolverKind::Arnoldi,
+            SolverArg::Kfac => SolverKind::Kfac,
+            SolverArg::Ekfac => SolverKind::Ekfac,
+            SolverArg::Pcg => SolverKind::Pcg,
+        }
+    }
+}
+
+impl SolverOptions {
+    /// The library's configuration for these options.
+    pub fn config(&self) -> SolverConfig {
+        SolverConfig {
+            kind: self.solver.into(),
+            curvature: self.curvature.into(),
+            damping: self.damping,
+            tol: self.tol,
+            max_iter: self.max_iter,
+            depth: self.depth,
+            repeats: self.repeats,
+            scale: self.scale,
+            lissa_batch: self.lissa_batch,
+            rank: self.rank,
+            seed: self.seed,
+            factors: self.factors.clone(),
+            fisher: self.fisher.into(),
+        }
+    }
+}
+
 /// Runs the chosen solver for `g` on the problem's curvature.
 pub fn run_solver(
     problem: &Problem,
@@ -157,99 +190,7 @@ pub fn run_solver(
     dtype: DType,
     g: &ParamVector,
 ) -> Result<(ParamVector, SolveReport), SolverError> {
-    if !(opts.damping.is_finite() && opts.damping >= 0.0) {
-        return Err(SolverError::BadOption(format!(
-            "--damping must be finite and ≥ 0, got {}",
-            opts.damping
-        )));
-    }
-    let curvature: Curvature = opts.curvature.into();
-    let op = CurvatureOperator::new(problem, curvature, dtype);
-    let damped = Damped {
-        inner: &op,
-        damping: opts.damping,
-    };
-    match opts.solver {
-        SolverArg::Direct => direct::solve_to(&op, opts.damping, g, opts.tol),
-        SolverArg::Cg => cg::solve(
-            &damped,
-            g,
-            &CgOptions {
-                tol: opts.tol,
-                max_iter: opts.max_iter,
-            },
-            None,
-            "cg",
-        ),
-        SolverArg::Arnoldi => lanczos::solve(&op, opts.damping, g, opts.rank, opts.seed),
-        SolverArg::Kfac | SolverArg::Ekfac | SolverArg::Pcg => {
-            if opts.damping == 0.0 {
-                return Err(SolverError::BadOption(
-                    format!(
-                        "--solver {:?} with --damping 0: the Kronecker factors are singular wherever a layer has \
-                     fewer examples than inputs, so their inverse is undefined; give a damping > 0 (e.g. 1e-3, or \
-                     a small fraction of the mean eigenvalue that `hvp spectrum` reports)",
-                        opts.solver
-                    )
-                    .to_lowercase(),
-                ));
-            }
-            let want = if opts.solver == SolverArg::Kfac {
-                FactorKind::Kfac
-            } else {
-                FactorKind::Ekfac
-            };
-            let mut factors = match &opts.factors {
-                Some(path) => Factors::load(problem.model, path).map_err(|e| SolverError::BadOption(e.to_string()))?,
-                None => Factors::compute(problem, want, opts.fisher.into(), dtype, opts.seed, &|_| {})?,
-            };
-            match (opts.solver, factors.kind) {
-                (SolverArg::Ekfac, FactorKind::Kfac) => {
-                    return Err(SolverError::BadOption(
-                        "--solver ekfac needs EK-FAC factors; these are K-FAC (compute with hvp factors --kind ekfac)"
-                            .into(),
-                    ))
-                }
-                (SolverArg::Kfac, FactorKind::Ekfac) => {
-                    factors.kind = FactorKind::Kfac;
-                    factors.layers.iter_mut().for_each(|l| l.corrected = None);
-                }
-                _ => {}
-            }
-            if opts.solver == SolverArg::Pcg {
-                let precond = |r: &ParamVector| Ok(factors.inverse_product(r, opts.damping));
-                let cg_opts = CgOptions {
-                    tol: opts.tol,
-                    max_iter: opts.max_iter,
-                };
-                cg::solve(&damped, g, &cg_opts, Some(&precond), "pcg")
-            } else {
-                kfac::solve(&factors, &damped, opts.damping, g)
-            }
-        }
-        SolverArg::Lissa => {
-            let n = problem.data.len();
-            let b = opts.lissa_batch.clamp(1, n);
-            let mut rng = StdRng::seed_from_u64(opts.seed);
-            let mut sampler = |v: &ParamVector| -> Result<ParamVector, SolverError> {
-                let idx = sample(&mut rng, n, b).into_vec();
-                let subset = Subset::new(problem.data, idx).map_err(hvp_curvature::CurvatureError::from)?;
-                let p = Problem::new(problem.model, problem.weights, &subset, problem.batch_size)?;
-                let r = match dtype {
-                    DType::F32 => p.product::<f32>(curvature, v, &|_| {})?,
-                    DType::F64 => p.product::<f64>(curvature, v, &|_| {})?,
-                };
-                Ok(r.value)
-            };
-            let lo = LissaOptions {
-                depth: opts.depth,
-                repeats: opts.repeats,
-                scale: opts.scale,
-                ..Default::default()
-            };
-            lissa::solve(&damped, &mut sampler, opts.damping, g, &lo)
-        }
-    }
+    hvp_solvers::solve(problem, &opts.config(), dtype, g)
 }
 
 /// The report as JSON with the problem's context.

@@ -19,6 +19,7 @@ pub struct SpectrumArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    /// Curvature M: hessian (exact), ggn (Jᵀ H_out J) or fisher (empirical Fisher).
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
     /// Number of largest eigenvalues to print.
@@ -30,8 +31,10 @@ pub struct SpectrumArgs {
     /// Rademacher probes for the trace estimate.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 10)]
     pub trace_samples: usize,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write the report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
 }

@@ -9,6 +9,7 @@ use super::{load_vector, setup, write_json};
 use crate::args::{CurvatureArg, DataArgs, ModelArgs, RunArgs};
 use anyhow::{bail, Result};
 use clap::Args;
+use hvp_curvature::subsample::Prediction;
 use hvp_curvature::{Curvature, Problem};
 use hvp_data::{Dataset, Subset};
 use hvp_model::ParamVector;
@@ -29,6 +30,7 @@ pub struct SubsampleArgs {
     /// Direction v.
     #[arg(long)]
     pub vector: PathBuf,
+    /// Curvature M: hessian (exact), ggn (Jᵀ H_out J) or fisher (empirical Fisher).
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
     /// Subset sizes m.
@@ -46,10 +48,13 @@ pub struct SubsampleArgs {
     /// Also measure the inverse product's error with this solver.
     #[arg(long, value_enum)]
     pub solver: Option<SolverArg>,
+    /// λ in (M + λI).
     #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub damping: f64,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write the report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
 }
@@ -60,59 +65,6 @@ fn product(p: &Problem, c: Curvature, v: &ParamVector, dtype: DType) -> Result<P
         DType::F64 => p.product::<f64>(c, v, &|_| {})?,
     }
     .value)
-}
-
-/// Predicted relative error of an m-example product from `k` mini-batch products
-/// of `b` examples: per-example spread σ² ≈ b·s²·(N−1)/(N−b) with s² the variance
-/// of the batch means; E‖H_m v − H v‖² = σ²/m · (N−m)/(N−1); ‖H v‖² ≈ ‖mean‖² less
-/// the mean's own variance.
-pub struct Prediction {
-    pub sigma2: f64,
-    pub norm2: f64,
-    pub n: usize,
-}
-
-impl Prediction {
-    pub fn from_batches(batches: &[ParamVector], b: usize, n: usize) -> Self {
-        let k = batches.len() as f64;
-        let mut mean = batches[0].zeros_like();
-        for h in batches {
-            mean.axpy(1.0 / k, h);
-        }
-        let s2 = batches
-            .iter()
-            .map(|h| {
-                let mut d = h.clone();
-                d.axpy(-1.0, &mean);
-                d.dot(&d)
-            })
-            .sum::<f64>()
-            / (k - 1.0);
-        let fpc = |m: f64| {
-            if n > 1 {
-                ((n as f64 - m) / (n as f64 - 1.0)).max(0.0)
-            } else {
-                0.0
-            }
-        };
-        let sigma2 = if fpc(b as f64) > 0.0 {
-            b as f64 * s2 / fpc(b as f64)
-        } else {
-            0.0
-        };
-        let norm2 = (mean.dot(&mean) - sigma2 / (k * b as f64) * fpc(k * b as f64)).max(mean.dot(&mean) * 1e-6);
-        Prediction { sigma2, norm2, n }
-    }
-
-    pub fn relative_error(&self, m: usize) -> f64 {
-        let n = self.n as f64;
-        let fpc = if self.n > 1 {
-            ((n - m as f64) / (n - 1.0)).max(0.0)
-        } else {
-            0.0
-        };
-        (self.sigma2 / m as f64 * fpc / self.norm2).sqrt()
-    }
 }
 
 fn stats(v: &[f64]) -> (f64, f64) {

@@ -31,18 +31,23 @@ pub struct TrainArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    /// Passes over the training data.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 1)]
     pub epochs: usize,
+    /// Learning rate.
     #[arg(value_parser = crate::checks::positive, long, default_value_t = 0.01)]
     pub lr: f64,
+    /// SGD momentum in [0, 1).
     #[arg(value_parser = crate::checks::momentum, long, default_value_t = 0.0)]
     pub momentum: f64,
     /// L2 coefficient w: the objective is L + (w/2)‖θ‖² (pass the same value to
     /// the curvature commands, which then add w·I).
     #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// sgd (with momentum) or adam.
     #[arg(long, value_enum, default_value = "sgd")]
     pub optimizer: OptimizerArg,
+    /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Start from these weights instead of a fresh initialisation (or, with

@@ -52,24 +52,34 @@ pub struct ValidateArgs {
     /// --retrain-epochs of gradient descent / SGD).
     #[arg(long)]
     pub weights: Option<PathBuf>,
+    /// Training data: mnist:DIR[:train|test], cifar10:DIR[:train|test] or npy:X.npy,Y.npy.
     #[arg(long)]
     pub train: String,
+    /// Test data, same forms.
     #[arg(long)]
     pub test: String,
-    #[arg(long, default_value_t = 0)]
+    /// The test example whose loss changes are predicted and measured (alias --test-indices).
+    #[arg(long, visible_alias = "test-indices", default_value_t = 0)]
     pub test_index: usize,
+    /// Number of training examples removed one at a time.
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 20)]
     pub k: usize,
+    /// Which examples to remove: the top-k by |predicted change|, or a random sample.
     #[arg(long, value_enum, default_value = "top")]
     pub remove: RemoveArg,
+    /// How each leave-one-out model is retrained.
     #[arg(long, value_enum, default_value = "newton")]
     pub retrain: RetrainArg,
+    /// Epochs of each retraining (gd, sgd).
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 5)]
     pub retrain_epochs: usize,
+    /// Learning rate.
     #[arg(value_parser = crate::checks::positive, long, default_value_t = 0.01)]
     pub lr: f64,
-    #[arg(value_parser = crate::checks::limit, long)]
+    /// Use only the first N training examples (alias --limit).
+    #[arg(value_parser = crate::checks::limit, long, visible_alias = "limit")]
     pub limit_train: Option<usize>,
+    /// Zero-pad images of both sets by P pixels.
     #[arg(value_parser = crate::checks::pad, long, default_value_t = 0)]
     pub pad: usize,
     /// Keep only these classes of both sets, relabelled 0, 1, … (e.g. 1,7).
@@ -79,6 +89,7 @@ pub struct ValidateArgs {
     pub run: RunArgs,
     #[command(flatten)]
     pub solver: SolverOptions,
+    /// L2 coefficient of the training objective (adds w·I to the curvature).
     #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// JSON report: predicted and actual changes, correlations.

@@ -1,0 +1,104 @@
+//! Influence scores of every training example on one test point: `s_test` from
+//! any solver, then one forward-mode pass (a JVP of the per-example losses along
+//! `s_test`), never per-example gradients.
+
+use crate::InfluenceError;
+use hvp_curvature::Problem;
+use hvp_data::{Dataset, Subset};
+use hvp_model::ParamVector;
+use hvp_solvers::{SolveReport, SolverConfig};
+use hvp_tensor::DType;
+
+/// The sign and scale of the scores, stated wherever they are written.
+pub const CONVENTION: &str = "score(i, t) = grad loss(z_t)^T (M + lambda I)^-1 grad loss(z_i) / N: the predicted increase of \
+test loss t if training example i is removed (positive = helpful, negative = harmful); M = Hessian (or GGN/Fisher) of the \
+mean training loss, plus weight_decay * I";
+
+/// One explained test point.
+#[derive(Clone, Debug)]
+pub struct Explanation {
+    pub test_index: usize,
+    pub label: usize,
+    pub test_loss: f64,
+    /// `score(i, t)` for every training example i, in dataset order.
+    pub scores: Vec<f64>,
+    pub s_test_norm: f64,
+    /// The solve behind `s_test`: status, exact residual, warnings.
+    pub report: SolveReport,
+}
+
+/// `∇ℓ(z_t)` of test example `t` (f64) and its loss.
+pub fn test_gradient(train: &Problem, test: &dyn Dataset, t: usize) -> Result<(ParamVector, f64), InfluenceError> {
+    let one = Subset::new(test, vec![t])?;
+    let g = Problem::new(train.model, train.weights, &one, 1)?.gradient::<f64>(&|_| {})?;
+    Ok((g.value, g.loss))
+}
+
+/// `score(i, t)` of every training example for a given `s_test`.
+pub fn scores(
+    train: &Problem,
+    s_test: &ParamVector,
+    dtype: DType,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<f64>, InfluenceError> {
+    let n = train.data.len() as f64;
+    let directional = match dtype {
+        DType::F32 => train.loss_directional::<f32>(s_test, progress)?,
+        DType::F64 => train.loss_directional::<f64>(s_test, progress)?,
+    };
+    Ok(directional.into_iter().map(|d| d / n).collect())
+}
+
+/// `s_test = (M + λI)⁻¹ ∇ℓ(z_t)` and the scores of every training example for
+/// test example `t`. A failed solve is an error ([`InfluenceError::SolveFailed`])
+/// unless `allow_failed`.
+pub fn explain(
+    train: &Problem,
+    test: &dyn Dataset,
+    t: usize,
+    config: &SolverConfig,
+    dtype: DType,
+    allow_failed: bool,
+    progress: &dyn Fn(usize),
+) -> Result<Explanation, InfluenceError> {
+    let (g, test_loss) = test_gradient(train, test, t)?;
+    let (s_test, report) = hvp_solvers::solve(train, config, dtype, &g)?;
+    if !report.usable() && !allow_failed {
+        return Err(InfluenceError::SolveFailed {
+            test_index: t,
+            report: Box::new(report),
+        });
+    }
+    Ok(Explanation {
+        test_index: t,
+        label: test.label(t),
+        test_loss,
+        scores: scores(train, &s_test, dtype, progress)?,
+        s_test_norm: s_test.norm(),
+        report,
+    })
+}
+
+/// Top-k helpful (largest score) and harmful (smallest score) training indices,
+/// ties broken by index.
+pub fn top_k(scores: &[f64], k: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let helpful = order.iter().take(k).copied().collect();
+    let harmful = order.iter().rev().take(k).copied().collect();
+    (helpful, harmful)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_by_score_then_index() {
+        let s = [0.5, -1.0, 2.0, 0.5, -3.0];
+        let (help, harm) = top_k(&s, 2);
+        assert_eq!(help, vec![2, 0]);
+        assert_eq!(harm, vec![4, 1]);
+        assert_eq!(top_k(&s, 10).0.len(), 5);
+    }
+}

@@ -1,0 +1,203 @@
+//! Solver choice: one configuration type for every solver and one entry point,
+//! [`solve`], that a command line, a Python binding or another tool calls alike.
+
+use crate::cg::CgOptions;
+use crate::kfac::{FactorKind, Factors, FisherKind};
+use crate::lissa::LissaOptions;
+use crate::{cg, direct, kfac, lanczos, lissa, CurvatureOperator, Damped, SolveReport, SolverError};
+use hvp_curvature::{Curvature, Problem};
+use hvp_data::Subset;
+use hvp_model::ParamVector;
+use hvp_tensor::DType;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use std::path::PathBuf;
+
+/// Which solver computes `(M + λI)⁻¹ g`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SolverKind {
+    /// Dense matrix from n products, Cholesky (small models only).
+    Direct,
+    /// Conjugate gradients on M + λI.
+    Cg,
+    /// LiSSA recursion on mini-batch products.
+    Lissa,
+    /// Top-k eigenpairs by Lanczos/Arnoldi, inverse on that subspace.
+    Arnoldi,
+    /// Kronecker-factored approximate curvature.
+    Kfac,
+    /// Eigenvalue-corrected K-FAC.
+    Ekfac,
+    /// CG on the exact operator, preconditioned by EK-FAC (or K-FAC) factors.
+    Pcg,
+}
+
+impl SolverKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SolverKind::Direct => "direct",
+            SolverKind::Cg => "cg",
+            SolverKind::Lissa => "lissa",
+            SolverKind::Arnoldi => "arnoldi",
+            SolverKind::Kfac => "kfac",
+            SolverKind::Ekfac => "ekfac",
+            SolverKind::Pcg => "pcg",
+        }
+    }
+
+    /// Whether the solver needs K-FAC/EK-FAC factors.
+    pub fn uses_factors(self) -> bool {
+        matches!(self, SolverKind::Kfac | SolverKind::Ekfac | SolverKind::Pcg)
+    }
+}
+
+/// Everything a solve depends on; each solver reads the options it uses.
+#[derive(Clone, Debug)]
+pub struct SolverConfig {
+    pub kind: SolverKind,
+    pub curvature: Curvature,
+    /// λ in (M + λI).
+    pub damping: f64,
+    /// direct, cg, pcg: relative residual to reach.
+    pub tol: f64,
+    /// cg, pcg: iteration cap.
+    pub max_iter: usize,
+    /// lissa: recursion depth, independent recursions, scale (`None`: estimated),
+    /// examples per sampled mini-batch.
+    pub depth: usize,
+    pub repeats: usize,
+    pub scale: Option<f64>,
+    pub lissa_batch: usize,
+    /// arnoldi: eigenpairs kept.
+    pub rank: usize,
+    pub seed: u64,
+    /// kfac, ekfac, pcg: factors saved by `Factors::save` (computed when absent).
+    pub factors: Option<PathBuf>,
+    /// kfac, ekfac, pcg: how factors are computed when none are given.
+    pub fisher: FisherKind,
+}
+
+impl SolverConfig {
+    /// The defaults of the command line for `kind`.
+    pub fn new(kind: SolverKind) -> Self {
+        SolverConfig {
+            kind,
+            curvature: Curvature::Hessian,
+            damping: 0.0,
+            tol: 1e-6,
+            max_iter: 100,
+            depth: 200,
+            repeats: 1,
+            scale: None,
+            lissa_batch: 32,
+            rank: 50,
+            seed: 0,
+            factors: None,
+            fisher: FisherKind::Mc,
+        }
+    }
+
+    /// Checks the options that hold for every solver.
+    pub fn check(&self) -> Result<(), SolverError> {
+        if !(self.damping.is_finite() && self.damping >= 0.0) {
+            return Err(SolverError::BadOption(format!(
+                "the damping must be finite and ≥ 0, got {}",
+                self.damping
+            )));
+        }
+        if self.kind.uses_factors() && self.damping == 0.0 {
+            return Err(SolverError::BadOption(format!(
+                "--solver {} with --damping 0: the Kronecker factors are singular wherever a layer has fewer \
+                 examples than inputs, so their inverse is undefined; give a damping > 0 (e.g. 1e-3, or a small \
+                 fraction of the mean eigenvalue that `hvp spectrum` reports)",
+                self.kind.name()
+            )));
+        }
+        if !(self.tol.is_finite() && self.tol > 0.0) {
+            return Err(SolverError::BadOption(format!(
+                "the tolerance must be > 0, got {}",
+                self.tol
+            )));
+        }
+        Ok(())
+    }
+
+    /// The factors this configuration asks for: loaded from `factors`, or
+    /// computed on `problem`; K-FAC views of EK-FAC factors are allowed, the
+    /// reverse is refused.
+    pub fn factors(&self, problem: &Problem, dtype: DType) -> Result<Factors, SolverError> {
+        let want = if self.kind == SolverKind::Kfac {
+            FactorKind::Kfac
+        } else {
+            FactorKind::Ekfac
+        };
+        let factors = match &self.factors {
+            Some(path) => Factors::load(problem.model, path).map_err(|e| SolverError::BadOption(e.to_string()))?,
+            None => Factors::compute(problem, want, self.fisher, dtype, self.seed, &|_| {})?,
+        };
+        match (self.kind, factors.kind) {
+            (SolverKind::Ekfac, FactorKind::Kfac) => Err(SolverError::BadOption(
+                "--solver ekfac needs EK-FAC factors; these are K-FAC (compute with hvp factors --kind ekfac)".into(),
+            )),
+            (SolverKind::Kfac, FactorKind::Ekfac) => Ok(factors.without_corrections()),
+            _ => Ok(factors),
+        }
+    }
+}
+
+/// `x = (M + λI)⁻¹ g` on the problem's curvature by the configured solver, with
+/// its report (status, exact residual, warnings).
+pub fn solve(
+    problem: &Problem,
+    config: &SolverConfig,
+    dtype: DType,
+    g: &ParamVector,
+) -> Result<(ParamVector, SolveReport), SolverError> {
+    config.check()?;
+    let op = CurvatureOperator::new(problem, config.curvature, dtype);
+    let damped = Damped {
+        inner: &op,
+        damping: config.damping,
+    };
+    let cg_opts = CgOptions {
+        tol: config.tol,
+        max_iter: config.max_iter,
+    };
+    match config.kind {
+        SolverKind::Direct => direct::solve_to(&op, config.damping, g, config.tol),
+        SolverKind::Cg => cg::solve(&damped, g, &cg_opts, None, "cg"),
+        SolverKind::Arnoldi => lanczos::solve(&op, config.damping, g, config.rank, config.seed),
+        SolverKind::Kfac | SolverKind::Ekfac => {
+            let factors = config.factors(problem, dtype)?;
+            kfac::solve(&factors, &damped, config.damping, g)
+        }
+        SolverKind::Pcg => {
+            let factors = config.factors(problem, dtype)?;
+            let precond = |r: &ParamVector| Ok(factors.inverse_product(r, config.damping));
+            cg::solve(&damped, g, &cg_opts, Some(&precond), "pcg")
+        }
+        SolverKind::Lissa => {
+            let n = problem.data.len();
+            let b = config.lissa_batch.clamp(1, n);
+            let mut rng = StdRng::seed_from_u64(config.seed);
+            let mut sampler = |v: &ParamVector| -> Result<ParamVector, SolverError> {
+                let idx = sample(&mut rng, n, b).into_vec();
+                let subset = Subset::new(problem.data, idx).map_err(hvp_curvature::CurvatureError::from)?;
+                let p = Problem::new(problem.model, problem.weights, &subset, problem.batch_size)?;
+                let r = match dtype {
+                    DType::F32 => p.product::<f32>(config.curvature, v, &|_| {})?,
+                    DType::F64 => p.product::<f64>(config.curvature, v, &|_| {})?,
+                };
+                Ok(r.value)
+            };
+            let lo = LissaOptions {
+                depth: config.depth,
+                repeats: config.repeats,
+                scale: config.scale,
+                ..Default::default()
+            };
+            lissa::solve(&damped, &mut sampler, config.damping, g, &lo)
+        }
+    }
+}
