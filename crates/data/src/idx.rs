@@ -15,8 +15,9 @@ pub struct Idx {
     labels: Vec<u8>,
 }
 
-/// Largest IDX payload accepted (MNIST's training images are 47 MB).
-const MAX_IDX_BYTES: u64 = 16 << 30;
+/// Largest IDX payload accepted (MNIST's training images are 47 MB, EMNIST's
+/// largest file about 0.7 GB).
+const MAX_IDX_BYTES: u64 = 4 << 30;
 
 /// Reads an IDX file (gzip-compressed or raw), checks its magic number, and
 /// reads exactly the bytes its header declares: sizes are checked (overflow,

@@ -257,12 +257,18 @@ impl Lock {
                     return Ok(Lock { path: lock });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&lock)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u32>().ok());
+                    // Read the holder's pid only from a small regular file: a symlink
+                    // or FIFO planted as the lock is never followed or opened.
+                    let regular = std::fs::symlink_metadata(&lock).is_ok_and(|m| m.file_type().is_file());
+                    let holder = if regular {
+                        crate::read::read_bounded(&lock, 64, "a lock file")
+                            .ok()
+                            .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<u32>().ok())
+                    } else {
+                        None
+                    };
                     let alive = holder.is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                    let is_symlink = std::fs::symlink_metadata(&lock).is_ok_and(|m| m.file_type().is_symlink());
-                    if alive || is_symlink {
+                    if alive || !regular {
                         return Err(IoError::Locked {
                             path: output.to_path_buf(),
                             lock: lock.clone(),
@@ -378,5 +384,8 @@ mod tests {
         let taken = Lock::acquire(&out).expect("stale lock taken over");
         drop(taken);
         assert!(!d.join("scores.csv.lock").exists());
+        // A symlink to a device planted as the lock: refused without reading it.
+        std::os::unix::fs::symlink("/dev/zero", d.join("scores.csv.lock")).expect("link");
+        assert!(Lock::acquire(&out).is_err());
     }
 }
