@@ -102,6 +102,9 @@ pub struct Problem<'a> {
     /// L2 coefficient w of the objective `L(θ) + (w/2)‖θ‖²`: adds `wθ` to the
     /// gradient and `w·I` to every curvature (0 by default).
     pub weight_decay: f64,
+    /// Sub-batches each batch is cut into (`None`: one per worker thread).
+    /// Private, so that a `Problem` exists only through [`Problem::new`].
+    sub_batches: Option<usize>,
 }
 
 /// Result of one pass over the data.
@@ -153,6 +156,7 @@ impl<'a> Problem<'a> {
             data,
             batch_size: batch_size.max(1),
             weight_decay: 0.0,
+            sub_batches: None,
         })
     }
 
@@ -162,19 +166,43 @@ impl<'a> Problem<'a> {
         self
     }
 
-    /// Sub-batches per batch: one per worker thread (`HVP_SPLIT_BATCH=0` turns
-    /// the split off, to compare).
+    /// The same problem with each batch cut into `n` sub-batches (each run whole
+    /// by one worker) instead of one per worker thread; `1` runs each batch as
+    /// one piece with the threads inside the kernels.
+    pub fn with_sub_batches(mut self, n: usize) -> Self {
+        self.sub_batches = Some(n.max(1));
+        self
+    }
+
     fn split_threads(&self) -> usize {
-        match std::env::var("HVP_SPLIT_BATCH").ok().as_deref() {
-            Some("0") => 1,
-            _ => rayon::current_num_threads(),
-        }
+        self.sub_batches.unwrap_or_else(rayon::current_num_threads)
     }
 
     fn theta(&self) -> ParamVector {
         ParamVector {
             tensors: self.weights.params.clone(),
         }
+    }
+
+    /// The one loop over the data: this rank's shard (all of it in one process)
+    /// in batches of `batch_size`, read one at a time into a reused buffer;
+    /// `f(batch number, example indices, batch)`. Every streamed pass — sums,
+    /// per-example values, K-FAC statistics — walks the data through here.
+    pub fn for_each_batch<E: From<CurvatureError>>(
+        &self,
+        mut f: impl FnMut(usize, &[usize], &Batch) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let shard = hvp_dist::shard(self.data.len());
+        let size = self.batch_size.max(1);
+        let mut batch = Batch::default();
+        let mut indices = Vec::with_capacity(size);
+        for (k, start) in shard.clone().step_by(size).enumerate() {
+            indices.clear();
+            indices.extend(start..(start + size).min(shard.end));
+            self.data.read(&indices, &mut batch).map_err(CurvatureError::from)?;
+            f(k, &indices, &batch)?;
+        }
+        Ok(())
     }
 
     /// Per-example values of every example, in order: this rank streams its shard
@@ -187,16 +215,10 @@ impl<'a> Problem<'a> {
         progress: &dyn Fn(usize),
         f: impl Fn(Tensor<T>, Targets) -> Vec<f64> + Sync,
     ) -> Result<Vec<f64>, CurvatureError> {
-        let shard = hvp_dist::shard(self.data.len());
         let sample: usize = self.data.sample_shape().iter().product();
-        let mut out = Vec::with_capacity(shard.len());
-        let mut batch = Batch::default();
-        let mut idx = Vec::with_capacity(self.batch_size);
-        for (k, start) in shard.clone().step_by(self.batch_size).enumerate() {
-            idx.clear();
-            idx.extend(start..(start + self.batch_size).min(shard.end));
-            self.data.read(&idx, &mut batch)?;
-            let parts = split_batch(&batch, sample, self.split_threads());
+        let mut out = Vec::with_capacity(hvp_dist::shard(self.data.len()).len());
+        self.for_each_batch(|k, idx, batch| {
+            let parts = split_batch(batch, sample, self.split_threads());
             let values: Vec<Vec<f64>> = parts
                 .par_iter()
                 .map(|part| f(self.sub_batch_input(part), part.2.as_targets()))
@@ -207,7 +229,8 @@ impl<'a> Problem<'a> {
                 return Err(CurvatureError::NonFinite { what, batch: k });
             }
             progress(idx.len() * hvp_dist::size());
-        }
+            Ok(())
+        })?;
         Ok(hvp_dist::gather_shards(self.data.len(), &out))
     }
 
@@ -282,18 +305,12 @@ impl<'a> Problem<'a> {
         let weight = 1.0 / n as f64;
         let mut acc = ParamVector::zeros(self.model);
         let mut loss_sum = 0.0;
-        let mut batch = Batch::default();
-        let mut indices = Vec::with_capacity(self.batch_size);
-        let shard = hvp_dist::shard(n);
         let sample: usize = self.data.sample_shape().iter().product();
-        for (k, start) in shard.clone().step_by(self.batch_size).enumerate() {
-            indices.clear();
-            indices.extend(start..(start + self.batch_size).min(shard.end));
-            self.data.read(&indices, &mut batch)?;
+        self.for_each_batch(|k, indices, batch| {
             // One sub-batch per worker thread, each run whole by one worker: no
             // synchronisation between layers, and each worker's activations stay
             // in its own cache. Sums are combined in f64 below.
-            let parts = split_batch(&batch, sample, self.split_threads());
+            let parts = split_batch(batch, sample, self.split_threads());
             let results: Vec<(f64, Vec<Option<Tensor<T>>>)> = parts
                 .par_iter()
                 .map(|part| per_batch(self.sub_batch_input(part), part.2.as_targets(), weight))
@@ -329,7 +346,8 @@ impl<'a> Problem<'a> {
             }
             // Ranks advance at about the same pace: show the job's progress.
             progress(indices.len() * hvp_dist::size());
-        }
+            Ok(())
+        })?;
         if hvp_dist::is_distributed() {
             // One f64 allreduce of the loss and every partial sum.
             let mut flat = acc.to_flat();

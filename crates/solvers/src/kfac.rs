@@ -26,7 +26,6 @@ use crate::{finish, LinearOperator, SolveReport, SolverError};
 use hvp_autodiff::loss::{self, Targets};
 use hvp_autodiff::{Graph, NodeId, Op, Tape};
 use hvp_curvature::{batch_targets, Problem};
-use hvp_data::Batch;
 use hvp_model::io::{read_safetensors, write_safetensors};
 use hvp_model::{Model, ModelError, ParamVector};
 use hvp_tensor::conv::{self, ConvGeometry};
@@ -370,20 +369,14 @@ fn stream_observed<T: Float>(
     let params: Vec<Tensor<T>> = problem.weights.params_as();
     let buffers: Vec<Tensor<T>> = problem.weights.buffers_as();
     let graph: &Graph = &model.graph;
-    let shard = hvp_dist::shard(problem.data.len());
-    let mut batch = Batch::default();
-    for start in shard.clone().step_by(problem.batch_size) {
-        let idx: Vec<usize> = (start..(start + problem.batch_size).min(shard.end)).collect();
-        problem
-            .data
-            .read(&idx, &mut batch)
-            .map_err(hvp_curvature::CurvatureError::from)?;
+    problem.for_each_batch(|_, idx, batch| {
+        let start = idx[0];
         let mut shape = vec![idx.len()];
         shape.extend(problem.data.sample_shape());
         let x = Tensor::new(shape, batch.x.iter().map(|&v| T::from_f64(v)).collect()).expect("batch shape");
         let tape: Tape<Tensor<T>> = graph.forward(&params, &buffers, x);
         let logits = tape.output().cast::<f64>();
-        let samples = cotangent_samples(&logits, batch_targets(&batch), fisher, seed, start);
+        let samples = cotangent_samples(&logits, batch_targets(batch), fisher, seed, start);
         let last = samples.len() - 1;
         let mut tape = Some(tape);
         for (k, cot) in samples.iter().enumerate() {
@@ -397,8 +390,8 @@ fn stream_observed<T: Float>(
         }
         batch_end(idx.len());
         progress(idx.len() * hvp_dist::size());
-    }
-    Ok(())
+        Ok::<(), SolverError>(())
+    })
 }
 
 impl Factors {

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Architecture to time (default: the seed ResNet).
     #[arg(long, default_value = "resnet-cifar:2,2,2")]
     pub arch: String,
+    /// Sub-batches per batch (default: one per worker thread; 1 runs each batch
+    /// whole with the threads inside the kernels).
+    #[arg(value_parser = crate::checks::iterations, long)]
+    pub sub_batches: Option<usize>,
     /// Also write the rows as JSON lines here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -170,6 +174,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             classes: model.num_classes,
         };
         let problem = Problem::new(&model, &weights, &data, a.batch_size)?;
+        let problem = match a.sub_batches {
+            Some(n) => problem.with_sub_batches(n),
+            None => problem,
+        };
         reset_peak_rss();
         let mut grad_time = f64::NAN;
         for &method in &a.methods {
