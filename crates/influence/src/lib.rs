@@ -8,7 +8,9 @@
 //! harmed t. M is the Hessian (or GGN/Fisher) of the mean training loss plus the
 //! weight decay `w·I` when the objective has one.
 
+pub mod loo;
 pub mod scores;
+pub mod self_influence;
 pub mod stats;
 pub mod train;
 

@@ -108,6 +108,12 @@ impl Weights {
     /// Writes a loadable `state_dict` (parameters, buffers and, for BatchNorm, a
     /// zero `num_batches_tracked`, so `model.load_state_dict` accepts it strictly).
     pub fn save(&self, model: &Model, path: &Path, dtype: DType) -> Result<(), ModelError> {
+        crate::io::atomic_write(path, &self.safetensors_bytes(model, dtype))
+    }
+
+    /// The weights as a PyTorch `state_dict` in safetensors (parameters, buffers,
+    /// and a zero `num_batches_tracked` per BatchNorm).
+    pub fn safetensors_bytes(&self, model: &Model, dtype: DType) -> Vec<u8> {
         let named: Vec<(String, Tensor<f64>)> = model
             .params
             .iter()
@@ -121,7 +127,7 @@ impl Weights {
             .filter_map(|s| s.name.strip_suffix(".running_mean"))
             .map(|p| format!("{p}.{IGNORED_SUFFIX}"))
             .collect();
-        crate::io::atomic_write(path, &crate::io::safetensors_bytes(&named, dtype, &counters))
+        crate::io::safetensors_bytes(&named, dtype, &counters)
     }
 
     /// Parameters cast to the compute type.

@@ -275,9 +275,9 @@ fn mislabel_part(a: &DemoArgs, dir: &std::path::Path, dtype: DType) -> Result<()
     train(&model, &mut weights, &noisy, &opts, dtype, &mut |_, _, _| {})?;
     let problem = Problem::new(&model, &weights, &noisy, a.batch_size)?;
     let factors = Factors::compute(&problem, FactorKind::Ekfac, FisherKind::Mc, dtype, a.seed, &|_| {})?;
-    let si = factors.self_influence(&problem, 1e-3 + opts.weight_decay, dtype, &|_| {})?;
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&x, &y| si[y].total_cmp(&si[x]));
+    let si =
+        hvp_influence::self_influence::self_influence(&problem, &factors, 1e-3 + opts.weight_decay, dtype, &|_| {})?;
+    let order = hvp_influence::self_influence::ranking(&si);
     let caught = |frac: f64| {
         let top = &order[..(frac * n as f64) as usize];
         top.iter().filter(|i| flips.contains_key(i)).count() as f64 / flips.len() as f64

@@ -35,15 +35,28 @@ pub fn run(a: InitArgs) -> Result<()> {
         anyhow::bail!("--in-channels must be at least 1");
     }
     let model = Model::new(&arch, a.in_channels)?;
+    // The tensors in f64, their encoded copy and the file's bytes.
+    hvp_io::memory::check_fits(
+        (model.num_params() as u64).saturating_mul(8 * 3),
+        &format!("{arch} ({} parameters)", model.num_params()),
+        "choose a smaller architecture",
+    )?;
+    let mut outputs = crate::output::Outputs::new();
+    let slot = outputs.reserve(&a.out)?;
     if a.random_vector {
-        ParamVector::random_normal(&model, a.seed)
-            .save(&model, &a.out, a.dtype.into())
-            .with_context(|| format!("writing {}", a.out.display()))?;
+        outputs.put(
+            slot,
+            &ParamVector::random_normal(&model, a.seed).safetensors_bytes(&model, a.dtype.into()),
+        )?;
     } else {
-        Weights::init(&model, a.seed)
-            .save(&model, &a.out, a.dtype.into())
-            .with_context(|| format!("writing {}", a.out.display()))?;
+        outputs.put(
+            slot,
+            &Weights::init(&model, a.seed).safetensors_bytes(&model, a.dtype.into()),
+        )?;
     }
+    outputs
+        .commit()
+        .with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
         "{} for {arch}: {} trainable parameters in {} tensors, written to {}",
         if a.random_vector { "random vector" } else { "weights" },

@@ -45,13 +45,8 @@ pub struct SelfInfluenceArgs {
 
 /// Self-influence of every example (in dataset order).
 pub fn compute(a: &SelfInfluenceArgs, problem: &Problem, progress: &dyn Fn(usize)) -> Result<Vec<f64>> {
-    if a.damping + a.weight_decay == 0.0 {
-        anyhow::bail!(
-            "--damping 0 (and no --weight-decay): the factored curvature is singular wherever a layer has fewer \
-             examples than inputs, so (F̂ + λI)⁻¹ is undefined and every score would be NaN; give --damping > 0 \
-             (the default is 1e-3)"
-        );
-    }
+    let damping = a.damping + a.weight_decay;
+    hvp_influence::self_influence::check_damping(damping)?;
     let factors = match &a.factors {
         Some(p) => Factors::load(problem.model, p).with_context(|| format!("reading {}", p.display()))?,
         None => Factors::compute(
@@ -63,7 +58,13 @@ pub fn compute(a: &SelfInfluenceArgs, problem: &Problem, progress: &dyn Fn(usize
             progress,
         )?,
     };
-    Ok(factors.self_influence(problem, a.damping + a.weight_decay, a.run.dtype.into(), progress)?)
+    Ok(hvp_influence::self_influence::self_influence(
+        problem,
+        &factors,
+        damping,
+        a.run.dtype.into(),
+        progress,
+    )?)
 }
 
 pub fn run(a: SelfInfluenceArgs) -> Result<()> {
@@ -75,16 +76,7 @@ pub fn run(a: SelfInfluenceArgs) -> Result<()> {
     let start = Instant::now();
     let values = compute(&a, &problem, &|n| progress.advance(n))?;
     progress.finish();
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        anyhow::bail!(
-            "the self-influence of example {i} is {} (singular or overflowing factors); nothing was written to {}; \
-             increase --damping or use --dtype f64",
-            values[i],
-            a.out.display()
-        );
-    }
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&x, &y| values[y].total_cmp(&values[x]).then(x.cmp(&y)));
+    let order = hvp_influence::self_influence::ranking(&values);
     let mut text = String::from("rank,train_index,self_influence,label\n");
     for (r, &i) in order.iter().enumerate() {
         text.push_str(&format!("{},{i},{:.9e},{}\n", r + 1, values[i], view.label(i)));

@@ -13,12 +13,9 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use hvp_curvature::Problem;
 use hvp_data::{Dataset, Subset};
-use hvp_influence::stats::{pearson, spearman};
+use hvp_influence::loo::{self, Removal, Retrain};
 use hvp_influence::train::{newton, train, Optimizer, TrainOptions};
 use hvp_model::{Architecture, Model, Weights};
-use rand::rngs::StdRng;
-use rand::seq::index::sample;
-use rand::SeedableRng;
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -113,11 +110,6 @@ fn retrain_options(a: &ValidateArgs, batch_size: usize, momentum: f64) -> TrainO
     }
 }
 
-fn test_loss(model: &Model, w: &Weights, test: &dyn Dataset, t: usize) -> Result<f64> {
-    let one = Subset::new(test, vec![t])?;
-    Ok(Problem::new(model, w, &one, 1)?.losses::<f64>()?[0])
-}
-
 pub fn run(a: ValidateArgs) -> Result<()> {
     set_threads(a.run.threads)?;
     let mut outputs = Outputs::new();
@@ -175,25 +167,22 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         )?;
         eprintln!("full-data optimum refined by {steps} Newton steps");
     }
-    let gd = |w: &mut Weights, data: &dyn Dataset| -> Result<()> {
+    let retrain = match a.retrain {
+        RetrainArg::Newton => Retrain::Newton,
+        RetrainArg::Sgd => Retrain::Sgd(retrain_options(&a, a.run.batch_size, 0.0)),
+        RetrainArg::Gd => Retrain::Gd(retrain_options(&a, n, 0.9)),
+    };
+    if let Retrain::Gd(opts) = &retrain {
+        // The full-data weights refined the way each leave-one-out model will be.
         train(
             &model,
-            w,
-            data,
-            &retrain_options(&a, data.len(), 0.9),
+            &mut weights,
+            &train_view,
+            opts,
             a.run.dtype.into(),
             &mut |_, _, _| {},
         )?;
-        Ok(())
-    };
-    let base = if a.retrain == RetrainArg::Gd {
-        gd(&mut weights, &train_view)?;
-        let mut reference = weights.clone();
-        gd(&mut reference, &train_view)?;
-        test_loss(&model, &reference, test.as_ref(), a.test_index)?
-    } else {
-        test_loss(&model, &weights, test.as_ref(), a.test_index)?
-    };
+    }
     let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?.with_weight_decay(a.weight_decay);
     let q = explain(
         &problem,
@@ -203,54 +192,38 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         a.run.dtype.into(),
         &|_| {},
     )?;
-    let chosen: Vec<usize> = match a.remove {
-        RemoveArg::Top => {
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&x, &y| q.scores[y].abs().total_cmp(&q.scores[x].abs()));
-            order.truncate(a.k);
-            order
-        }
-        RemoveArg::Random => sample(&mut StdRng::seed_from_u64(a.solver.seed), n, a.k.min(n)).into_vec(),
+    let removal = match a.remove {
+        RemoveArg::Top => Removal::Top(a.k),
+        RemoveArg::Random => Removal::Random {
+            k: a.k,
+            seed: a.solver.seed,
+        },
     };
-    let (mut predicted, mut actual) = (Vec::new(), Vec::new());
-    for (k, &i) in chosen.iter().enumerate() {
-        let rest: Vec<usize> = (0..n).filter(|&j| j != i).collect();
-        let without = Subset::new(&train_view, rest)?;
-        let mut w = weights.clone();
-        match a.retrain {
-            // Same objective with example i dropped: Σ_{j≠i} ℓ_j / N + (w/2)‖θ‖², i.e. a
-            // mean over N−1 with the decay scaled by N/(N−1).
-            RetrainArg::Newton => {
-                newton(
-                    &model,
-                    &mut w,
-                    &without,
-                    a.weight_decay * n as f64 / (n - 1) as f64,
-                    a.run.batch_size,
-                    1e-10,
-                    50,
-                )?;
+    let k_total = a.k.min(n);
+    let quiet = a.run.quiet;
+    let result = loo::validate(
+        &model,
+        &weights,
+        &train_view,
+        test.as_ref(),
+        a.test_index,
+        &q.scores,
+        removal,
+        &retrain,
+        a.weight_decay,
+        a.run.batch_size,
+        a.run.dtype.into(),
+        &mut |k, i, predicted, actual| {
+            if !quiet {
+                eprintln!(
+                    "[{}/{k_total}] removed {i}: predicted {predicted:+.4e}, actual {actual:+.4e}",
+                    k + 1
+                );
             }
-            RetrainArg::Gd => gd(&mut w, &without)?,
-            RetrainArg::Sgd => {
-                let opts = retrain_options(&a, a.run.batch_size, 0.0);
-                train(&model, &mut w, &without, &opts, a.run.dtype.into(), &mut |_, _, _| {})?;
-            }
-        }
-        let change = test_loss(&model, &w, test.as_ref(), a.test_index)? - base;
-        predicted.push(q.scores[i]);
-        actual.push(change);
-        if !a.run.quiet {
-            eprintln!(
-                "[{}/{}] removed {i}: predicted {:+.4e}, actual {:+.4e}",
-                k + 1,
-                chosen.len(),
-                q.scores[i],
-                change
-            );
-        }
-    }
-    let (p, s) = (pearson(&predicted, &actual), spearman(&predicted, &actual));
+        },
+    )?;
+    let (predicted, actual, chosen, base) = (&result.predicted, &result.actual, &result.removed, result.base_loss);
+    let (p, s) = (result.pearson, result.spearman);
     let (helpful, harmful) = top_k(&q.scores, 1);
     println!(
         "test {}: Pearson {p:.4}, Spearman {s:.4} over {} removals",
@@ -259,7 +232,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
     );
     if let Some(slot) = plot_slot {
         let title = format!("{}: test {}, Pearson {p:.3}, Spearman {s:.3}", model.arch, a.test_index);
-        outputs.put(slot, &crate::picture::scatter(&predicted, &actual, &title)?)?;
+        outputs.put(slot, &crate::picture::scatter(predicted, actual, &title)?)?;
     }
     let report = serde_json::json!({
             "convention": super::influence::CONVENTION,
