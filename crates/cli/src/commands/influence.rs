@@ -383,6 +383,12 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     crate::args::check_loss(a.model.loss, test)?;
     model.check_input(&test.sample_shape()).map_err(anyhow::Error::msg)?;
     check_labels(test, model.num_classes)?;
+    if a.picture.is_some() && test.sample_shape().len() != 3 {
+        bail!(
+            "--picture needs image data [C, H, W], these examples have shape {:?}; drop --picture",
+            test.sample_shape()
+        );
+    }
     let indices = a.test_indices.clone().unwrap_or_else(|| vec![0]);
     if let Some(&bad) = indices.iter().find(|&&t| t >= test.len()) {
         bail!(
