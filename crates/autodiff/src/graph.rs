@@ -479,76 +479,83 @@ impl Graph {
                     batchnorm::forward(val(input), weight, bias, &eval_stats(buffers, mean, var, eps))
                 }
             };
-            let out = match *op {
-                Op::Input => input.take().expect("a single input node"),
-                Op::Dense { input, weight, bias } => {
-                    dense::forward(val(input), &params[weight], bias.map(|b| &params[b]))
-                }
-                Op::Conv2d {
-                    input,
-                    weight,
-                    bias,
-                    geometry,
-                } => conv2d::forward(val(input), &params[weight], bias.map(|b| &params[b]), geometry),
-                Op::BatchNorm {
-                    input,
-                    weight,
-                    bias,
-                    mean,
-                    var,
-                    eps,
-                } => {
-                    if fused[i] {
+            // A BatchNorm or residual sum fused with the ReLU that follows: its
+            // output is held for the ReLU's node, and its own slot stays empty
+            // (nothing reads it: the ReLU's backward masks with its own output).
+            let out = if fused[i] {
+                pending_relu = Some(match *op {
+                    Op::BatchNorm {
+                        input,
+                        weight,
+                        bias,
+                        mean,
+                        var,
+                        eps,
+                    } => {
                         let st = eval_stats(buffers, mean, var, eps);
-                        let y = batchnorm::forward_relu(val(input), &params[weight], &params[bias], &st);
-                        pending_relu = Some(y);
-                        // Nothing reads this node's value: the ReLU's backward uses its own output.
-                        V::constant(Tensor::zeros(&[0]))
-                    } else {
-                        batch_norm(input, &params[weight], &params[bias], mean, var, eps)
+                        batchnorm::forward_relu(val(input), &params[weight], &params[bias], &st)
                     }
-                }
-                Op::BatchNormNode {
-                    input,
-                    weight,
-                    bias,
-                    mean,
-                    var,
-                    eps,
-                } => batch_norm(input, val(weight), val(bias), mean, var, eps),
-                Op::Relu { input } => pending_relu.take().unwrap_or_else(|| activation::relu(val(input))),
-                Op::Tanh { input } => activation::tanh(val(input)),
-                Op::Add { a, b } if fused[i] => {
-                    pending_relu = Some(val(a).add_relu(val(b)));
-                    // Nothing reads this node's value (as for a fused BatchNorm).
-                    V::constant(Tensor::zeros(&[0]))
-                }
-                Op::Add { a, b } => val(a).add(val(b)),
-                Op::GlobalAvgPool { input } => structural::global_avg_pool(val(input)),
-                Op::AvgPool { input, kernel, stride } => structural::avg_pool(val(input), kernel, stride),
-                Op::Flatten { input } => structural::flatten(val(input)),
-                Op::Param { index } => params[index].clone(),
-                Op::Constant { buffer } => V::constant(buffers[buffer].clone()),
-                Op::ConvNode {
-                    input,
-                    weight,
-                    bias,
-                    geometry,
-                } => conv2d::forward(val(input), val(weight), bias.map(val), geometry),
-                Op::Pointwise { input, func } => ndp::pointwise(func, val(input)),
-                Op::Arith { a, b, op } => ndp::arith(op, val(a), val(b)),
-                Op::MatMul { a, b, trans_b } => ndp::matmul(val(a), val(b), trans_b),
-                Op::Softmax { input, axis, log } => ndp::softmax(val(input), axis, log),
-                Op::MaxPool { input, geometry } => ndp::max_pool(val(input), geometry),
-                Op::ReduceMean { input, ref axes } => ndp::reduce_mean(val(input), axes),
-                Op::Reshape { input, ref shape } => ndp::reshape(val(input), &resolve_shape(shape, batch)),
-                Op::Transpose { input, ref perm } => ndp::transpose(val(input), perm),
-                Op::Concat { ref inputs, axis } => {
-                    let parts: Vec<&V> = inputs.iter().map(|&i| val(i)).collect();
-                    ndp::concat(&parts, axis)
-                }
+                    Op::Add { a, b } => val(a).add_relu(val(b)),
+                    _ => unreachable!("only BatchNorm and Add fuse with a ReLU"),
+                });
+                None
+            } else {
+                Some(match *op {
+                    Op::Input => input.take().expect("a single input node"),
+                    Op::Dense { input, weight, bias } => {
+                        dense::forward(val(input), &params[weight], bias.map(|b| &params[b]))
+                    }
+                    Op::Conv2d {
+                        input,
+                        weight,
+                        bias,
+                        geometry,
+                    } => conv2d::forward(val(input), &params[weight], bias.map(|b| &params[b]), geometry),
+                    Op::BatchNorm {
+                        input,
+                        weight,
+                        bias,
+                        mean,
+                        var,
+                        eps,
+                    } => batch_norm(input, &params[weight], &params[bias], mean, var, eps),
+                    Op::BatchNormNode {
+                        input,
+                        weight,
+                        bias,
+                        mean,
+                        var,
+                        eps,
+                    } => batch_norm(input, val(weight), val(bias), mean, var, eps),
+                    Op::Relu { input } => pending_relu.take().unwrap_or_else(|| activation::relu(val(input))),
+                    Op::Tanh { input } => activation::tanh(val(input)),
+                    Op::Add { a, b } => val(a).add(val(b)),
+                    Op::GlobalAvgPool { input } => structural::global_avg_pool(val(input)),
+                    Op::AvgPool { input, kernel, stride } => structural::avg_pool(val(input), kernel, stride),
+                    Op::Flatten { input } => structural::flatten(val(input)),
+                    Op::Param { index } => params[index].clone(),
+                    Op::Constant { buffer } => V::constant(buffers[buffer].clone()),
+                    Op::ConvNode {
+                        input,
+                        weight,
+                        bias,
+                        geometry,
+                    } => conv2d::forward(val(input), val(weight), bias.map(val), geometry),
+                    Op::Pointwise { input, func } => ndp::pointwise(func, val(input)),
+                    Op::Arith { a, b, op } => ndp::arith(op, val(a), val(b)),
+                    Op::MatMul { a, b, trans_b } => ndp::matmul(val(a), val(b), trans_b),
+                    Op::Softmax { input, axis, log } => ndp::softmax(val(input), axis, log),
+                    Op::MaxPool { input, geometry } => ndp::max_pool(val(input), geometry),
+                    Op::ReduceMean { input, ref axes } => ndp::reduce_mean(val(input), axes),
+                    Op::Reshape { input, ref shape } => ndp::reshape(val(input), &resolve_shape(shape, batch)),
+                    Op::Transpose { input, ref perm } => ndp::transpose(val(input), perm),
+                    Op::Concat { ref inputs, axis } => {
+                        let parts: Vec<&V> = inputs.iter().map(|&i| val(i)).collect();
+                        ndp::concat(&parts, axis)
+                    }
+                })
             };
-            values.push(Some(out));
+            values.push(out);
             if free_tangents {
                 for j in op.inputs() {
                     if let (Some(v), true) = (values[j].as_mut(), last_user[j] == Some(i)) {
@@ -1001,7 +1008,11 @@ mod tests {
             );
             let n = lean.values.len();
             for (i, (a, b)) in lean.values.iter().zip(&full.values).enumerate().take(n - 1) {
-                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                // A node fused with its ReLU keeps no value in either pass.
+                let (Some(a), Some(b)) = (a.as_ref(), b.as_ref()) else {
+                    assert!(a.is_none() && b.is_none(), "node {i}: a value in one pass only");
+                    continue;
+                };
                 assert_eq!(a.primal().data(), b.primal().data(), "node {i} value kept");
                 assert!(a.tangent().is_none(), "node {i} tangent freed (tie = {tie})");
             }
