@@ -1,0 +1,479 @@
+//! Arithmetic and layers: Add/Sub/Mul/Div, MatMul, Gemm, Conv, BatchNormalization,
+//! pooling and ReduceMean, with trainable weights mapped onto the built-in
+//! layers (so K-FAC sees them) where they fit.
+
+use super::*;
+
+impl Importer<'_> {
+    pub(super) fn arith(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (symbol, op) = match node.op_type.as_str() {
+            "Add" => ('+', Arith::Add),
+            "Sub" => ('-', Arith::Sub),
+            "Mul" => ('*', Arith::Mul),
+            _ => ('/', Arith::Div),
+        };
+        if let Some(parts) = self.all_static(node)? {
+            if parts.len() != 2 {
+                return Err(self.err("needs two inputs"));
+            }
+            return Ok(Entry::Static(
+                Constant::arith(&parts[0], &parts[1], symbol).map_err(|r| self.dynamic(r))?,
+            ));
+        }
+        let (a, sa) = self.runtime_input(node, 0)?;
+        let (b, sb) = self.runtime_input(node, 1)?;
+        let shape = broadcast(&sa, &sb)
+            .ok_or_else(|| self.err(format!("shapes {} and {} do not broadcast", show(&sa), show(&sb))))?;
+        Ok(self.push(Op::Arith { a, b, op }, shape))
+    }
+
+    pub(super) fn matmul(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (a, sa) = self.runtime_input(node, 0)?;
+        let (b, sb) = self.runtime_input(node, 1)?;
+        let shape = self.matmul_shape(&sa, &sb, false)?;
+        Ok(self.push(Op::MatMul { a, b, trans_b: false }, shape))
+    }
+
+    pub(super) fn matmul_shape(&self, sa: &[Dim], sb: &[Dim], trans_b: bool) -> Res<Vec<Dim>> {
+        let bad = || {
+            self.err(format!(
+                "cannot multiply {} by {}{}",
+                show(sa),
+                show(sb),
+                if trans_b { "ᵀ" } else { "" }
+            ))
+        };
+        if sa.len() < 2 || sb.len() < 2 {
+            return Err(self.err("matrix products of vectors (rank 1) are not supported"));
+        }
+        let (rb, ra) = (sb.len(), sa.len());
+        let (k_b, n) = if trans_b {
+            (sb[rb - 1], sb[rb - 2])
+        } else {
+            (sb[rb - 2], sb[rb - 1])
+        };
+        let k_a = sa[ra - 1];
+        if k_a != k_b || k_a == Dim::Batch || n == Dim::Batch {
+            return Err(bad());
+        }
+        if rb != 2 && (ra != rb || sa[..ra - 2] != sb[..rb - 2]) {
+            return Err(bad());
+        }
+        let mut shape = sa[..ra - 1].to_vec();
+        shape.push(n);
+        Ok(shape)
+    }
+
+    pub(super) fn gemm(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (alpha, beta) = (attr_f(node, "alpha", 1.0), attr_f(node, "beta", 1.0));
+        let (trans_a, trans_b) = (attr_i(node, "transA", 0) == 1, attr_i(node, "transB", 0) == 1);
+        let a_entry = self.required(node, 0)?;
+        let b_entry = self.required(node, 1)?;
+        let c_entry = match self.input(node, 2) {
+            Some(name) => Some((name.to_string(), self.entry(name)?)),
+            None => None,
+        };
+        let (mut a, mut sa) = self.runtime(&node.input[0], &a_entry)?;
+        if sa.len() != 2 {
+            return Err(self.err(format!("input A of shape {} is not a matrix", show(&sa))));
+        }
+        if trans_a {
+            sa = vec![sa[1], sa[0]];
+            a = self.graph.push(Op::Transpose {
+                input: a,
+                perm: vec![1, 0],
+            });
+        }
+        let sb = self.shape_of(&b_entry);
+        let shape = self.matmul_shape(&sa, &sb, trans_b)?;
+        if let Some((_, c)) = &c_entry {
+            let sc = self.shape_of(c);
+            if broadcast(&shape, &sc).as_deref() != Some(shape.as_slice()) {
+                return Err(self.err(format!(
+                    "C of shape {} does not broadcast to {}",
+                    show(&sc),
+                    show(&shape)
+                )));
+            }
+        }
+        // A Linear layer: hvp's Dense op (which K-FAC recognises).
+        if let (Entry::Param(w), true, true) = (&b_entry, trans_b, alpha == 1.0) {
+            let bias = match &c_entry {
+                Some((_, Entry::Param(c))) if beta == 1.0 && self.params[*c].shape == [self.params[*w].shape[0]] => {
+                    Some(*c)
+                }
+                _ => None,
+            };
+            let dense = self.graph.push(Op::Dense {
+                input: a,
+                weight: *w,
+                bias,
+            });
+            let out = Entry::Runtime {
+                node: dense,
+                shape: shape.clone(),
+            };
+            return match (&c_entry, bias) {
+                (Some((name, c)), None) => self.add_scaled(out, name, c, beta, shape),
+                _ => Ok(out),
+            };
+        }
+        let (b, _) = self.runtime(&node.input[1], &b_entry)?;
+        let mut y = self.graph.push(Op::MatMul { a, b, trans_b });
+        if alpha != 1.0 {
+            let (s, _) = self.constant_node(&format!("{}.alpha", self.node), &Constant::floats(vec![], [alpha]))?;
+            y = self.graph.push(Op::Arith {
+                a: y,
+                b: s,
+                op: Arith::Mul,
+            });
+        }
+        let out = Entry::Runtime {
+            node: y,
+            shape: shape.clone(),
+        };
+        match &c_entry {
+            Some((name, c)) => self.add_scaled(out, name, c, beta, shape),
+            None => Ok(out),
+        }
+    }
+
+    /// `out + beta · c`, skipping an all-zero constant `c`.
+    pub(super) fn add_scaled(&mut self, out: Entry, name: &str, c: &Entry, beta: f64, shape: Vec<Dim>) -> Res<Entry> {
+        let Entry::Runtime { node: y, .. } = out else {
+            unreachable!("products are computed per batch")
+        };
+        let c_node = match c {
+            Entry::Static(k) => {
+                let values = k
+                    .to_f64()
+                    .ok_or_else(|| self.dynamic("the bias holds the batch size"))?;
+                if beta == 0.0 || values.iter().all(|&v| v == 0.0) {
+                    return Ok(Entry::Runtime { node: y, shape });
+                }
+                let scaled = Constant::floats(k.shape.clone(), values.iter().map(|v| v * beta));
+                self.constant_node(name, &scaled)?.0
+            }
+            other => {
+                let (mut n, _) = self.runtime(name, other)?;
+                if beta != 1.0 {
+                    let (s, _) =
+                        self.constant_node(&format!("{}.beta", self.node), &Constant::floats(vec![], [beta]))?;
+                    n = self.graph.push(Op::Arith {
+                        a: n,
+                        b: s,
+                        op: Arith::Mul,
+                    });
+                }
+                n
+            }
+        };
+        Ok(self.push(
+            Op::Arith {
+                a: y,
+                b: c_node,
+                op: Arith::Add,
+            },
+            shape,
+        ))
+    }
+
+    /// Square kernels, equal strides and symmetric padding, as hvp's kernels take them.
+    pub(super) fn window(&self, node: &NodeProto) -> Res<(usize, usize, [usize; 4])> {
+        if let Some(d) = attr_ints(node, "dilations") {
+            if d.iter().any(|&v| v != 1) {
+                return Err(self.err(format!("dilations {d:?} are not supported")));
+            }
+        }
+        if attr_i(node, "ceil_mode", 0) != 0 {
+            return Err(self.err("ceil_mode=1 is not supported"));
+        }
+        let pads: Vec<i64> = match attr_s(node, "auto_pad").as_deref().unwrap_or("NOTSET") {
+            "NOTSET" => attr_ints(node, "pads").unwrap_or_else(|| vec![0; 4]),
+            "VALID" => vec![0; 4],
+            other => return Err(self.err(format!("auto_pad={other} is not supported; export with explicit pads"))),
+        };
+        let strides = attr_ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
+        if pads.len() != 4 || strides.len() != 2 || pads.iter().chain(&strides).any(|&v| v < 0) || strides.contains(&0)
+        {
+            return Err(self.err(format!(
+                "2-D windows need 4 pads and 2 strides, got {pads:?} and {strides:?}"
+            )));
+        }
+        let p = [pads[0] as usize, pads[1] as usize, pads[2] as usize, pads[3] as usize];
+        Ok((strides[0] as usize, strides[1] as usize, p))
+    }
+
+    pub(super) fn conv(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let w_entry = self.required(node, 1)?;
+        let sw = self.shape_of(&w_entry);
+        if attr_i(node, "group", 1) != 1 {
+            return Err(self.err("grouped convolutions (group > 1) are not supported"));
+        }
+        let (&[Dim::Fixed(o), Dim::Fixed(c), Dim::Fixed(kh), Dim::Fixed(kw)], 4) = (sw.as_slice(), sx.len()) else {
+            return Err(self.err(format!(
+                "hvp supports 2-D convolutions of NCHW input by [O, C, kh, kw] weights; got input {} and weight {}",
+                show(&sx),
+                show(&sw)
+            )));
+        };
+        let (sh, sw_, pads) = self.window(node)?;
+        if sh != sw_ || pads.iter().any(|&p| p != pads[0]) {
+            return Err(self.err(format!(
+                "only equal strides and symmetric padding are supported (strides {sh},{sw_}, pads {pads:?})"
+            )));
+        }
+        let geometry = ConvGeometry {
+            stride: sh,
+            padding: pads[0],
+        };
+        let (Dim::Fixed(cin), Dim::Fixed(h), Dim::Fixed(wd)) = (sx[1], sx[2], sx[3]) else {
+            return Err(self.err(format!("input {} must be [batch, C, H, W]", show(&sx))));
+        };
+        if cin != c || h + 2 * pads[0] < kh || wd + 2 * pads[0] < kw {
+            return Err(self.err(format!(
+                "weight {} does not fit input {}",
+                show(&fixed(&[o, c, kh, kw])),
+                show(&sx)
+            )));
+        }
+        let shape = vec![
+            sx[0],
+            Dim::Fixed(o),
+            Dim::Fixed(out_size(h, kh, sh, pads[0])),
+            Dim::Fixed(out_size(wd, kw, sh, pads[0])),
+        ];
+        let bias = match self.input(node, 2) {
+            Some(name) => {
+                let b = self.entry(name)?;
+                if self.shape_of(&b) != [Dim::Fixed(o)] {
+                    return Err(self.err(format!("bias of shape {} is not [{o}]", show(&self.shape_of(&b)))));
+                }
+                Some((name.to_string(), b))
+            }
+            None => None,
+        };
+        if let Entry::Param(w) = w_entry {
+            let param_bias = match &bias {
+                Some((_, Entry::Param(b))) => Some(*b),
+                _ => None,
+            };
+            let y = self.push(
+                Op::Conv2d {
+                    input: x,
+                    weight: w,
+                    bias: param_bias,
+                    geometry,
+                },
+                shape.clone(),
+            );
+            return match bias {
+                Some((name, b)) if param_bias.is_none() => {
+                    let per_channel = self.as_channel_column(&name, &b, o)?;
+                    self.add_scaled(y, &name, &per_channel, 1.0, shape)
+                }
+                _ => Ok(y),
+            };
+        }
+        let (wn, _) = self.runtime(&node.input[1], &w_entry)?;
+        let bn = match &bias {
+            Some((name, b)) => Some(self.runtime(name, b)?.0),
+            None => None,
+        };
+        Ok(self.push(
+            Op::ConvNode {
+                input: x,
+                weight: wn,
+                bias: bn,
+                geometry,
+            },
+            shape,
+        ))
+    }
+
+    /// A per-channel `[C]` bias as `[C, 1, 1]`, to broadcast over NCHW.
+    pub(super) fn as_channel_column(&mut self, name: &str, b: &Entry, c: usize) -> Res<Entry> {
+        Ok(match b {
+            Entry::Static(k) => Entry::Static(k.reshape(vec![c, 1, 1])),
+            other => {
+                let (n, _) = self.runtime(name, other)?;
+                let shape = fixed(&[c, 1, 1]);
+                self.push(
+                    Op::Reshape {
+                        input: n,
+                        shape: shape.clone(),
+                    },
+                    shape,
+                )
+            }
+        })
+    }
+
+    pub(super) fn batchnorm(&mut self, node: &NodeProto) -> Res<Entry> {
+        if node.output.iter().skip(1).any(|o| !o.is_empty()) || attr_i(node, "training_mode", 0) != 0 {
+            return Err(self.err("training-mode BatchNormalization is not supported; export the model in eval mode"));
+        }
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let Some(&Dim::Fixed(c)) = sx.get(1) else {
+            return Err(self.err(format!("input {} has no channel dimension", show(&sx))));
+        };
+        let eps = attr_f(node, "epsilon", 1e-5);
+        let operand = |k: usize| -> Res<(String, Entry)> {
+            let e = self.required(node, k)?;
+            if self.shape_of(&e) != [Dim::Fixed(c)] {
+                return Err(self.err(format!("input {k} of shape {} is not [{c}]", show(&self.shape_of(&e)))));
+            }
+            Ok((node.input[k].clone(), e))
+        };
+        let (scale, shift, mean, var) = (operand(1)?, operand(2)?, operand(3)?, operand(4)?);
+        let mut stat = |(name, e): (String, Entry)| -> Res<usize> {
+            match e {
+                Entry::Static(k) => {
+                    let values = k
+                        .to_f64()
+                        .ok_or_else(|| self.dynamic("running statistics hold the batch size"))?;
+                    Ok(self.add_buffer(&name, vec![c], values))
+                }
+                _ => Err(self.err(format!("running statistic '{name}' must be a constant initializer"))),
+            }
+        };
+        let (mean, var) = (stat(mean)?, stat(var)?);
+        if let (Entry::Param(weight), Entry::Param(bias)) = (&scale.1, &shift.1) {
+            return Ok(self.push(
+                Op::BatchNorm {
+                    input: x,
+                    weight: *weight,
+                    bias: *bias,
+                    mean,
+                    var,
+                    eps,
+                },
+                sx,
+            ));
+        }
+        let weight = self.runtime(&scale.0, &scale.1)?.0;
+        let bias = self.runtime(&shift.0, &shift.1)?.0;
+        Ok(self.push(
+            Op::BatchNormNode {
+                input: x,
+                weight,
+                bias,
+                mean,
+                var,
+                eps,
+            },
+            sx,
+        ))
+    }
+
+    pub(super) fn pool(&mut self, node: &NodeProto, max: bool) -> Res<Entry> {
+        if max && node.output.get(1).is_some_and(|o| !o.is_empty()) {
+            return Err(self.err("the Indices output of MaxPool is not supported"));
+        }
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let kernel = attr_ints(node, "kernel_shape").unwrap_or_default();
+        let (&[kh, kw], 4) = (kernel.as_slice(), sx.len()) else {
+            return Err(self.err(format!(
+                "2-D pooling of NCHW input needs a 2-D kernel_shape; got {kernel:?} on {}",
+                show(&sx)
+            )));
+        };
+        let (kh, kw) = (kh.max(0) as usize, kw.max(0) as usize);
+        let (sh, sw, pads) = self.window(node)?;
+        let (Dim::Fixed(h), Dim::Fixed(w)) = (sx[2], sx[3]) else {
+            return Err(self.err(format!("input {} must be [batch, C, H, W]", show(&sx))));
+        };
+        if kh == 0 || kw == 0 || h + pads[0] + pads[2] < kh || w + pads[1] + pads[3] < kw {
+            return Err(self.err(format!("kernel {kh}x{kw} does not fit input {}", show(&sx))));
+        }
+        if max {
+            let geometry = MaxPoolGeometry {
+                kernel: [kh, kw],
+                stride: [sh, sw],
+                pad_begin: [pads[0], pads[1]],
+                pad_end: [pads[2], pads[3]],
+            };
+            let (ho, wo) = geometry.out_hw(h, w);
+            return Ok(self.push(
+                Op::MaxPool { input: x, geometry },
+                vec![sx[0], sx[1], Dim::Fixed(ho), Dim::Fixed(wo)],
+            ));
+        }
+        if kh != kw || sh != sw || pads.iter().any(|&p| p != 0) {
+            return Err(self.err("AveragePool needs a square kernel, equal strides and no padding"));
+        }
+        Ok(self.push(
+            Op::AvgPool {
+                input: x,
+                kernel: kh,
+                stride: sh,
+            },
+            vec![
+                sx[0],
+                sx[1],
+                Dim::Fixed(out_size(h, kh, sh, 0)),
+                Dim::Fixed(out_size(w, kw, sh, 0)),
+            ],
+        ))
+    }
+
+    pub(super) fn reduce_mean(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let keep = attr_i(node, "keepdims", 1) == 1;
+        let axes: Vec<usize> = match self.axes(node, 1)? {
+            Some(a) if !a.is_empty() => a
+                .iter()
+                .map(|&v| normalize_axis(v, sx.len()).ok_or_else(|| self.err(format!("axis {v} out of range"))))
+                .collect::<Res<_>>()?,
+            _ if attr_i(node, "noop_with_empty_axes", 0) == 1 => {
+                return Ok(Entry::Runtime { node: x, shape: sx });
+            }
+            _ => (0..sx.len()).collect(),
+        };
+        let mut axes: Vec<usize> = axes.into_iter().collect::<HashSet<_>>().into_iter().collect();
+        axes.sort_unstable();
+        if axes.iter().any(|&a| sx[a] == Dim::Batch) {
+            return Err(self.err("a mean over the batch mixes examples (hvp applies the loss per example)"));
+        }
+        let kept: Vec<Dim> = (0..sx.len())
+            .map(|i| if axes.contains(&i) { Dim::Fixed(1) } else { sx[i] })
+            .collect();
+        let out: Vec<Dim> = if keep {
+            kept.clone()
+        } else {
+            (0..sx.len()).filter(|i| !axes.contains(i)).map(|i| sx[i]).collect()
+        };
+        if sx.len() == 4 && axes == [2, 3] {
+            // Global average pooling, hvp's dedicated kernel.
+            let pooled = self.graph.push(Op::GlobalAvgPool { input: x });
+            if !keep {
+                return Ok(Entry::Runtime {
+                    node: pooled,
+                    shape: out,
+                });
+            }
+            return Ok(self.push(
+                Op::Reshape {
+                    input: pooled,
+                    shape: out.clone(),
+                },
+                out,
+            ));
+        }
+        let mean = self.graph.push(Op::ReduceMean { input: x, axes });
+        if keep {
+            return Ok(Entry::Runtime {
+                node: mean,
+                shape: kept,
+            });
+        }
+        Ok(self.push(
+            Op::Reshape {
+                input: mean,
+                shape: out.clone(),
+            },
+            out,
+        ))
+    }
+}
