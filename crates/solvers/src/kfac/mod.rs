@@ -21,6 +21,15 @@
 //!
 //! An inverse product then costs two small matrix products per layer on each
 //! side, independent of N.
+//!
+//! `sampling`: the output cotangents behind S; `io`: saving and loading
+//! factors; `self_influence`: per-example `∇ℓ_iᵀ (F̂ + λI)⁻¹ ∇ℓ_i`.
+
+mod io;
+mod sampling;
+mod self_influence;
+
+use sampling::cotangent_samples;
 
 use crate::{finish, LinearOperator, SolveReport, SolverError};
 use hvp_autodiff::loss::{self, Targets};
@@ -128,121 +137,6 @@ fn layers_of(model: &Model) -> Vec<Layer> {
             _ => None,
         })
         .collect()
-}
-
-/// Output cotangents `[B, C]` of the per-example losses (weight 1) for each sample.
-///
-/// Sampled labels come from one random stream per example, seeded by `seed` and
-/// the example's index in the dataset (`first + row`), so the samples do not
-/// depend on the batch size or on how the data is sharded over processes.
-fn cotangent_samples(
-    logits: &Tensor<f64>,
-    targets: Targets,
-    fisher: FisherKind,
-    seed: u64,
-    first: usize,
-) -> Vec<Tensor<f64>> {
-    let rng = |row: usize| example_rng(seed, first + row);
-    let labels = match targets {
-        Targets::Classes(labels) => labels,
-        Targets::Values(values) => return mse_cotangent_samples(logits, values, fisher, &rng),
-    };
-    let (b, c) = logits.rows_cols();
-    let out = loss::softmax_cross_entropy(logits, labels, 1.0);
-    let grad = out.cotangent; // p − e_y
-    let probs: Vec<f64> = grad
-        .data()
-        .iter()
-        .enumerate()
-        .map(|(k, g)| g + if labels[k / c] == k % c { 1.0 } else { 0.0 })
-        .collect();
-    let with_label = |y: &dyn Fn(usize) -> usize| {
-        let mut t = Tensor::new(vec![b, c], probs.clone()).expect("b*c");
-        for i in 0..b {
-            t.data_mut()[i * c + y(i)] -= 1.0;
-        }
-        t
-    };
-    match fisher {
-        FisherKind::Empirical => vec![grad],
-        FisherKind::Mc => {
-            let sampled: Vec<usize> = (0..b)
-                .map(|i| {
-                    let u: f64 = rng(i).random();
-                    let row = &probs[i * c..(i + 1) * c];
-                    let mut acc = 0.0;
-                    row.iter()
-                        .position(|&p| {
-                            acc += p;
-                            u < acc
-                        })
-                        .unwrap_or(c - 1)
-                })
-                .collect();
-            vec![with_label(&|i| sampled[i])]
-        }
-        FisherKind::Exact => (0..c)
-            .map(|col| {
-                // Column `col` of L = diag(√p) − p √pᵀ, with L Lᵀ = diag(p) − p pᵀ.
-                let mut t = Tensor::zeros(&[b, c]);
-                for i in 0..b {
-                    let row = &probs[i * c..(i + 1) * c];
-                    let sq = row[col].sqrt();
-                    for (k, (out, &pk)) in t.data_mut()[i * c..(i + 1) * c].iter_mut().zip(row).enumerate() {
-                        *out = sq * ((k == col) as u8 as f64 - pk);
-                    }
-                }
-                t
-            })
-            .collect(),
-    }
-}
-
-/// [`cotangent_samples`] for the mean squared error, whose output Hessian is
-/// `(2/K) I`: the empirical gradient, `√(2/K)·ε` with ε standard normal (the
-/// Fisher of a unit-variance Gaussian likelihood), or the K columns of `√(2/K) I`.
-fn mse_cotangent_samples(
-    outputs: &Tensor<f64>,
-    targets: &[f64],
-    fisher: FisherKind,
-    rng: &dyn Fn(usize) -> StdRng,
-) -> Vec<Tensor<f64>> {
-    let (b, k) = outputs.rows_cols();
-    let scale = (2.0 / k as f64).sqrt();
-    match fisher {
-        FisherKind::Empirical => vec![loss::mse(outputs, targets, 1.0).cotangent],
-        FisherKind::Mc => {
-            // Box–Muller pairs from the seeded stream.
-            let normal = |rng: &mut StdRng| {
-                let (u1, u2): (f64, f64) = (rng.random(), rng.random());
-                (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-            };
-            let mut data = Vec::with_capacity(b * k);
-            for i in 0..b {
-                let mut r = rng(i);
-                data.extend((0..k).map(|_| scale * normal(&mut r)));
-            }
-            vec![mat(b, k, data)]
-        }
-        FisherKind::Exact => (0..k)
-            .map(|col| {
-                mat(
-                    b,
-                    k,
-                    (0..b * k).map(|i| if i % k == col { scale } else { 0.0 }).collect(),
-                )
-            })
-            .collect(),
-    }
-}
-
-/// The random stream of example `index` (SplitMix64-mixed, so nearby indices
-/// get unrelated streams).
-fn example_rng(seed: u64, index: usize) -> StdRng {
-    let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    StdRng::seed_from_u64(z ^ (z >> 31))
 }
 
 /// Sums per-process accumulators over all processes (no-op in one process).
@@ -575,183 +469,11 @@ impl Factors {
         out
     }
 
-    /// Writes the factors as safetensors: `layer.NAME.{A,S}_{eigenvalues,eigenvectors}`,
-    /// `layer.NAME.corrected_eigenvalues` (EK-FAC), `diagonal.NAME`, `examples`.
-    pub fn save(&self, model: &Model, path: &Path) -> Result<(), ModelError> {
-        let mut named = vec![(
-            "examples".to_string(),
-            Tensor::new(vec![1], vec![self.examples as f64]).expect("1"),
-        )];
-        for f in &self.layers {
-            let name = &model.params[f.weight].name;
-            let (s, a) = (f.s_dim(), f.a_dim());
-            named.push((
-                format!("layer.{name}.A_eigenvalues"),
-                mat(1, a, f.a_vals.clone()).reshape(&[a]).expect("a"),
-            ));
-            named.push((format!("layer.{name}.A_eigenvectors"), mat(a, a, f.a_vecs.clone())));
-            named.push((
-                format!("layer.{name}.S_eigenvalues"),
-                mat(1, s, f.s_vals.clone()).reshape(&[s]).expect("s"),
-            ));
-            named.push((format!("layer.{name}.S_eigenvectors"), mat(s, s, f.s_vecs.clone())));
-            if let Some(c) = &f.corrected {
-                named.push((format!("layer.{name}.corrected_eigenvalues"), mat(s, a, c.clone())));
-            }
-        }
-        for (p, d) in &self.diagonal {
-            let spec = &model.params[*p];
-            named.push((
-                format!("diagonal.{}", spec.name),
-                Tensor::new(spec.shape.clone(), d.clone()).expect("param shape"),
-            ));
-        }
-        write_safetensors(path, &named, DType::F64)
-    }
-
-    /// Reads factors written by [`Factors::save`] for this model, checking every shape.
     /// The K-FAC view of these factors: EK-FAC's corrected eigenvalues dropped.
     pub fn without_corrections(mut self) -> Factors {
         self.kind = FactorKind::Kfac;
         self.layers.iter_mut().for_each(|l| l.corrected = None);
         self
-    }
-
-    pub fn load(model: &Model, path: &Path) -> Result<Factors, ModelError> {
-        let mut stored = read_safetensors(path)?;
-        let bad = |name: String, reason: &str| ModelError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("{name}: {reason} (were these factors computed for {}?)", model.arch),
-        };
-        let mut take = |name: String, len: usize| -> Result<Vec<f64>, ModelError> {
-            match stored.remove(&name) {
-                Some(Ok(t)) if t.data.len() == len => Ok(t.data),
-                Some(_) => Err(bad(name, "wrong size or dtype")),
-                None => Err(bad(name, "missing")),
-            }
-        };
-        let examples = take("examples".into(), 1)?[0] as usize;
-        let mut layers = Vec::new();
-        let mut kinds = Vec::new();
-        for l in layers_of(model) {
-            let name = model.params[l.weight].name.clone();
-            let (s, a) = (l.s_dim, l.a_dim);
-            let corrected = take(format!("layer.{name}.corrected_eigenvalues"), s * a).ok();
-            kinds.push(corrected.is_some());
-            layers.push(LayerFactors {
-                weight: l.weight,
-                bias: l.bias,
-                a_vals: take(format!("layer.{name}.A_eigenvalues"), a)?,
-                a_vecs: take(format!("layer.{name}.A_eigenvectors"), a * a)?,
-                s_vals: take(format!("layer.{name}.S_eigenvalues"), s)?,
-                s_vecs: take(format!("layer.{name}.S_eigenvectors"), s * s)?,
-                corrected,
-            });
-        }
-        let in_layer = |p: usize| layers.iter().any(|l| l.weight == p || l.bias == Some(p));
-        let mut diagonal = Vec::new();
-        for (p, spec) in model.params.iter().enumerate() {
-            if !in_layer(p) {
-                diagonal.push((p, take(format!("diagonal.{}", spec.name), spec.numel())?));
-            }
-        }
-        let kind = if !kinds.is_empty() && kinds.iter().all(|&k| k) {
-            FactorKind::Ekfac
-        } else {
-            FactorKind::Kfac
-        };
-        Ok(Factors {
-            kind,
-            layers,
-            diagonal,
-            examples,
-        })
-    }
-}
-
-impl Factors {
-    /// Self-influence `∇ℓ_iᵀ (F̂ + λI)⁻¹ ∇ℓ_i` of every example of `problem`, in
-    /// order, with the per-example gradients (true labels) formed one layer at a
-    /// time in the factors' eigenbases and never stored.
-    pub fn self_influence(
-        &self,
-        problem: &Problem,
-        damping: f64,
-        dtype: DType,
-        progress: &dyn Fn(usize),
-    ) -> Result<Vec<f64>, SolverError> {
-        let model = problem.model;
-        let layers = layers_of(model);
-        let bases: Vec<(Tensor<f64>, Tensor<f64>)> = self
-            .layers
-            .iter()
-            .map(|f| {
-                (
-                    mat(f.s_dim(), f.s_dim(), f.s_vecs.clone()),
-                    mat(f.a_dim(), f.a_dim(), f.a_vecs.clone()),
-                )
-            })
-            .collect();
-        let buffers = &problem.weights.buffers;
-        let mut out = Vec::with_capacity(problem.data.len());
-        // Contributions of the current batch's examples, shared by the two callbacks.
-        let current = std::cell::RefCell::new(Vec::<f64>::new());
-        let mut visit = |node: NodeId, op: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, _: bool| {
-            let mut current = current.borrow_mut();
-            let b = x.shape()[0];
-            if current.len() < b {
-                current.resize(b, 0.0);
-            }
-            if let Some(li) = layers.iter().position(|l| l.node == node) {
-                let (l, f, (qs, qa)) = (&layers[li], &self.layers[li], &bases[li]);
-                let w_shape = &model.params[l.weight].shape;
-                let values: Vec<f64> = (0..b)
-                    .into_par_iter()
-                    .map(|i| {
-                        let proj = projected_gradient(l, x, gy, w_shape, i, qs, qa);
-                        proj.data()
-                            .iter()
-                            .enumerate()
-                            .map(|(k, p)| {
-                                let eig = match &f.corrected {
-                                    Some(c) => c[k],
-                                    None => f.s_vals[k / f.a_dim()] * f.a_vals[k % f.a_dim()],
-                                };
-                                p * p / (eig.max(0.0) + damping)
-                            })
-                            .sum::<f64>()
-                    })
-                    .collect();
-                current.iter_mut().zip(values).for_each(|(c, v)| *c += v);
-            } else if let Op::BatchNorm {
-                weight,
-                bias,
-                mean,
-                var,
-                eps,
-                ..
-            } = *op
-            {
-                let per_example = bn_example_grads(x, gy, &buffers[mean], &buffers[var], eps);
-                let dg = self.diagonal.iter().find(|(p, _)| *p == weight).map(|d| &d.1);
-                let db = self.diagonal.iter().find(|(p, _)| *p == bias).map(|d| &d.1);
-                for (i, (gg, gb)) in per_example.iter().enumerate() {
-                    for (ch, (a, bv)) in gg.iter().zip(gb).enumerate() {
-                        let dgc = dg.map_or(0.0, |d| d[ch].max(0.0));
-                        let dbc = db.map_or(0.0, |d| d[ch].max(0.0));
-                        current[i] += a * a / (dgc + damping) + bv * bv / (dbc + damping);
-                    }
-                }
-            }
-        };
-        let mut end = |b: usize| {
-            out.extend(current.borrow_mut().drain(..).take(b));
-        };
-        match dtype {
-            DType::F32 => stream_observed::<f32>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
-            DType::F64 => stream_observed::<f64>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
-        }
-        Ok(hvp_dist::gather_shards(problem.data.len(), &out))
     }
 }
 
