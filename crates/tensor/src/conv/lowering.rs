@@ -1,0 +1,299 @@
+//! The lowering of convolutions to GEMMs: im2col (patch matrices; contiguous
+//! row copies for same-size stride-1 layers, even/odd column phases for
+//! stride 2) and its adjoint col2im.
+
+use super::*;
+
+/// Range of output columns `ox` whose input column `ox·s − p + j` lies inside `[0, w)`.
+pub(super) fn valid_range(d: &Dims, g: ConvGeometry, j: usize) -> (usize, usize) {
+    let (s, p) = (g.stride, g.padding);
+    // ox·s + j ≥ p  ⇔  ox ≥ ceil((p − j) / s)
+    let lo = if j >= p { 0 } else { (p - j).div_ceil(s) };
+    // ox·s + j − p ≤ w − 1  ⇔  ox ≤ (w − 1 + p − j) / s
+    let hi = if d.w + p > j {
+        ((d.w - 1 + p - j) / s + 1).min(d.wo)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// `cols[(c·kh + i)·kw + j, oy·wo + ox] = x[c, oy·s − p + i, ox·s − p + j]` (0 outside).
+pub(super) fn im2col<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
+    if g.stride == 1 && d.ho == d.h && d.wo == d.w {
+        im2col_same(x, d, g.padding, cols)
+    } else {
+        im2col_rows(x, d, g, cols)
+    }
+}
+
+/// The two column phases of a plane `[h, w]`: `phases[q][y, u] = x[y, 2u + q]`
+/// (`[2][h, ⌈w/2⌉]`, the odd phase's last column 0 when `w` is odd), so that a
+/// stride-2 gather along a row becomes a contiguous copy.
+pub(super) fn column_phases<T: Float>(xc: &[T], h: usize, w: usize, phases: &mut [T]) {
+    let wp = w.div_ceil(2);
+    let (even, odd) = phases.split_at_mut(h * wp);
+    for ((src, e), o) in xc
+        .chunks_exact(w)
+        .zip(even.chunks_exact_mut(wp))
+        .zip(odd.chunks_exact_mut(wp))
+    {
+        let pairs = src.chunks_exact(2);
+        if let [last] = pairs.remainder() {
+            e[wp - 1] = *last;
+            o[wp - 1] = T::ZERO;
+        }
+        for ((pe, po), pair) in e.iter_mut().zip(o.iter_mut()).zip(pairs) {
+            *pe = pair[0];
+            *po = pair[1];
+        }
+    }
+}
+
+/// [`im2col`] one output row at a time (any stride and padding; stride 2 reads
+/// the input's column phases, so each output row is one contiguous copy).
+pub(super) fn im2col_rows<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
+    let plane = d.out_plane();
+    let (s, p) = (g.stride, g.padding);
+    let wp = d.w.div_ceil(2);
+    let mut phases = vec![T::ZERO; if s == 2 { 2 * d.h * wp } else { 0 }];
+    for c in 0..d.c {
+        let xc = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        if s == 2 {
+            column_phases(xc, d.h, d.w, &mut phases);
+        }
+        for i in 0..d.kh {
+            for j in 0..d.kw {
+                let row = &mut cols[((c * d.kh + i) * d.kw + j) * plane..][..plane];
+                let (lo, hi) = valid_range(d, g, j);
+                for oy in 0..d.ho {
+                    let iy = (oy * s + i) as isize - p as isize;
+                    let dst = &mut row[oy * d.wo..(oy + 1) * d.wo];
+                    if iy < 0 || iy >= d.h as isize || lo >= hi {
+                        dst.fill(T::ZERO);
+                        continue;
+                    }
+                    let src = &xc[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    // At most `p` entries each side: plain stores (a `fill` here is a
+                    // memset call per output row, which dominated stride-2 layers).
+                    let (left, rest) = dst.split_at_mut(lo);
+                    for v in left.iter_mut().chain(rest[hi - lo..].iter_mut()) {
+                        *v = T::ZERO;
+                    }
+                    let first = lo * s + j - p;
+                    if s == 1 {
+                        dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    } else if s == 2 {
+                        // Column `first + 2t` is column `first / 2 + t` of phase `first % 2`.
+                        let phase = &phases[(first % 2) * d.h * wp + iy as usize * wp..][..wp];
+                        dst[lo..hi].copy_from_slice(&phase[first / 2..first / 2 + (hi - lo)]);
+                    } else {
+                        // Strided iterator: no bounds check per element.
+                        for (v, &x) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                            *v = x;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where patch row `(i, j)` of a stride-1 same-size convolution reads its input:
+/// output position `t = oy·w + ox` reads the flat input position `t + off`. Only
+/// `t` in `[a, b)` (within the valid rows `[t0, t1)`) is read, and within it the
+/// columns outside `[lo, hi)` wrapped around a row edge and read nothing.
+pub(super) struct ShiftedRow {
+    t0: usize,
+    t1: usize,
+    a: usize,
+    b: usize,
+    off: isize,
+    lo: usize,
+    hi: usize,
+}
+
+impl ShiftedRow {
+    pub(super) fn new(d: &Dims, p: usize, i: usize, j: usize) -> Self {
+        let (h, w) = (d.h as isize, d.w as isize);
+        let n = h * w;
+        let (di, dj) = (i as isize - p as isize, j as isize - p as isize);
+        // Output rows whose input row oy + di lies inside the image.
+        let oy_lo = (-di).clamp(0, h);
+        let oy_hi = (h - di).clamp(oy_lo, h);
+        let (t0, t1) = (oy_lo * w, oy_hi * w);
+        let off = di * w + dj;
+        // Clipped to source positions inside the plane (the clipped ends wrapped).
+        let a = t0.max(-off).min(t1);
+        let b = t1.min(n - off).max(a);
+        Self {
+            t0: t0 as usize,
+            t1: t1 as usize,
+            a: a as usize,
+            b: b as usize,
+            off,
+            lo: (-dj).clamp(0, w) as usize,
+            hi: (w - dj).clamp(0, w) as usize,
+        }
+    }
+
+    /// Zeroes the wrapped columns of `row[t0..t1]` (at most `p` per line: plain
+    /// stores, not memset calls).
+    fn zero_wrapped<T: Float>(&self, row: &mut [T], w: usize) {
+        if self.lo == 0 && self.hi == w {
+            return;
+        }
+        for line in row[self.t0..self.t1].chunks_exact_mut(w) {
+            let (left, rest) = line.split_at_mut(self.lo);
+            let right = &mut rest[self.hi.max(self.lo) - self.lo..];
+            for v in left.iter_mut().chain(right.iter_mut()) {
+                *v = T::ZERO;
+            }
+        }
+    }
+
+    /// The rows of every kernel offset `(i, j)`, in patch-row order (they do not
+    /// depend on the channel, so they are computed once per image).
+    fn all(d: &Dims, p: usize) -> Vec<Self> {
+        (0..d.kh)
+            .flat_map(|i| (0..d.kw).map(move |j| (i, j)))
+            .map(|(i, j)| Self::new(d, p, i, j))
+            .collect()
+    }
+
+    fn source(&self) -> usize {
+        (self.a as isize + self.off) as usize
+    }
+
+    /// Writes this shifted copy of the plane `xc` into `row` (one output plane
+    /// long): the valid span in one copy, everything else zero.
+    pub(super) fn fill<T: Float>(&self, row: &mut [T], xc: &[T], w: usize) {
+        row[..self.a].fill(T::ZERO);
+        row[self.b..].fill(T::ZERO);
+        if self.b > self.a {
+            let src = self.source();
+            row[self.a..self.b].copy_from_slice(&xc[src..src + (self.b - self.a)]);
+        }
+        self.zero_wrapped(row, w);
+    }
+}
+
+/// [`im2col`] for stride 1 and an output as large as the input (3×3 with padding
+/// 1, the ResNet's common case): each patch row is the whole input plane shifted
+/// by `(i − p)·w + (j − p)`, so it is one contiguous copy, after which the few
+/// entries that wrapped around a row edge, and the rows above or below the image,
+/// are zeroed — instead of one short copy per output row.
+pub(super) fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
+    let n = d.h * d.w;
+    let shifts = ShiftedRow::all(d, p);
+    for c in 0..d.c {
+        let xc = &x[c * n..(c + 1) * n];
+        for (ij, r) in shifts.iter().enumerate() {
+            r.fill(&mut cols[(c * d.kh * d.kw + ij) * n..][..n], xc, d.w);
+        }
+    }
+}
+
+/// `x = col2im(cols)`, the adjoint of [`im2col`], into a fresh (uninitialised)
+/// image (`cols` is scratch: entries that wrapped around a row edge are zeroed
+/// in it). For the same-size convolutions each patch row is added to the
+/// shifted plane in one contiguous loop, and the centre row, which covers every
+/// pixel unshifted, is written first (no zero-fill); otherwise the image is
+/// zeroed and [`col2im_rows_add`] adds into it.
+pub(super) fn col2im_into<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [MaybeUninit<T>]) {
+    if !(g.stride == 1 && d.ho == d.h && d.wo == d.w) {
+        x.iter_mut().for_each(|v| {
+            v.write(T::ZERO);
+        });
+        // SAFETY: every element was just written.
+        return col2im_rows_add(cols, d, g, unsafe { assume_init_mut(x) });
+    }
+    let (n, p) = (d.h * d.w, g.padding);
+    let centre = p * d.kw + p;
+    let shifts = ShiftedRow::all(d, p);
+    for (c, xc) in x.chunks_mut(n.max(1)).enumerate().take(d.c) {
+        copy_uninit(xc, &cols[(c * d.kh * d.kw + centre) * n..][..n]);
+        // SAFETY: the centre row (offset 0, no wrapped entries) wrote all n.
+        let xc = unsafe { assume_init_mut(xc) };
+        for (ij, r) in shifts.iter().enumerate() {
+            let row = &mut cols[(c * d.kh * d.kw + ij) * n..][..n];
+            if ij == centre || r.b <= r.a {
+                continue;
+            }
+            r.zero_wrapped(row, d.w);
+            let dst = r.source();
+            for (acc, &v) in xc[dst..dst + (r.b - r.a)].iter_mut().zip(&row[r.a..r.b]) {
+                *acc += v;
+            }
+        }
+    }
+}
+
+/// Adjoint of [`im2col`] one output row at a time (any stride and padding): adds
+/// each column entry back to the pixel it came from.
+pub(super) fn col2im_rows_add<T: Float>(cols: &[T], d: &Dims, g: ConvGeometry, x: &mut [T]) {
+    let plane = d.out_plane();
+    let (s, p) = (g.stride, g.padding);
+    // Stride 2 adds into the column phases (contiguous), interleaved once per channel.
+    let wp = d.w.div_ceil(2);
+    let mut phases = vec![T::ZERO; if s == 2 { 2 * d.h * wp } else { 0 }];
+    for c in 0..d.c {
+        let xc = &mut x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        phases.fill(T::ZERO);
+        for i in 0..d.kh {
+            for j in 0..d.kw {
+                let row = &cols[((c * d.kh + i) * d.kw + j) * plane..][..plane];
+                let (lo, hi) = valid_range(d, g, j);
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..d.ho {
+                    let iy = (oy * s + i) as isize - p as isize;
+                    if iy < 0 || iy >= d.h as isize {
+                        continue;
+                    }
+                    let dst = &mut xc[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    let src = &row[oy * d.wo + lo..oy * d.wo + hi];
+                    let first = lo * s + j - p;
+                    if s == 1 {
+                        for (a, &b) in dst[first..first + (hi - lo)].iter_mut().zip(src) {
+                            *a += b;
+                        }
+                    } else if s == 2 {
+                        let at = (first % 2) * d.h * wp + iy as usize * wp + first / 2;
+                        for (a, &b) in phases[at..at + (hi - lo)].iter_mut().zip(src) {
+                            *a += b;
+                        }
+                    } else {
+                        for (acc, &v) in dst[first..].iter_mut().step_by(s).zip(src) {
+                            *acc += v;
+                        }
+                    }
+                }
+            }
+        }
+        if s == 2 {
+            add_column_phases(&phases, d.h, d.w, xc);
+        }
+    }
+}
+
+/// The adjoint of [`column_phases`]: `x[y, 2u + q] += phases[q][y, u]`.
+pub(super) fn add_column_phases<T: Float>(phases: &[T], h: usize, w: usize, xc: &mut [T]) {
+    let wp = w.div_ceil(2);
+    let (even, odd) = phases.split_at(h * wp);
+    for ((dst, e), o) in xc
+        .chunks_exact_mut(w)
+        .zip(even.chunks_exact(wp))
+        .zip(odd.chunks_exact(wp))
+    {
+        let mut pairs = dst.chunks_exact_mut(2);
+        for ((pair, &pe), &po) in pairs.by_ref().zip(e).zip(o) {
+            pair[0] += pe;
+            pair[1] += po;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last += e[wp - 1];
+        }
+    }
+}
