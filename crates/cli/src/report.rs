@@ -1,4 +1,4 @@
-//! Progress bars and end-of-run summaries on stderr; peak memory.
+//! Progress bars (stderr) and end-of-run summaries (stdout); peak memory.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,7 +85,7 @@ pub fn summary(what: &str, n: usize, elapsed: Duration, quiet: bool) {
     } else {
         String::new()
     };
-    eprintln!(
+    println!(
         "{what}: N={n}, {s:.3} s, {:.1} images/s, peak memory {}{processes}",
         n as f64 / s.max(1e-9),
         format_bytes(peak_rss_bytes())

@@ -72,9 +72,11 @@ fn init_then_products_on_bundled_datasets() {
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
+    // Results and summaries on stdout, progress and warnings on stderr.
+    let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stderr.contains("N=20") && stderr.contains("images/s") && stderr.contains("peak memory"),
-        "{stderr}"
+        stdout.contains("N=20") && stdout.contains("images/s") && stdout.contains("peak memory"),
+        "{stdout}"
     );
     let hv = read_safetensors(std::path::Path::new(&out)).unwrap();
     assert_eq!(hv.len(), vector.len());
@@ -101,7 +103,7 @@ fn init_then_products_on_bundled_datasets() {
         &g,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("N=300"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("N=300"));
     let bytes = std::fs::read(&g).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("0.weight").unwrap().dtype(), safetensors::Dtype::F32);

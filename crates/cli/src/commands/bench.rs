@@ -155,7 +155,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let fwd = model.graph.forward_flops(&shape, &param_shapes);
     let dtype: DType = a.dtype.into();
     let threads = hvp_tensor::threads();
-    eprintln!(
+    println!(
         "hvp bench: {arch}, {} parameters, {dtype}, {threads} threads, batch {}, forward {:.1} MFLOP/image, f32 GEMM: {}, malloc: {}",
         model.num_params(),
         a.batch_size,

@@ -60,7 +60,7 @@ pub fn run(a: FactorsArgs) -> Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     summary("hvp factors", view.len(), start.elapsed(), a.run.quiet);
     if !a.run.quiet {
-        eprintln!(
+        println!(
             "{:?} factors for {} layers and {} diagonal parameters written to {}",
             kind,
             f.layers.len(),

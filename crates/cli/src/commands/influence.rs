@@ -523,7 +523,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
                     })
                     .unwrap_or_default()
             };
-            eprintln!(
+            println!(
                 "test {t} (label {}): helpful {} | harmful {}",
                 m["label"],
                 list("top_helpful"),
@@ -531,7 +531,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
             );
         }
         summary("hvp influence", todo.len() * n, start.elapsed(), false);
-        eprintln!("scores written to {} ({CONVENTION})", a.out.display());
+        println!("scores written to {} ({CONVENTION})", a.out.display());
     }
     Ok(())
 }

@@ -57,7 +57,7 @@ pub fn run(a: InitArgs) -> Result<()> {
     outputs
         .commit()
         .with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
+    println!(
         "{} for {arch}: {} trainable parameters in {} tensors, written to {}",
         if a.random_vector { "random vector" } else { "weights" },
         model.num_params(),

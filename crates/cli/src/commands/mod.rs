@@ -107,7 +107,7 @@ pub fn run_pass(
     save_vector(&model, &result.value, out, dtype)?;
     summary(what, result.examples, start.elapsed(), run.quiet);
     if !run.quiet {
-        eprintln!(
+        println!(
             "mean loss {:.6}, output norm {:.6e}, written to {}",
             result.loss,
             result.value.norm(),

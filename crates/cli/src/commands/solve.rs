@@ -213,7 +213,7 @@ pub fn report_json(report: &SolveReport, opts: &SolverOptions, n: usize, dtype: 
 }
 
 pub fn print_report(r: &SolveReport) {
-    eprintln!(
+    println!(
         "{}: {} iterations, {} products over the data{}, {:.2} s, relative residual ‖(M+λI)x − g‖/‖g‖ = {:.3e}{}",
         r.solver,
         r.iterations,

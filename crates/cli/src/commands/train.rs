@@ -136,13 +136,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     if !a.run.quiet {
         for r in &reports {
-            eprintln!(
+            println!(
                 "epoch {}: loss {:.4}, accuracy {:.3} (train mode)",
                 r.epoch, r.loss, r.accuracy
             );
         }
         summary("hvp train", a.epochs * view.len(), start.elapsed(), false);
-        eprintln!(
+        println!(
             "weights (BatchNorm running statistics for eval mode) written to {}",
             a.out.display()
         );

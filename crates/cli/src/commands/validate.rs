@@ -165,7 +165,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             1e-10,
             50,
         )?;
-        eprintln!("full-data optimum refined by {steps} Newton steps");
+        println!("full-data optimum refined by {steps} Newton steps");
     }
     let retrain = match a.retrain {
         RetrainArg::Newton => Retrain::Newton,
