@@ -746,3 +746,34 @@ fn dynamic_shape_plumbing_and_remaining_operators_differentiate_exactly() {
         "HVP differs from central differences of the gradient by {e:e}"
     );
 }
+
+/// `init --model` writes the ONNX model's trainable initializers as a state_dict
+/// (that `--weights` reads back unchanged) or a random direction over them.
+#[test]
+fn init_writes_the_initializers_and_directions_of_an_onnx_model() {
+    let tmp = TempDir::new("onnx-init");
+    let model = fixture("onnx/small_cnn/dynamo.onnx");
+    let m = model.to_str().unwrap();
+    let (w, v, vfc) = (tmp.s("w.safetensors"), tmp.s("v.safetensors"), tmp.s("vfc.safetensors"));
+    ok(&["init", "--model", m, "--dtype", "f64", "--out", &w]);
+    ok(&["init", "--model", m, "--random-vector", "--out", &v]);
+    ok(&[
+        "init",
+        "--model",
+        m,
+        "--params",
+        "fc.*",
+        "--random-vector",
+        "--out",
+        &vfc,
+    ]);
+    let imported = hvp_onnx::load(&model, &hvp_onnx::ImportOptions::default()).unwrap();
+    let written = read_flat(Path::new(&w));
+    assert_eq!(written.len(), imported.model.params.len());
+    for (spec, t) in imported.model.params.iter().zip(&imported.weights.params) {
+        assert_eq!(written[&spec.name], t.data(), "{}", spec.name);
+    }
+    assert_eq!(read_flat(Path::new(&v)).len(), 7);
+    let fc: Vec<String> = read_flat(Path::new(&vfc)).into_keys().collect();
+    assert_eq!(fc, vec!["fc.bias".to_string(), "fc.weight".to_string()]);
+}

@@ -7,8 +7,16 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct InitArgs {
     /// Architecture (see `hvp grad --help`).
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    pub arch: Option<String>,
+    /// An ONNX model instead of --arch: writes its initial weights (the
+    /// initializers) as a state_dict, or with --random-vector a direction over
+    /// its trainable parameters (--params restricts them).
     #[arg(long)]
-    pub arch: String,
+    pub model: Option<PathBuf>,
+    /// With --model: only parameters whose names match this glob are trainable.
+    #[arg(long, requires = "model")]
+    pub params: Option<String>,
     /// Seed of the random generator.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -30,11 +38,22 @@ pub struct InitArgs {
 /// PyTorch-like default initialisation (Linear/Conv U(±1/√fan_in), BatchNorm
 /// γ=1, β=0, running mean 0, variance 1), or a random direction.
 pub fn run(a: InitArgs) -> Result<()> {
-    let arch: Architecture = a.arch.parse()?;
-    if a.in_channels == 0 {
-        anyhow::bail!("--in-channels must be at least 1");
-    }
-    let model = Model::new(&arch, a.in_channels)?;
+    let (model, onnx_weights) = match (&a.arch, &a.model) {
+        (_, Some(path)) => {
+            let (model, weights) = crate::args::load_model(&crate::args::ModelArgs {
+                model: Some(path.clone()),
+                params: a.params.clone(),
+                ..Default::default()
+            })?;
+            (model, Some(weights))
+        }
+        (Some(arch), None) => {
+            let arch: Architecture = arch.parse()?;
+            (Model::new(&arch, a.in_channels)?, None)
+        }
+        (None, None) => anyhow::bail!("give --arch SPEC or --model FILE.onnx"),
+    };
+    let arch = model.arch.clone();
     // The tensors in f64, their encoded copy and the file's bytes.
     hvp_io::memory::check_fits(
         (model.num_params() as u64).saturating_mul(8 * 3),
@@ -49,10 +68,12 @@ pub fn run(a: InitArgs) -> Result<()> {
             &ParamVector::random_normal(&model, a.seed).safetensors_bytes(&model, a.dtype.into()),
         )?;
     } else {
-        outputs.put(
-            slot,
-            &Weights::init(&model, a.seed).safetensors_bytes(&model, a.dtype.into()),
-        )?;
+        let bytes = match onnx_weights {
+            // The trainable initializers: a state_dict that `--weights` overrides by name.
+            Some(w) => ParamVector { tensors: w.params }.safetensors_bytes(&model, a.dtype.into()),
+            None => Weights::init(&model, a.seed).safetensors_bytes(&model, a.dtype.into()),
+        };
+        outputs.put(slot, &bytes)?;
     }
     outputs
         .commit()
