@@ -519,3 +519,91 @@ fn trainable_tensor_into_a_non_differentiable_input_is_refused_by_name() {
     let listing = ok(&["params", "--model", m.to_str().unwrap(), "--params", "w"]);
     assert!(listing.contains("| table | [5, 4] | 20 | no | frozen |"), "{listing}");
 }
+
+/// The binary on mutated inputs of every kind: each run ends with a result
+/// (exit 0) or exactly one `error:` line (exit 1 or 2), never a panic or a
+/// signal, and a failed run leaves no output file.
+#[test]
+fn the_binary_answers_every_mutant_with_a_result_or_one_error_line() {
+    use hvp_io::fuzz::Mutator;
+    let tmp = TempDir::new("trust-fuzz");
+    let out = tmp.s("out.safetensors");
+    let check = |o: &Output, what: &str| {
+        let err = stderr(o);
+        match o.status.code() {
+            Some(0) => {}
+            Some(1) | Some(2) => {
+                assert_eq!(
+                    err.lines().filter(|l| l.starts_with("error:")).count(),
+                    1,
+                    "{what}: {err}"
+                );
+                assert!(!Path::new(&out).exists(), "{what}: output left by a failed run");
+            }
+            other => panic!("{what}: exit {other:?}: {err}"),
+        }
+        let _ = std::fs::remove_file(&out);
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("weights", std::fs::read(mlp_fixture("weights.safetensors")).unwrap()),
+        ("inputs", std::fs::read(mlp_fixture("inputs.npy")).unwrap()),
+        ("labels", std::fs::read(mlp_fixture("labels.npy")).unwrap()),
+        ("onnx", std::fs::read(fixture("onnx/mlp/legacy.onnx")).unwrap()),
+    ];
+    for (kind, valid) in &cases {
+        for seed in 0..25 {
+            let mutant = tmp.path(&format!("mutant-{kind}"));
+            std::fs::write(&mutant, Mutator::new(seed).mutate(valid)).unwrap();
+            let m = mutant.to_str().unwrap();
+            let o = match *kind {
+                "weights" => on_mlp_with("grad", m, &mlp_fixture("inputs.npy"), "", &["--out", &out]),
+                "inputs" => on_mlp_with("grad", &mlp_fixture("weights.safetensors"), m, "", &["--out", &out]),
+                "labels" => {
+                    let x = mlp_fixture("inputs.npy");
+                    let w = mlp_fixture("weights.safetensors");
+                    hvp(&[
+                        "grad",
+                        "--arch",
+                        ARCH,
+                        "--weights",
+                        &w,
+                        "--inputs",
+                        &x,
+                        "--labels",
+                        m,
+                        "--out",
+                        &out,
+                    ])
+                }
+                _ => {
+                    let (x, y) = (fixture("onnx/mlp/inputs.npy"), fixture("onnx/mlp/labels.npy"));
+                    hvp(&[
+                        "grad",
+                        "--model",
+                        m,
+                        "--inputs",
+                        x.to_str().unwrap(),
+                        "--labels",
+                        y.to_str().unwrap(),
+                        "--out",
+                        &out,
+                    ])
+                }
+            };
+            check(&o, &format!("{kind} mutant {seed}"));
+        }
+    }
+    // Random --arch specs and numeric flags.
+    for seed in 0..40u64 {
+        let mut m = Mutator::new(seed);
+        // (argv cannot hold NUL bytes)
+        let spec = String::from_utf8_lossy(&m.mutate(b"mlp:64,16,10")).replace('\0', "");
+        check(
+            &hvp(&["init", "--arch", &spec, "--out", &out]),
+            &format!("--arch {spec:?}"),
+        );
+        let value = String::from_utf8_lossy(&m.mutate(b"256")).replace('\0', "");
+        let arg = format!("--batch-size={value}");
+        check(&on_mlp("grad", "", &["--out", &out, &arg]), &arg);
+    }
+}
