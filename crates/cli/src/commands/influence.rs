@@ -363,6 +363,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     set_threads(a.run.threads)?;
     let root = hvp_dist::is_root();
     // One run per output at a time: a second fails here, before any work.
+    hvp_io::write::check_destination(&a.out)?;
     let _lock = if root {
         Some(hvp_io::write::Lock::acquire(&a.out)?)
     } else {
@@ -390,6 +391,13 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
         );
     }
     let indices = a.test_indices.clone().unwrap_or_else(|| vec![0]);
+    if let Some((k, &t)) = indices.iter().enumerate().find(|(k, t)| indices[..*k].contains(t)) {
+        bail!(
+            "--test-indices lists test example {t} twice (at positions {} and {})",
+            indices.iter().position(|&u| u == t).unwrap_or(0) + 1,
+            k + 1
+        );
+    }
     if let Some(&bad) = indices.iter().find(|&&t| t >= test.len()) {
         bail!(
             "--test-indices: {bad} is out of range, the test set has {} examples",
