@@ -42,11 +42,15 @@ pub enum RetrainArg {
 #[derive(Args)]
 pub struct ValidateArgs {
     /// Architecture (see `hvp grad --help`).
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    pub arch: Option<String>,
+    /// An ONNX model instead of --arch (its initializers are the weights unless
+    /// --weights overrides them by name).
     #[arg(long)]
-    pub arch: String,
-    /// Trained weights; when absent the model is trained here from a seeded
-    /// initialisation by the --retrain method (Newton to the optimum, or
-    /// --retrain-epochs of gradient descent / SGD).
+    pub model: Option<PathBuf>,
+    /// Trained weights; when absent (and without --model) the model is trained
+    /// here from a seeded initialisation by the --retrain method (Newton to the
+    /// optimum, or --retrain-epochs of gradient descent / SGD).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Training data: mnist:DIR[:train|test], cifar10:DIR[:train|test] or npy:X.npy,Y.npy.
@@ -118,14 +122,20 @@ pub fn run(a: ValidateArgs) -> Result<()> {
     let src = open_data_spec(&a.train, a.pad, a.classes.as_deref())?;
     crate::args::check_loss(crate::args::LossArg::Ce, src.as_ref())?;
     let train_view = Subset::first(src.as_ref(), a.limit_train.unwrap_or(usize::MAX));
-    let (model, mut weights) = match &a.weights {
-        Some(w) => load_model(&ModelArgs {
-            arch: Some(a.arch.clone()),
+    let (model, mut weights) = match (&a.arch, &a.model, &a.weights) {
+        (_, Some(m), w) => load_model(&ModelArgs {
+            model: Some(m.clone()),
+            weights: w.clone(),
+            ..Default::default()
+        })?,
+        (Some(arch), None, Some(w)) => load_model(&ModelArgs {
+            arch: Some(arch.clone()),
             weights: Some(w.clone()),
             ..Default::default()
         })?,
-        None => {
-            let arch: Architecture = a.arch.parse()?;
+        (None, None, _) => bail!("give --arch SPEC or --model FILE.onnx"),
+        (Some(arch), None, None) => {
+            let arch: Architecture = arch.parse()?;
             let shape = train_view.sample_shape();
             let model = Model::new(&arch, shape.first().copied().unwrap_or(1))?;
             let w = Weights::init(&model, a.solver.seed);
