@@ -15,12 +15,12 @@
 //!   (Pearlmutter 1994). No graph of the backward pass is ever built.
 //!
 //! ```
-//! use hvp_autodiff::{Dual, Graph, Op, Value, loss};
+//! use hvp_autodiff::{op, Dual, Graph, Value, loss};
 //! use hvp_tensor::Tensor;
 //! // logits = x Wᵀ for one example with 2 features and 2 classes.
 //! let mut g = Graph::new();
 //! let x = g.input();
-//! let _y = g.push(Op::Dense { input: x, weight: 0, bias: None });
+//! let _y = g.push(op::Dense { input: x, weight: 0, bias: None });
 //! let w = Tensor::new(vec![2, 2], vec![0.5, -0.5, 0.25, 1.0]).unwrap();
 //! let v = Tensor::new(vec![2, 2], vec![1.0, 0.0, 0.0, 0.0]).unwrap();
 //! let input = Tensor::new(vec![1, 2], vec![1.0, 2.0]).unwrap();
@@ -37,5 +37,5 @@ pub mod loss;
 pub mod primitives;
 mod value;
 
-pub use graph::{resolve_shape, BatchNormUpdate, Dim, Graph, LayerObserver, NodeId, Op, Tape};
+pub use graph::{op, resolve_shape, BatchNormUpdate, Dim, Graph, LayerObserver, NodeId, Op, ParamRefs, Rule, Tape};
 pub use value::{Dual, DualKernel, TangentKernel, Value};

@@ -1,5 +1,5 @@
 use crate::ModelError;
-use hvp_autodiff::{Graph, NodeId, Op};
+use hvp_autodiff::{op, Graph, NodeId, Op};
 use hvp_tensor::conv::ConvGeometry;
 use std::fmt;
 use std::str::FromStr;
@@ -185,7 +185,7 @@ impl Builder {
 
     fn conv(&mut self, name: &str, x: NodeId, cin: usize, cout: usize, stride: usize) -> NodeId {
         let weight = self.param(format!("{name}.weight"), vec![cout, cin, 3, 3], Init::FanIn(cin * 9));
-        self.graph.push(Op::Conv2d {
+        self.graph.push(op::Conv2d {
             input: x,
             weight,
             bias: None,
@@ -198,20 +198,18 @@ impl Builder {
         let bias = self.param(format!("{name}.bias"), vec![c], Init::Zeros);
         let mean = self.buffer(format!("{name}.running_mean"), vec![c], Init::Zeros);
         let var = self.buffer(format!("{name}.running_var"), vec![c], Init::Ones);
-        self.graph.push(Op::BatchNorm {
+        self.graph.push(op::BatchNorm {
             input: x,
             weight,
             bias,
-            mean,
-            var,
-            eps: 1e-5,
+            stats: op::BatchNormStats { mean, var, eps: 1e-5 },
         })
     }
 
     fn dense(&mut self, name: &str, x: NodeId, din: usize, dout: usize) -> NodeId {
         let weight = self.param(format!("{name}.weight"), vec![dout, din], Init::FanIn(din));
         let bias = self.param(format!("{name}.bias"), vec![dout], Init::FanIn(din));
-        self.graph.push(Op::Dense {
+        self.graph.push(op::Dense {
             input: x,
             weight,
             bias: Some(bias),
@@ -231,7 +229,13 @@ impl Model {
         let x = b.graph.input();
         let (channels, classes) = match arch {
             Architecture::ResNetCifar { blocks, tanh } => {
-                let act = |input| if *tanh { Op::Tanh { input } } else { Op::Relu { input } };
+                let act = |input| -> Op {
+                    if *tanh {
+                        op::Tanh { input }.into()
+                    } else {
+                        op::Relu { input }.into()
+                    }
+                };
                 let mut h = b.conv("conv", x, input_channels, 16, 1);
                 h = b.bn("bn", h, 16);
                 h = b.graph.push(act(h));
@@ -251,25 +255,25 @@ impl Model {
                         } else {
                             h
                         };
-                        let sum = b.graph.push(Op::Add { a: y, b: shortcut });
+                        let sum = b.graph.push(op::Add { a: y, b: shortcut });
                         h = b.graph.push(act(sum));
                         cin = cout;
                     }
                 }
-                h = b.graph.push(Op::GlobalAvgPool { input: h });
+                h = b.graph.push(op::GlobalAvgPool { input: h });
                 b.dense("fc", h, 64, 10);
                 (input_channels, 10)
             }
             Architecture::Mlp { sizes, tanh } => {
-                let mut h = b.graph.push(Op::Flatten { input: x });
+                let mut h = b.graph.push(op::Flatten { input: x });
                 let layers = sizes.len() - 1;
                 for i in 0..layers {
                     h = b.dense(&(2 * i).to_string(), h, sizes[i], sizes[i + 1]);
                     if i + 1 < layers {
                         h = b.graph.push(if *tanh {
-                            Op::Tanh { input: h }
+                            Op::from(op::Tanh { input: h })
                         } else {
-                            Op::Relu { input: h }
+                            Op::from(op::Relu { input: h })
                         });
                     }
                 }

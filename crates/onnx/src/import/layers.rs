@@ -24,14 +24,14 @@ impl Importer<'_> {
         let (b, sb) = self.runtime_input(node, 1)?;
         let shape = broadcast(&sa, &sb)
             .ok_or_else(|| self.err(format!("shapes {} and {} do not broadcast", show(&sa), show(&sb))))?;
-        Ok(self.push(Op::Arith { a, b, op }, shape))
+        Ok(self.push(op::Arith { a, b, op }, shape))
     }
 
     pub(super) fn matmul(&mut self, node: &NodeProto) -> Res<Entry> {
         let (a, sa) = self.runtime_input(node, 0)?;
         let (b, sb) = self.runtime_input(node, 1)?;
         let shape = self.matmul_shape(&sa, &sb, false)?;
-        Ok(self.push(Op::MatMul { a, b, trans_b: false }, shape))
+        Ok(self.push(op::MatMul { a, b, trans_b: false }, shape))
     }
 
     pub(super) fn matmul_shape(&self, sa: &[Dim], sb: &[Dim], trans_b: bool) -> Res<Vec<Dim>> {
@@ -79,7 +79,7 @@ impl Importer<'_> {
         }
         if trans_a {
             sa = vec![sa[1], sa[0]];
-            a = self.graph.push(Op::Transpose {
+            a = self.graph.push(op::Transpose {
                 input: a,
                 perm: vec![1, 0],
             });
@@ -104,7 +104,7 @@ impl Importer<'_> {
                 }
                 _ => None,
             };
-            let dense = self.graph.push(Op::Dense {
+            let dense = self.graph.push(op::Dense {
                 input: a,
                 weight: *w,
                 bias,
@@ -119,10 +119,10 @@ impl Importer<'_> {
             };
         }
         let (b, _) = self.runtime(&node.input[1], &b_entry)?;
-        let mut y = self.graph.push(Op::MatMul { a, b, trans_b });
+        let mut y = self.graph.push(op::MatMul { a, b, trans_b });
         if alpha != 1.0 {
             let (s, _) = self.constant_node(&format!("{}.alpha", self.node), &Constant::floats(vec![], [alpha]))?;
-            y = self.graph.push(Op::Arith {
+            y = self.graph.push(op::Arith {
                 a: y,
                 b: s,
                 op: Arith::Mul,
@@ -159,7 +159,7 @@ impl Importer<'_> {
                 if beta != 1.0 {
                     let (s, _) =
                         self.constant_node(&format!("{}.beta", self.node), &Constant::floats(vec![], [beta]))?;
-                    n = self.graph.push(Op::Arith {
+                    n = self.graph.push(op::Arith {
                         a: n,
                         b: s,
                         op: Arith::Mul,
@@ -169,7 +169,7 @@ impl Importer<'_> {
             }
         };
         Ok(self.push(
-            Op::Arith {
+            op::Arith {
                 a: y,
                 b: c_node,
                 op: Arith::Add,
@@ -260,7 +260,7 @@ impl Importer<'_> {
                 _ => None,
             };
             let y = self.push(
-                Op::Conv2d {
+                op::Conv2d {
                     input: x,
                     weight: w,
                     bias: param_bias,
@@ -282,7 +282,7 @@ impl Importer<'_> {
             None => None,
         };
         Ok(self.push(
-            Op::ConvNode {
+            op::ConvNode {
                 input: x,
                 weight: wn,
                 bias: bn,
@@ -300,7 +300,7 @@ impl Importer<'_> {
                 let (n, _) = self.runtime(name, other)?;
                 let shape = fixed(&[c, 1, 1]);
                 self.push(
-                    Op::Reshape {
+                    op::Reshape {
                         input: n,
                         shape: shape.clone(),
                     },
@@ -338,16 +338,18 @@ impl Importer<'_> {
                 _ => Err(self.err(format!("running statistic '{name}' must be a constant initializer"))),
             }
         };
-        let (mean, var) = (stat(mean)?, stat(var)?);
+        let stats = op::BatchNormStats {
+            mean: stat(mean)?,
+            var: stat(var)?,
+            eps,
+        };
         if let (Entry::Param(weight), Entry::Param(bias)) = (&scale.1, &shift.1) {
             return Ok(self.push(
-                Op::BatchNorm {
+                op::BatchNorm {
                     input: x,
                     weight: *weight,
                     bias: *bias,
-                    mean,
-                    var,
-                    eps,
+                    stats,
                 },
                 sx,
             ));
@@ -355,13 +357,11 @@ impl Importer<'_> {
         let weight = self.runtime(&scale.0, &scale.1)?.0;
         let bias = self.runtime(&shift.0, &shift.1)?.0;
         Ok(self.push(
-            Op::BatchNormNode {
+            op::BatchNormNode {
                 input: x,
                 weight,
                 bias,
-                mean,
-                var,
-                eps,
+                stats,
             },
             sx,
         ))
@@ -396,7 +396,7 @@ impl Importer<'_> {
             };
             let (ho, wo) = geometry.out_hw(h, w);
             return Ok(self.push(
-                Op::MaxPool { input: x, geometry },
+                op::MaxPool { input: x, geometry },
                 vec![sx[0], sx[1], Dim::Fixed(ho), Dim::Fixed(wo)],
             ));
         }
@@ -404,7 +404,7 @@ impl Importer<'_> {
             return Err(self.err("AveragePool needs a square kernel, equal strides and no padding"));
         }
         Ok(self.push(
-            Op::AvgPool {
+            op::AvgPool {
                 input: x,
                 kernel: kh,
                 stride: sh,
@@ -446,7 +446,7 @@ impl Importer<'_> {
         };
         if sx.len() == 4 && axes == [2, 3] {
             // Global average pooling, hvp's dedicated kernel.
-            let pooled = self.graph.push(Op::GlobalAvgPool { input: x });
+            let pooled = self.graph.push(op::GlobalAvgPool { input: x });
             if !keep {
                 return Ok(Entry::Runtime {
                     node: pooled,
@@ -454,14 +454,14 @@ impl Importer<'_> {
                 });
             }
             return Ok(self.push(
-                Op::Reshape {
+                op::Reshape {
                     input: pooled,
                     shape: out.clone(),
                 },
                 out,
             ));
         }
-        let mean = self.graph.push(Op::ReduceMean { input: x, axes });
+        let mean = self.graph.push(op::ReduceMean { input: x, axes });
         if keep {
             return Ok(Entry::Runtime {
                 node: mean,
@@ -469,7 +469,7 @@ impl Importer<'_> {
             });
         }
         Ok(self.push(
-            Op::Reshape {
+            op::Reshape {
                 input: mean,
                 shape: out.clone(),
             },

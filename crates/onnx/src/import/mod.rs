@@ -10,7 +10,7 @@ use crate::constant::{Constant, Scalar};
 use crate::proto::{attribute_type, data_type, AttributeProto, ModelProto, NodeProto, TensorProto};
 use crate::{ImportOptions, Imported, OnnxError};
 use hvp_autodiff::primitives::nd::{Arith, Pointwise};
-use hvp_autodiff::{Dim, Graph, NodeId, Op};
+use hvp_autodiff::{op, Dim, Graph, NodeId, Op};
 use hvp_model::{Architecture, Init, Model, ParamSpec, Weights};
 use hvp_tensor::conv::ConvGeometry;
 use hvp_tensor::nd::MaxPoolGeometry;
@@ -486,7 +486,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
     };
     if out_node != imp.graph.nodes().len() - 1 {
         // The graph's last node is its output.
-        imp.graph.push(Op::Reshape {
+        imp.graph.push(op::Reshape {
             input: out_node,
             shape: out_shape.clone(),
         });
@@ -602,7 +602,8 @@ impl Importer<'_> {
         Ok(())
     }
 
-    fn push(&mut self, op: Op, shape: Vec<Dim>) -> Entry {
+    fn push(&mut self, op: impl Into<Op>, shape: Vec<Dim>) -> Entry {
+        let op = op.into();
         // Sizes per example, checked here so that evaluation never allocates
         // beyond them; the import stops after the node that broke them.
         let numel = shape
@@ -643,7 +644,7 @@ impl Importer<'_> {
             .to_f64()
             .ok_or_else(|| self.dynamic(format!("'{name}' holds the batch size as data")))?;
         let buffer = self.add_buffer(name, c.shape.clone(), values);
-        let n = self.graph.push(Op::Constant { buffer });
+        let n = self.graph.push(op::Constant { buffer });
         self.constant_nodes.insert(name.to_string(), n);
         Ok((n, fixed(&c.shape)))
     }
@@ -675,7 +676,7 @@ impl Importer<'_> {
                 let n = *self
                     .param_nodes
                     .entry(index)
-                    .or_insert_with(|| self.graph.push(Op::Param { index }));
+                    .or_insert_with(|| self.graph.push(op::Param { index }));
                 Ok((n, shape))
             }
             Entry::Static(c) => self.constant_node(name, c),
@@ -800,9 +801,9 @@ impl Importer<'_> {
                     },
                 };
                 let graph_op = match (op, func) {
-                    ("Relu", _) => Op::Relu { input: x },
-                    ("Tanh", _) => Op::Tanh { input: x },
-                    (_, Some(func)) => Op::Pointwise { input: x, func },
+                    ("Relu", _) => Op::from(op::Relu { input: x }),
+                    ("Tanh", _) => op::Tanh { input: x }.into(),
+                    (_, Some(func)) => op::Pointwise { input: x, func }.into(),
                     _ => unreachable!("every pointwise operator maps to an op"),
                 };
                 self.push(graph_op, shape)
@@ -821,7 +822,7 @@ impl Importer<'_> {
                     return Err(self.err("a softmax over the batch mixes examples"));
                 }
                 self.push(
-                    Op::Softmax {
+                    op::Softmax {
                         input: x,
                         axis,
                         log: op == "LogSoftmax",
@@ -839,10 +840,10 @@ impl Importer<'_> {
                 if shape.len() != 4 {
                     return Err(self.err(format!("input of shape {} is not NCHW", show(&shape))));
                 }
-                let pooled = self.graph.push(Op::GlobalAvgPool { input: x });
+                let pooled = self.graph.push(op::GlobalAvgPool { input: x });
                 let out = vec![shape[0], shape[1], Dim::Fixed(1), Dim::Fixed(1)];
                 self.push(
-                    Op::Reshape {
+                    op::Reshape {
                         input: pooled,
                         shape: out.clone(),
                     },

@@ -87,7 +87,7 @@ impl Importer<'_> {
                     return Ok(Entry::Runtime { node: x, shape });
                 }
                 Ok(self.push(
-                    Op::Reshape {
+                    op::Reshape {
                         input: x,
                         shape: shape.clone(),
                     },
@@ -214,7 +214,7 @@ impl Importer<'_> {
         }
         let mut shape = shapes[0].clone();
         shape[axis] = Dim::Fixed(total);
-        Ok(self.push(Op::Concat { inputs, axis }, shape))
+        Ok(self.push(op::Concat { inputs, axis }, shape))
     }
 
     pub(super) fn expand(&mut self, node: &NodeProto) -> Res<Entry> {
@@ -268,6 +268,6 @@ impl Importer<'_> {
         }
         let (x, _) = self.runtime(&node.input[0], &e)?;
         let shape = perm.iter().map(|&p| from[p]).collect();
-        Ok(self.push(Op::Transpose { input: x, perm }, shape))
+        Ok(self.push(op::Transpose { input: x, perm }, shape))
     }
 }

@@ -33,7 +33,7 @@ use sampling::cotangent_samples;
 
 use crate::{finish, LinearOperator, SolveReport, SolverError};
 use hvp_autodiff::loss::{self, Targets};
-use hvp_autodiff::{Graph, NodeId, Op, Tape};
+use hvp_autodiff::{op, Graph, NodeId, Op, Tape};
 use hvp_curvature::{batch_targets, Problem};
 use hvp_model::io::{read_safetensors, write_safetensors};
 use hvp_model::{Model, ModelError, ParamVector};
@@ -116,7 +116,7 @@ fn layers_of(model: &Model) -> Vec<Layer> {
         .iter()
         .enumerate()
         .filter_map(|(node, op)| match *op {
-            Op::Dense { weight, bias, .. } => Some(Layer {
+            Op::Dense(op::Dense { weight, bias, .. }) => Some(Layer {
                 node,
                 weight,
                 bias,
@@ -124,9 +124,9 @@ fn layers_of(model: &Model) -> Vec<Layer> {
                 s_dim: shape(weight)[0],
                 a_dim: shape(weight)[1] + bias.is_some() as usize,
             }),
-            Op::Conv2d {
+            Op::Conv2d(op::Conv2d {
                 weight, bias, geometry, ..
-            } => Some(Layer {
+            }) => Some(Layer {
                 node,
                 weight,
                 bias,
@@ -342,14 +342,12 @@ impl Factors {
                         });
                         add_into(&mut sums.a[li], &mat(l.a_dim, l.a_dim, a_part), 1.0);
                     }
-                } else if let Op::BatchNorm {
+                } else if let Op::BatchNorm(op::BatchNorm {
                     weight,
                     bias,
-                    mean,
-                    var,
-                    eps,
+                    stats: op::BatchNormStats { mean, var, eps },
                     ..
-                } = *op
+                }) = *op
                 {
                     bn_diagonal(x, gy, &buffers[mean], &buffers[var], eps, &mut sums.diag, weight, bias);
                 }

@@ -56,14 +56,12 @@ impl Factors {
                     })
                     .collect();
                 current.iter_mut().zip(values).for_each(|(c, v)| *c += v);
-            } else if let Op::BatchNorm {
+            } else if let Op::BatchNorm(op::BatchNorm {
                 weight,
                 bias,
-                mean,
-                var,
-                eps,
+                stats: op::BatchNormStats { mean, var, eps },
                 ..
-            } = *op
+            }) = *op
             {
                 let per_example = bn_example_grads(x, gy, &buffers[mean], &buffers[var], eps);
                 let dg = self.diagonal.iter().find(|(p, _)| *p == weight).map(|d| &d.1);
