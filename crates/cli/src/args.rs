@@ -183,7 +183,7 @@ pub fn load_model(m: &ModelArgs) -> Result<(Model, Weights)> {
         };
         let imported = hvp_onnx::load(path, &options)?;
         for w in &imported.warnings {
-            eprintln!("warning: {}: {w}", path.display());
+            eprintln!("warning: {}: {}", path.display(), crate::output::as_flags(w));
         }
         let (model, mut weights) = (imported.model, imported.weights);
         if let Some(file) = &m.weights {

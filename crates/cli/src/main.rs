@@ -99,9 +99,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // In a multi-process job an error on any rank aborts them all.
-        Err(e) if hvp_dist::is_distributed() => hvp_dist::fail(&format!("error: {e:#}"), 1),
+        Err(e) if hvp_dist::is_distributed() => hvp_dist::fail(&output::as_flags(&format!("error: {e:#}")), 1),
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", output::as_flags(&error_chain(&e)));
             let solver_failed = matches!(
                 e.downcast_ref::<hvp_solvers::SolverError>(),
                 Some(hvp_solvers::SolverError::Diverged(_) | hvp_solvers::SolverError::Dense(_))

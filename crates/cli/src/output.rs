@@ -80,3 +80,9 @@ impl Default for Outputs {
         Self::new()
     }
 }
+
+/// Library text with its quoted setting names (`` `damping` ``) as this
+/// program's flags (`--damping`).
+pub fn as_flags(text: &str) -> String {
+    hvp_model::render_settings(text, |s| format!("--{}", s.name().replace('_', "-")))
+}

@@ -89,7 +89,7 @@ pub enum CurvatureError {
     Empty,
     #[error(transparent)]
     Memory(#[from] hvp_io::IoError),
-    #[error("the {what} contains NaN or infinite values after batch {batch}; the model or vector overflows in this dtype (try --dtype f64)")]
+    #[error("the {what} contains NaN or infinite values after batch {batch}; the model or vector overflows in this dtype (try `dtype` f64)")]
     NonFinite { what: &'static str, batch: usize },
 }
 
@@ -138,7 +138,7 @@ impl<'a> Problem<'a> {
         hvp_io::memory::check_fits(
             bytes,
             &format!("a batch of {} examples", batch_size.min(data.len())),
-            "use a smaller --batch-size",
+            "use a smaller `batch_size`",
         )?;
         match data.target_width() {
             None => check_labels(data, model.num_classes)?,

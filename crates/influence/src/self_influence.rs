@@ -22,8 +22,8 @@ pub fn self_influence(
     let values = factors.self_influence(problem, damping, dtype, progress)?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(InfluenceError::Training(format!(
-            "the self-influence of example {i} is {} (singular or overflowing factors); increase --damping or use \
-             --dtype f64",
+            "the self-influence of example {i} is {} (singular or overflowing factors); increase `damping` or use \
+             `dtype` f64",
             values[i]
         )));
     }
@@ -34,8 +34,8 @@ pub fn self_influence(
 pub fn check_damping(damping: f64) -> Result<(), InfluenceError> {
     if !(damping.is_finite() && damping > 0.0) {
         return Err(InfluenceError::Training(format!(
-            "--damping {damping} (and no --weight-decay): the factored curvature is singular wherever a layer has \
-             fewer examples than inputs, so (F̂ + λI)⁻¹ is undefined and every score would be NaN; give --damping > 0 \
+            "`damping` {damping} (and no `weight_decay`): the factored curvature is singular wherever a layer has \
+             fewer examples than inputs, so (F̂ + λI)⁻¹ is undefined and every score would be NaN; give `damping` > 0 \
              (the default is 1e-3)"
         )));
     }

@@ -125,7 +125,7 @@ pub fn train(
 ) -> Result<Vec<EpochReport>, InfluenceError> {
     if !(opts.lr > 0.0 && opts.lr.is_finite()) || opts.batch_size == 0 {
         return Err(InfluenceError::Training(
-            "--lr must be positive and --batch-size at least 1".into(),
+            "`lr` must be positive and `batch_size` at least 1".into(),
         ));
     }
     let n = data.len();
@@ -150,7 +150,7 @@ pub fn train(
             };
             if !l.is_finite() || weights.params.iter().any(|p| !p.all_finite()) {
                 return Err(InfluenceError::Training(format!(
-                    "training diverged in epoch {} (loss {l}); lower --lr (now {})",
+                    "training diverged in epoch {} (loss {l}); lower `lr` (now {})",
                     epoch + 1,
                     opts.lr
                 )));
@@ -218,6 +218,6 @@ pub fn newton(
     }
     Err(InfluenceError::Training(format!(
         "Newton's method did not reach the optimum in {max_steps} steps (gradient norm {gnorm:.3e} > {tol:.1e}); \
-         the objective may be non-convex here: use --retrain gd, or a larger --weight-decay"
+         the objective may be non-convex here: use `retrain` gd, or a larger `weight_decay`"
     )))
 }

@@ -282,7 +282,7 @@ impl Model {
             Architecture::Onnx { .. } => {
                 return Err(ModelError::BadArch {
                     spec: arch.to_string(),
-                    reason: "an ONNX model is built by the importer from its file (--model)".into(),
+                    reason: "an ONNX model is built by the importer from its file (`model`)".into(),
                 })
             }
         };

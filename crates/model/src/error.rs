@@ -15,7 +15,7 @@ pub enum ModelError {
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: tensor '{name}' is missing (the architecture {arch} needs it)")]
     Missing { path: PathBuf, name: String, arch: String },
-    #[error("{path}: unexpected tensor '{name}' (not part of {arch}; check --arch)")]
+    #[error("{path}: unexpected tensor '{name}' (not part of {arch}; check `arch`)")]
     Extra { path: PathBuf, name: String, arch: String },
     #[error("{path}: tensor '{name}' has shape {actual:?}, {arch} expects {expected:?}")]
     Shape {

@@ -14,10 +14,12 @@
 mod arch;
 mod error;
 pub mod io;
+pub mod setting;
 mod vector;
 mod weights;
 
 pub use arch::{Architecture, Init, Model, ParamSpec, MAX_BUILTIN_PARAMS};
 pub use error::ModelError;
+pub use setting::{render_settings, Setting};
 pub use vector::ParamVector;
 pub use weights::Weights;

@@ -64,9 +64,9 @@ pub enum OnnxError {
         op: String,
         name: String,
     },
-    #[error("--params '{glob}' matches none of the model's trainable parameters: {available}")]
+    #[error("`params` '{glob}' matches none of the model's trainable parameters: {available}")]
     NoParams { glob: String, available: String },
-    #[error("--params '{glob}' is not a valid glob: {reason}")]
+    #[error("`params` '{glob}' is not a valid glob: {reason}")]
     BadGlob { glob: String, reason: String },
     #[error(transparent)]
     Weights(#[from] hvp_model::ModelError),

@@ -65,14 +65,14 @@ pub fn solve(
         report.iterations = k + 1;
         if !pap.is_finite() {
             return Err(SolverError::Diverged(format!(
-                "CG produced a non-finite curvature pᵀAp at iteration {}; check the weights and data, or use --dtype f64",
+                "CG produced a non-finite curvature pᵀAp at iteration {}; check the weights and data, or use `dtype` f64",
                 k + 1
             )));
         }
         if pap <= 0.0 {
             report.fail(format!(
                 "negative curvature: pᵀ(M+λI)p = {pap:.3e} ≤ 0 at iteration {}, so M + λI is not positive definite \
-                 and CG stopped early; use --curvature ggn (positive semi-definite) or a larger --damping",
+                 and CG stopped early; use `curvature` ggn (positive semi-definite) or a larger `damping`",
                 k + 1
             ));
             break;
@@ -90,7 +90,7 @@ pub fn solve(
     }
     if report.usable() && r.norm() / gnorm > opts.tol {
         report.fail(format!(
-            "CG did not reach the tolerance {:.1e} in {} iterations (residual {:.2e}); raise --max-iter or use --solver pcg",
+            "CG did not reach the tolerance {:.1e} in {} iterations (residual {:.2e}); raise `max_iter` or use `solver` pcg",
             opts.tol,
             opts.max_iter,
             r.norm() / gnorm

@@ -108,7 +108,7 @@ impl SolverConfig {
         }
         if self.kind.uses_factors() && self.damping == 0.0 {
             return Err(SolverError::BadOption(format!(
-                "--solver {} with --damping 0: the Kronecker factors are singular wherever a layer has fewer \
+                "`solver` {} with `damping` 0: the Kronecker factors are singular wherever a layer has fewer \
                  examples than inputs, so their inverse is undefined; give a damping > 0 (e.g. 1e-3, or a small \
                  fraction of the mean eigenvalue that `hvp spectrum` reports)",
                 self.kind.name()
@@ -138,7 +138,7 @@ impl SolverConfig {
         };
         match (self.kind, factors.kind) {
             (SolverKind::Ekfac, FactorKind::Kfac) => Err(SolverError::BadOption(
-                "--solver ekfac needs EK-FAC factors; these are K-FAC (compute with hvp factors --kind ekfac)".into(),
+                "`solver` ekfac needs EK-FAC factors; these are K-FAC (compute EK-FAC factors, e.g. `hvp factors --kind ekfac` on the command line)".into(),
             )),
             (SolverKind::Kfac, FactorKind::Ekfac) => Ok(factors.without_corrections()),
             _ => Ok(factors),

@@ -73,12 +73,12 @@ pub fn solve_to(
             let (lo, hi) = (vals[0], vals[n - 1]);
             if vals.iter().any(|v| v.abs() <= 1e-12 * hi.abs().max(lo.abs())) {
                 return Err(SolverError::Dense(format!(
-                    "M + λI is singular (eigenvalues from {lo:.3e} to {hi:.3e}): increase --damping"
+                    "M + λI is singular (eigenvalues from {lo:.3e} to {hi:.3e}): increase `damping`"
                 )));
             }
             report.warnings.push(format!(
                 "M + λI is indefinite (smallest eigenvalue {lo:.3e}, largest {hi:.3e}); solved through its \
-                 eigen-decomposition. For influence functions use --curvature ggn or --damping above {:.3e}",
+                 eigen-decomposition. For influence functions use `curvature` ggn or `damping` above {:.3e}",
                 -lo + damping
             ));
             // x = U diag(1/λ) Uᵀ b

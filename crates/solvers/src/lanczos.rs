@@ -65,7 +65,7 @@ pub fn lanczos(op: &dyn LinearOperator, k: usize, start: &ParamVector) -> Result
     hvp_io::memory::check_fits(
         (k as u64).saturating_mul(op.dim() as u64).saturating_mul(8),
         &format!("a Lanczos basis of {k} vectors"),
-        "use fewer steps (--rank, --steps)",
+        "use fewer steps (`rank`, `steps`)",
     )
     .map_err(|e| SolverError::BadOption(e.to_string()))?;
     let mut q = start.clone();
@@ -158,13 +158,13 @@ pub fn solve(
         let denom = ritz.values[i] + damping;
         if denom.abs() < 1e-300 {
             return Err(SolverError::Dense(format!(
-                "eigenvalue {:.3e} + λ is zero: increase --damping",
+                "eigenvalue {:.3e} + λ is zero: increase `damping`",
                 ritz.values[i]
             )));
         }
         if denom < 0.0 {
             report.warnings.push(format!(
-                "eigenvalue {:.3e} + λ < 0: M + λI is indefinite; use --curvature ggn or a larger --damping",
+                "eigenvalue {:.3e} + λ < 0: M + λI is indefinite; use `curvature` ggn or a larger `damping`",
                 ritz.values[i]
             ));
         }

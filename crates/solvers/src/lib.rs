@@ -37,7 +37,7 @@ pub enum SolverError {
     Curvature(#[from] CurvatureError),
     #[error(
         "the direct solver builds the dense {params}x{params} matrix from {params} products; it refuses more than \
-         {limit} parameters (memory {limit}² x 8 bytes and {limit} passes over the data): use --solver cg or pcg"
+         {limit} parameters (memory {limit}² x 8 bytes and {limit} passes over the data): use `solver` cg or pcg"
     )]
     TooLarge { params: usize, limit: usize },
     #[error("{0}")]

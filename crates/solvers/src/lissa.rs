@@ -44,7 +44,7 @@ pub fn solve(
     let mut report = SolveReport::approximate("lissa");
     let scale = match opts.scale {
         Some(s) if s > 0.0 => s,
-        Some(s) => return Err(SolverError::BadOption(format!("--scale must be positive, got {s}"))),
+        Some(s) => return Err(SolverError::BadOption(format!("`scale` must be positive, got {s}"))),
         None => {
             let lam = lanczos::power_iteration(
                 &mut |v| {
@@ -69,7 +69,7 @@ pub fn solve(
     let truncation = (1.0 - damping / scale).clamp(0.0, 1.0).powi(opts.depth as i32);
     if truncation > 0.1 {
         report.warnings.push(format!(
-            "depth {} leaves up to {:.0}% of the solution's component along flat directions (eigenvalue ≈ 0): (1 − λ/scale)^depth = {truncation:.2}; raise --depth to about {:.0} or --damping",
+            "depth {} leaves up to {:.0}% of the solution's component along flat directions (eigenvalue ≈ 0): (1 − λ/scale)^depth = {truncation:.2}; raise `depth` to about {:.0} or `damping`",
             opts.depth,
             100.0 * truncation,
             (scale / damping.max(f64::MIN_POSITIVE) * 2.3).ceil()
@@ -90,8 +90,8 @@ pub fn solve(
             if !hn.is_finite() || hn > 10.0 * (step as f64 + 2.0) * gnorm {
                 return Err(SolverError::Diverged(format!(
                     "LiSSA diverged at step {} of repeat {} (‖h‖ = {hn:.3e}, ‖g‖ = {gnorm:.3e}): (M + λI)/scale has \
-                     eigenvalues outside (0, 2). Increase --scale (now {scale:.3e}) or --damping (now {damping:.3e}), \
-                     or use --curvature ggn",
+                     eigenvalues outside (0, 2). Increase `scale` (now {scale:.3e}) or `damping` (now {damping:.3e}), \
+                     or use `curvature` ggn",
                     step + 1,
                     rep + 1
                 )));

@@ -113,7 +113,7 @@ pub fn finish(
     if !residual.is_finite() {
         report.fail(format!(
             "the solution (or its residual) is not finite: M + λI is singular or the products overflow; increase \
-             --damping or use --dtype f64 (relative residual {residual})"
+             `damping` or use `dtype` f64 (relative residual {residual})"
         ));
     }
     match (report.status, report.tolerance) {
@@ -122,15 +122,15 @@ pub fn finish(
             report.status = SolveStatus::Converged;
         }
         (_, Some(tol)) => report.fail(format!(
-            "relative residual {residual:.3e} is above the tolerance {tol:.1e}: raise --max-iter, use --solver pcg, \
-             increase --damping, or loosen --tol"
+            "relative residual {residual:.3e} is above the tolerance {tol:.1e}: raise `max_iter`, use `solver` pcg, \
+             increase `damping`, or loosen `tol`"
         )),
         (_, None) => {
             report.status = SolveStatus::Approximate;
             if residual >= 1.0 {
                 report.warnings.push(format!(
                     "APPROXIMATION WORSE THAN ZERO: {} gives relative residual {residual:.3e} ≥ 1, so x = 0 would be \
-                     closer to (M + λI)⁻¹ g; increase --damping, use --curvature ggn, or use an exact solver (cg, pcg)",
+                     closer to (M + λI)⁻¹ g; increase `damping`, use `curvature` ggn, or use an exact solver (cg, pcg)",
                     report.solver
                 ));
             }

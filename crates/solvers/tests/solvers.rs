@@ -147,7 +147,7 @@ fn mlp_ggn_solvers_and_their_stated_errors() {
     };
     let (_, rep) = lissa::solve(&damped, &mut sampler, damping, &g, &shallow).unwrap();
     assert!(
-        rep.warnings.iter().any(|w| w.contains("raise --depth")),
+        rep.warnings.iter().any(|w| w.contains("raise `depth`")),
         "{:?}",
         rep.warnings
     );
@@ -209,7 +209,7 @@ fn indefinite_hessian_is_reported_and_lissa_divergence_is_an_error() {
     assert!(!rep.converged);
     let why = rep.failure.as_deref().unwrap_or("");
     assert!(
-        why.contains("negative curvature") && why.contains("--curvature ggn"),
+        why.contains("negative curvature") && why.contains("use `curvature` ggn"),
         "{why}"
     );
 
@@ -222,7 +222,7 @@ fn indefinite_hessian_is_reported_and_lissa_divergence_is_an_error() {
         power_iterations: 0,
     };
     match lissa::solve(&damped, &mut sampler, damping, &g, &opts) {
-        Err(SolverError::Diverged(msg)) => assert!(msg.contains("Increase --scale"), "{msg}"),
+        Err(SolverError::Diverged(msg)) => assert!(msg.contains("Increase `scale`"), "{msg}"),
         other => panic!("expected divergence, got {:?}", other.map(|r| r.1)),
     }
 }

@@ -166,7 +166,7 @@ pub fn explain(
         eprintln!("warning (test {t}): scoring from a FAILED solve (--keep-unconverged); the scores are not influence");
     }
     for w in &report.warnings {
-        eprintln!("warning (test {t}): {w}");
+        eprintln!("warning (test {t}): {}", crate::output::as_flags(w));
     }
     let meta = serde_json::json!({
         "test_index": t,

@@ -24,7 +24,7 @@ pub fn run(a: ParamsArgs) -> Result<()> {
         },
     )?;
     for w in &imported.warnings {
-        eprintln!("warning: {}: {w}", a.model.display());
+        eprintln!("warning: {}: {}", a.model.display(), crate::output::as_flags(w));
     }
     let selected: Vec<&str> = imported.model.param_names();
     println!("| initializer | shape | elements | trainable | role | why |");

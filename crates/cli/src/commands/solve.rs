@@ -195,7 +195,10 @@ pub fn run_solver(
 
 /// The report as JSON with the problem's context.
 pub fn report_json(report: &SolveReport, opts: &SolverOptions, n: usize, dtype: DType) -> serde_json::Value {
-    let mut v = serde_json::to_value(report).unwrap_or_default();
+    let mut report = report.clone();
+    report.failure = report.failure.as_deref().map(crate::output::as_flags);
+    report.warnings = report.warnings.iter().map(|w| crate::output::as_flags(w)).collect();
+    let mut v = serde_json::to_value(&report).unwrap_or_default();
     if let Some(m) = v.as_object_mut() {
         m.insert(
             "curvature".into(),
@@ -230,7 +233,7 @@ pub fn print_report(r: &SolveReport) {
         }
     );
     for w in &r.warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", crate::output::as_flags(w));
     }
 }
 

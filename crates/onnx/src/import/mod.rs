@@ -340,7 +340,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         } else if candidates.contains(&t.name) {
             (
                 Role::Frozen,
-                format!("excluded by --params; would be trainable ({how})"),
+                format!("excluded by `params`; would be trainable ({how})"),
             )
         } else if usage == InputUse::Statistic {
             (Role::Buffer, format!("running statistic ({how})"))
@@ -693,7 +693,7 @@ impl Importer<'_> {
             Entry::Static(c) => Ok(c),
             Entry::Param(i) => Err(self.err(format!(
                 "{what} (input {k}) is the trainable initializer '{}', but hvp cannot differentiate {} with respect \
-                 to it; exclude it from the parameters with a --params glob that does not match it",
+                 to it; exclude it from the parameters with a `params` glob that does not match it",
                 self.params[i].name, self.op
             ))),
             _ => Err(self.dynamic(format!(

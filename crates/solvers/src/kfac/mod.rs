@@ -313,7 +313,7 @@ impl Factors {
         hvp_io::memory::check_fits(
             elements.saturating_mul(8 * 4),
             "the Kronecker factors",
-            "restrict the parameters (--params) or use --solver cg",
+            "restrict the parameters (`params`) or use `solver` cg",
         )
         .map_err(|e| SolverError::BadOption(e.to_string()))?;
         let mut sums = Sums {
