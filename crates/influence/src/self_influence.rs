@@ -36,7 +36,8 @@ pub fn check_damping(damping: f64) -> Result<(), InfluenceError> {
         return Err(InfluenceError::Training(format!(
             "`damping` {damping} (and no `weight_decay`): the factored curvature is singular wherever a layer has \
              fewer examples than inputs, so (F̂ + λI)⁻¹ is undefined and every score would be NaN; give `damping` > 0 \
-             (the default is 1e-3)"
+             (the default is {})",
+            hvp_solvers::DEFAULT_DAMPING
         )));
     }
     Ok(())

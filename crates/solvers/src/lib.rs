@@ -26,6 +26,12 @@ mod operator;
 mod report;
 
 pub use config::{solve, SolverConfig, SolverKind};
+
+/// λ in (M + λI) when the user gives none, in every command and binding: small
+/// against the curvature of typical networks (mean eigenvalues 1e-2–1e1 on
+/// the fixtures), nonzero so that the factored solvers and self-influence are
+/// defined. Damping 0 (the undamped problem) must be asked for.
+pub const DEFAULT_DAMPING: f64 = 1e-3;
 pub use operator::{CurvatureOperator, Damped, LinearOperator};
 pub use report::{finish, SolveReport, SolveStatus};
 

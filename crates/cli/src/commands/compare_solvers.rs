@@ -26,8 +26,8 @@ pub struct CompareArgs {
     /// Curvature M: hessian (exact), ggn (Jᵀ H_out J) or fisher (empirical Fisher).
     #[arg(long, value_enum, default_value = "ggn")]
     pub curvature: CurvatureArg,
-    /// λ in (M + λI).
-    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.01)]
+    /// λ in (M + λI); the same default in every command (0 = undamped, exact solvers only).
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = hvp_solvers::DEFAULT_DAMPING)]
     pub damping: f64,
     /// LiSSA depth (its accuracy depends on it; see the truncation warning).
     #[arg(value_parser = crate::checks::iterations, long, default_value_t = 1000)]

@@ -29,8 +29,8 @@ pub struct SelfInfluenceArgs {
     /// How factors are computed: mc (labels sampled from the model), empirical (true labels) or exact.
     #[arg(long, value_enum, default_value = "mc")]
     pub fisher: FisherArg,
-    /// λ in (M + λI).
-    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 1e-3)]
+    /// λ in (M + λI); the same default in every command (0 = undamped, exact solvers only).
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = hvp_solvers::DEFAULT_DAMPING)]
     pub damping: f64,
     /// L2 coefficient of the training objective (added to the damping).
     #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]

@@ -60,8 +60,8 @@ pub struct SolverOptions {
     /// Curvature M: hessian (exact), ggn (Jᵀ H_out J) or fisher (empirical Fisher).
     #[arg(long, value_enum, default_value = "hessian")]
     pub curvature: CurvatureArg,
-    /// λ in (M + λI).
-    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
+    /// λ in (M + λI); the same default in every command (0 = undamped, exact solvers only).
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = hvp_solvers::DEFAULT_DAMPING)]
     pub damping: f64,
     /// cg: relative residual to stop at.
     #[arg(value_parser = crate::checks::tolerance, long, default_value_t = 1e-6)]

@@ -48,8 +48,8 @@ pub struct SubsampleArgs {
     /// Also measure the inverse product's error with this solver.
     #[arg(long, value_enum)]
     pub solver: Option<SolverArg>,
-    /// λ in (M + λI).
-    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = 0.0)]
+    /// λ in (M + λI); the same default in every command (0 = undamped, exact solvers only).
+    #[arg(value_parser = crate::checks::non_negative, long, default_value_t = hvp_solvers::DEFAULT_DAMPING)]
     pub damping: f64,
     /// Seed of every random choice (sampled labels, subsets, start vectors).
     #[arg(long, default_value_t = 0)]
