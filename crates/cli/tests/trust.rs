@@ -465,7 +465,7 @@ fn trainable_tensors_through_any_differentiable_op_are_parameters() {
     let loss = |weights: &hvp_model::Weights| {
         hvp_curvature::Problem::new(&imported.model, weights, &data, 5)
             .unwrap()
-            .gradient::<f64>(&|_| {})
+            .gradient_as::<f64>(&|_| {})
             .unwrap()
     };
     let grad = loss(&imported.weights).value;

@@ -17,7 +17,7 @@ use hvp_autodiff::loss::{self, Targets};
 use hvp_autodiff::{Dual, Graph, Tape, Value};
 use hvp_data::{check_labels, Batch, DataError, Dataset};
 use hvp_model::{Model, ParamVector, Weights};
-use hvp_tensor::{Float, Tensor};
+use hvp_tensor::{DType, Float, Tensor};
 use rayon::prelude::*;
 
 /// What a batch's outputs are compared with: its float targets (MSE) when it
@@ -105,6 +105,8 @@ pub struct Problem<'a> {
     /// Sub-batches each batch is cut into (`None`: one per worker thread).
     /// Private, so that a `Problem` exists only through [`Problem::new`].
     sub_batches: Option<usize>,
+    /// The compute dtype of every pass (see [`Problem::with_dtype`]).
+    dtype: DType,
 }
 
 /// Result of one pass over the data.
@@ -157,6 +159,7 @@ impl<'a> Problem<'a> {
             batch_size: batch_size.max(1),
             weight_decay: 0.0,
             sub_batches: None,
+            dtype: DType::F32,
         })
     }
 
@@ -172,6 +175,78 @@ impl<'a> Problem<'a> {
     pub fn with_sub_batches(mut self, n: usize) -> Self {
         self.sub_batches = Some(n.max(1));
         self
+    }
+
+    /// The same problem computed in `dtype` (f32 by default). The one place a
+    /// compute dtype is chosen: [`Problem::gradient`], [`Problem::product`] and
+    /// every pass built on them (solvers, factors, scores) run in it; sums over
+    /// batches are accumulated in f64 either way. The `_as::<T>` methods run one
+    /// pass in an explicit float type.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The same model, weights and settings (batch size, weight decay, dtype,
+    /// sub-batches) on another dataset, checked as [`Problem::new`] checks.
+    pub fn on<'b>(&self, data: &'b dyn Dataset) -> Result<Problem<'b>, CurvatureError>
+    where
+        'a: 'b,
+    {
+        let mut p = Problem::new(self.model, self.weights, data, self.batch_size)?;
+        p.weight_decay = self.weight_decay;
+        p.sub_batches = self.sub_batches;
+        p.dtype = self.dtype;
+        Ok(p)
+    }
+
+    /// `∇L(θ)` in the problem's dtype.
+    pub fn gradient(&self, progress: &dyn Fn(usize)) -> Result<PassResult, CurvatureError> {
+        match self.dtype {
+            DType::F32 => self.gradient_as::<f32>(progress),
+            DType::F64 => self.gradient_as::<f64>(progress),
+        }
+    }
+
+    /// `M v` in the problem's dtype.
+    pub fn product(
+        &self,
+        curvature: Curvature,
+        v: &ParamVector,
+        progress: &dyn Fn(usize),
+    ) -> Result<PassResult, CurvatureError> {
+        match self.dtype {
+            DType::F32 => self.product_as::<f32>(curvature, v, progress),
+            DType::F64 => self.product_as::<f64>(curvature, v, progress),
+        }
+    }
+
+    /// [`Problem::loss_directional_as`] in the problem's dtype.
+    pub fn loss_directional(&self, s: &ParamVector, progress: &dyn Fn(usize)) -> Result<Vec<f64>, CurvatureError> {
+        match self.dtype {
+            DType::F32 => self.loss_directional_as::<f32>(s, progress),
+            DType::F64 => self.loss_directional_as::<f64>(s, progress),
+        }
+    }
+
+    /// Predicted classes in the problem's dtype.
+    pub fn predictions(&self) -> Result<Vec<usize>, CurvatureError> {
+        match self.dtype {
+            DType::F32 => self.predictions_as::<f32>(),
+            DType::F64 => self.predictions_as::<f64>(),
+        }
+    }
+
+    /// Per-example losses in the problem's dtype.
+    pub fn losses(&self) -> Result<Vec<f64>, CurvatureError> {
+        match self.dtype {
+            DType::F32 => self.losses_as::<f32>(),
+            DType::F64 => self.losses_as::<f64>(),
+        }
     }
 
     fn split_threads(&self) -> usize {
@@ -238,7 +313,7 @@ impl<'a> Problem<'a> {
     /// order — a JVP of the per-example loss vector (one forward pass carrying the
     /// tangent `s`), with no per-example gradient ever formed. Influence scores
     /// are these divided by N.
-    pub fn loss_directional<T: Float>(
+    pub fn loss_directional_as<T: Float>(
         &self,
         s: &ParamVector,
         progress: &dyn Fn(usize),
@@ -258,7 +333,7 @@ impl<'a> Problem<'a> {
     }
 
     /// Predicted class (argmax of the logits) of every example.
-    pub fn predictions<T: Float>(&self) -> Result<Vec<usize>, CurvatureError> {
+    pub fn predictions_as<T: Float>(&self) -> Result<Vec<usize>, CurvatureError> {
         let all = self.per_logits::<T>("logits", |z, _| {
             let c = z.rows_cols().1;
             z.data()
@@ -270,7 +345,7 @@ impl<'a> Problem<'a> {
     }
 
     /// Per-example losses `ℓ_i(θ)` (no regulariser).
-    pub fn losses<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
+    pub fn losses_as<T: Float>(&self) -> Result<Vec<f64>, CurvatureError> {
         self.per_logits::<T>("per-example loss", |z, targets| loss::apply(z, targets, 1.0).losses)
     }
 
@@ -364,7 +439,7 @@ impl<'a> Problem<'a> {
     }
 
     /// `∇L(θ)`.
-    pub fn gradient<T: Float>(&self, progress: &dyn Fn(usize)) -> Result<PassResult, CurvatureError> {
+    pub fn gradient_as<T: Float>(&self, progress: &dyn Fn(usize)) -> Result<PassResult, CurvatureError> {
         let params: Vec<Tensor<T>> = self.weights.params_as();
         let buffers: Vec<Tensor<T>> = self.weights.buffers_as();
         let graph = &self.model.graph;
@@ -385,7 +460,7 @@ impl<'a> Problem<'a> {
     }
 
     /// `M v` with M the Hessian or the GGN of L at θ.
-    pub fn product<T: Float>(
+    pub fn product_as<T: Float>(
         &self,
         curvature: Curvature,
         v: &ParamVector,

@@ -52,16 +52,16 @@ fn check_fd(model: &Model, w: &Weights, data: &InMemory) {
     let mut v = ParamVector::random_normal(model, 7);
     v.scale(1.0 / v.norm());
     let p = Problem::new(model, w, data, 4).unwrap();
-    let hv = p.product::<f64>(Curvature::Hessian, &v, &no_progress).unwrap().value;
+    let hv = p.product_as::<f64>(Curvature::Hessian, &v, &no_progress).unwrap().value;
     let h = 1e-5;
     let (wp, wm) = (shifted(w, &v, h), shifted(w, &v, -h));
     let gp = Problem::new(model, &wp, data, 4)
         .unwrap()
-        .gradient::<f64>(&no_progress)
+        .gradient_as::<f64>(&no_progress)
         .unwrap();
     let gm = Problem::new(model, &wm, data, 4)
         .unwrap()
-        .gradient::<f64>(&no_progress)
+        .gradient_as::<f64>(&no_progress)
         .unwrap();
     let mut fd = gp.value.clone();
     fd.axpy(-1.0, &gm.value);
@@ -72,7 +72,7 @@ fn check_fd(model: &Model, w: &Weights, data: &InMemory) {
         "{}: HVP vs finite differences of the gradient: {e:e}",
         model.arch
     );
-    let g = p.gradient::<f64>(&no_progress).unwrap().value;
+    let g = p.gradient_as::<f64>(&no_progress).unwrap().value;
     // Loss differences lose ~1e-11 absolute to rounding (loss ≈ 2, step 1e-5).
     let fd_loss = (gp.loss - gm.loss) / (2.0 * h);
     let dir = g.dot(&v);
@@ -101,8 +101,8 @@ fn hessian_and_ggn_are_symmetric_and_ggn_is_psd() {
     let p = Problem::new(&m, &w, &d, 4).unwrap();
     let (u, v) = (ParamVector::random_normal(&m, 1), ParamVector::random_normal(&m, 2));
     for c in [Curvature::Hessian, Curvature::Ggn] {
-        let mu = p.product::<f64>(c, &u, &no_progress).unwrap().value;
-        let mv = p.product::<f64>(c, &v, &no_progress).unwrap().value;
+        let mu = p.product_as::<f64>(c, &u, &no_progress).unwrap().value;
+        let mv = p.product_as::<f64>(c, &v, &no_progress).unwrap().value;
         let (a, b) = (u.dot(&mv), mu.dot(&v));
         assert!(
             (a - b).abs() < 1e-10 * a.abs().max(b.abs()),
@@ -122,8 +122,8 @@ fn ggn_equals_hessian_for_logistic_regression() {
     let (m, w, d) = setup("logreg:7,4", 1, &[7], 21, 4);
     let p = Problem::new(&m, &w, &d, 8).unwrap();
     let v = ParamVector::random_normal(&m, 3);
-    let h = p.product::<f64>(Curvature::Hessian, &v, &no_progress).unwrap().value;
-    let g = p.product::<f64>(Curvature::Ggn, &v, &no_progress).unwrap().value;
+    let h = p.product_as::<f64>(Curvature::Hessian, &v, &no_progress).unwrap().value;
+    let g = p.product_as::<f64>(Curvature::Ggn, &v, &no_progress).unwrap().value;
     let e = g.relative_error(&h);
     assert!(e < 1e-13, "GGN vs Hessian for logreg: {e:e}");
 }
@@ -134,10 +134,10 @@ fn products_do_not_depend_on_the_batch_size() {
     let v = ParamVector::random_normal(&m, 4);
     let reference = Problem::new(&m, &w, &d, 11).unwrap();
     for c in [Curvature::Hessian, Curvature::Ggn] {
-        let full = reference.product::<f64>(c, &v, &no_progress).unwrap();
+        let full = reference.product_as::<f64>(c, &v, &no_progress).unwrap();
         for bs in [1, 4, 8] {
             let p = Problem::new(&m, &w, &d, bs).unwrap();
-            let r = p.product::<f64>(c, &v, &no_progress).unwrap();
+            let r = p.product_as::<f64>(c, &v, &no_progress).unwrap();
             let e = r.value.relative_error(&full.value);
             assert!(e < 1e-13, "{c:?} batch {bs}: {e:e}");
             assert!((r.loss - full.loss).abs() < 1e-13);
@@ -151,13 +151,13 @@ fn f32_agrees_with_f64() {
     let p = Problem::new(&m, &w, &d, 4).unwrap();
     let v = ParamVector::random_normal(&m, 5);
     for c in [Curvature::Hessian, Curvature::Ggn] {
-        let a = p.product::<f32>(c, &v, &no_progress).unwrap().value;
-        let b = p.product::<f64>(c, &v, &no_progress).unwrap().value;
+        let a = p.product_as::<f32>(c, &v, &no_progress).unwrap().value;
+        let b = p.product_as::<f64>(c, &v, &no_progress).unwrap().value;
         let e = a.relative_error(&b);
         assert!(e < 1e-5, "{c:?}: f32 vs f64 {e:e}");
     }
-    let a = p.gradient::<f32>(&no_progress).unwrap().value;
-    let b = p.gradient::<f64>(&no_progress).unwrap().value;
+    let a = p.gradient_as::<f32>(&no_progress).unwrap().value;
+    let b = p.gradient_as::<f64>(&no_progress).unwrap().value;
     assert!(a.relative_error(&b) < 1e-5);
 }
 
@@ -166,12 +166,12 @@ fn loss_directional_equals_explicit_per_example_gradients() {
     let (m, w, d) = setup("resnet-cifar:1,1,1", 1, &[1, 8, 8], 5, 9);
     let p = Problem::new(&m, &w, &d, 2).unwrap();
     let s = ParamVector::random_normal(&m, 10);
-    let jvp = p.loss_directional::<f64>(&s, &no_progress).unwrap();
+    let jvp = p.loss_directional_as::<f64>(&s, &no_progress).unwrap();
     for (i, &ji) in jvp.iter().enumerate() {
         let one = hvp_data::Subset::new(&d, vec![i]).unwrap();
         let g = Problem::new(&m, &w, &one, 1)
             .unwrap()
-            .gradient::<f64>(&no_progress)
+            .gradient_as::<f64>(&no_progress)
             .unwrap()
             .value;
         let explicit = g.dot(&s);
@@ -191,24 +191,24 @@ fn weight_decay_adds_to_gradient_and_curvature() {
     let theta = ParamVector {
         tensors: w.params.clone(),
     };
-    let mut want = plain.gradient::<f64>(&no_progress).unwrap().value;
+    let mut want = plain.gradient_as::<f64>(&no_progress).unwrap().value;
     want.axpy(0.3, &theta);
     assert!(
         decayed
-            .gradient::<f64>(&no_progress)
+            .gradient_as::<f64>(&no_progress)
             .unwrap()
             .value
             .relative_error(&want)
             < 1e-14
     );
     let mut want = plain
-        .product::<f64>(Curvature::Hessian, &v, &no_progress)
+        .product_as::<f64>(Curvature::Hessian, &v, &no_progress)
         .unwrap()
         .value;
     want.axpy(0.3, &v);
     assert!(
         decayed
-            .product::<f64>(Curvature::Hessian, &v, &no_progress)
+            .product_as::<f64>(Curvature::Hessian, &v, &no_progress)
             .unwrap()
             .value
             .relative_error(&want)

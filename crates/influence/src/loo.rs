@@ -51,7 +51,7 @@ pub struct LooResult {
 /// The loss of test example `t` under `weights`.
 pub fn test_loss(model: &Model, weights: &Weights, test: &dyn Dataset, t: usize) -> Result<f64, InfluenceError> {
     let one = Subset::new(test, vec![t])?;
-    Ok(Problem::new(model, weights, &one, 1)?.losses::<f64>()?[0])
+    Ok(Problem::new(model, weights, &one, 1)?.losses_as::<f64>()?[0])
 }
 
 /// The examples `removal` picks, given every example's score.

@@ -7,7 +7,6 @@ use hvp_curvature::Problem;
 use hvp_data::{Dataset, Subset};
 use hvp_model::ParamVector;
 use hvp_solvers::{SolveReport, SolverConfig};
-use hvp_tensor::DType;
 
 /// The sign and scale of the scores, stated wherever they are written.
 pub const CONVENTION: &str = "score(i, t) = grad loss(z_t)^T (M + lambda I)^-1 grad loss(z_i) / N: the predicted increase of \
@@ -27,25 +26,18 @@ pub struct Explanation {
     pub report: SolveReport,
 }
 
-/// `∇ℓ(z_t)` of test example `t` (f64) and its loss.
+/// `∇ℓ(z_t)` of test example `t` and its loss, in f64 whatever the problem's
+/// dtype (one example costs little; the right-hand side sets the solve's accuracy).
 pub fn test_gradient(train: &Problem, test: &dyn Dataset, t: usize) -> Result<(ParamVector, f64), InfluenceError> {
     let one = Subset::new(test, vec![t])?;
-    let g = Problem::new(train.model, train.weights, &one, 1)?.gradient::<f64>(&|_| {})?;
+    let g = Problem::new(train.model, train.weights, &one, 1)?.gradient_as::<f64>(&|_| {})?;
     Ok((g.value, g.loss))
 }
 
 /// `score(i, t)` of every training example for a given `s_test`.
-pub fn scores(
-    train: &Problem,
-    s_test: &ParamVector,
-    dtype: DType,
-    progress: &dyn Fn(usize),
-) -> Result<Vec<f64>, InfluenceError> {
+pub fn scores(train: &Problem, s_test: &ParamVector, progress: &dyn Fn(usize)) -> Result<Vec<f64>, InfluenceError> {
     let n = train.data.len() as f64;
-    let directional = match dtype {
-        DType::F32 => train.loss_directional::<f32>(s_test, progress)?,
-        DType::F64 => train.loss_directional::<f64>(s_test, progress)?,
-    };
+    let directional = train.loss_directional(s_test, progress)?;
     Ok(directional.into_iter().map(|d| d / n).collect())
 }
 
@@ -57,12 +49,11 @@ pub fn explain(
     test: &dyn Dataset,
     t: usize,
     config: &SolverConfig,
-    dtype: DType,
     allow_failed: bool,
     progress: &dyn Fn(usize),
 ) -> Result<Explanation, InfluenceError> {
     let (g, test_loss) = test_gradient(train, test, t)?;
-    let (s_test, report) = hvp_solvers::solve(train, config, dtype, &g)?;
+    let (s_test, report) = hvp_solvers::solve(train, config, &g)?;
     if !report.usable() && !allow_failed {
         return Err(InfluenceError::SolveFailed {
             test_index: t,
@@ -73,7 +64,7 @@ pub fn explain(
         test_index: t,
         label: test.label(t),
         test_loss,
-        scores: scores(train, &s_test, dtype, progress)?,
+        scores: scores(train, &s_test, progress)?,
         s_test_norm: s_test.norm(),
         report,
     })

@@ -6,7 +6,6 @@
 use crate::InfluenceError;
 use hvp_curvature::Problem;
 use hvp_solvers::kfac::Factors;
-use hvp_tensor::DType;
 
 /// Self-influence of every example of `problem` (in dataset order) with the
 /// damping `λ` (> 0: the factored curvature is singular wherever a layer has
@@ -15,11 +14,10 @@ pub fn self_influence(
     problem: &Problem,
     factors: &Factors,
     damping: f64,
-    dtype: DType,
     progress: &dyn Fn(usize),
 ) -> Result<Vec<f64>, InfluenceError> {
     check_damping(damping)?;
-    let values = factors.self_influence(problem, damping, dtype, progress)?;
+    let values = factors.self_influence(problem, damping, progress)?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(InfluenceError::Training(format!(
             "the self-influence of example {i} is {} (singular or overflowing factors); increase `damping` or use \

@@ -184,12 +184,14 @@ pub fn newton(
 ) -> Result<usize, InfluenceError> {
     for k in 0..max_steps {
         let w = weights.clone();
-        let problem = Problem::new(model, &w, data, batch_size)?.with_weight_decay(weight_decay);
-        let g = problem.gradient::<f64>(&|_| {})?.value;
+        let problem = Problem::new(model, &w, data, batch_size)?
+            .with_weight_decay(weight_decay)
+            .with_dtype(DType::F64);
+        let g = problem.gradient(&|_| {})?.value;
         if g.norm() < tol {
             return Ok(k);
         }
-        let op = CurvatureOperator::new(&problem, Curvature::Hessian, DType::F64);
+        let op = CurvatureOperator::new(&problem, Curvature::Hessian);
         let damped = Damped {
             inner: &op,
             damping: 0.0,
@@ -212,7 +214,7 @@ pub fn newton(
         weights.params = next.tensors;
     }
     let problem = Problem::new(model, weights, data, batch_size)?.with_weight_decay(weight_decay);
-    let gnorm = problem.gradient::<f64>(&|_| {})?.value.norm();
+    let gnorm = problem.gradient_as::<f64>(&|_| {})?.value.norm();
     if gnorm < tol {
         return Ok(max_steps);
     }

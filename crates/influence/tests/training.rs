@@ -68,9 +68,9 @@ fn mlp_learns_and_self_influence_finds_flipped_labels() {
     let (first, last) = (&reports[0], reports.last().unwrap());
     assert!(last.loss < first.loss && last.accuracy > 0.75, "{reports:?}");
 
-    let problem = Problem::new(&model, &w, &noisy, 256).unwrap();
-    let f = Factors::compute(&problem, FactorKind::Ekfac, FisherKind::Mc, DType::F32, 0, &|_| {}).unwrap();
-    let si = f.self_influence(&problem, 1e-3, DType::F32, &|_| {}).unwrap();
+    let problem = Problem::new(&model, &w, &noisy, 256).unwrap().with_dtype(DType::F32);
+    let f = Factors::compute(&problem, FactorKind::Ekfac, FisherKind::Mc, 0, &|_| {}).unwrap();
+    let si = f.self_influence(&problem, 1e-3, &|_| {}).unwrap();
     assert_eq!(si.len(), n);
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| si[b].total_cmp(&si[a]));

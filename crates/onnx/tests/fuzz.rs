@@ -169,7 +169,7 @@ fn import_and_run(dir: &Path, bytes: &[u8]) -> bool {
     let x: Vec<f64> = (0..2 * numel).map(|i| ((i * 37) % 101) as f64 / 101.0).collect();
     let data = InMemory::new(input_shape.clone(), x, vec![0, model.num_classes.saturating_sub(1)]).unwrap();
     if let Ok(p) = Problem::new(model, &imported.weights, &data, 2) {
-        let _ = p.gradient::<f64>(&|_| {});
+        let _ = p.gradient_as::<f64>(&|_| {});
     }
     true
 }

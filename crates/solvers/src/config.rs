@@ -8,7 +8,6 @@ use crate::{cg, direct, kfac, lanczos, lissa, CurvatureOperator, Damped, SolveRe
 use hvp_curvature::{Curvature, Problem};
 use hvp_data::Subset;
 use hvp_model::ParamVector;
-use hvp_tensor::DType;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -126,7 +125,7 @@ impl SolverConfig {
     /// The factors this configuration asks for: loaded from `factors`, or
     /// computed on `problem`; K-FAC views of EK-FAC factors are allowed, the
     /// reverse is refused.
-    pub fn factors(&self, problem: &Problem, dtype: DType) -> Result<Factors, SolverError> {
+    pub fn factors(&self, problem: &Problem) -> Result<Factors, SolverError> {
         let want = if self.kind == SolverKind::Kfac {
             FactorKind::Kfac
         } else {
@@ -134,7 +133,7 @@ impl SolverConfig {
         };
         let factors = match &self.factors {
             Some(path) => Factors::load(problem.model, path).map_err(|e| SolverError::BadOption(e.to_string()))?,
-            None => Factors::compute(problem, want, self.fisher, dtype, self.seed, &|_| {})?,
+            None => Factors::compute(problem, want, self.fisher, self.seed, &|_| {})?,
         };
         match (self.kind, factors.kind) {
             (SolverKind::Ekfac, FactorKind::Kfac) => Err(SolverError::BadOption(
@@ -151,11 +150,10 @@ impl SolverConfig {
 pub fn solve(
     problem: &Problem,
     config: &SolverConfig,
-    dtype: DType,
     g: &ParamVector,
 ) -> Result<(ParamVector, SolveReport), SolverError> {
     config.check()?;
-    let op = CurvatureOperator::new(problem, config.curvature, dtype);
+    let op = CurvatureOperator::new(problem, config.curvature);
     let damped = Damped {
         inner: &op,
         damping: config.damping,
@@ -169,11 +167,11 @@ pub fn solve(
         SolverKind::Cg => cg::solve(&damped, g, &cg_opts, None, "cg"),
         SolverKind::Arnoldi => lanczos::solve(&op, config.damping, g, config.rank, config.seed),
         SolverKind::Kfac | SolverKind::Ekfac => {
-            let factors = config.factors(problem, dtype)?;
+            let factors = config.factors(problem)?;
             kfac::solve(&factors, &damped, config.damping, g)
         }
         SolverKind::Pcg => {
-            let factors = config.factors(problem, dtype)?;
+            let factors = config.factors(problem)?;
             let precond = |r: &ParamVector| Ok(factors.inverse_product(r, config.damping));
             cg::solve(&damped, g, &cg_opts, Some(&precond), "pcg")
         }
@@ -184,12 +182,9 @@ pub fn solve(
             let mut sampler = |v: &ParamVector| -> Result<ParamVector, SolverError> {
                 let idx = sample(&mut rng, n, b).into_vec();
                 let subset = Subset::new(problem.data, idx).map_err(hvp_curvature::CurvatureError::from)?;
-                let p = Problem::new(problem.model, problem.weights, &subset, problem.batch_size)?;
-                let r = match dtype {
-                    DType::F32 => p.product::<f32>(config.curvature, v, &|_| {})?,
-                    DType::F64 => p.product::<f64>(config.curvature, v, &|_| {})?,
-                };
-                Ok(r.value)
+                // A sample of the whole objective's curvature, weight decay included.
+                let p = problem.on(&subset)?;
+                Ok(p.product(config.curvature, v, &|_| {})?.value)
             };
             let lo = LissaOptions {
                 depth: config.depth,

@@ -1,7 +1,6 @@
 use crate::SolverError;
 use hvp_curvature::{Curvature, Problem};
 use hvp_model::ParamVector;
-use hvp_tensor::DType;
 use std::cell::Cell;
 
 /// `v ↦ A v` on parameter-space vectors: all a solver needs of a matrix.
@@ -18,16 +17,14 @@ pub trait LinearOperator {
 pub struct CurvatureOperator<'a> {
     pub problem: &'a Problem<'a>,
     pub curvature: Curvature,
-    pub dtype: DType,
     count: Cell<usize>,
 }
 
 impl<'a> CurvatureOperator<'a> {
-    pub fn new(problem: &'a Problem<'a>, curvature: Curvature, dtype: DType) -> Self {
+    pub fn new(problem: &'a Problem<'a>, curvature: Curvature) -> Self {
         CurvatureOperator {
             problem,
             curvature,
-            dtype,
             count: Cell::new(0),
         }
     }
@@ -39,12 +36,7 @@ impl LinearOperator for CurvatureOperator<'_> {
     }
     fn apply(&self, v: &ParamVector) -> Result<ParamVector, SolverError> {
         self.count.set(self.count.get() + 1);
-        let none = |_: usize| {};
-        let r = match self.dtype {
-            DType::F32 => self.problem.product::<f32>(self.curvature, v, &none)?,
-            DType::F64 => self.problem.product::<f64>(self.curvature, v, &none)?,
-        };
-        Ok(r.value)
+        Ok(self.problem.product(self.curvature, v, &|_| {})?.value)
     }
     fn products(&self) -> usize {
         self.count.get()

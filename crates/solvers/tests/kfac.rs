@@ -48,13 +48,13 @@ fn kfac_and_ekfac_are_exact_for_one_linear_layer_and_one_example() {
     let (m, w) = model("logreg:49,10", 1, 1, 3.0);
     let data = fashion(40, true);
     let one = Subset::new(&data, vec![17]).unwrap();
-    let p = Problem::new(&m, &w, &one, 8).unwrap();
-    let op = CurvatureOperator::new(&p, Curvature::Ggn, DType::F64);
+    let p = Problem::new(&m, &w, &one, 8).unwrap().with_dtype(DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Ggn);
     let damping = 1e-3;
     let g = ParamVector::random_normal(&m, 2);
     let (x_direct, _) = direct::solve(&op, damping, &g).unwrap();
     for kind in [FactorKind::Kfac, FactorKind::Ekfac] {
-        let f = Factors::compute(&p, kind, FisherKind::Exact, DType::F64, 0, &|_| {}).unwrap();
+        let f = Factors::compute(&p, kind, FisherKind::Exact, 0, &|_| {}).unwrap();
         let x = f.inverse_product(&g, damping);
         let e = x.relative_error(&x_direct);
         assert!(e < 1e-9, "{kind:?} on one example of logreg: {e:e}");
@@ -65,13 +65,13 @@ fn kfac_and_ekfac_are_exact_for_one_linear_layer_and_one_example() {
 fn ekfac_errors_preconditioned_cg_and_save_load() {
     let (m, w) = model("mlp:49,16,10", 1, 3, 1.0);
     let data = fashion(300, true);
-    let p = Problem::new(&m, &w, &data, 100).unwrap();
-    let op = CurvatureOperator::new(&p, Curvature::Ggn, DType::F64);
+    let p = Problem::new(&m, &w, &data, 100).unwrap().with_dtype(DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Ggn);
     let damping = 1e-4;
     let g = ParamVector::random_normal(&m, 4);
     let (x_direct, _) = direct::solve(&op, damping, &g).unwrap();
-    let kfac = Factors::compute(&p, FactorKind::Kfac, FisherKind::Exact, DType::F64, 0, &|_| {}).unwrap();
-    let ekfac = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Exact, DType::F64, 0, &|_| {}).unwrap();
+    let kfac = Factors::compute(&p, FactorKind::Kfac, FisherKind::Exact, 0, &|_| {}).unwrap();
+    let ekfac = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Exact, 0, &|_| {}).unwrap();
     let e_kfac = kfac.inverse_product(&g, damping).relative_error(&x_direct);
     let e_ekfac = ekfac.inverse_product(&g, damping).relative_error(&x_direct);
     eprintln!("MLP GGN inverse: K-FAC error {e_kfac:.3}, EK-FAC error {e_ekfac:.3}");
@@ -108,8 +108,8 @@ fn ekfac_errors_preconditioned_cg_and_save_load() {
 fn resnet_factors_cover_conv_layers_and_batchnorm_diagonals() {
     let (m, w) = model("resnet-cifar:1,1,1", 1, 5, 1.0);
     let data = fashion(12, false);
-    let p = Problem::new(&m, &w, &data, 6).unwrap();
-    let f = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Mc, DType::F32, 1, &|_| {}).unwrap();
+    let p = Problem::new(&m, &w, &data, 6).unwrap().with_dtype(DType::F32);
+    let f = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Mc, 1, &|_| {}).unwrap();
     // 9 convolutions and the fc layer; every BatchNorm γ and β has a diagonal.
     assert_eq!(f.layers.len(), 10);
     let bn_params = m
@@ -124,7 +124,8 @@ fn resnet_factors_cover_conv_layers_and_batchnorm_diagonals() {
     let x = f.inverse_product(&g, 0.1);
     assert!(x.all_finite() && x.norm() > 0.0);
     // PCG on the exact GGN with these factors converges.
-    let op = CurvatureOperator::new(&p, Curvature::Ggn, DType::F64);
+    let p = p.on(&data).unwrap().with_dtype(DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Ggn);
     let damped = Damped {
         inner: &op,
         damping: 0.1,

@@ -60,8 +60,10 @@ fn rhs(model: &Model) -> ParamVector {
 #[test]
 fn direct_cg_and_full_rank_arnoldi_agree_on_logistic_regression() {
     let s = setup("logreg:49,10", 300, 1);
-    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
-    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128)
+        .unwrap()
+        .with_dtype(DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Hessian);
     let damping = 1e-3;
     let g = rhs(&s.model);
     let (x_direct, rep) = direct::solve(&op, damping, &g).unwrap();
@@ -91,8 +93,10 @@ fn direct_cg_and_full_rank_arnoldi_agree_on_logistic_regression() {
 #[test]
 fn mlp_ggn_solvers_and_their_stated_errors() {
     let s = setup("mlp:49,12,10", 400, 2);
-    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
-    let op = CurvatureOperator::new(&p, Curvature::Ggn, DType::F64);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128)
+        .unwrap()
+        .with_dtype(DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Ggn);
     let damping = 1e-2;
     let g = rhs(&s.model);
     let (x_direct, rep) = direct::solve(&op, damping, &g).unwrap();
@@ -136,7 +140,7 @@ fn mlp_ggn_solvers_and_their_stated_errors() {
             .collect();
         let sub = hvp_data::Subset::new(data, idx).unwrap();
         let pp = Problem::new(&s.model, &s.weights, &sub, 64)?;
-        Ok(pp.product::<f64>(Curvature::Ggn, v, &|_| {})?.value)
+        Ok(pp.product_as::<f64>(Curvature::Ggn, v, &|_| {})?.value)
     };
     // Too shallow for λ = 1e-2: the report says so.
     let shallow = LissaOptions {
@@ -168,8 +172,10 @@ fn mlp_ggn_solvers_and_their_stated_errors() {
 #[test]
 fn indefinite_hessian_is_reported_and_lissa_divergence_is_an_error() {
     let s = setup("mlp-tanh:49,8,10", 200, 5);
-    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
-    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128)
+        .unwrap()
+        .with_dtype(DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Hessian);
     let like = ParamVector::zeros(&s.model);
     let ritz = lanczos::lanczos(&op, 60, &lanczos::random_unit(&like, 1)).unwrap();
     let smallest = ritz.values[0];
@@ -230,8 +236,10 @@ fn indefinite_hessian_is_reported_and_lissa_divergence_is_an_error() {
 #[test]
 fn spectrum_estimates_match_the_dense_eigenvalues() {
     let s = setup("logreg:49,10", 200, 6);
-    let p = Problem::new(&s.model, &s.weights, &s.data, 128).unwrap();
-    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 128)
+        .unwrap()
+        .with_dtype(DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Hessian);
     let like = ParamVector::zeros(&s.model);
     let dense = direct::dense_matrix(&op, &like).unwrap();
     let (vals, _) = hvp_solvers::dense::sym_eigen(500, &dense).unwrap();
@@ -252,9 +260,11 @@ fn spectrum_estimates_match_the_dense_eigenvalues() {
 #[test]
 fn solver_configuration_dispatches_to_each_solver() {
     let s = setup("logreg:49,10", 200, 4);
-    let p = Problem::new(&s.model, &s.weights, &s.data, 64).unwrap();
+    let p = Problem::new(&s.model, &s.weights, &s.data, 64)
+        .unwrap()
+        .with_dtype(DType::F64);
     let g = rhs(&s.model);
-    let op = CurvatureOperator::new(&p, Curvature::Hessian, DType::F64);
+    let op = CurvatureOperator::new(&p, Curvature::Hessian);
     let damping = 1e-2;
     let config = |kind| hvp_solvers::SolverConfig {
         damping,
@@ -263,12 +273,12 @@ fn solver_configuration_dispatches_to_each_solver() {
         ..hvp_solvers::SolverConfig::new(kind)
     };
     let (x_direct, _) = direct::solve_to(&op, damping, &g, 1e-10).unwrap();
-    let (x, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Direct), DType::F64, &g).unwrap();
+    let (x, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Direct), &g).unwrap();
     assert_eq!(x.to_flat(), x_direct.to_flat());
     assert_eq!(rep.status, hvp_solvers::SolveStatus::Converged);
-    let (x, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Cg), DType::F64, &g).unwrap();
+    let (x, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Cg), &g).unwrap();
     assert!(x.relative_error(&x_direct) < 1e-8 && rep.solver == "cg", "{rep:?}");
-    let (_, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Arnoldi), DType::F64, &g).unwrap();
+    let (_, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Arnoldi), &g).unwrap();
     assert_eq!(rep.status, hvp_solvers::SolveStatus::Approximate);
     // K-FAC factors saved to a file: the ekfac solver refuses them, kfac uses them.
     let path = std::env::temp_dir().join(format!("hvp-dispatch-{}.safetensors", std::process::id()));
@@ -276,7 +286,6 @@ fn solver_configuration_dispatches_to_each_solver() {
         &p,
         hvp_solvers::kfac::FactorKind::Kfac,
         hvp_solvers::kfac::FisherKind::Empirical,
-        DType::F64,
         0,
         &|_| {},
     )
@@ -286,8 +295,8 @@ fn solver_configuration_dispatches_to_each_solver() {
         factors: Some(path.clone()),
         ..config(kind)
     };
-    assert!(hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Ekfac), DType::F64, &g).is_err());
-    let (x, rep) = hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Kfac), DType::F64, &g).unwrap();
+    assert!(hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Ekfac), &g).is_err());
+    let (x, rep) = hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Kfac), &g).unwrap();
     let damped = Damped { inner: &op, damping };
     let (x_kfac, _) = hvp_solvers::kfac::solve(&f, &damped, damping, &g).unwrap();
     assert_eq!(x.to_flat(), x_kfac.to_flat());

@@ -173,7 +173,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             shape: shape.clone(),
             classes: model.num_classes,
         };
-        let problem = Problem::new(&model, &weights, &data, a.batch_size)?;
+        let problem = Problem::new(&model, &weights, &data, a.batch_size)?.with_dtype(dtype);
         let problem = match a.sub_batches {
             Some(n) => problem.with_sub_batches(n),
             None => problem,
@@ -185,13 +185,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let once = || -> Result<f64> {
                 let start = Instant::now();
                 let none = |_: usize| {};
-                match (method, dtype) {
-                    (BenchMethod::Grad, DType::F32) => drop(problem.gradient::<f32>(&none)?),
-                    (BenchMethod::Grad, DType::F64) => drop(problem.gradient::<f64>(&none)?),
-                    (BenchMethod::Hvp, DType::F32) => drop(problem.product::<f32>(Curvature::Hessian, &v, &none)?),
-                    (BenchMethod::Hvp, DType::F64) => drop(problem.product::<f64>(Curvature::Hessian, &v, &none)?),
-                    (BenchMethod::Ggn, DType::F32) => drop(problem.product::<f32>(Curvature::Ggn, &v, &none)?),
-                    (BenchMethod::Ggn, DType::F64) => drop(problem.product::<f64>(Curvature::Ggn, &v, &none)?),
+                match method {
+                    BenchMethod::Grad => drop(problem.gradient(&none)?),
+                    BenchMethod::Hvp => drop(problem.product(Curvature::Hessian, &v, &none)?),
+                    BenchMethod::Ggn => drop(problem.product(Curvature::Ggn, &v, &none)?),
                 }
                 Ok(start.elapsed().as_secs_f64())
             };

@@ -43,7 +43,7 @@ pub struct CompareArgs {
 pub fn run(a: CompareArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(a.run.dtype.into());
     let g = load_vector(&model, &a.rhs)?;
     let dtype: DType = a.run.dtype.into();
     let opts = |solver: SolverArg, tol: f64, max_iter: usize| SolverOptions {
@@ -68,7 +68,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         DType::F64 => 1e-10,
         DType::F32 => 1e-5,
     };
-    let (reference, rref) = run_solver(&problem, &opts(SolverArg::Cg, reference_tol, 2000), dtype, &g)?;
+    let (reference, rref) = run_solver(&problem, &opts(SolverArg::Cg, reference_tol, 2000), &g)?;
     if !rref.usable() {
         return Err(super::solve::failed(
             &rref,
@@ -97,7 +97,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         SolverArg::Ekfac,
     ] {
         let name = format!("{s:?}").to_lowercase();
-        match run_solver(&problem, &opts(s, 1e-6, 500), dtype, &g) {
+        match run_solver(&problem, &opts(s, 1e-6, 500), &g) {
             Ok((x, r)) => println!(
                 "| {name} | {} | {:.2} | {} | {} | {:.2e} | {:.2e} |",
                 r.status.name(),

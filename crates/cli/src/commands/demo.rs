@@ -67,13 +67,8 @@ fn bundled_data() -> PathBuf {
     }
 }
 
-fn product(problem: &Problem, v: &ParamVector, dtype: DType) -> Result<ParamVector> {
-    let none = |_: usize| {};
-    Ok(match dtype {
-        DType::F32 => problem.product::<f32>(Curvature::Hessian, v, &none)?,
-        DType::F64 => problem.product::<f64>(Curvature::Hessian, v, &none)?,
-    }
-    .value)
+fn product(problem: &Problem, v: &ParamVector) -> Result<ParamVector> {
+    Ok(problem.product(Curvature::Hessian, v, &|_| {})?.value)
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -110,10 +105,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let mut full = None;
     for &n in &a.sizes {
         let view = Subset::first(&data, n);
-        let problem = Problem::new(&model, &weights, &view, a.batch_size)?;
+        let problem = Problem::new(&model, &weights, &view, a.batch_size)?.with_dtype(dtype);
         reset_peak_rss();
         let start = Instant::now();
-        let hv = product(&problem, &v, dtype)?;
+        let hv = product(&problem, &v)?;
         let t = start.elapsed().as_secs_f64();
         println!(
             "| {n} | {t:.2} | {:.0} | {} |",
@@ -141,7 +136,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             idx.shuffle(&mut rng);
             idx.truncate(50.min(n_max));
             let view = Subset::new(&data, idx)?;
-            product(&Problem::new(&model, &weights, &view, a.batch_size)?, &v, dtype)
+            product(
+                &Problem::new(&model, &weights, &view, a.batch_size)?.with_dtype(dtype),
+                &v,
+            )
         })
         .collect::<Result<Vec<_>>>()?;
     let prediction = Prediction::from_batches(&batches, 50.min(n_max), n_max);
@@ -152,8 +150,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             idx.shuffle(&mut rng);
             idx.truncate(m);
             let view = Subset::new(&data, idx)?;
-            let problem = Problem::new(&model, &weights, &view, a.batch_size)?;
-            errs.push(product(&problem, &v, dtype)?.relative_error(&full));
+            let problem = Problem::new(&model, &weights, &view, a.batch_size)?.with_dtype(dtype);
+            errs.push(product(&problem, &v)?.relative_error(&full));
         }
         let mean = errs.iter().sum::<f64>() / errs.len() as f64;
         let (lo, hi) = errs
@@ -194,7 +192,7 @@ fn influence_part(a: &DemoArgs, dir: &std::path::Path, data: &dyn Dataset, model
     let test = Padded::new(Idx::open(dir, false)?, 2)?;
     let test_problem = Problem::new(model, &weights, &test, a.batch_size)?;
     let accuracy = test_problem
-        .predictions::<f32>()?
+        .predictions_as::<f32>()?
         .iter()
         .enumerate()
         .filter(|(i, &p)| p == test.label(*i))
@@ -207,25 +205,20 @@ fn influence_part(a: &DemoArgs, dir: &std::path::Path, data: &dyn Dataset, model
         reports.last().map_or(0.0, |r| r.accuracy),
         start.elapsed().as_secs_f64()
     );
-    let problem = Problem::new(model, &weights, data, a.batch_size)?.with_weight_decay(opts.weight_decay);
+    let problem = Problem::new(model, &weights, data, a.batch_size)?
+        .with_weight_decay(opts.weight_decay)
+        .with_dtype(dtype);
     let t0 = Instant::now();
     // The factors are an estimate: 400 images keep the demo under 5 minutes.
     let sample = Subset::first(data, 400);
-    let factor_problem = Problem::new(model, &weights, &sample, a.batch_size)?;
-    let factors = Factors::compute(
-        &factor_problem,
-        FactorKind::Ekfac,
-        FisherKind::Mc,
-        dtype,
-        a.seed,
-        &|_| {},
-    )?;
+    let factor_problem = Problem::new(model, &weights, &sample, a.batch_size)?.with_dtype(dtype);
+    let factors = Factors::compute(&factor_problem, FactorKind::Ekfac, FisherKind::Mc, a.seed, &|_| {})?;
     let damping = 1e-3;
     let mut queries = Vec::new();
     for t in [0usize, 1, 2] {
         let (g, _) = hvp_influence::scores::test_gradient(&problem, &test, t)?;
         let s_test = factors.inverse_product(&g, damping + opts.weight_decay);
-        let scores = hvp_influence::scores::scores(&problem, &s_test, DType::F32, &|_| {})?;
+        let scores = hvp_influence::scores::scores(&problem, &s_test, &|_| {})?;
         let (helpful, harmful) = hvp_influence::scores::top_k(&scores, 4);
         let entry = |i: &usize| serde_json::json!({"train_index": i, "score": scores[*i]});
         queries.push((
@@ -273,10 +266,9 @@ fn mislabel_part(a: &DemoArgs, dir: &std::path::Path, dtype: DType) -> Result<()
         seed: a.seed,
     };
     train(&model, &mut weights, &noisy, &opts, dtype, &mut |_, _, _| {})?;
-    let problem = Problem::new(&model, &weights, &noisy, a.batch_size)?;
-    let factors = Factors::compute(&problem, FactorKind::Ekfac, FisherKind::Mc, dtype, a.seed, &|_| {})?;
-    let si =
-        hvp_influence::self_influence::self_influence(&problem, &factors, 1e-3 + opts.weight_decay, dtype, &|_| {})?;
+    let problem = Problem::new(&model, &weights, &noisy, a.batch_size)?.with_dtype(dtype);
+    let factors = Factors::compute(&problem, FactorKind::Ekfac, FisherKind::Mc, a.seed, &|_| {})?;
+    let si = hvp_influence::self_influence::self_influence(&problem, &factors, 1e-3 + opts.weight_decay, &|_| {})?;
     let order = hvp_influence::self_influence::ranking(&si);
     let caught = |frac: f64| {
         let top = &order[..(frac * n as f64) as usize];

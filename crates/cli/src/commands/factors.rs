@@ -44,7 +44,7 @@ pub struct FactorsArgs {
 pub fn run(a: FactorsArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(a.run.dtype.into());
     let kind = match a.kind {
         KindArg::Kfac => FactorKind::Kfac,
         KindArg::Ekfac => FactorKind::Ekfac,
@@ -52,9 +52,7 @@ pub fn run(a: FactorsArgs) -> Result<()> {
     let passes = if kind == FactorKind::Ekfac { 2 } else { 1 };
     let progress = Progress::new(passes * view.len(), "factors", a.run.quiet);
     let start = Instant::now();
-    let f = Factors::compute(&problem, kind, a.fisher.into(), a.run.dtype.into(), a.seed, &|n| {
-        progress.advance(n)
-    })?;
+    let f = Factors::compute(&problem, kind, a.fisher.into(), a.seed, &|n| progress.advance(n))?;
     progress.finish();
     f.save(&model, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;

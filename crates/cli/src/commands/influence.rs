@@ -16,7 +16,6 @@ use clap::Args;
 use hvp_curvature::Problem;
 use hvp_data::{check_labels, Dataset, Subset};
 use hvp_influence::{scores, InfluenceError};
-use hvp_tensor::DType;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,7 +91,7 @@ pub fn draw(
     let mut rows = Vec::new();
     for (t, meta) in queries {
         let one = Subset::new(test, vec![*t])?;
-        let pred = Problem::new(problem.model, problem.weights, &one, 1)?.predictions::<f64>()?[0];
+        let pred = Problem::new(problem.model, problem.weights, &one, 1)?.predictions_as::<f64>()?[0];
         let label = test.label(*t);
         let mut tiles = vec![Tile {
             pixels: image(test, *t)?,
@@ -147,10 +146,9 @@ pub fn explain(
     test: &dyn Dataset,
     t: usize,
     opts: &SolverOptions,
-    dtype: DType,
     progress: &dyn Fn(usize),
 ) -> Result<Query> {
-    let e = match scores::explain(train, test, t, &opts.config(), dtype, opts.keep_unconverged, progress) {
+    let e = match scores::explain(train, test, t, &opts.config(), opts.keep_unconverged, progress) {
         Err(InfluenceError::SolveFailed { report, .. }) => {
             super::solve::print_report(&report);
             return Err(super::solve::failed(
@@ -174,7 +172,7 @@ pub fn explain(
         "test_loss": e.test_loss,
         "solve_status": report.status.name(),
         "relative_residual": report.relative_residual,
-        "solver_report": report_json(report, opts, train.data.len(), dtype),
+        "solver_report": report_json(report, opts, train.data.len(), train.dtype()),
         "s_test_norm": e.s_test_norm,
     });
     Ok(Query { scores: e.scores, meta })
@@ -404,9 +402,10 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
             test.len()
         );
     }
-    let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?.with_weight_decay(a.weight_decay);
+    let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?
+        .with_weight_decay(a.weight_decay)
+        .with_dtype(a.run.dtype.into());
     let n = train_view.len();
-    let dtype: DType = a.run.dtype.into();
     let (partial_csv, partial_meta) = partial_paths(&a.out);
     let config = fingerprint(&a, &train_view, test)?;
     // Only rank 0 reads and writes the partial files (one process: always).
@@ -464,7 +463,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let progress = Progress::new(todo.len() * n, "influence", a.run.quiet);
     let start = Instant::now();
     for &t in &todo {
-        let q = explain(&problem, test, t, &a.solver, dtype, &|k| progress.advance(k))?;
+        let q = explain(&problem, test, t, &a.solver, &|k| progress.advance(k))?;
         let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
         let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
         let mut block = String::with_capacity(n * 48);

@@ -81,7 +81,10 @@ pub fn run_pass(
 ) -> Result<()> {
     let (model, weights, data) = setup(model_args, data_args, run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, run.batch_size)?.with_weight_decay(weight_decay);
+    let dtype: DType = run.dtype.into();
+    let problem = Problem::new(&model, &weights, &view, run.batch_size)?
+        .with_weight_decay(weight_decay)
+        .with_dtype(dtype);
     state_weight_decay(weight_decay, run.quiet);
     let vector = match kind {
         PassKind::Product(_, path) => Some(load_vector(&model, path)?),
@@ -96,12 +99,9 @@ pub fn run_pass(
     let progress = Progress::new(problem.data.len(), label, run.quiet);
     let tick = |n: usize| progress.advance(n);
     let start = Instant::now();
-    let dtype: DType = run.dtype.into();
-    let result: PassResult = match (&kind, dtype) {
-        (PassKind::Gradient, DType::F32) => problem.gradient::<f32>(&tick)?,
-        (PassKind::Gradient, DType::F64) => problem.gradient::<f64>(&tick)?,
-        (PassKind::Product(c, _), DType::F32) => problem.product::<f32>(*c, vector.as_ref().expect("loaded"), &tick)?,
-        (PassKind::Product(c, _), DType::F64) => problem.product::<f64>(*c, vector.as_ref().expect("loaded"), &tick)?,
+    let result: PassResult = match (&kind, &vector) {
+        (PassKind::Product(c, _), Some(v)) => problem.product(*c, v, &tick)?,
+        _ => problem.gradient(&tick)?,
     };
     progress.finish();
     save_vector(&model, &result.value, out, dtype)?;

@@ -49,28 +49,17 @@ pub fn compute(a: &SelfInfluenceArgs, problem: &Problem, progress: &dyn Fn(usize
     hvp_influence::self_influence::check_damping(damping)?;
     let factors = match &a.factors {
         Some(p) => Factors::load(problem.model, p).with_context(|| format!("reading {}", p.display()))?,
-        None => Factors::compute(
-            problem,
-            FactorKind::Ekfac,
-            a.fisher.into(),
-            a.run.dtype.into(),
-            a.seed,
-            progress,
-        )?,
+        None => Factors::compute(problem, FactorKind::Ekfac, a.fisher.into(), a.seed, progress)?,
     };
     Ok(hvp_influence::self_influence::self_influence(
-        problem,
-        &factors,
-        damping,
-        a.run.dtype.into(),
-        progress,
+        problem, &factors, damping, progress,
     )?)
 }
 
 pub fn run(a: SelfInfluenceArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(a.run.dtype.into());
     let passes = if a.factors.is_some() { 1 } else { 3 };
     let progress = Progress::new(passes * view.len(), "self-influence", a.run.quiet);
     let start = Instant::now();

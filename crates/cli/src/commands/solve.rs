@@ -187,10 +187,9 @@ impl SolverOptions {
 pub fn run_solver(
     problem: &Problem,
     opts: &SolverOptions,
-    dtype: DType,
     g: &ParamVector,
 ) -> Result<(ParamVector, SolveReport), SolverError> {
-    hvp_solvers::solve(problem, &opts.config(), dtype, g)
+    hvp_solvers::solve(problem, &opts.config(), g)
 }
 
 /// The report as JSON with the problem's context.
@@ -243,13 +242,13 @@ pub fn run(a: SolveArgs) -> Result<()> {
     let report_slot = outputs.reserve_opt(a.report.as_ref())?;
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
+    let dtype: DType = a.run.dtype.into();
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(dtype);
     let g = load_vector(&model, &a.rhs)?;
     if g.norm() == 0.0 {
         bail!("the right-hand side {} is zero; the solution is 0", a.rhs.display());
     }
-    let dtype: DType = a.run.dtype.into();
-    let (x, report) = run_solver(&problem, &a.solver, dtype, &g)?;
+    let (x, report) = run_solver(&problem, &a.solver, &g)?;
     if let Some(slot) = report_slot {
         let text = serde_json::to_string_pretty(&report_json(&report, &a.solver, view.len(), dtype))? + "\n";
         outputs.put(slot, text.as_bytes())?;

@@ -42,8 +42,8 @@ pub struct SpectrumArgs {
 pub fn run(a: SpectrumArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
-    let op = CurvatureOperator::new(&problem, a.curvature.into(), a.run.dtype.into());
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(a.run.dtype.into());
+    let op = CurvatureOperator::new(&problem, a.curvature.into());
     let like = ParamVector::zeros(&model);
     if a.top > model.num_params() {
         bail!(

@@ -13,7 +13,6 @@ use hvp_curvature::subsample::Prediction;
 use hvp_curvature::{Curvature, Problem};
 use hvp_data::{Dataset, Subset};
 use hvp_model::ParamVector;
-use hvp_tensor::DType;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -59,12 +58,8 @@ pub struct SubsampleArgs {
     pub report: Option<PathBuf>,
 }
 
-fn product(p: &Problem, c: Curvature, v: &ParamVector, dtype: DType) -> Result<ParamVector> {
-    Ok(match dtype {
-        DType::F32 => p.product::<f32>(c, v, &|_| {})?,
-        DType::F64 => p.product::<f64>(c, v, &|_| {})?,
-    }
-    .value)
+fn product(p: &Problem, c: Curvature, v: &ParamVector) -> Result<ParamVector> {
+    Ok(p.product(c, v, &|_| {})?.value)
 }
 
 fn stats(v: &[f64]) -> (f64, f64) {
@@ -82,9 +77,8 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
     let n = view.len();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?;
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(a.run.dtype.into());
     let v = load_vector(&model, &a.vector)?;
-    let dtype: DType = a.run.dtype.into();
     let c: Curvature = a.curvature.into();
     let sizes: Vec<usize> = a.sizes.iter().copied().filter(|&m| m >= 1 && m <= n).collect();
     if sizes.is_empty() {
@@ -96,8 +90,7 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(a.seed);
     let subset_problem = |idx: Vec<usize>| -> Result<ParamVector> {
         let s = Subset::new(&view, idx)?;
-        let p = Problem::new(&model, &weights, &s, a.run.batch_size)?;
-        product(&p, c, &v, dtype)
+        product(&problem.on(&s)?, c, &v)
     };
     // Prediction from a few mini-batches, before (and without) the full pass.
     let b = a.predict_batch_size.clamp(1, n);
@@ -106,7 +99,7 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let pred = Prediction::from_batches(&batches, b, n);
 
-    let full = product(&problem, c, &v, dtype)?;
+    let full = product(&problem, c, &v)?;
     let solver_opts = a.solver.map(|s| SolverOptions {
         solver: s,
         curvature: a.curvature,
@@ -125,7 +118,7 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
     });
     let full_solution = match &solver_opts {
         Some(o) => {
-            let (x, report) = run_solver(&problem, o, dtype, &v)?;
+            let (x, report) = run_solver(&problem, o, &v)?;
             if !report.usable() {
                 return Err(super::solve::failed(
                     &report,
@@ -149,10 +142,10 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
         for _ in 0..a.repeats.max(1) {
             let idx = sample(&mut rng, n, m).into_vec();
             let s = Subset::new(&view, idx)?;
-            let p = Problem::new(&model, &weights, &s, a.run.batch_size)?;
-            errs.push(product(&p, c, &v, dtype)?.relative_error(&full));
+            let p = problem.on(&s)?;
+            errs.push(product(&p, c, &v)?.relative_error(&full));
             if let (Some(o), Some(xf)) = (&solver_opts, &full_solution) {
-                inv_errs.push(run_solver(&p, o, dtype, &v)?.0.relative_error(xf));
+                inv_errs.push(run_solver(&p, o, &v)?.0.relative_error(xf));
             }
         }
         let (mean, sd) = stats(&errs);

@@ -250,8 +250,23 @@ struct Sums {
 /// Sees (node, op, input, output cotangent, first cotangent sample of the batch).
 type Visitor<'a> = &'a mut dyn FnMut(NodeId, &Op, &Tensor<f64>, &Tensor<f64>, bool);
 
-/// Streams the data once, showing each batch's observed layers to `visit`.
-fn stream_observed<T: Float>(
+/// Streams the data once in the problem's dtype, showing each batch's observed
+/// layers to `visit`.
+fn stream_observed(
+    problem: &Problem,
+    fisher: FisherKind,
+    seed: u64,
+    progress: &dyn Fn(usize),
+    visit: Visitor,
+    batch_end: &mut dyn FnMut(usize),
+) -> Result<(), SolverError> {
+    match problem.dtype() {
+        DType::F32 => stream_observed_as::<f32>(problem, fisher, seed, progress, visit, batch_end),
+        DType::F64 => stream_observed_as::<f64>(problem, fisher, seed, progress, visit, batch_end),
+    }
+}
+
+fn stream_observed_as<T: Float>(
     problem: &Problem,
     fisher: FisherKind,
     seed: u64,
@@ -294,7 +309,6 @@ impl Factors {
         problem: &Problem,
         kind: FactorKind,
         fisher: FisherKind,
-        dtype: DType,
         seed: u64,
         progress: &dyn Fn(usize),
     ) -> Result<Factors, SolverError> {
@@ -352,10 +366,7 @@ impl Factors {
                     bn_diagonal(x, gy, &buffers[mean], &buffers[var], eps, &mut sums.diag, weight, bias);
                 }
             };
-            match dtype {
-                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
-                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
-            }
+            stream_observed(problem, fisher, seed, progress, &mut visit, &mut |_| {})?;
         }
         allreduce_nested(&mut sums.a);
         allreduce_nested(&mut sums.s);
@@ -391,10 +402,7 @@ impl Factors {
                 });
                 add_into(&mut sums.corrected[li], &mat(l.s_dim, l.a_dim, part), 1.0);
             };
-            match dtype {
-                DType::F32 => stream_observed::<f32>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
-                DType::F64 => stream_observed::<f64>(problem, fisher, seed, progress, &mut visit, &mut |_| {})?,
-            }
+            stream_observed(problem, fisher, seed, progress, &mut visit, &mut |_| {})?;
             allreduce_nested(&mut sums.corrected);
             for (li, f) in out_layers.iter_mut().enumerate() {
                 f.corrected = Some(sums.corrected[li].iter().map(|v| v / n).collect());

@@ -10,7 +10,6 @@ impl Factors {
         &self,
         problem: &Problem,
         damping: f64,
-        dtype: DType,
         progress: &dyn Fn(usize),
     ) -> Result<Vec<f64>, SolverError> {
         let model = problem.model;
@@ -78,10 +77,7 @@ impl Factors {
         let mut end = |b: usize| {
             out.extend(current.borrow_mut().drain(..).take(b));
         };
-        match dtype {
-            DType::F32 => stream_observed::<f32>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
-            DType::F64 => stream_observed::<f64>(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?,
-        }
+        stream_observed(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?;
         Ok(hvp_dist::gather_shards(problem.data.len(), &out))
     }
 }
