@@ -21,9 +21,11 @@ pub enum Setting {
     MaxIter,
     Model,
     Params,
+    PredictBatches,
     Rank,
     Retrain,
     Scale,
+    Sizes,
     Solver,
     Steps,
     Tol,
@@ -31,7 +33,7 @@ pub enum Setting {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 17] = [
+    pub const ALL: [Setting; 19] = [
         Setting::Arch,
         Setting::BatchSize,
         Setting::Curvature,
@@ -42,9 +44,11 @@ impl Setting {
         Setting::MaxIter,
         Setting::Model,
         Setting::Params,
+        Setting::PredictBatches,
         Setting::Rank,
         Setting::Retrain,
         Setting::Scale,
+        Setting::Sizes,
         Setting::Solver,
         Setting::Steps,
         Setting::Tol,
@@ -64,9 +68,11 @@ impl Setting {
             Setting::MaxIter => "max_iter",
             Setting::Model => "model",
             Setting::Params => "params",
+            Setting::PredictBatches => "predict_batches",
             Setting::Rank => "rank",
             Setting::Retrain => "retrain",
             Setting::Scale => "scale",
+            Setting::Sizes => "sizes",
             Setting::Solver => "solver",
             Setting::Steps => "steps",
             Setting::Tol => "tol",

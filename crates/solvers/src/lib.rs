@@ -24,6 +24,7 @@ pub mod lanczos;
 pub mod lissa;
 mod operator;
 mod report;
+pub mod subset;
 
 pub use config::{solve, SolverConfig, SolverKind};
 
@@ -52,4 +53,7 @@ pub enum SolverError {
     Dense(String),
     #[error("{0}")]
     BadOption(String),
+    /// The full-data solve a study compares against did not converge.
+    #[error("the full-data inverse product did not converge ({}), so no subset error was computed", .0.failure.as_deref().unwrap_or("tolerance not reached"))]
+    FullSolveFailed(Box<SolveReport>),
 }

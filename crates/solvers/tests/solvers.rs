@@ -303,3 +303,57 @@ fn solver_configuration_dispatches_to_each_solver() {
     assert_eq!(rep.status, hvp_solvers::SolveStatus::Approximate);
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn subset_study_errors_shrink_with_the_subset_and_vanish_on_all_the_data() {
+    use hvp_solvers::subset::{mean_sd, subset_errors, SubsetStudy};
+    let s = setup("mlp:49,8,10", 200, 4);
+    let p = Problem::new(&s.model, &s.weights, &s.data, 64)
+        .unwrap()
+        .with_dtype(DType::F64);
+    let v = ParamVector::random_normal(&s.model, 1);
+    let study = SubsetStudy {
+        curvature: Curvature::Ggn,
+        sizes: vec![10, 100, 200, 500],
+        repeats: 4,
+        predict_batches: 6,
+        predict_batch_size: 20,
+        seed: 2,
+        solver: Some(hvp_solvers::SolverConfig {
+            curvature: Curvature::Ggn,
+            damping: 0.1,
+            tol: 1e-10,
+            max_iter: 500,
+            ..hvp_solvers::SolverConfig::new(hvp_solvers::SolverKind::Cg)
+        }),
+    };
+    let mut seen = 0;
+    let rows = subset_errors(&p, &v, &study, &mut |_| seen += 1).unwrap();
+    assert_eq!((rows.len(), seen), (3, 3), "sizes beyond N are skipped");
+    let (e10, e100, e200) = (
+        mean_sd(&rows[0].measured).0,
+        mean_sd(&rows[1].measured).0,
+        mean_sd(&rows[2].measured).0,
+    );
+    assert!(e10 > e100 && e100 > 0.0, "{e10} {e100}");
+    assert!(e200 < 1e-12, "the full data has no subsampling error: {e200}");
+    assert_eq!(rows[0].inverse_errors.len(), 4);
+    assert!(rows[2].inverse_errors.iter().all(|e| *e < 1e-8));
+    // The prediction is within a factor 3 of the measurement at m = 10 and 100.
+    for r in &rows[..2] {
+        let m = mean_sd(&r.measured).0;
+        assert!(
+            r.predicted > m / 3.0 && r.predicted < 3.0 * m,
+            "m = {}: {} vs {m}",
+            r.m,
+            r.predicted
+        );
+    }
+    let bad = SubsetStudy {
+        predict_batches: 1,
+        ..study
+    };
+    assert!(
+        matches!(subset_errors(&p, &v, &bad, &mut |_| {}), Err(SolverError::BadOption(m)) if m.contains("`predict_batches`"))
+    );
+}
