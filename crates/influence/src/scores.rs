@@ -6,7 +6,7 @@ use crate::InfluenceError;
 use hvp_curvature::Problem;
 use hvp_data::{Dataset, Subset};
 use hvp_model::ParamVector;
-use hvp_solvers::{SolveReport, SolverConfig};
+use hvp_solvers::{PreparedSolver, SolveReport};
 
 /// The sign and scale of the scores, stated wherever they are written.
 pub const CONVENTION: &str = "score(i, t) = grad loss(z_t)^T (M + lambda I)^-1 grad loss(z_i) / N: the predicted increase of \
@@ -42,18 +42,19 @@ pub fn scores(train: &Problem, s_test: &ParamVector, progress: &dyn Fn(usize)) -
 }
 
 /// `s_test = (M + λI)⁻¹ ∇ℓ(z_t)` and the scores of every training example for
-/// test example `t`. A failed solve is an error ([`InfluenceError::SolveFailed`])
-/// unless `allow_failed`.
+/// test example `t`, by a solver prepared once for all test points
+/// ([`hvp_solvers::SolverConfig::prepare`]). A failed solve is an error
+/// ([`InfluenceError::SolveFailed`]) unless `allow_failed`.
 pub fn explain(
     train: &Problem,
     test: &dyn Dataset,
     t: usize,
-    config: &SolverConfig,
+    solver: &PreparedSolver,
     allow_failed: bool,
     progress: &dyn Fn(usize),
 ) -> Result<Explanation, InfluenceError> {
     let (g, test_loss) = test_gradient(train, test, t)?;
-    let (s_test, report) = hvp_solvers::solve(train, config, &g)?;
+    let (s_test, report) = solver.solve(train, &g)?;
     if !report.usable() && !allow_failed {
         return Err(InfluenceError::SolveFailed {
             test_index: t,
@@ -68,6 +69,35 @@ pub fn explain(
         s_test_norm: s_test.norm(),
         report,
     })
+}
+
+/// [`explain`] for each of `test_indices`, in order, with the solver's factors
+/// (if any) made once. Duplicate indices are refused (a test point scored twice
+/// is a caller's mistake).
+pub fn explain_all(
+    train: &Problem,
+    test: &dyn Dataset,
+    test_indices: &[usize],
+    solver: &PreparedSolver,
+    allow_failed: bool,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<Explanation>, InfluenceError> {
+    let mut seen = std::collections::HashSet::new();
+    for &t in test_indices {
+        if t >= test.len() {
+            return Err(InfluenceError::Training(format!(
+                "test index {t} is out of range ({} test examples)",
+                test.len()
+            )));
+        }
+        if !seen.insert(t) {
+            return Err(InfluenceError::Training(format!("test index {t} is given twice")));
+        }
+    }
+    test_indices
+        .iter()
+        .map(|&t| explain(train, test, t, solver, allow_failed, progress))
+        .collect()
 }
 
 /// Top-k helpful (largest score) and harmful (smallest score) training indices,

@@ -20,6 +20,17 @@ fn mnist(split: &str) -> Box<dyn Dataset> {
     .unwrap()
 }
 
+/// [`explain`] with the solver prepared for this one test point.
+fn explain_with(
+    problem: &Problem,
+    test: &dyn Dataset,
+    t: usize,
+    config: &SolverConfig,
+    allow_failed: bool,
+) -> Result<hvp_influence::scores::Explanation, hvp_influence::InfluenceError> {
+    explain(problem, test, t, &config.prepare(problem)?, allow_failed, &|_| {})
+}
+
 #[test]
 fn scores_predict_leave_one_out_changes_on_a_convex_problem() {
     let (train, test) = (mnist("train"), mnist("test"));
@@ -41,7 +52,7 @@ fn scores_predict_leave_one_out_changes_on_a_convex_problem() {
         max_iter: 500,
         ..SolverConfig::new(SolverKind::Cg)
     };
-    let e = explain(&problem, test.as_ref(), 0, &config, false, &|_| {}).unwrap();
+    let e = explain_with(&problem, test.as_ref(), 0, &config, false).unwrap();
     assert_eq!(e.report.status, SolveStatus::Converged);
     let result = loo::validate(
         &model,

@@ -18,6 +18,17 @@ fn mnist(split: &str) -> Box<dyn Dataset> {
     .unwrap()
 }
 
+/// [`explain`] with the solver prepared for this one test point.
+fn explain_with(
+    problem: &Problem,
+    test: &dyn Dataset,
+    t: usize,
+    config: &SolverConfig,
+    allow_failed: bool,
+) -> Result<hvp_influence::scores::Explanation, hvp_influence::InfluenceError> {
+    explain(problem, test, t, &config.prepare(problem)?, allow_failed, &|_| {})
+}
+
 #[test]
 fn scores_equal_per_example_gradients_against_s_test() {
     let (train, test) = (mnist("train"), mnist("test"));
@@ -35,7 +46,7 @@ fn scores_equal_per_example_gradients_against_s_test() {
         max_iter: 1000,
         ..SolverConfig::new(SolverKind::Cg)
     };
-    let e = explain(&problem, test.as_ref(), 4, &config, false, &|_| {}).unwrap();
+    let e = explain_with(&problem, test.as_ref(), 4, &config, false).unwrap();
     assert_eq!(e.report.status, SolveStatus::Converged);
     assert!(e.report.relative_residual <= 1e-10);
     assert_eq!((e.test_index, e.label), (4, test.label(4)));
@@ -79,14 +90,14 @@ fn a_failed_solve_is_a_typed_error_unless_allowed() {
         max_iter: 1,
         ..SolverConfig::new(SolverKind::Cg)
     };
-    match explain(&problem, test.as_ref(), 0, &config, false, &|_| {}) {
+    match explain_with(&problem, test.as_ref(), 0, &config, false) {
         Err(InfluenceError::SolveFailed { test_index, report }) => {
             assert_eq!(test_index, 0);
             assert_eq!(report.status, SolveStatus::Failed);
         }
         other => panic!("expected SolveFailed, got {:?}", other.map(|e| e.report)),
     }
-    let e = explain(&problem, test.as_ref(), 0, &config, true, &|_| {}).unwrap();
+    let e = explain_with(&problem, test.as_ref(), 0, &config, true).unwrap();
     assert_eq!(e.report.status, SolveStatus::Failed);
     assert_eq!(e.scores.len(), 40);
     // EK-FAC is an approximation, with a damping it needs.
@@ -94,8 +105,8 @@ fn a_failed_solve_is_a_typed_error_unless_allowed() {
         damping: 0.0,
         ..SolverConfig::new(SolverKind::Ekfac)
     };
-    assert!(explain(&problem, test.as_ref(), 0, &ekfac, false, &|_| {}).is_err());
+    assert!(explain_with(&problem, test.as_ref(), 0, &ekfac, false).is_err());
     let ekfac = SolverConfig { damping: 0.1, ..ekfac };
-    let e = explain(&problem, test.as_ref(), 0, &ekfac, false, &|_| {}).unwrap();
+    let e = explain_with(&problem, test.as_ref(), 0, &ekfac, false).unwrap();
     assert_eq!(e.report.status, SolveStatus::Approximate);
 }

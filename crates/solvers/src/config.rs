@@ -83,7 +83,7 @@ impl SolverConfig {
         SolverConfig {
             kind,
             curvature: Curvature::Hessian,
-            damping: 0.0,
+            damping: crate::DEFAULT_DAMPING,
             tol: 1e-6,
             max_iter: 100,
             depth: 200,
@@ -145,14 +145,59 @@ impl SolverConfig {
     }
 }
 
+/// A checked configuration with its factors loaded or computed: solves many
+/// right-hand sides (e.g. one per test point) with the factors made once.
+pub struct PreparedSolver {
+    config: SolverConfig,
+    factors: Option<Factors>,
+}
+
+impl SolverConfig {
+    /// Checks the options and loads or computes the factors the solver needs,
+    /// once, on `problem`.
+    pub fn prepare(&self, problem: &Problem) -> Result<PreparedSolver, SolverError> {
+        self.check()?;
+        let factors = if self.kind.uses_factors() {
+            Some(self.factors(problem)?)
+        } else {
+            None
+        };
+        Ok(PreparedSolver {
+            config: self.clone(),
+            factors,
+        })
+    }
+}
+
+impl PreparedSolver {
+    pub fn config(&self) -> &SolverConfig {
+        &self.config
+    }
+
+    /// `x = (M + λI)⁻¹ g` on the problem's curvature, with its report.
+    pub fn solve(&self, problem: &Problem, g: &ParamVector) -> Result<(ParamVector, SolveReport), SolverError> {
+        solve_prepared(problem, &self.config, self.factors.as_ref(), g)
+    }
+}
+
 /// `x = (M + λI)⁻¹ g` on the problem's curvature by the configured solver, with
-/// its report (status, exact residual, warnings).
+/// its report (status, exact residual, warnings). For many right-hand sides,
+/// [`SolverConfig::prepare`] once and [`PreparedSolver::solve`] each.
 pub fn solve(
     problem: &Problem,
     config: &SolverConfig,
     g: &ParamVector,
 ) -> Result<(ParamVector, SolveReport), SolverError> {
-    config.check()?;
+    config.prepare(problem)?.solve(problem, g)
+}
+
+fn solve_prepared(
+    problem: &Problem,
+    config: &SolverConfig,
+    factors: Option<&Factors>,
+    g: &ParamVector,
+) -> Result<(ParamVector, SolveReport), SolverError> {
+    let factors = || factors.ok_or_else(|| SolverError::BadOption("the solver's factors were not prepared".into()));
     let op = CurvatureOperator::new(problem, config.curvature);
     let damped = Damped {
         inner: &op,
@@ -166,12 +211,9 @@ pub fn solve(
         SolverKind::Direct => direct::solve_to(&op, config.damping, g, config.tol),
         SolverKind::Cg => cg::solve(&damped, g, &cg_opts, None, "cg"),
         SolverKind::Arnoldi => lanczos::solve(&op, config.damping, g, config.rank, config.seed),
-        SolverKind::Kfac | SolverKind::Ekfac => {
-            let factors = config.factors(problem)?;
-            kfac::solve(&factors, &damped, config.damping, g)
-        }
+        SolverKind::Kfac | SolverKind::Ekfac => kfac::solve(factors()?, &damped, config.damping, g),
         SolverKind::Pcg => {
-            let factors = config.factors(problem)?;
+            let factors = factors()?;
             let precond = |r: &ParamVector| Ok(factors.inverse_product(r, config.damping));
             cg::solve(&damped, g, &cg_opts, Some(&precond), "pcg")
         }

@@ -24,9 +24,10 @@ pub mod lanczos;
 pub mod lissa;
 mod operator;
 mod report;
+pub mod spectrum;
 pub mod subset;
 
-pub use config::{solve, SolverConfig, SolverKind};
+pub use config::{solve, PreparedSolver, SolverConfig, SolverKind};
 
 /// λ in (M + λI) when the user gives none, in every command and binding: small
 /// against the curvature of typical networks (mean eigenvalues 1e-2–1e1 on

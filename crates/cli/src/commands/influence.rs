@@ -16,6 +16,7 @@ use clap::Args;
 use hvp_curvature::Problem;
 use hvp_data::{check_labels, Dataset, Subset};
 use hvp_influence::{scores, InfluenceError};
+use hvp_solvers::PreparedSolver;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -146,9 +147,10 @@ pub fn explain(
     test: &dyn Dataset,
     t: usize,
     opts: &SolverOptions,
+    solver: &PreparedSolver,
     progress: &dyn Fn(usize),
 ) -> Result<Query> {
-    let e = match scores::explain(train, test, t, &opts.config(), opts.keep_unconverged, progress) {
+    let e = match scores::explain(train, test, t, solver, opts.keep_unconverged, progress) {
         Err(InfluenceError::SolveFailed { report, .. }) => {
             super::solve::print_report(&report);
             return Err(super::solve::failed(
@@ -460,10 +462,12 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
             indices.len()
         );
     }
+    // Factors (kfac, ekfac, pcg) are loaded or computed once for every test point.
+    let solver = a.solver.config().prepare(&problem)?;
     let progress = Progress::new(todo.len() * n, "influence", a.run.quiet);
     let start = Instant::now();
     for &t in &todo {
-        let q = explain(&problem, test, t, &a.solver, &|k| progress.advance(k))?;
+        let q = explain(&problem, test, t, &a.solver, &solver, &|k| progress.advance(k))?;
         let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
         let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
         let mut block = String::with_capacity(n * 48);

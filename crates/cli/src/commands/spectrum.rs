@@ -7,8 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use hvp_curvature::Problem;
 use hvp_data::Dataset;
-use hvp_model::ParamVector;
-use hvp_solvers::{lanczos, CurvatureOperator};
+use hvp_solvers::spectrum::{spectrum, SpectrumConfig};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -43,8 +42,6 @@ pub fn run(a: SpectrumArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
     let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(a.run.dtype.into());
-    let op = CurvatureOperator::new(&problem, a.curvature.into());
-    let like = ParamVector::zeros(&model);
     if a.top > model.num_params() {
         bail!(
             "--top {} asks for more eigenvalues than the {} parameters have",
@@ -52,57 +49,49 @@ pub fn run(a: SpectrumArgs) -> Result<()> {
             model.num_params()
         );
     }
-    let steps = a.steps.unwrap_or((3 * a.top).max(30)).min(model.num_params());
-    let ritz = lanczos::lanczos(&op, steps, &lanczos::random_unit(&like, a.seed))?;
-    let mut top: Vec<f64> = ritz.values.iter().rev().take(a.top).copied().collect();
-    top.sort_by(|x, y| y.total_cmp(x));
-    let smallest = ritz.values.first().copied().unwrap_or(0.0);
-    let (trace, trace_err) = lanczos::hutchinson_trace(&op, &like, a.trace_samples, a.seed + 1)?;
+    let config = SpectrumConfig {
+        curvature: a.curvature.into(),
+        top: a.top,
+        steps: a.steps,
+        trace_samples: a.trace_samples,
+        seed: a.seed,
+    };
+    let s = spectrum(&problem, &config)?;
     println!(
         "{:?} of the mean loss over {} examples ({} parameters), {} Lanczos steps:",
         a.curvature,
         view.len(),
         model.num_params(),
-        ritz.values.len()
+        s.lanczos_steps
     );
     println!("| rank | eigenvalue |");
     println!("|---|---|");
-    for (i, v) in top.iter().enumerate() {
+    for (i, v) in s.top_eigenvalues.iter().enumerate() {
         println!("| {} | {v:.6e} |", i + 1);
     }
-    println!("smallest eigenvalue estimate: {smallest:.6e}");
+    println!("smallest eigenvalue estimate: {:.6e}", s.smallest_eigenvalue);
     println!(
-        "trace estimate (Hutchinson, {} probes): {trace:.6e} ± {trace_err:.2e}",
-        a.trace_samples.max(2)
+        "trace estimate (Hutchinson, {} probes): {:.6e} ± {:.2e}",
+        a.trace_samples.max(2),
+        s.trace,
+        s.trace_standard_error
     );
-    if smallest < 0.0 {
+    if s.smallest_eigenvalue < 0.0 {
         println!(
             "M is indefinite: use --damping above {:.3e} for CG, or --curvature ggn",
-            -smallest
+            -s.smallest_eigenvalue
         );
     }
-    if let Some(l) = top.first() {
+    if let Some(l) = s.top_eigenvalues.first() {
         println!("LiSSA needs --scale above λ_max + λ ≈ {:.3e} + damping", l);
     }
     if let Some(path) = &a.report {
-        write_json(
-            path,
-            &serde_json::json!({
-                "curvature": format!("{:?}", a.curvature).to_lowercase(),
-                "examples": view.len(),
-                "lanczos_steps": ritz.values.len(),
-                "top_eigenvalues": top,
-                "smallest_eigenvalue": smallest,
-                "trace": trace,
-                "trace_standard_error": trace_err,
-                "products": op_products(&op),
-            }),
-        )?;
+        let mut report = serde_json::to_value(&s)?;
+        if let Some(m) = report.as_object_mut() {
+            m.insert("curvature".into(), format!("{:?}", a.curvature).to_lowercase().into());
+            m.insert("examples".into(), view.len().into());
+        }
+        write_json(path, &report)?;
     }
     Ok(())
-}
-
-fn op_products(op: &CurvatureOperator) -> usize {
-    use hvp_solvers::LinearOperator;
-    op.products()
 }

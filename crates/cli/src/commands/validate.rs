@@ -196,7 +196,8 @@ pub fn run(a: ValidateArgs) -> Result<()> {
     let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?
         .with_weight_decay(a.weight_decay)
         .with_dtype(a.run.dtype.into());
-    let q = explain(&problem, test.as_ref(), a.test_index, &a.solver, &|_| {})?;
+    let solver = a.solver.config().prepare(&problem)?;
+    let q = explain(&problem, test.as_ref(), a.test_index, &a.solver, &solver, &|_| {})?;
     let removal = match a.remove {
         RemoveArg::Top => Removal::Top(a.k),
         RemoveArg::Random => Removal::Random {
