@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use hvp_data::{open_spec, ClassFilter, Dataset, NpyDataset, Padded, Subset};
+use hvp_data::{ClassFilter, Dataset, NpyDataset, Padded, Subset};
 use hvp_model::{Architecture, Model, Weights};
 use hvp_tensor::DType;
 use std::path::PathBuf;
@@ -151,21 +151,13 @@ pub fn check_weights_fit(model: &Model, weights: &Weights, dtype: DType) -> Resu
     if dtype == DType::F64 {
         return Ok(());
     }
-    let named = model
-        .params
-        .iter()
-        .zip(&weights.params)
-        .chain(model.buffers.iter().zip(&weights.buffers));
-    for (spec, t) in named {
-        if let Some(v) = t.data().iter().find(|v| v.abs() > f32::MAX as f64) {
-            bail!(
-                "tensor '{}' holds {v:e}, beyond the f32 range (±3.4e38): computing in f32 would overflow to \
-                 infinity; pass --dtype f64",
-                spec.name
-            );
-        }
+    match weights.first_beyond_f32(model) {
+        Some((name, v)) => bail!(
+            "tensor '{name}' holds {v:e}, beyond the f32 range (±3.4e38): computing in f32 would overflow to \
+             infinity; pass --dtype f64"
+        ),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Parses `--arch` and reads the weights, or imports `--model` (ONNX), and builds the model.
@@ -215,23 +207,9 @@ impl LoadedData {
     }
 }
 
-/// A dataset given as one string: `mnist:DIR[:train|test]`, `cifar10:DIR[:train|test]`
-/// or `npy:X.npy,Y.npy`, optionally zero-padded.
+/// A dataset given as one string (see [`hvp_data::open_dataset`]).
 pub fn open_data_spec(spec: &str, pad: usize, classes: Option<&[usize]>) -> Result<Box<dyn Dataset>> {
-    let ds: Box<dyn Dataset> = match spec.strip_prefix("npy:") {
-        Some(pair) => {
-            let (x, y) = pair
-                .split_once(',')
-                .with_context(|| format!("'{spec}': give npy:INPUTS.npy,LABELS.npy"))?;
-            Box::new(NpyDataset::open(std::path::Path::new(x), std::path::Path::new(y))?)
-        }
-        None => open_spec(spec)?,
-    };
-    let ds: Box<dyn Dataset> = if pad > 0 { Box::new(Padded::new(ds, pad)?) } else { ds };
-    Ok(match classes {
-        Some(c) => Box::new(ClassFilter::new(ds, c.to_vec())?),
-        None => ds,
-    })
+    Ok(hvp_data::open_dataset(spec, pad, classes)?)
 }
 
 pub fn load_data(d: &DataArgs) -> Result<LoadedData> {

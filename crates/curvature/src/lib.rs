@@ -89,6 +89,8 @@ pub enum CurvatureError {
     Empty,
     #[error(transparent)]
     Memory(#[from] hvp_io::IoError),
+    #[error("interrupted")]
+    Interrupted,
     #[error("the {what} contains NaN or infinite values after batch {batch}; the model or vector overflows in this dtype (try `dtype` f64)")]
     NonFinite { what: &'static str, batch: usize },
 }
@@ -107,7 +109,15 @@ pub struct Problem<'a> {
     sub_batches: Option<usize>,
     /// The compute dtype of every pass (see [`Problem::with_dtype`]).
     dtype: DType,
+    /// Told of each batch before it is read (see [`Problem::with_watch`]).
+    watch: Option<Watch>,
 }
+
+/// Called before each batch of every pass — gradients, products, scores,
+/// factors, and so every solver iteration — with the batch's number of
+/// examples: a progress bar that also covers solves, and a way to stop. `false`
+/// stops the pass with [`CurvatureError::Interrupted`] (e.g. on Ctrl-C).
+pub type Watch = std::sync::Arc<dyn Fn(usize) -> bool + Send + Sync>;
 
 /// Result of one pass over the data.
 #[derive(Clone, Debug)]
@@ -160,6 +170,7 @@ impl<'a> Problem<'a> {
             weight_decay: 0.0,
             sub_batches: None,
             dtype: DType::F32,
+            watch: None,
         })
     }
 
@@ -191,6 +202,13 @@ impl<'a> Problem<'a> {
         self.dtype
     }
 
+    /// The same problem with every pass reporting its batches to `watch`,
+    /// which may stop it between batches.
+    pub fn with_watch(mut self, watch: Watch) -> Self {
+        self.watch = Some(watch);
+        self
+    }
+
     /// The same model, weights and settings (batch size, weight decay, dtype,
     /// sub-batches) on another dataset, checked as [`Problem::new`] checks.
     pub fn on<'b>(&self, data: &'b dyn Dataset) -> Result<Problem<'b>, CurvatureError>
@@ -201,6 +219,7 @@ impl<'a> Problem<'a> {
         p.weight_decay = self.weight_decay;
         p.sub_batches = self.sub_batches;
         p.dtype = self.dtype;
+        p.watch = self.watch.clone();
         Ok(p)
     }
 
@@ -274,6 +293,9 @@ impl<'a> Problem<'a> {
         for (k, start) in shard.clone().step_by(size).enumerate() {
             indices.clear();
             indices.extend(start..(start + size).min(shard.end));
+            if self.watch.as_ref().is_some_and(|watch| !watch(indices.len())) {
+                return Err(CurvatureError::Interrupted.into());
+            }
             self.data.read(&indices, &mut batch).map_err(CurvatureError::from)?;
             f(k, &indices, &batch)?;
         }

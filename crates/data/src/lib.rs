@@ -21,7 +21,7 @@ pub use cifar::Cifar10;
 pub use error::DataError;
 pub use idx::Idx;
 pub use npy::{npy_bytes, NpyArray, NpyDataset, NpyDtype};
-pub use transform::{ClassFilter, InMemory, Padded, Relabelled, Subset};
+pub use transform::{ClassFilter, InMemory, Limited, Padded, Relabelled, Subset};
 
 use std::path::Path;
 
@@ -65,6 +65,28 @@ pub trait Dataset: Send + Sync {
     fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError>;
     /// Human-readable origin, e.g. `mnist:DIR:train (2000 examples)`.
     fn describe(&self) -> String;
+}
+
+/// Opens a dataset given as one string — `mnist:DIR[:train|test]`,
+/// `cifar10:DIR[:train|test]` or `npy:INPUTS.npy,LABELS.npy` — zero-padded by
+/// `pad` pixels and restricted to `classes` when given: the command line's and
+/// the Python package's dataset specs.
+pub fn open_dataset(spec: &str, pad: usize, classes: Option<&[usize]>) -> Result<Box<dyn Dataset>, DataError> {
+    let ds: Box<dyn Dataset> = match spec.strip_prefix("npy:") {
+        Some(pair) => {
+            let (x, y) = pair.split_once(',').ok_or_else(|| DataError::Spec {
+                spec: spec.to_string(),
+                reason: "give npy:INPUTS.npy,LABELS.npy".into(),
+            })?;
+            Box::new(NpyDataset::open(Path::new(x), Path::new(y))?)
+        }
+        None => open_spec(spec)?,
+    };
+    let ds: Box<dyn Dataset> = if pad > 0 { Box::new(Padded::new(ds, pad)?) } else { ds };
+    Ok(match classes {
+        Some(c) => Box::new(ClassFilter::new(ds, c.to_vec())?),
+        None => ds,
+    })
 }
 
 /// Opens `mnist:DIR[:train|test]` (MNIST or Fashion-MNIST IDX files) or

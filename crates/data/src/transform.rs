@@ -50,6 +50,47 @@ impl Dataset for Subset<'_> {
     }
 }
 
+/// The first `n` examples of a dataset it owns (a `Subset::first` that can
+/// outlive its caller's borrow).
+pub struct Limited<D> {
+    inner: D,
+    n: usize,
+}
+
+impl<D: Dataset> Limited<D> {
+    pub fn new(inner: D, n: usize) -> Self {
+        let n = n.min(inner.len());
+        Limited { inner, n }
+    }
+}
+
+impl<D: Dataset> Dataset for Limited<D> {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn sample_shape(&self) -> Vec<usize> {
+        self.inner.sample_shape()
+    }
+    fn label(&self, i: usize) -> usize {
+        self.inner.label(i)
+    }
+    fn target_width(&self) -> Option<usize> {
+        self.inner.target_width()
+    }
+    fn read(&self, indices: &[usize], batch: &mut Batch) -> Result<(), DataError> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= self.n) {
+            return Err(DataError::Mismatch(format!(
+                "index {i} is beyond the first {} examples",
+                self.n
+            )));
+        }
+        self.inner.read(indices, batch)
+    }
+    fn describe(&self) -> String {
+        format!("the first {} examples of {}", self.n, self.inner.describe())
+    }
+}
+
 /// Images `[C, H, W]` zero-padded by `pad` pixels on every side (e.g. 28×28
 /// Fashion-MNIST to the 32×32 the CIFAR ResNet was designed for).
 pub struct Padded<D> {

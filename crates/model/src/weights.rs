@@ -42,10 +42,48 @@ impl Weights {
         }
     }
 
+    /// The first parameter or buffer holding a value beyond the f32 range (name
+    /// and value): computing in f32 would overflow it to infinity.
+    pub fn first_beyond_f32(&self, model: &Model) -> Option<(String, f64)> {
+        let named = model
+            .params
+            .iter()
+            .zip(&self.params)
+            .chain(model.buffers.iter().zip(&self.buffers));
+        for (spec, t) in named {
+            if let Some(v) = t.data().iter().find(|v| v.abs() > f32::MAX as f64) {
+                return Some((spec.name.clone(), *v));
+            }
+        }
+        None
+    }
+
     /// Reads a state_dict for `arch`, building the model it fits (a `resnet-cifar`
     /// takes its input channels from `conv.weight`); the file is read once.
     pub fn load_for(arch: &Architecture, path: &Path) -> Result<(Model, Self), ModelError> {
-        let stored = read_safetensors(path)?;
+        Self::stored_for(arch, path, read_safetensors(path)?)
+    }
+
+    /// [`Weights::load_for`] from tensors in memory, name → (shape, row-major
+    /// values), e.g. a state_dict handed over by Python; `source` names them in
+    /// errors.
+    pub fn from_named_for(
+        arch: &Architecture,
+        source: &str,
+        tensors: Vec<(String, Vec<usize>, Vec<f64>)>,
+    ) -> Result<(Model, Self), ModelError> {
+        let stored = tensors
+            .into_iter()
+            .map(|(name, shape, data)| (name, Ok(StoredTensor { shape, data })))
+            .collect();
+        Self::stored_for(arch, Path::new(source), stored)
+    }
+
+    fn stored_for(
+        arch: &Architecture,
+        path: &Path,
+        stored: BTreeMap<String, Result<StoredTensor, String>>,
+    ) -> Result<(Model, Self), ModelError> {
         let channels = match (arch, stored.get("conv.weight")) {
             (Architecture::ResNetCifar { .. }, Some(Ok(t))) if t.shape.len() == 4 => t.shape[1],
             (Architecture::ResNetCifar { .. }, _) => 3,
