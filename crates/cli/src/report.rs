@@ -14,9 +14,33 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(total: usize, label: &str, quiet: bool) -> Self {
-        let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::hidden());
+        Self::with_bar(
+            Some(total),
+            "{msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}",
+            label,
+            quiet,
+        )
+    }
+
+    /// A counter of images read, for runs whose number of passes over the
+    /// data is not known in advance (solves, spectra).
+    pub fn unbounded(label: &str, quiet: bool) -> Self {
+        Self::with_bar(None, "{msg}: {pos} images read, {per_sec}, {elapsed}", label, quiet)
+    }
+
+    /// This bar as a problem's watch: every pass over the data advances it.
+    pub fn watch(self: &std::sync::Arc<Self>) -> hvp_curvature::Watch {
+        let progress = self.clone();
+        std::sync::Arc::new(move |n| {
+            progress.advance(n);
+            true
+        })
+    }
+
+    fn with_bar(total: Option<usize>, template: &str, label: &str, quiet: bool) -> Self {
+        let bar = ProgressBar::with_draw_target(total.map(|t| t as u64), ProgressDrawTarget::hidden());
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
+            ProgressStyle::with_template(template)
                 .expect("static template")
                 .progress_chars("=> "),
         );

@@ -3,33 +3,16 @@
 //! Newton's method) the influence scores predict the actual change of the test
 //! loss when a training example is removed.
 
+mod common;
+
+use common::{explain_with, mnist};
 use hvp_curvature::{Curvature, Problem};
-use hvp_data::{open_spec, Dataset, Subset};
+use hvp_data::Subset;
 use hvp_influence::loo::{self, Removal, Retrain};
-use hvp_influence::scores::explain;
 use hvp_influence::train::newton;
 use hvp_model::{Architecture, Model, Weights};
 use hvp_solvers::{SolveStatus, SolverConfig, SolverKind};
 use hvp_tensor::DType;
-
-fn mnist(split: &str) -> Box<dyn Dataset> {
-    open_spec(&format!(
-        "mnist:{}/../../data/mnist-subset:{split}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-}
-
-/// [`explain`] with the solver prepared for this one test point.
-fn explain_with(
-    problem: &Problem,
-    test: &dyn Dataset,
-    t: usize,
-    config: &SolverConfig,
-    allow_failed: bool,
-) -> Result<hvp_influence::scores::Explanation, hvp_influence::InfluenceError> {
-    explain(problem, test, t, &config.prepare(problem)?, allow_failed, &|_| {})
-}
 
 #[test]
 fn scores_predict_leave_one_out_changes_on_a_convex_problem() {

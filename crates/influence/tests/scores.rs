@@ -2,32 +2,16 @@
 //! scores equal explicit per-example gradients against s_test, failed solves
 //! are typed errors, and the solver configuration is honoured.
 
+mod common;
+
+use common::{explain_with, mnist};
 use hvp_curvature::{Curvature, Problem};
-use hvp_data::{open_spec, Dataset, Subset};
-use hvp_influence::scores::{explain, scores, test_gradient, top_k};
+use hvp_data::{Dataset, Subset};
+use hvp_influence::scores::{scores, test_gradient, top_k};
 use hvp_influence::InfluenceError;
 use hvp_model::{Architecture, Model, Weights};
 use hvp_solvers::{SolveStatus, SolverConfig, SolverKind};
 use hvp_tensor::DType;
-
-fn mnist(split: &str) -> Box<dyn Dataset> {
-    open_spec(&format!(
-        "mnist:{}/../../data/mnist-subset:{split}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-}
-
-/// [`explain`] with the solver prepared for this one test point.
-fn explain_with(
-    problem: &Problem,
-    test: &dyn Dataset,
-    t: usize,
-    config: &SolverConfig,
-    allow_failed: bool,
-) -> Result<hvp_influence::scores::Explanation, hvp_influence::InfluenceError> {
-    explain(problem, test, t, &config.prepare(problem)?, allow_failed, &|_| {})
-}
 
 #[test]
 fn scores_equal_per_example_gradients_against_s_test() {

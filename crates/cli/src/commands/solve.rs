@@ -243,12 +243,20 @@ pub fn run(a: SolveArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
     let dtype: DType = a.run.dtype.into();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(dtype);
+    let progress = std::sync::Arc::new(crate::report::Progress::unbounded(
+        SolverKind::from(a.solver.solver).name(),
+        a.run.quiet,
+    ));
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?
+        .with_dtype(dtype)
+        .with_watch(progress.watch());
     let g = load_vector(&model, &a.rhs)?;
     if g.norm() == 0.0 {
         bail!("the right-hand side {} is zero; the solution is 0", a.rhs.display());
     }
-    let (x, report) = run_solver(&problem, &a.solver, &g)?;
+    let solved = run_solver(&problem, &a.solver, &g);
+    progress.finish();
+    let (x, report) = solved?;
     if let Some(slot) = report_slot {
         let text = serde_json::to_string_pretty(&report_json(&report, &a.solver, view.len(), dtype))? + "\n";
         outputs.put(slot, text.as_bytes())?;

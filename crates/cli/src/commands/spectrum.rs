@@ -41,7 +41,10 @@ pub struct SpectrumArgs {
 pub fn run(a: SpectrumArgs) -> Result<()> {
     let (model, weights, data) = setup(&a.model, &a.data, &a.run)?;
     let view = data.view();
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?.with_dtype(a.run.dtype.into());
+    let progress = std::sync::Arc::new(crate::report::Progress::unbounded("spectrum", a.run.quiet));
+    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?
+        .with_dtype(a.run.dtype.into())
+        .with_watch(progress.watch());
     if a.top > model.num_params() {
         bail!(
             "--top {} asks for more eigenvalues than the {} parameters have",
@@ -56,7 +59,9 @@ pub fn run(a: SpectrumArgs) -> Result<()> {
         trace_samples: a.trace_samples,
         seed: a.seed,
     };
-    let s = spectrum(&problem, &config)?;
+    let s = spectrum(&problem, &config);
+    progress.finish();
+    let s = s?;
     println!(
         "{:?} of the mean loss over {} examples ({} parameters), {} Lanczos steps:",
         a.curvature,

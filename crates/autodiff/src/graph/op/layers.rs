@@ -10,6 +10,24 @@ use hvp_tensor::conv::ConvGeometry;
 use hvp_tensor::pool::out_size;
 use hvp_tensor::Float;
 
+/// Sends a layer's (input, weight, bias) cotangents: the input's only where it
+/// was computed, the bias's only where the layer has one.
+fn weighted_layer_cotangents<V>(
+    out: &mut Cotangents<V>,
+    input: NodeId,
+    weight: usize,
+    bias: Option<usize>,
+    (gx, gw, gb): (Option<V>, V, Option<V>),
+) {
+    if let Some(g) = gx {
+        out.input(input, g);
+    }
+    out.param(weight, gw);
+    if let (Some(b), Some(gb)) = (bias, gb) {
+        out.param(b, gb);
+    }
+}
+
 /// `y = x Wᵀ + b` with parameters `weight` `[out, in]` and `bias` `[out]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dense {
@@ -48,13 +66,7 @@ impl Rule for Dense {
             &gy,
             cx.needs(self.input),
         );
-        if let Some(g) = gx {
-            out.input(self.input, g);
-        }
-        out.param(self.weight, gw);
-        if let (Some(b), Some(gb)) = (self.bias, gb) {
-            out.param(b, gb);
-        }
+        weighted_layer_cotangents(out, self.input, self.weight, self.bias, (gx, gw, gb));
     }
     fn observed_input(&self) -> Option<NodeId> {
         Some(self.input)
@@ -110,13 +122,7 @@ impl Rule for Conv2d {
             cx.needs(self.input),
             cx.param_value_wanted(self.weight),
         );
-        if let Some(g) = gx {
-            out.input(self.input, g);
-        }
-        out.param(self.weight, gw);
-        if let (Some(b), Some(gb)) = (self.bias, gb) {
-            out.param(b, gb);
-        }
+        weighted_layer_cotangents(out, self.input, self.weight, self.bias, (gx, gw, gb));
     }
     fn observed_input(&self) -> Option<NodeId> {
         Some(self.input)
