@@ -53,11 +53,14 @@ pub fn mean_sd(v: &[f64]) -> (f64, f64) {
 }
 
 /// Runs the study on `problem` in the direction `v`; `on_row` sees each size's
-/// row as soon as it is measured. The sizes kept and the mini-batch size used
-/// are in the rows and [`SubsetStudy::predict_batch_size`] clamped to N.
+/// row as soon as it is measured. `known_full` is the full-data product `M v`
+/// when the caller has it (else it is computed). The sizes kept and the
+/// mini-batch size used are in the rows and [`SubsetStudy::predict_batch_size`]
+/// clamped to N.
 pub fn subset_errors(
     problem: &Problem,
     v: &ParamVector,
+    known_full: Option<&ParamVector>,
     study: &SubsetStudy,
     on_row: &mut dyn FnMut(&SubsetRow),
 ) -> Result<Vec<SubsetRow>, SolverError> {
@@ -85,7 +88,10 @@ pub fn subset_errors(
         batches.push(product_on(&problem.on(&s)?)?);
     }
     let prediction = Prediction::from_batches(&batches, b, n);
-    let full = product_on(problem)?;
+    let full = match known_full {
+        Some(f) => f.clone(),
+        None => product_on(problem)?,
+    };
     let full_solution = match &study.solver {
         Some(config) => {
             let (x, report) = solve(problem, config, v)?;

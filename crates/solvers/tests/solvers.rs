@@ -328,7 +328,7 @@ fn subset_study_errors_shrink_with_the_subset_and_vanish_on_all_the_data() {
         }),
     };
     let mut seen = 0;
-    let rows = subset_errors(&p, &v, &study, &mut |_| seen += 1).unwrap();
+    let rows = subset_errors(&p, &v, None, &study, &mut |_| seen += 1).unwrap();
     assert_eq!((rows.len(), seen), (3, 3), "sizes beyond N are skipped");
     let (e10, e100, e200) = (
         mean_sd(&rows[0].measured).0,
@@ -354,6 +354,6 @@ fn subset_study_errors_shrink_with_the_subset_and_vanish_on_all_the_data() {
         ..study
     };
     assert!(
-        matches!(subset_errors(&p, &v, &bad, &mut |_| {}), Err(SolverError::BadOption(m)) if m.contains("`predict_batches`"))
+        matches!(subset_errors(&p, &v, None, &bad, &mut |_| {}), Err(SolverError::BadOption(m)) if m.contains("`predict_batches`"))
     );
 }

@@ -9,16 +9,15 @@ use crate::picture::{grid, Tile, BLACK, GREEN, RED};
 use crate::report::{format_bytes, peak_rss_bytes, reset_peak_rss};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hvp_curvature::subsample::Prediction;
 use hvp_curvature::{Curvature, Problem};
 use hvp_data::Relabelled;
 use hvp_data::{Dataset, Idx, Padded, Subset};
 use hvp_influence::train::{train, Optimizer, TrainOptions};
 use hvp_model::{Architecture, Model, ParamVector, Weights};
 use hvp_solvers::kfac::{FactorKind, Factors, FisherKind};
+use hvp_solvers::subset::{mean_sd, subset_errors, SubsetStudy};
 use hvp_tensor::DType;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::RngExt;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -127,41 +126,26 @@ pub fn run(a: DemoArgs) -> Result<()> {
     );
     println!("| m | mean error | min | max | predicted from 8 batches of 50 |");
     println!("|---|---|---|---|---|");
-    let mut rng = StdRng::seed_from_u64(a.seed + 2);
-    let pool: Vec<usize> = (0..n_max).collect();
-    // The prediction `hvp subsample-error` makes without the full pass.
-    let batches = (0..8)
-        .map(|_| {
-            let mut idx = pool.clone();
-            idx.shuffle(&mut rng);
-            idx.truncate(50.min(n_max));
-            let view = Subset::new(&data, idx)?;
-            product(
-                &Problem::new(&model, &weights, &view, a.batch_size)?.with_dtype(dtype),
-                &v,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let prediction = Prediction::from_batches(&batches, 50.min(n_max), n_max);
-    for &m in a.subsets.iter().filter(|&&m| m > 0 && m <= n_max) {
-        let mut errs = Vec::with_capacity(a.repeats);
-        for _ in 0..a.repeats.max(1) {
-            let mut idx = pool.clone();
-            idx.shuffle(&mut rng);
-            idx.truncate(m);
-            let view = Subset::new(&data, idx)?;
-            let problem = Problem::new(&model, &weights, &view, a.batch_size)?.with_dtype(dtype);
-            errs.push(product(&problem, &v)?.relative_error(&full));
-        }
-        let mean = errs.iter().sum::<f64>() / errs.len() as f64;
-        let (lo, hi) = errs
+    // The prediction `hvp subsample-error` makes without the full pass, from 8 batches of 50.
+    let all = Subset::first(&data, n_max);
+    let study = SubsetStudy {
+        curvature: Curvature::Hessian,
+        sizes: a.subsets.clone(),
+        repeats: a.repeats,
+        predict_batches: 8,
+        predict_batch_size: 50,
+        seed: a.seed + 2,
+        solver: None,
+    };
+    let problem = Problem::new(&model, &weights, &all, a.batch_size)?.with_dtype(dtype);
+    subset_errors(&problem, &v, Some(&full), &study, &mut |row| {
+        let (mean, _) = mean_sd(&row.measured);
+        let (lo, hi) = row
+            .measured
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &e| (l.min(e), h.max(e)));
-        println!(
-            "| {m} | {mean:.3} | {lo:.3} | {hi:.3} | {:.3} |",
-            prediction.relative_error(m)
-        );
-    }
+        println!("| {} | {mean:.3} | {lo:.3} | {hi:.3} | {:.3} |", row.m, row.predicted);
+    })?;
     println!(
         "\nTime grows linearly with N at flat memory (one batch of activations and tangents); a \
          subset's HVP is cheaper but its error above is what it costs."

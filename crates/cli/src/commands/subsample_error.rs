@@ -104,7 +104,7 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
         };
         println!("| {} | {mean:.4} ± {sd:.4} | {:.4} | {inv} |", row.m, row.predicted);
     };
-    let rows = match subset_errors(&problem, &v, &study, print_row) {
+    let rows = match subset_errors(&problem, &v, None, &study, print_row) {
         Err(SolverError::FullSolveFailed(report)) => {
             return Err(super::solve::failed(
                 &report,
