@@ -110,7 +110,9 @@ class Model:
         with tempfile.TemporaryDirectory(prefix="hvp-export-") as folder:
             path = os.path.join(folder, "model.onnx")
             try:
-                torch.onnx.export(module, (example_input,), path, optimize=False, do_constant_folding=False)
+                torch.onnx.export(
+                    module, (example_input,), path, optimize=False, do_constant_folding=False, verbose=False
+                )
             except Exception as default_failed:  # the torch.export-based exporter refuses some modules
                 try:
                     torch.onnx.export(

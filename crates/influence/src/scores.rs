@@ -41,6 +41,29 @@ pub fn scores(train: &Problem, s_test: &ParamVector, progress: &dyn Fn(usize)) -
     Ok(directional.into_iter().map(|d| d / n).collect())
 }
 
+/// `score(i, t)` of every training example for each of several `s_tests`
+/// (`[q][i]`), choosing the cheaper computation: one forward-mode pass per
+/// vector for a single one; for several, one pass that forms each layer's
+/// per-example gradients a batch at a time and contracts them with all vectors
+/// at once ([`hvp_solvers::kfac::example_gradient_dots`]), where every parameter
+/// lies in a Linear, Conv2d or BatchNorm layer (else one pass per vector).
+pub fn scores_many(
+    train: &Problem,
+    s_tests: &[ParamVector],
+    progress: &dyn Fn(usize),
+) -> Result<Vec<Vec<f64>>, InfluenceError> {
+    if s_tests.len() > 1 {
+        if let Some(dots) = hvp_solvers::kfac::example_gradient_dots(train, s_tests, progress)? {
+            let n = train.data.len() as f64;
+            return Ok(dots
+                .into_iter()
+                .map(|d| d.into_iter().map(|v| v / n).collect())
+                .collect());
+        }
+    }
+    s_tests.iter().map(|s| scores(train, s, progress)).collect()
+}
+
 /// `s_test = (M + λI)⁻¹ ∇ℓ(z_t)` and the scores of every training example for
 /// test example `t`, by a solver prepared once for all test points
 /// ([`hvp_solvers::SolverConfig::prepare`]). A failed solve is an error
@@ -72,8 +95,9 @@ pub fn explain(
 }
 
 /// [`explain`] for each of `test_indices`, in order, with the solver's factors
-/// (if any) made once. Duplicate indices are refused (a test point scored twice
-/// is a caller's mistake).
+/// (if any) made once and the scores of all test points from one pass over the
+/// training data ([`scores_many`]). Duplicate indices are refused (a test point
+/// scored twice is a caller's mistake).
 pub fn explain_all(
     train: &Problem,
     test: &dyn Dataset,
@@ -94,10 +118,32 @@ pub fn explain_all(
             return Err(InfluenceError::Training(format!("test index {t} is given twice")));
         }
     }
-    test_indices
-        .iter()
-        .map(|&t| explain(train, test, t, solver, allow_failed, progress))
-        .collect()
+    let mut solved = Vec::with_capacity(test_indices.len());
+    for &t in test_indices {
+        let (g, test_loss) = test_gradient(train, test, t)?;
+        let (s_test, report) = solver.solve(train, &g)?;
+        if !report.usable() && !allow_failed {
+            return Err(InfluenceError::SolveFailed {
+                test_index: t,
+                report: Box::new(report),
+            });
+        }
+        solved.push((t, test_loss, s_test, report));
+    }
+    let s_tests: Vec<ParamVector> = solved.iter().map(|s| s.2.clone()).collect();
+    let all_scores = scores_many(train, &s_tests, progress)?;
+    Ok(solved
+        .into_iter()
+        .zip(all_scores)
+        .map(|((t, test_loss, s_test, report), scores)| Explanation {
+            test_index: t,
+            label: test.label(t),
+            test_loss,
+            scores,
+            s_test_norm: s_test.norm(),
+            report,
+        })
+        .collect())
 }
 
 /// Top-k helpful (largest score) and harmful (smallest score) training indices,

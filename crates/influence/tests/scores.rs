@@ -94,3 +94,44 @@ fn a_failed_solve_is_a_typed_error_unless_allowed() {
     let e = explain_with(&problem, test.as_ref(), 0, &ekfac, false).unwrap();
     assert_eq!(e.report.status, SolveStatus::Approximate);
 }
+
+/// The one-pass contraction of per-example gradients with several vectors
+/// equals one forward-mode (JVP) pass per vector, on dense layers with biases
+/// and on a ResNet's convolutions and BatchNorms.
+#[test]
+fn one_pass_multi_query_scores_equal_per_query_jvp_scores() {
+    let train = mnist("train");
+    for (arch, pad) in [("mlp:784,12,10", 0), ("resnet-cifar:1,1,1", 2)] {
+        let data = Subset::first(train.as_ref(), 24);
+        let padded = hvp_data::Padded::new(data, pad).unwrap();
+        let model = Model::new(&arch.parse::<Architecture>().unwrap(), 1).unwrap();
+        let mut weights = Weights::init(&model, 9);
+        // Running statistics away from (0, 1), so BatchNorm's gradient uses them.
+        for (spec, b) in model.buffers.iter().zip(weights.buffers.iter_mut()) {
+            let shift = if spec.name.ends_with("running_var") { 0.5 } else { 0.1 };
+            b.data_mut()
+                .iter_mut()
+                .enumerate()
+                .for_each(|(k, v)| *v += shift * ((k % 5) as f64));
+        }
+        let problem = Problem::new(&model, &weights, &padded, 10)
+            .unwrap()
+            .with_dtype(DType::F64);
+        let vectors: Vec<_> = (0..3)
+            .map(|s| hvp_model::ParamVector::random_normal(&model, s))
+            .collect();
+        let many = hvp_influence::scores::scores_many(&problem, &vectors, &|_| {}).unwrap();
+        let dots = hvp_solvers::kfac::example_gradient_dots(&problem, &vectors, &|_| {}).unwrap();
+        assert!(dots.is_some(), "{arch}: every parameter is covered");
+        for (q, v) in vectors.iter().enumerate() {
+            let one = scores(&problem, v, &|_| {}).unwrap();
+            let scale = one.iter().fold(0.0f64, |m, s| m.max(s.abs()));
+            for (i, (a, b)) in many[q].iter().zip(&one).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-10 * scale,
+                    "{arch} query {q} example {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}

@@ -139,6 +139,11 @@ pub struct Query {
 /// point's, so every row says how far its s_test is from (M + λI)⁻¹ ∇ℓ(z_t).
 pub const CSV_HEADER: &str = "train_index,test_index,score,label,solve_status,relative_residual";
 
+/// Test points scored together: their s_tests solved one after another, then
+/// the scores of all of them from one pass over the training data where the
+/// model allows it; the partial files advance a group at a time.
+const QUERY_GROUP: usize = 32;
+
 /// s_test and the scores of every training example for test example `t`
 /// (`hvp_influence::scores::explain`), with the CLI's reporting: a failed solve
 /// is exit code 3 unless `--keep-unconverged`.
@@ -150,16 +155,36 @@ pub fn explain(
     solver: &PreparedSolver,
     progress: &dyn Fn(usize),
 ) -> Result<Query> {
-    let e = match scores::explain(train, test, t, solver, opts.keep_unconverged, progress) {
-        Err(InfluenceError::SolveFailed { report, .. }) => {
+    let mut all = explain_group(train, test, &[t], opts, solver, progress)?;
+    Ok(all.remove(0))
+}
+
+/// [`explain`] for several test points, scored in one pass
+/// (`hvp_influence::scores::explain_all`).
+fn explain_group(
+    train: &Problem,
+    test: &dyn Dataset,
+    ts: &[usize],
+    opts: &SolverOptions,
+    solver: &PreparedSolver,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<Query>> {
+    let all = match scores::explain_all(train, test, ts, solver, opts.keep_unconverged, progress) {
+        Err(InfluenceError::SolveFailed { report, test_index }) => {
             super::solve::print_report(&report);
             return Err(super::solve::failed(
                 &report,
-                &format!("test example {t} was not scored and no scores were written"),
+                &format!("test example {test_index} was not scored and no scores were written"),
             ));
         }
         other => other?,
     };
+    Ok(all.into_iter().map(|e| query(train, opts, e)).collect())
+}
+
+/// One explained test point with the CLI's warnings and JSON metadata.
+fn query(train: &Problem, opts: &SolverOptions, e: scores::Explanation) -> Query {
+    let t = e.test_index;
     let report = &e.report;
     if !report.usable() {
         super::solve::print_report(report);
@@ -177,7 +202,7 @@ pub fn explain(
         "solver_report": report_json(report, opts, train.data.len(), train.dtype()),
         "s_test_norm": e.s_test_norm,
     });
-    Ok(Query { scores: e.scores, meta })
+    Query { scores: e.scores, meta }
 }
 
 /// A partial-result file, written (and fsynced) only by rank 0. Created
@@ -416,6 +441,16 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     } else {
         vec![]
     };
+    // A group of test points is resumed only when all of it is on disk, else
+    // scored again whole: the groups (and so the scores, bit for bit) are those
+    // of an uninterrupted run.
+    let complete_groups: std::collections::BTreeSet<usize> = indices
+        .chunks(QUERY_GROUP)
+        .filter(|g| g.iter().all(|t| done.iter().any(|d| d.0 == *t)))
+        .flatten()
+        .copied()
+        .collect();
+    done.retain(|d| complete_groups.contains(&d.0));
     // Rewrite the partial files with the complete test points only.
     let mut kept_rows: Vec<String> = Vec::new();
     if !done.is_empty() {
@@ -464,30 +499,20 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     }
     // Factors (kfac, ekfac, pcg) are loaded or computed once for every test point.
     let solver = a.solver.config().prepare(&problem)?;
-    let progress = Progress::new(todo.len() * n, "influence", a.run.quiet);
+    // One scoring pass per group where every parameter's per-example gradient can
+    // be formed layer by layer, else one per test point.
+    let one_pass = hvp_solvers::kfac::covers_all_parameters(&model);
+    let passes: usize = todo
+        .chunks(QUERY_GROUP)
+        .map(|g| if one_pass && g.len() > 1 { 1 } else { g.len() })
+        .sum();
+    let progress = Progress::new(passes * n, "influence", a.run.quiet);
     let start = Instant::now();
-    for &t in &todo {
-        let q = explain(&problem, test, t, &a.solver, &solver, &|k| progress.advance(k))?;
-        let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
-        let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
-        let mut block = String::with_capacity(n * 48);
-        for (i, s) in q.scores.iter().enumerate() {
-            block.push_str(&format!(
-                "{i},{t},{s:.9e},{},{status},{residual:.3e}\n",
-                train_view.label(i)
-            ));
+    for group in todo.chunks(QUERY_GROUP) {
+        let queries = explain_group(&problem, test, group, &a.solver, &solver, &|k| progress.advance(k))?;
+        for (&t, q) in group.iter().zip(queries) {
+            write_query(&mut csv, &mut meta_file, &train_view, t, q, a.top, &mut done)?;
         }
-        csv.write_all(block.as_bytes())?;
-        csv.sync_data()?;
-        let (helpful, harmful) = top_k(&q.scores, a.top);
-        let entry =
-            |i: &usize| serde_json::json!({"train_index": i, "score": q.scores[*i], "label": train_view.label(*i)});
-        let mut meta = q.meta;
-        meta["top_helpful"] = helpful.iter().map(entry).collect();
-        meta["top_harmful"] = harmful.iter().map(entry).collect();
-        writeln!(meta_file, "{meta}")?;
-        meta_file.sync_data()?;
-        done.push((t, meta));
     }
     progress.finish();
     drop(csv);
@@ -544,5 +569,38 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
         summary("hvp influence", todo.len() * n, start.elapsed(), false);
         println!("scores written to {} ({CONVENTION})", a.out.display());
     }
+    Ok(())
+}
+
+/// Appends one scored test point to the partial CSV and metadata files (synced,
+/// so a resumed run finds it) and to `done`.
+fn write_query(
+    csv: &mut PartialFile,
+    meta_file: &mut PartialFile,
+    train_view: &dyn Dataset,
+    t: usize,
+    q: Query,
+    top: usize,
+    done: &mut Vec<(usize, serde_json::Value)>,
+) -> Result<()> {
+    let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
+    let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
+    let mut block = String::with_capacity(q.scores.len() * 48);
+    for (i, s) in q.scores.iter().enumerate() {
+        block.push_str(&format!(
+            "{i},{t},{s:.9e},{},{status},{residual:.3e}\n",
+            train_view.label(i)
+        ));
+    }
+    csv.write_all(block.as_bytes())?;
+    csv.sync_data()?;
+    let (helpful, harmful) = top_k(&q.scores, top);
+    let entry = |i: &usize| serde_json::json!({"train_index": i, "score": q.scores[*i], "label": train_view.label(*i)});
+    let mut meta = q.meta;
+    meta["top_helpful"] = helpful.iter().map(entry).collect();
+    meta["top_harmful"] = harmful.iter().map(entry).collect();
+    writeln!(meta_file, "{meta}")?;
+    meta_file.sync_data()?;
+    done.push((t, meta));
     Ok(())
 }

@@ -25,9 +25,11 @@
 //! `sampling`: the output cotangents behind S; `io`: saving and loading
 //! factors; `self_influence`: per-example `∇ℓ_iᵀ (F̂ + λI)⁻¹ ∇ℓ_i`.
 
+mod contract;
 mod io;
 mod sampling;
 mod self_influence;
+pub use contract::{covers_all_parameters, example_gradient_dots};
 
 use sampling::cotangent_samples;
 
