@@ -97,6 +97,8 @@ fn influence_scores_csv_json_and_resume_after_kill() {
         "1e-6",
         "--top",
         "3",
+        "--query-group",
+        "2",
     ];
     let full = tmp.s("full.csv");
     let json = tmp.s("full.json");

@@ -64,9 +64,14 @@ pub struct InfluenceArgs {
     /// Metadata, solver reports and top-k lists as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Continue an interrupted run from OUT.partial (finished test points are kept).
+    /// Continue an interrupted run from OUT.partial (finished groups of test points are kept).
     #[arg(long)]
     pub resume: bool,
+    /// Test points scored together in one pass over the training data (when every
+    /// parameter is in a Linear, Conv2d or BatchNorm layer); the partial files, and
+    /// so --resume, advance a group at a time.
+    #[arg(value_parser = crate::checks::iterations, long, default_value_t = 32)]
+    pub query_group: usize,
     /// PNG: each test image with its label and prediction, then its top-k helpful
     /// (green) and harmful (red) training images with labels and scores.
     #[arg(long)]
@@ -138,11 +143,6 @@ pub struct Query {
 /// The CSV header of the scores: solve status and residual repeat the test
 /// point's, so every row says how far its s_test is from (M + λI)⁻¹ ∇ℓ(z_t).
 pub const CSV_HEADER: &str = "train_index,test_index,score,label,solve_status,relative_residual";
-
-/// Test points scored together: their s_tests solved one after another, then
-/// the scores of all of them from one pass over the training data where the
-/// model allows it; the partial files advance a group at a time.
-const QUERY_GROUP: usize = 32;
 
 /// s_test and the scores of every training example for test example `t`
 /// (`hvp_influence::scores::explain`), with the CLI's reporting: a failed solve
@@ -308,6 +308,7 @@ fn fingerprint(a: &InfluenceArgs, train: &dyn Dataset, test: &dyn Dataset) -> Re
         "test_data": data_hash(test)?,
         "test_indices": a.test_indices.clone().unwrap_or_else(|| vec![0]),
         "dtype": format!("{:?}", a.run.dtype),
+        "query_group": a.query_group,
         "weight_decay": a.weight_decay,
         "solver": format!("{:?}", o.solver),
         "curvature": format!("{:?}", o.curvature),
@@ -445,7 +446,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     // scored again whole: the groups (and so the scores, bit for bit) are those
     // of an uninterrupted run.
     let complete_groups: std::collections::BTreeSet<usize> = indices
-        .chunks(QUERY_GROUP)
+        .chunks(a.query_group)
         .filter(|g| g.iter().all(|t| done.iter().any(|d| d.0 == *t)))
         .flatten()
         .copied()
@@ -503,12 +504,12 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     // be formed layer by layer, else one per test point.
     let one_pass = hvp_solvers::kfac::covers_all_parameters(&model);
     let passes: usize = todo
-        .chunks(QUERY_GROUP)
+        .chunks(a.query_group)
         .map(|g| if one_pass && g.len() > 1 { 1 } else { g.len() })
         .sum();
     let progress = Progress::new(passes * n, "influence", a.run.quiet);
     let start = Instant::now();
-    for group in todo.chunks(QUERY_GROUP) {
+    for group in todo.chunks(a.query_group) {
         let queries = explain_group(&problem, test, group, &a.solver, &solver, &|k| progress.advance(k))?;
         for (&t, q) in group.iter().zip(queries) {
             write_query(&mut csv, &mut meta_file, &train_view, t, q, a.top, &mut done)?;

@@ -23,6 +23,37 @@ struct BatchNormVectors {
     beta: Vec<Vec<f64>>,
 }
 
+/// Example i's gradient of layer `l` as `[O, A]` rows (bias last): for a
+/// convolution the convolution's own weight-gradient kernel on the one image
+/// (as fast as the gradient pass's), for a dense layer `g āᵀ`.
+fn example_gradient(l: &Layer, x: &Tensor<f64>, gy: &Tensor<f64>, w_shape: &[usize], i: usize) -> Vec<f64> {
+    let Some(geometry) = l.conv else {
+        let a = example_inputs(l, x, w_shape, i);
+        let g = example_grads(l, gy, i);
+        return matmul_with(&g, false, &a, true, Par::Serial).into_data();
+    };
+    let one = |t: &Tensor<f64>| {
+        let s = t.shape();
+        let size: usize = s[1..].iter().product();
+        let mut shape = s.to_vec();
+        shape[0] = 1;
+        Tensor::new(shape, t.data()[i * size..(i + 1) * size].to_vec()).expect("one image")
+    };
+    let (xi, gi) = (one(x), one(gy));
+    let gw = conv::backward_weight(&xi, &gi, w_shape, geometry);
+    if l.bias.is_none() {
+        return gw.into_data();
+    }
+    let width = l.a_dim - 1;
+    let plane = gi.numel() / l.s_dim;
+    let mut out = Vec::with_capacity(l.s_dim * l.a_dim);
+    for o in 0..l.s_dim {
+        out.extend_from_slice(&gw.data()[o * width..(o + 1) * width]);
+        out.push(gi.data()[o * plane..(o + 1) * plane].iter().sum());
+    }
+    out
+}
+
 /// Whether every parameter of `model` lies in a layer whose per-example
 /// gradients [`example_gradient_dots`] forms (Linear, Conv2d, BatchNorm).
 pub fn covers_all_parameters(model: &Model) -> bool {
@@ -103,11 +134,7 @@ pub fn example_gradient_dots(
             let w_shape = &model.params[l.weight].shape;
             let per_example: Vec<f64> = (0..b)
                 .into_par_iter()
-                .flat_map_iter(|i| {
-                    let a = example_inputs(l, x, w_shape, i);
-                    let g = example_grads(l, gy, i);
-                    matmul_with(&g, false, &a, true, Par::Serial).into_data()
-                })
+                .flat_map_iter(|i| example_gradient(l, x, gy, w_shape, i))
                 .collect();
             let dots = matmul_with(
                 &mat(b, l.s_dim * l.a_dim, per_example),
