@@ -76,22 +76,8 @@ pub fn explain(
     allow_failed: bool,
     progress: &dyn Fn(usize),
 ) -> Result<Explanation, InfluenceError> {
-    let (g, test_loss) = test_gradient(train, test, t)?;
-    let (s_test, report) = solver.solve(train, &g)?;
-    if !report.usable() && !allow_failed {
-        return Err(InfluenceError::SolveFailed {
-            test_index: t,
-            report: Box::new(report),
-        });
-    }
-    Ok(Explanation {
-        test_index: t,
-        label: test.label(t),
-        test_loss,
-        scores: scores(train, &s_test, progress)?,
-        s_test_norm: s_test.norm(),
-        report,
-    })
+    let mut one = explain_all(train, test, &[t], solver, allow_failed, progress)?;
+    Ok(one.remove(0))
 }
 
 /// [`explain`] for each of `test_indices`, in order, with the solver's factors
