@@ -110,6 +110,7 @@ impl SolverOptions {
             seed: self.seed,
             factors: self.factors.clone(),
             fisher: parse_fisher(&self.fisher)?,
+            factor_cache: None,
         })
     }
 }

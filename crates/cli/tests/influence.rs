@@ -136,6 +136,7 @@ fn influence_scores_csv_json_and_resume_after_kill() {
     args.extend(["--out", &out, "--quiet"]);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hvp"))
         .args(&args)
+        .env("HVP_CACHE_DIR", test_cache_dir())
         .spawn()
         .unwrap();
     let partial_meta = tmp.path("resumed.csv.partial.json");
@@ -245,4 +246,57 @@ fn leave_one_out_non_convex_mlp_with_gradient_descent_retraining() {
         let p = v["pearson"].as_f64().unwrap();
         assert!(p >= bound, "non-convex MLP, test {t}: Pearson {p} < {bound}");
     }
+}
+
+/// K-FAC/EK-FAC factors are computed once per configuration and found again in
+/// the factor cache by the next run (same scores, bit for bit), unless refused.
+#[test]
+fn factors_are_cached_across_runs_and_the_cache_can_be_refused() {
+    let tmp = TempDir::new("factor-cache");
+    let cache = tmp.s("cache");
+    let f = fixture("mlp");
+    let spec = format!(
+        "npy:{},{}",
+        f.join("inputs.npy").display(),
+        f.join("labels.npy").display()
+    );
+    let weights = f.join("weights.safetensors").display().to_string();
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "influence",
+            "--arch",
+            "mlp:64,16,10",
+            "--weights",
+            &weights,
+            "--train",
+            &spec,
+            "--test",
+            &spec,
+            "--test-indices",
+            "0,1,2",
+            "--solver",
+            "ekfac",
+            "--damping",
+            "0.01",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        let o = hvp_env(&args, &[("HVP_CACHE_DIR", &cache)]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            std::fs::read_to_string(out).unwrap(),
+        )
+    };
+    let (log1, first) = run(&tmp.s("a.csv"), &[]);
+    assert!(log1.contains("factors: computed and cached at"), "{log1}");
+    let (log2, second) = run(&tmp.s("b.csv"), &[]);
+    assert!(log2.contains("factors: reused from the cache"), "{log2}");
+    assert_eq!(first, second);
+    let (log3, third) = run(&tmp.s("c.csv"), &["--no-factor-cache"]);
+    assert!(!log3.contains("factors:"), "{log3}");
+    assert_eq!(first, third);
+    let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(cached.len(), 1, "one configuration, one file");
 }

@@ -19,7 +19,8 @@ fn mpirun(k: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("HVP_CACHE_DIR", test_cache_dir());
     for (k, v) in env {
         cmd.env(k, v);
     }

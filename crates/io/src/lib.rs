@@ -13,6 +13,7 @@
 
 pub mod confine;
 pub mod fuzz;
+pub mod hash;
 pub mod memory;
 pub mod read;
 pub mod write;

@@ -2,7 +2,7 @@
 //! [`solve`], that a command line, a Python binding or another tool calls alike.
 
 use crate::cg::CgOptions;
-use crate::kfac::{FactorKind, Factors, FisherKind};
+use crate::kfac::{FactorKind, FactorSource, Factors, FisherKind};
 use crate::lissa::LissaOptions;
 use crate::{cg, direct, kfac, lanczos, lissa, CurvatureOperator, Damped, SolveReport, SolverError};
 use hvp_curvature::{Curvature, Problem};
@@ -75,6 +75,10 @@ pub struct SolverConfig {
     pub factors: Option<PathBuf>,
     /// kfac, ekfac, pcg: how factors are computed when none are given.
     pub fisher: FisherKind,
+    /// kfac, ekfac, pcg: a folder where computed factors are kept and found
+    /// again under a key of model, weights, data and settings
+    /// ([`Factors::cached`]); `None` computes them every time.
+    pub factor_cache: Option<PathBuf>,
 }
 
 impl SolverConfig {
@@ -94,6 +98,7 @@ impl SolverConfig {
             seed: 0,
             factors: None,
             fisher: FisherKind::Mc,
+            factor_cache: None,
         }
     }
 
@@ -126,22 +131,35 @@ impl SolverConfig {
     /// computed on `problem`; K-FAC views of EK-FAC factors are allowed, the
     /// reverse is refused.
     pub fn factors(&self, problem: &Problem) -> Result<Factors, SolverError> {
+        Ok(self.factors_with_source(problem)?.0)
+    }
+
+    /// [`SolverConfig::factors`] and where they came from.
+    pub fn factors_with_source(&self, problem: &Problem) -> Result<(Factors, FactorSource), SolverError> {
         let want = if self.kind == SolverKind::Kfac {
             FactorKind::Kfac
         } else {
             FactorKind::Ekfac
         };
-        let factors = match &self.factors {
-            Some(path) => Factors::load(problem.model, path).map_err(|e| SolverError::BadOption(e.to_string()))?,
-            None => Factors::compute(problem, want, self.fisher, self.seed, &|_| {})?,
+        let (factors, source) = match (&self.factors, &self.factor_cache) {
+            (Some(path), _) => (
+                Factors::load(problem.model, path).map_err(|e| SolverError::BadOption(e.to_string()))?,
+                FactorSource::Given(path.clone()),
+            ),
+            (None, Some(dir)) => Factors::cached(problem, want, self.fisher, self.seed, dir, &|_| {})?,
+            (None, None) => (
+                Factors::compute(problem, want, self.fisher, self.seed, &|_| {})?,
+                FactorSource::Computed(None),
+            ),
         };
-        match (self.kind, factors.kind) {
+        let factors = match (self.kind, factors.kind) {
             (SolverKind::Ekfac, FactorKind::Kfac) => Err(SolverError::BadOption(
                 "`solver` ekfac needs EK-FAC factors; these are K-FAC (compute EK-FAC factors, e.g. `hvp factors --kind ekfac` on the command line)".into(),
             )),
             (SolverKind::Kfac, FactorKind::Ekfac) => Ok(factors.without_corrections()),
             _ => Ok(factors),
-        }
+        }?;
+        Ok((factors, source))
     }
 }
 
@@ -150,6 +168,7 @@ impl SolverConfig {
 pub struct PreparedSolver {
     config: SolverConfig,
     factors: Option<Factors>,
+    source: Option<FactorSource>,
 }
 
 impl SolverConfig {
@@ -157,14 +176,16 @@ impl SolverConfig {
     /// once, on `problem`.
     pub fn prepare(&self, problem: &Problem) -> Result<PreparedSolver, SolverError> {
         self.check()?;
-        let factors = if self.kind.uses_factors() {
-            Some(self.factors(problem)?)
+        let (factors, source) = if self.kind.uses_factors() {
+            let (f, s) = self.factors_with_source(problem)?;
+            (Some(f), Some(s))
         } else {
-            None
+            (None, None)
         };
         Ok(PreparedSolver {
             config: self.clone(),
             factors,
+            source,
         })
     }
 }
@@ -172,6 +193,11 @@ impl SolverConfig {
 impl PreparedSolver {
     pub fn config(&self) -> &SolverConfig {
         &self.config
+    }
+
+    /// Where the factors came from (solvers that use them).
+    pub fn factor_source(&self) -> Option<&FactorSource> {
+        self.source.as_ref()
     }
 
     /// `x = (M + λI)⁻¹ g` on the problem's curvature, with its report.

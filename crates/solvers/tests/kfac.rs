@@ -144,3 +144,31 @@ fn resnet_factors_cover_conv_layers_and_batchnorm_diagonals() {
     .unwrap();
     assert!(rep.converged && rep.relative_residual < 1e-5, "{rep:?}");
 }
+
+#[test]
+fn cached_factors_are_reused_bit_for_bit_and_keyed_by_the_weights() {
+    use hvp_solvers::kfac::{cache_key, FactorSource};
+    let (m, w) = model("mlp:49,8,10", 1, 3, 1.0);
+    let data = fashion(40, true);
+    let p = Problem::new(&m, &w, &data, 16).unwrap().with_dtype(DType::F64);
+    let dir = std::env::temp_dir().join(format!("hvp-kfac-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (first, s1) = Factors::cached(&p, FactorKind::Ekfac, FisherKind::Mc, 4, &dir, &|_| {}).unwrap();
+    assert!(matches!(s1, FactorSource::Computed(Some(_))), "{s1:?}");
+    let (again, s2) = Factors::cached(&p, FactorKind::Ekfac, FisherKind::Mc, 4, &dir, &|_| {}).unwrap();
+    assert!(matches!(s2, FactorSource::Cached(_)), "{s2:?}");
+    let g = ParamVector::random_normal(&m, 2);
+    let (a, b) = (first.inverse_product(&g, 0.1), again.inverse_product(&g, 0.1));
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!(x.data(), y.data());
+    }
+    // Other weights, another seed or another kind: another key.
+    let key = cache_key(&p, FactorKind::Ekfac, FisherKind::Mc, 4).unwrap();
+    assert_ne!(key, cache_key(&p, FactorKind::Ekfac, FisherKind::Mc, 5).unwrap());
+    assert_ne!(key, cache_key(&p, FactorKind::Kfac, FisherKind::Mc, 4).unwrap());
+    let mut w2 = w.clone();
+    w2.params[0].data_mut()[0] += 1e-9;
+    let p2 = Problem::new(&m, &w2, &data, 16).unwrap().with_dtype(DType::F64);
+    assert_ne!(key, cache_key(&p2, FactorKind::Ekfac, FisherKind::Mc, 4).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}

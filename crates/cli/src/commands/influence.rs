@@ -249,16 +249,7 @@ fn partial_paths(out: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
-/// FNV-1a, 64 bits: a content hash that does not change between builds.
-fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+use hvp_io::hash::{fnv1a, FNV_OFFSET};
 
 /// Content hash of a file given on the command line (for the fingerprint).
 fn file_hash(path: &Path) -> Result<String> {
@@ -500,6 +491,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     }
     // Factors (kfac, ekfac, pcg) are loaded or computed once for every test point.
     let solver = a.solver.config().prepare(&problem)?;
+    super::solve::state_factor_source(&solver, a.run.quiet);
     // One scoring pass per group where every parameter's per-example gradient can
     // be formed layer by layer, else one per test point.
     let one_pass = hvp_solvers::kfac::covers_all_parameters(&model);

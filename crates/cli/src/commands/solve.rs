@@ -98,6 +98,11 @@ pub struct SolverOptions {
     /// Without it a failed solve writes no solution and exits with code 3.
     #[arg(long)]
     pub keep_unconverged: bool,
+    /// kfac, ekfac, pcg: compute the factors even when the factor cache holds
+    /// them, and do not store them (the cache: $HVP_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/hvp/factors or ~/.cache/hvp/factors).
+    #[arg(long)]
+    pub no_factor_cache: bool,
 }
 
 /// A solve that did not reach its tolerance (exit code 3).
@@ -179,7 +184,30 @@ impl SolverOptions {
             seed: self.seed,
             factors: self.factors.clone(),
             fisher: self.fisher.into(),
+            factor_cache: if self.no_factor_cache { None } else { factor_cache_dir() },
         }
+    }
+}
+
+/// The factor cache's folder: `$HVP_CACHE_DIR`, else `$XDG_CACHE_HOME/hvp/factors`,
+/// else `~/.cache/hvp/factors`.
+pub fn factor_cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("HVP_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("hvp").join("factors")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("hvp").join("factors")))
+}
+
+/// Says where a prepared solver's factors came from (stderr).
+pub fn state_factor_source(solver: &hvp_solvers::PreparedSolver, quiet: bool) {
+    use hvp_solvers::kfac::FactorSource;
+    if quiet {
+        return;
+    }
+    match solver.factor_source() {
+        Some(FactorSource::Cached(p)) => eprintln!("factors: reused from the cache, {}", p.display()),
+        Some(FactorSource::Computed(Some(p))) => eprintln!("factors: computed and cached at {}", p.display()),
+        _ => {}
     }
 }
 
@@ -254,7 +282,10 @@ pub fn run(a: SolveArgs) -> Result<()> {
     if g.norm() == 0.0 {
         bail!("the right-hand side {} is zero; the solution is 0", a.rhs.display());
     }
-    let solved = run_solver(&problem, &a.solver, &g);
+    let solved = a.solver.config().prepare(&problem).and_then(|s| {
+        state_factor_source(&s, a.run.quiet);
+        s.solve(&problem, &g)
+    });
     progress.finish();
     let (x, report) = solved?;
     if let Some(slot) = report_slot {

@@ -84,6 +84,7 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
                 factors: None,
                 fisher: super::solve::FisherArg::Mc,
                 keep_unconverged: false,
+                no_factor_cache: false,
             }
             .config()
         }),

@@ -17,6 +17,11 @@ pub fn fixture(case: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(case)
 }
 
+/// The factor cache of this test process (never the user's).
+pub fn test_cache_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("hvp-test-factor-cache-{}", std::process::id()))
+}
+
 /// Runs `hvp` with `args`.
 pub fn hvp(args: &[&str]) -> Output {
     hvp_env(args, &[])
@@ -26,6 +31,7 @@ pub fn hvp(args: &[&str]) -> Output {
 pub fn hvp_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hvp"))
         .args(args)
+        .env("HVP_CACHE_DIR", test_cache_dir())
         .envs(env.iter().copied())
         .output()
         .expect("the hvp binary runs")

@@ -25,7 +25,9 @@
 //! `sampling`: the output cotangents behind S; `io`: saving and loading
 //! factors; `self_influence`: per-example `∇ℓ_iᵀ (F̂ + λI)⁻¹ ∇ℓ_i`.
 
+mod cache;
 mod contract;
+pub use cache::{cache_key, FactorSource};
 mod io;
 mod sampling;
 mod self_influence;
