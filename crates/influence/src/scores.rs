@@ -81,8 +81,9 @@ pub fn explain(
 }
 
 /// [`explain`] for each of `test_indices`, in order, with the solver's factors
-/// (if any) made once and the scores of all test points from one pass over the
-/// training data ([`scores_many`]). Duplicate indices are refused (a test point
+/// (if any) made once, the s_tests solved together
+/// ([`PreparedSolver::solve_many`]) and the scores of all test points from one
+/// pass over the training data ([`scores_many`]). Duplicate indices are refused (a test point
 /// scored twice is a caller's mistake).
 pub fn explain_all(
     train: &Problem,
@@ -104,10 +105,19 @@ pub fn explain_all(
             return Err(InfluenceError::Training(format!("test index {t} is given twice")));
         }
     }
-    let mut solved = Vec::with_capacity(test_indices.len());
+    let mut gradients = Vec::with_capacity(test_indices.len());
+    let mut losses = Vec::with_capacity(test_indices.len());
     for &t in test_indices {
         let (g, test_loss) = test_gradient(train, test, t)?;
-        let (s_test, report) = solver.solve(train, &g)?;
+        gradients.push(g);
+        losses.push(test_loss);
+    }
+    let mut solved = Vec::with_capacity(test_indices.len());
+    for ((&t, test_loss), (s_test, report)) in test_indices
+        .iter()
+        .zip(losses)
+        .zip(solver.solve_many(train, &gradients)?)
+    {
         if !report.usable() && !allow_failed {
             return Err(InfluenceError::SolveFailed {
                 test_index: t,

@@ -99,3 +99,134 @@ pub fn solve(
     let report = finish(a, g, &x, report, p0, start)?;
     Ok((x, report))
 }
+
+/// One right-hand side of [`solve_many`]: the state of its own CG recursion.
+struct Lane {
+    x: ParamVector,
+    r: ParamVector,
+    p: ParamVector,
+    rz: f64,
+    gnorm: f64,
+    report: SolveReport,
+    /// Iterations done; a lane stops at `max_iter` or when finished.
+    iterations: usize,
+    finished: bool,
+}
+
+/// [`solve`] for several right-hand sides at once: each runs its own CG
+/// recursion (the same iterates as alone), and each round's products of all
+/// running recursions are one [`LinearOperator::apply_many`] — one pass over
+/// the data for operators that share it. The exact residual checks are block
+/// products too.
+pub fn solve_many(
+    a: &dyn LinearOperator,
+    gs: &[ParamVector],
+    opts: &CgOptions,
+    precond: Option<Preconditioner>,
+    name: &str,
+) -> Result<Vec<(ParamVector, SolveReport)>, SolverError> {
+    let start = Instant::now();
+    let apply_p = |r: &ParamVector| match precond {
+        Some(p) => p(r),
+        None => Ok(r.clone()),
+    };
+    let mut lanes = Vec::with_capacity(gs.len());
+    for g in gs {
+        let z = apply_p(g)?;
+        lanes.push(Lane {
+            x: g.zeros_like(),
+            r: g.clone(),
+            rz: g.dot(&z),
+            p: z,
+            gnorm: g.norm().max(f64::MIN_POSITIVE),
+            report: SolveReport::exact(name, opts.tol),
+            iterations: 0,
+            finished: false,
+        });
+    }
+    let running = |lanes: &[Lane]| -> Vec<usize> {
+        (0..lanes.len())
+            .filter(|&i| !lanes[i].finished && lanes[i].iterations < opts.max_iter)
+            .collect()
+    };
+    loop {
+        // Lanes whose recursive residual is within the tolerance confirm it
+        // with the exact one, and restart from it when it is still above.
+        let confirming: Vec<usize> = running(&lanes)
+            .into_iter()
+            .filter(|&i| lanes[i].r.norm() / lanes[i].gnorm <= opts.tol)
+            .collect();
+        let products = a.apply_many(&confirming.iter().map(|&i| lanes[i].x.clone()).collect::<Vec<_>>())?;
+        for (&i, ax) in confirming.iter().zip(products) {
+            let (lane, g) = (&mut lanes[i], &gs[i]);
+            lane.report.products += 1;
+            let mut exact = g.clone();
+            exact.axpy(-1.0, &ax);
+            if exact.norm() / lane.gnorm <= opts.tol {
+                lane.finished = true;
+                continue;
+            }
+            lane.r = exact;
+            let z = apply_p(&lane.r)?;
+            lane.rz = lane.r.dot(&z);
+            lane.p = z;
+        }
+        let stepping = running(&lanes);
+        if stepping.is_empty() {
+            break;
+        }
+        let products = a.apply_many(&stepping.iter().map(|&i| lanes[i].p.clone()).collect::<Vec<_>>())?;
+        for (&i, ap) in stepping.iter().zip(products) {
+            let lane = &mut lanes[i];
+            lane.report.products += 1;
+            let pap = lane.p.dot(&ap);
+            lane.iterations += 1;
+            lane.report.iterations = lane.iterations;
+            if !pap.is_finite() {
+                return Err(SolverError::Diverged(format!(
+                    "CG produced a non-finite curvature pᵀAp at iteration {} (right-hand side {}); check the \
+                     weights and data, or use `dtype` f64",
+                    lane.iterations,
+                    i + 1
+                )));
+            }
+            if pap <= 0.0 {
+                lane.report.fail(format!(
+                    "negative curvature: pᵀ(M+λI)p = {pap:.3e} ≤ 0 at iteration {}, so M + λI is not positive \
+                     definite and CG stopped early; use `curvature` ggn (positive semi-definite) or a larger `damping`",
+                    lane.iterations
+                ));
+                lane.finished = true;
+                continue;
+            }
+            let alpha = lane.rz / pap;
+            lane.x.axpy(alpha, &lane.p);
+            lane.r.axpy(-alpha, &ap);
+            let z = apply_p(&lane.r)?;
+            let rz_new = lane.r.dot(&z);
+            let beta = rz_new / lane.rz;
+            lane.rz = rz_new;
+            let mut next = z;
+            next.axpy(beta, &lane.p);
+            lane.p = next;
+        }
+    }
+    let mut xs = Vec::with_capacity(lanes.len());
+    let mut reports = Vec::with_capacity(lanes.len());
+    for lane in lanes {
+        let mut report = lane.report;
+        if report.usable() && lane.r.norm() / lane.gnorm > opts.tol {
+            report.fail(format!(
+                "CG did not reach the tolerance {:.1e} in {} iterations (residual {:.2e}); raise `max_iter` or use \
+                 `solver` pcg",
+                opts.tol,
+                opts.max_iter,
+                lane.r.norm() / lane.gnorm
+            ));
+        }
+        xs.push(lane.x);
+        reports.push(report);
+    }
+    let reports = crate::finish_many(a, gs, &xs, reports, start)?;
+    Ok(xs.into_iter().zip(reports).collect())
+}

@@ -204,6 +204,46 @@ impl PreparedSolver {
     pub fn solve(&self, problem: &Problem, g: &ParamVector) -> Result<(ParamVector, SolveReport), SolverError> {
         solve_prepared(problem, &self.config, self.factors.as_ref(), g)
     }
+
+    /// [`PreparedSolver::solve`] for several right-hand sides together, each
+    /// with its own report: CG and PCG run one recursion per right-hand side
+    /// whose products are taken together, a direct solve builds and factors
+    /// its matrix once, K-FAC/EK-FAC check all residuals with one block
+    /// product. A block product is one pass over the data for the empirical
+    /// Fisher (and the GGN, from as many vectors as outputs); otherwise one
+    /// pass per vector, as alone. LiSSA and Arnoldi solve one after another.
+    pub fn solve_many(
+        &self,
+        problem: &Problem,
+        gs: &[ParamVector],
+    ) -> Result<Vec<(ParamVector, SolveReport)>, SolverError> {
+        let config = &self.config;
+        let op = CurvatureOperator::new(problem, config.curvature);
+        let damped = Damped {
+            inner: &op,
+            damping: config.damping,
+        };
+        let cg_opts = CgOptions {
+            tol: config.tol,
+            max_iter: config.max_iter,
+        };
+        let factors = || {
+            self.factors
+                .as_ref()
+                .ok_or_else(|| SolverError::BadOption("the solver's factors were not prepared".into()))
+        };
+        match config.kind {
+            SolverKind::Direct => direct::solve_many(&op, config.damping, gs, config.tol),
+            SolverKind::Cg => cg::solve_many(&damped, gs, &cg_opts, None, "cg"),
+            SolverKind::Pcg => {
+                let factors = factors()?;
+                let precond = |r: &ParamVector| Ok(factors.inverse_product(r, config.damping));
+                cg::solve_many(&damped, gs, &cg_opts, Some(&precond), "pcg")
+            }
+            SolverKind::Kfac | SolverKind::Ekfac => kfac::solve_many(factors()?, &damped, config.damping, gs),
+            SolverKind::Lissa | SolverKind::Arnoldi => gs.iter().map(|g| self.solve(problem, g)).collect(),
+        }
+    }
 }
 
 /// `x = (M + λI)⁻¹ g` on the problem's curvature by the configured solver, with

@@ -23,14 +23,33 @@ pub fn sym_eigen(n: usize, a: &[f64]) -> Result<(Vec<f64>, Vec<f64>), SolverErro
     Ok((values, vectors))
 }
 
+/// The Cholesky factorisation of a symmetric positive definite matrix, made
+/// once for any number of right-hand sides.
+pub struct Cholesky {
+    n: usize,
+    llt: faer::linalg::solvers::Llt<f64>,
+}
+
+/// Factors the symmetric `n×n` row-major `a`; `None` when it is not positive definite.
+pub fn cholesky(n: usize, a: &[f64]) -> Option<Cholesky> {
+    let m = Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (a[i * n + j] + a[j * n + i]));
+    let llt = m.llt(Side::Lower).ok()?;
+    Some(Cholesky { n, llt })
+}
+
+impl Cholesky {
+    /// `a⁻¹ b`.
+    pub fn solve(&self, b: &[f64]) -> Vec<f64> {
+        let rhs = Mat::<f64>::from_fn(self.n, 1, |i, _| b[i]);
+        let x = self.llt.solve(&rhs);
+        (0..self.n).map(|i| x[(i, 0)]).collect()
+    }
+}
+
 /// Solves `a x = b` for symmetric positive definite `a` by Cholesky; `None` when
 /// `a` is not positive definite.
 pub fn cholesky_solve(n: usize, a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
-    let m = Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (a[i * n + j] + a[j * n + i]));
-    let llt = m.llt(Side::Lower).ok()?;
-    let rhs = Mat::<f64>::from_fn(n, 1, |i, _| b[i]);
-    let x = llt.solve(&rhs);
-    Some((0..n).map(|i| x[(i, 0)]).collect())
+    Some(cholesky(n, a)?.solve(b))
 }
 
 #[cfg(test)]

@@ -54,6 +54,10 @@ pub struct SolveReport {
     pub eigenvalues: Option<Vec<f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scale: Option<f64>,
+    /// Right-hand sides solved together with this one, sharing passes over the
+    /// data (`seconds` is then the whole block's time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
 }
 
 impl SolveReport {
@@ -100,16 +104,54 @@ pub fn finish(
     start_products: usize,
     start: std::time::Instant,
 ) -> Result<SolveReport, SolverError> {
-    let residual = if x.norm().is_finite() {
-        let mut r = op.apply(x)?;
-        r.axpy(-1.0, g);
-        r.norm() / g.norm().max(f64::MIN_POSITIVE)
-    } else {
-        f64::NAN
-    };
-    report.relative_residual = residual;
+    let residual = residuals(op, std::slice::from_ref(g), std::slice::from_ref(x))?[0];
     report.products = op.products() - start_products;
     report.seconds = start.elapsed().as_secs_f64();
+    Ok(judge(report, residual))
+}
+
+/// [`finish`] for a block of right-hand sides solved together: the exact
+/// residuals of all solutions from one block product; each report's `products`
+/// (counted by its solver) gains the one of its residual, `seconds` is the
+/// block's time.
+pub fn finish_many(
+    op: &dyn LinearOperator,
+    gs: &[ParamVector],
+    xs: &[ParamVector],
+    reports: Vec<SolveReport>,
+    start: std::time::Instant,
+) -> Result<Vec<SolveReport>, SolverError> {
+    let residuals = residuals(op, gs, xs)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let k = gs.len();
+    Ok(reports
+        .into_iter()
+        .zip(residuals)
+        .map(|(mut report, residual)| {
+            report.products += 1;
+            report.seconds = seconds;
+            report.block_size = (k > 1).then_some(k);
+            judge(report, residual)
+        })
+        .collect())
+}
+
+/// `‖A x − g‖ / ‖g‖` for each pair (NaN where x is not finite), the finite ones
+/// from one block product.
+fn residuals(op: &dyn LinearOperator, gs: &[ParamVector], xs: &[ParamVector]) -> Result<Vec<f64>, SolverError> {
+    let finite: Vec<usize> = (0..xs.len()).filter(|&i| xs[i].norm().is_finite()).collect();
+    let products = op.apply_many(&finite.iter().map(|&i| xs[i].clone()).collect::<Vec<_>>())?;
+    let mut out = vec![f64::NAN; xs.len()];
+    for (&i, mut r) in finite.iter().zip(products) {
+        r.axpy(-1.0, &gs[i]);
+        out[i] = r.norm() / gs[i].norm().max(f64::MIN_POSITIVE);
+    }
+    Ok(out)
+}
+
+/// The status an exact `residual` gives a report.
+fn judge(mut report: SolveReport, residual: f64) -> SolveReport {
+    report.relative_residual = residual;
     if !residual.is_finite() {
         report.fail(format!(
             "the solution (or its residual) is not finite: M + λI is singular or the products overflow; increase \
@@ -137,5 +179,5 @@ pub fn finish(
         }
     }
     report.converged = report.status == SolveStatus::Converged;
-    Ok(report)
+    report
 }

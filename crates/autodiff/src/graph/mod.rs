@@ -48,6 +48,17 @@ pub struct Graph {
     example_elements: Option<usize>,
 }
 
+/// A graph cut by [`Graph::split_frozen`].
+#[derive(Clone, Debug)]
+pub struct FrozenSplit {
+    /// Input → the frontier node (its last node), no parameters read.
+    pub prefix: Graph,
+    /// The frontier's value → the output, with the same parameters and buffers.
+    pub tail: Graph,
+    /// The frontier's index in the whole graph.
+    pub frontier: NodeId,
+}
+
 /// The value of every node of one forward pass, consumed by the backward pass.
 /// `None` where no later pass reads a value: a node run fused with the ReLU
 /// after it, or one freed after its last user.
@@ -131,6 +142,79 @@ impl Graph {
 
     pub fn nodes(&self) -> &[Op] {
         &self.nodes
+    }
+
+    /// Cuts the graph where the parameters start to matter: `prefix` computes,
+    /// from the input, the one node (`frontier`) through which the input
+    /// reaches every node that depends on a parameter; `tail` is the rest, with
+    /// that node's value as its input. Running `tail` on `prefix`'s outputs
+    /// runs the same operations on the same values as the whole graph, so a
+    /// frozen feature extractor is evaluated once per example, not once per
+    /// pass. `None` when there is nothing to cut: the parameters act on the
+    /// input directly, the output depends on no parameter, or the input reaches
+    /// the parameter-dependent nodes through more than one node.
+    pub fn split_frozen(&self) -> Option<FrozenSplit> {
+        let n = self.nodes.len();
+        // Nodes whose value depends on the input but on no parameter.
+        let mut frozen = vec![false; n];
+        for (i, op) in self.nodes.iter().enumerate() {
+            frozen[i] = !self.needs_grad[i]
+                && (matches!(op, Op::Input(_)) || op.inputs().iter().any(|&j| frozen[j]));
+        }
+        if n == 0 || frozen[n - 1] {
+            return None;
+        }
+        let mut frontier: Option<NodeId> = None;
+        for (i, op) in self.nodes.iter().enumerate() {
+            if frozen[i] {
+                continue;
+            }
+            for j in op.inputs() {
+                if frozen[j] {
+                    match frontier {
+                        None => frontier = Some(j),
+                        Some(f) if f == j => {}
+                        Some(_) => return None,
+                    }
+                }
+            }
+        }
+        let frontier = frontier.filter(|&f| f != 0)?;
+        // The prefix: the frontier's ancestors, in order.
+        let mut wanted = vec![false; n];
+        wanted[frontier] = true;
+        for i in (0..=frontier).rev() {
+            if wanted[i] {
+                for j in self.nodes[i].inputs() {
+                    wanted[j] = true;
+                }
+            }
+        }
+        let renumbered = |keep: &dyn Fn(NodeId) -> bool, first: Option<(NodeId, Op)>| {
+            let mut graph = Graph::new();
+            let mut map = vec![usize::MAX; n];
+            if let Some((from, op)) = first {
+                map[from] = graph.push(op);
+            }
+            for (i, op) in self.nodes.iter().enumerate() {
+                if keep(i) && map[i] == usize::MAX {
+                    let mut op = op.clone();
+                    for input in op.inputs_mut() {
+                        *input = map[*input];
+                    }
+                    map[i] = graph.push(op);
+                }
+            }
+            graph.example_elements = self.example_elements;
+            graph
+        };
+        let prefix = renumbered(&|i| wanted[i], None);
+        let tail = renumbered(&|i| !frozen[i], Some((frontier, Op::Input(op::Input))));
+        Some(FrozenSplit {
+            prefix,
+            tail,
+            frontier,
+        })
     }
 
     /// `true` at each node that fuses with a ReLU (eval-mode BatchNorm, residual

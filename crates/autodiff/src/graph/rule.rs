@@ -30,6 +30,10 @@ pub trait Rule {
     /// The nodes whose values this operation reads, in operand order.
     fn inputs(&self) -> Vec<NodeId>;
 
+    /// The same operands, to renumber them when a graph is cut
+    /// ([`Graph::split_frozen`](super::Graph::split_frozen)).
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId>;
+
     /// The parameters it reads directly.
     fn params(&self) -> ParamRefs {
         ParamRefs::default()
@@ -191,6 +195,9 @@ macro_rules! operations {
         impl Op {
             pub fn inputs(&self) -> Vec<NodeId> {
                 match self { $(Op::$name(op) => op.inputs(),)* }
+            }
+            pub fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+                match self { $(Op::$name(op) => op.inputs_mut(),)* }
             }
             pub fn params(&self) -> ParamRefs {
                 match self { $(Op::$name(op) => op.params(),)* }

@@ -73,6 +73,124 @@ pub fn covers_all_parameters(model: &Model) -> bool {
     covered.iter().all(|&c| c)
 }
 
+/// The vectors laid out per covered layer and BatchNorm, as the per-example
+/// gradients are.
+struct Stacked {
+    layers: Vec<LayerVectors>,
+    norms: Vec<BatchNormVectors>,
+    q: usize,
+}
+
+impl Stacked {
+    fn new(model: &Model, vectors: &[ParamVector]) -> Self {
+        let q = vectors.len();
+        let mut layers = Vec::new();
+        for l in layers_of(model) {
+            let width = l.a_dim - l.bias.is_some() as usize;
+            let mut stacked = vec![0.0; l.s_dim * l.a_dim * q];
+            for (k, v) in vectors.iter().enumerate() {
+                let w = v.tensors[l.weight].data();
+                let b = l.bias.map(|b| v.tensors[b].data());
+                for o in 0..l.s_dim {
+                    for a in 0..width {
+                        stacked[(o * l.a_dim + a) * q + k] = w[o * width + a];
+                    }
+                    if let Some(b) = b {
+                        stacked[(o * l.a_dim + width) * q + k] = b[o];
+                    }
+                }
+            }
+            layers.push(LayerVectors {
+                layer: l,
+                stacked: mat(l.s_dim * l.a_dim, q, stacked),
+            });
+        }
+        let mut norms = Vec::new();
+        for (node, op) in model.graph.nodes().iter().enumerate() {
+            if let Op::BatchNorm(bn) = op {
+                norms.push(BatchNormVectors {
+                    node,
+                    gamma: vectors.iter().map(|v| v.tensors[bn.weight].data().to_vec()).collect(),
+                    beta: vectors.iter().map(|v| v.tensors[bn.bias].data().to_vec()).collect(),
+                });
+            }
+        }
+        Stacked { layers, norms, q }
+    }
+}
+
+/// One batch's (and cotangent sample's) per-example gradients of a layer, kept
+/// until the sample's dots are complete when products are wanted.
+enum ExampleGradients {
+    /// `[B, O·A]` of the layer at this index of [`Stacked::layers`].
+    Layer(usize, Tensor<f64>),
+    /// Per example `(γ gradient, β gradient)` of the BatchNorm at this index of [`Stacked::norms`].
+    Norm(usize, Vec<(Vec<f64>, Vec<f64>)>),
+}
+
+/// One pass over the data forming every example's gradient (per cotangent
+/// sample of `fisher`) layer by layer, with `on_sample(b, dots, gradients)`
+/// called after each sample: `dots` is `[b][q]`, `gradients` the sample's
+/// per-example gradients (kept only when `keep`).
+fn contract_pass(
+    problem: &Problem,
+    fisher: FisherKind,
+    stacked: &Stacked,
+    keep: bool,
+    progress: &dyn Fn(usize),
+    on_sample: &mut dyn FnMut(usize, &[f64], Vec<ExampleGradients>),
+) -> Result<(), SolverError> {
+    let model = problem.model;
+    let buffers = &problem.weights.buffers;
+    let q = stacked.q;
+    // The current sample's dots `[example][q]` and kept gradients, shared by the two callbacks.
+    let current = std::cell::RefCell::new((Vec::<f64>::new(), Vec::<ExampleGradients>::new()));
+    let mut visit = |node: NodeId, op: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, _: bool| {
+        let mut current = current.borrow_mut();
+        let (dots, kept) = &mut *current;
+        let b = x.shape()[0];
+        if dots.len() < b * q {
+            dots.resize(b * q, 0.0);
+        }
+        if let Some(li) = stacked.layers.iter().position(|lv| lv.layer.node == node) {
+            let lv = &stacked.layers[li];
+            let l = &lv.layer;
+            let w_shape = &model.params[l.weight].shape;
+            let per_example: Vec<f64> = (0..b)
+                .into_par_iter()
+                .flat_map_iter(|i| example_gradient(l, x, gy, w_shape, i))
+                .collect();
+            let per_example = mat(b, l.s_dim * l.a_dim, per_example);
+            let d = matmul_with(&per_example, false, &lv.stacked, false, Par::Pool);
+            dots.iter_mut().zip(d.data()).for_each(|(c, d)| *c += d);
+            if keep {
+                kept.push(ExampleGradients::Layer(li, per_example));
+            }
+        } else if let (Op::BatchNorm(bn), Some(ni)) = (op, stacked.norms.iter().position(|n| n.node == node)) {
+            let v = &stacked.norms[ni];
+            let st = &bn.stats;
+            let per_example = bn_example_grads(x, gy, &buffers[st.mean], &buffers[st.var], st.eps);
+            let dot = |grad: &[f64], vec: &[f64]| grad.iter().zip(vec).map(|(a, b)| a * b).sum::<f64>();
+            for (i, (gg, gb)) in per_example.iter().enumerate() {
+                for k in 0..q {
+                    dots[i * q + k] += dot(gg, &v.gamma[k]) + dot(gb, &v.beta[k]);
+                }
+            }
+            if keep {
+                kept.push(ExampleGradients::Norm(ni, per_example));
+            }
+        }
+    };
+    let mut end = |b: usize| {
+        let mut current = current.borrow_mut();
+        let (dots, kept) = &mut *current;
+        dots.resize(b * q, 0.0);
+        on_sample(b, dots, std::mem::take(kept));
+        dots.clear();
+    };
+    stream_observed(problem, fisher, 0, progress, &mut visit, &mut end)
+}
+
 /// `dots[q][i] = ∇ℓ_iᵀ v_q` (true labels, no regulariser) for every example of
 /// `problem` in order — or `None` when a parameter lies outside the layers whose
 /// per-example gradients this forms (Linear, Conv2d, BatchNorm), in which case
@@ -82,89 +200,135 @@ pub fn example_gradient_dots(
     vectors: &[ParamVector],
     progress: &dyn Fn(usize),
 ) -> Result<Option<Vec<Vec<f64>>>, SolverError> {
-    let model = problem.model;
-    if !covers_all_parameters(model) {
+    if !covers_all_parameters(problem.model) {
         return Ok(None);
     }
+    let stacked = Stacked::new(problem.model, vectors);
     let q = vectors.len();
-    let layers = layers_of(model);
-    let mut layer_vectors = Vec::with_capacity(layers.len());
-    for l in &layers {
-        let width = l.a_dim - l.bias.is_some() as usize;
-        let mut stacked = vec![0.0; l.s_dim * l.a_dim * q];
-        for (k, v) in vectors.iter().enumerate() {
-            let w = v.tensors[l.weight].data();
-            let b = l.bias.map(|b| v.tensors[b].data());
-            for o in 0..l.s_dim {
-                for a in 0..width {
-                    stacked[(o * l.a_dim + a) * q + k] = w[o * width + a];
-                }
-                if let Some(b) = b {
-                    stacked[(o * l.a_dim + width) * q + k] = b[o];
-                }
-            }
-        }
-        layer_vectors.push(LayerVectors {
-            layer: *l,
-            stacked: mat(l.s_dim * l.a_dim, q, stacked),
-        });
-    }
-    let mut norms = Vec::new();
-    for (node, op) in model.graph.nodes().iter().enumerate() {
-        if let Op::BatchNorm(bn) = op {
-            norms.push(BatchNormVectors {
-                node,
-                gamma: vectors.iter().map(|v| v.tensors[bn.weight].data().to_vec()).collect(),
-                beta: vectors.iter().map(|v| v.tensors[bn.bias].data().to_vec()).collect(),
-            });
-        }
-    }
-    let buffers = &problem.weights.buffers;
     let mut out: Vec<Vec<f64>> = vec![Vec::new(); q];
-    // The current batch's dots, `[example][q]`, shared by the two callbacks.
-    let current = std::cell::RefCell::new(Vec::<f64>::new());
-    let mut visit = |node: NodeId, op: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, _: bool| {
-        let mut current = current.borrow_mut();
-        let b = x.shape()[0];
-        if current.len() < b * q {
-            current.resize(b * q, 0.0);
-        }
-        if let Some(lv) = layer_vectors.iter().find(|lv| lv.layer.node == node) {
-            let l = &lv.layer;
-            let w_shape = &model.params[l.weight].shape;
-            let per_example: Vec<f64> = (0..b)
-                .into_par_iter()
-                .flat_map_iter(|i| example_gradient(l, x, gy, w_shape, i))
-                .collect();
-            let dots = matmul_with(
-                &mat(b, l.s_dim * l.a_dim, per_example),
-                false,
-                &lv.stacked,
-                false,
-                Par::Pool,
-            );
-            current.iter_mut().zip(dots.data()).for_each(|(c, d)| *c += d);
-        } else if let (Op::BatchNorm(bn), Some(v)) = (op, norms.iter().find(|n| n.node == node)) {
-            let st = &bn.stats;
-            let per_example = bn_example_grads(x, gy, &buffers[st.mean], &buffers[st.var], st.eps);
-            for (i, (gg, gb)) in per_example.iter().enumerate() {
-                for k in 0..q {
-                    let dot = |grad: &[f64], vec: &[f64]| grad.iter().zip(vec).map(|(a, b)| a * b).sum::<f64>();
-                    current[i * q + k] += dot(gg, &v.gamma[k]) + dot(gb, &v.beta[k]);
-                }
-            }
-        }
-    };
-    let mut end = |b: usize| {
-        let mut current = current.borrow_mut();
+    contract_pass(problem, FisherKind::Empirical, &stacked, false, progress, &mut |b, dots, _| {
         for i in 0..b {
             for (k, o) in out.iter_mut().enumerate() {
-                o.push(current.get(i * q + k).copied().unwrap_or(0.0));
+                o.push(dots[i * q + k]);
             }
         }
-        current.clear();
-    };
-    stream_observed(problem, FisherKind::Empirical, 0, progress, &mut visit, &mut end)?;
+    })?;
     let n = problem.data.len();
     Ok(Some(out.iter().map(|o| hvp_dist::gather_shards(n, o)).collect()))
+}
+
+/// `M v_q` for every vector at once, where M is the Fisher-form curvature whose
+/// cotangent samples `fisher` draws: `Empirical` gives the empirical Fisher
+/// `(1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ`, `Exact` the GGN `(1/N) Σ_i J_iᵀ H_i J_i` (through the
+/// output Hessian's square-root columns, C backward passes per batch) — plus
+/// the problem's weight decay, as [`Problem::product`] gives. One pass over the
+/// data: each example's gradients are formed a batch at a time, `D = G V` and
+/// `Gᵀ D` are GEMMs over the batch, so an extra vector costs two small products
+/// per example instead of a pass. `None` when a parameter lies outside the
+/// layers this covers (Linear, Conv2d, BatchNorm).
+pub fn block_product(
+    problem: &Problem,
+    fisher: FisherKind,
+    vectors: &[ParamVector],
+    progress: &dyn Fn(usize),
+) -> Result<Option<Vec<ParamVector>>, SolverError> {
+    let model = problem.model;
+    if !covers_all_parameters(model) || vectors.is_empty() || fisher == FisherKind::Mc {
+        return Ok(None);
+    }
+    let stacked = Stacked::new(model, vectors);
+    let q = vectors.len();
+    // The batch's per-example gradients of every layer are held until its dots
+    // are complete: `B × P` numbers.
+    let batch = problem.batch_size.min(problem.data.len().max(1));
+    hvp_io::memory::check_fits(
+        (batch as u64)
+            .saturating_mul(model.num_params() as u64)
+            .saturating_mul(8),
+        "one batch's per-example gradients",
+        "lower `batch_size`",
+    )
+    .map_err(|e| SolverError::BadOption(e.to_string()))?;
+    let mut layer_sums: Vec<Vec<f64>> = stacked
+        .layers
+        .iter()
+        .map(|lv| vec![0.0; lv.stacked.numel()])
+        .collect();
+    // `[q][channel]` sums of each BatchNorm's γ and β.
+    let mut norm_sums: Vec<(Vec<f64>, Vec<f64>)> = stacked
+        .norms
+        .iter()
+        .map(|n| {
+            let c = n.gamma.first().map_or(0, Vec::len);
+            (vec![0.0; q * c], vec![0.0; q * c])
+        })
+        .collect();
+    contract_pass(problem, fisher, &stacked, true, progress, &mut |b, dots, kept| {
+        let d = mat(b, q, dots.to_vec());
+        for g in kept {
+            match g {
+                ExampleGradients::Layer(li, per_example) => {
+                    let part = matmul_with(&per_example, true, &d, false, Par::Pool);
+                    add_into(&mut layer_sums[li], &part, 1.0);
+                }
+                ExampleGradients::Norm(ni, per_example) => {
+                    let (sg, sb) = &mut norm_sums[ni];
+                    let c = sg.len() / q;
+                    for (i, (gg, gb)) in per_example.iter().enumerate() {
+                        for k in 0..q {
+                            let w = dots[i * q + k];
+                            for ch in 0..c {
+                                sg[k * c + ch] += w * gg[ch];
+                                sb[k * c + ch] += w * gb[ch];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })?;
+    allreduce_nested(&mut layer_sums);
+    let mut flat_norms: Vec<Vec<f64>> = norm_sums.iter().flat_map(|(g, b)| [g.clone(), b.clone()]).collect();
+    allreduce_nested(&mut flat_norms);
+    let n = problem.data.len() as f64;
+    let mut out: Vec<ParamVector> = vectors.iter().map(ParamVector::zeros_like).collect();
+    for (lv, sums) in stacked.layers.iter().zip(&layer_sums) {
+        let l = &lv.layer;
+        let width = l.a_dim - l.bias.is_some() as usize;
+        for (k, o) in out.iter_mut().enumerate() {
+            let w = o.tensors[l.weight].data_mut();
+            for r in 0..l.s_dim {
+                for a in 0..width {
+                    w[r * width + a] = sums[(r * l.a_dim + a) * q + k] / n;
+                }
+            }
+            if let Some(b) = l.bias {
+                for (r, bv) in o.tensors[b].data_mut().iter_mut().enumerate() {
+                    *bv = sums[(r * l.a_dim + width) * q + k] / n;
+                }
+            }
+        }
+    }
+    let mut norm_params = model.graph.nodes().iter().filter_map(|op| match op {
+        Op::BatchNorm(bn) => Some((bn.weight, bn.bias)),
+        _ => None,
+    });
+    for pair in flat_norms.chunks(2) {
+        let Some((gamma, beta)) = norm_params.next() else { break };
+        let c = pair[0].len() / q;
+        for (k, o) in out.iter_mut().enumerate() {
+            for (ch, v) in o.tensors[gamma].data_mut().iter_mut().enumerate() {
+                *v = pair[0][k * c + ch] / n;
+            }
+            for (ch, v) in o.tensors[beta].data_mut().iter_mut().enumerate() {
+                *v = pair[1][k * c + ch] / n;
+            }
+        }
+    }
+    if problem.weight_decay != 0.0 {
+        for (o, v) in out.iter_mut().zip(vectors) {
+            o.axpy(problem.weight_decay, v);
+        }
+    }
+    Ok(Some(out))
 }

@@ -31,7 +31,7 @@ pub use cache::{cache_key, FactorSource};
 mod io;
 mod sampling;
 mod self_influence;
-pub use contract::{covers_all_parameters, example_gradient_dots};
+pub use contract::{block_product, covers_all_parameters, example_gradient_dots};
 
 use sampling::cotangent_samples;
 
@@ -255,18 +255,19 @@ struct Sums {
 type Visitor<'a> = &'a mut dyn FnMut(NodeId, &Op, &Tensor<f64>, &Tensor<f64>, bool);
 
 /// Streams the data once in the problem's dtype, showing each batch's observed
-/// layers to `visit`.
+/// layers to `visit`, once per cotangent sample (one backward pass each), and
+/// calling `sample_end(batch size)` after each sample's backward pass.
 fn stream_observed(
     problem: &Problem,
     fisher: FisherKind,
     seed: u64,
     progress: &dyn Fn(usize),
     visit: Visitor,
-    batch_end: &mut dyn FnMut(usize),
+    sample_end: &mut dyn FnMut(usize),
 ) -> Result<(), SolverError> {
     match problem.dtype() {
-        DType::F32 => stream_observed_as::<f32>(problem, fisher, seed, progress, visit, batch_end),
-        DType::F64 => stream_observed_as::<f64>(problem, fisher, seed, progress, visit, batch_end),
+        DType::F32 => stream_observed_as::<f32>(problem, fisher, seed, progress, visit, sample_end),
+        DType::F64 => stream_observed_as::<f64>(problem, fisher, seed, progress, visit, sample_end),
     }
 }
 
@@ -276,7 +277,7 @@ fn stream_observed_as<T: Float>(
     seed: u64,
     progress: &dyn Fn(usize),
     visit: Visitor,
-    batch_end: &mut dyn FnMut(usize),
+    sample_end: &mut dyn FnMut(usize),
 ) -> Result<(), SolverError> {
     let model = problem.model;
     let params: Vec<Tensor<T>> = problem.weights.params_as();
@@ -300,8 +301,8 @@ fn stream_observed_as<T: Float>(
             // Each backward pass consumes a tape: copy it only while more samples follow.
             let this = if k == last { tape.take() } else { tape.clone() }.expect("tape kept until the last sample");
             graph.backward_observed(&params, &buffers, this, cot.cast::<T>(), Some(&mut obs));
+            sample_end(idx.len());
         }
-        batch_end(idx.len());
         progress(idx.len() * hvp_dist::size());
         Ok::<(), SolverError>(())
     })
@@ -553,4 +554,25 @@ pub fn solve(
     };
     let report = finish(exact, g, &x, report, p0, start)?;
     Ok((x, report))
+}
+
+/// [`solve`] for several right-hand sides, their exact residuals from one
+/// block product.
+pub fn solve_many(
+    factors: &Factors,
+    exact: &dyn LinearOperator,
+    damping: f64,
+    gs: &[ParamVector],
+) -> Result<Vec<(ParamVector, SolveReport)>, SolverError> {
+    let start = Instant::now();
+    let xs: Vec<ParamVector> = gs.iter().map(|g| factors.inverse_product(g, damping)).collect();
+    let report = SolveReport {
+        iterations: 1,
+        ..SolveReport::approximate(match factors.kind {
+            FactorKind::Kfac => "kfac",
+            FactorKind::Ekfac => "ekfac",
+        })
+    };
+    let reports = crate::finish_many(exact, gs, &xs, vec![report; gs.len()], start)?;
+    Ok(xs.into_iter().zip(reports).collect())
 }

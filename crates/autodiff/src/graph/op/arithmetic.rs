@@ -17,6 +17,9 @@ impl Rule for Add {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.a, self.b]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.a, &mut self.b]
+    }
     fn example_shape(&self, inputs: &[&[usize]], _: &[Vec<usize>], _: &mut f64) -> Vec<usize> {
         inputs[0].to_vec()
     }
@@ -49,6 +52,9 @@ impl Rule for Arith {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.a, self.b]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.a, &mut self.b]
+    }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::arith(self.op, cx.value(self.a), cx.value(self.b))
     }
@@ -70,6 +76,9 @@ pub struct MatMul {
 impl Rule for MatMul {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.a, self.b]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.a, &mut self.b]
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::matmul(cx.value(self.a), cx.value(self.b), self.trans_b)

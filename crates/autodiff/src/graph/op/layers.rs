@@ -40,6 +40,9 @@ impl Rule for Dense {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
     fn params(&self) -> ParamRefs {
         ParamRefs {
             conv_weight: None,
@@ -85,6 +88,9 @@ pub struct Conv2d {
 impl Rule for Conv2d {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
     }
     fn params(&self) -> ParamRefs {
         ParamRefs {
@@ -141,6 +147,9 @@ pub struct ConvNode {
 impl Rule for ConvNode {
     fn inputs(&self) -> Vec<NodeId> {
         [self.input, self.weight].into_iter().chain(self.bias).collect()
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        [&mut self.input, &mut self.weight].into_iter().chain(self.bias.as_mut()).collect()
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         conv2d::forward(
@@ -245,6 +254,9 @@ impl Rule for BatchNorm {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
     fn params(&self) -> ParamRefs {
         ParamRefs {
             conv_weight: None,
@@ -292,6 +304,9 @@ pub struct BatchNormNode {
 impl Rule for BatchNormNode {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input, self.weight, self.bias]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input, &mut self.weight, &mut self.bias]
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         self.stats

@@ -16,6 +16,9 @@ impl Rule for Relu {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
     fn example_shape(&self, inputs: &[&[usize]], _: &[Vec<usize>], _: &mut f64) -> Vec<usize> {
         inputs[0].to_vec()
     }
@@ -36,6 +39,9 @@ pub struct Tanh {
 impl Rule for Tanh {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
     }
     fn example_shape(&self, inputs: &[&[usize]], _: &[Vec<usize>], _: &mut f64) -> Vec<usize> {
         inputs[0].to_vec()
@@ -59,6 +65,9 @@ impl Rule for Pointwise {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::pointwise(self.func, cx.value(self.input))
     }
@@ -78,6 +87,9 @@ pub struct Softmax {
 impl Rule for Softmax {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::softmax(cx.value(self.input), self.axis, self.log)

@@ -17,6 +17,9 @@ impl Rule for Input {
     fn inputs(&self) -> Vec<NodeId> {
         Vec::new()
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        Vec::new()
+    }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         cx.take_input()
     }
@@ -32,6 +35,9 @@ pub struct Param {
 
 impl Rule for Param {
     fn inputs(&self) -> Vec<NodeId> {
+        Vec::new()
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
         Vec::new()
     }
     fn params(&self) -> ParamRefs {
@@ -58,6 +64,9 @@ impl Rule for Constant {
     fn inputs(&self) -> Vec<NodeId> {
         Vec::new()
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        Vec::new()
+    }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         V::constant(cx.buffer(self.buffer).clone())
     }
@@ -73,6 +82,9 @@ pub struct GlobalAvgPool {
 impl Rule for GlobalAvgPool {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
     }
     fn example_shape(&self, inputs: &[&[usize]], _: &[Vec<usize>], _: &mut f64) -> Vec<usize> {
         inputs[0].first().map(|&c| vec![c]).unwrap_or_default()
@@ -97,6 +109,9 @@ pub struct AvgPool {
 impl Rule for AvgPool {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
     }
     fn example_shape(&self, inputs: &[&[usize]], _: &[Vec<usize>], _: &mut f64) -> Vec<usize> {
         match inputs[0] {
@@ -130,6 +145,9 @@ impl Rule for MaxPool {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::max_pool(cx.value(self.input), self.geometry)
     }
@@ -147,6 +165,9 @@ pub struct Flatten {
 impl Rule for Flatten {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
     }
     fn example_shape(&self, inputs: &[&[usize]], _: &[Vec<usize>], _: &mut f64) -> Vec<usize> {
         match inputs[0] {
@@ -174,6 +195,9 @@ impl Rule for ReduceMean {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::reduce_mean(cx.value(self.input), &self.axes)
     }
@@ -192,6 +216,9 @@ pub struct Reshape {
 impl Rule for Reshape {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::reshape(cx.value(self.input), &resolve_shape(&self.shape, cx.batch()))
@@ -212,6 +239,9 @@ impl Rule for Transpose {
     fn inputs(&self) -> Vec<NodeId> {
         vec![self.input]
     }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         ndp::transpose(cx.value(self.input), &self.perm)
     }
@@ -229,6 +259,9 @@ pub struct Concat {
 impl Rule for Concat {
     fn inputs(&self) -> Vec<NodeId> {
         self.inputs.clone()
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        self.inputs.iter_mut().collect()
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         let parts: Vec<&V> = self.inputs.iter().map(|&i| cx.value(i)).collect();
