@@ -6,7 +6,7 @@
 //! and score runs through the trainable rest only, on those features.
 
 use crate::CurvatureError;
-use hvp_autodiff::{Graph, Tape};
+use hvp_autodiff::{Graph, Op, Tape};
 use hvp_data::{Batch, DataError, Dataset};
 use hvp_model::{Architecture, Model, Weights};
 use hvp_tensor::{DType, Float, Tensor};
@@ -22,9 +22,28 @@ pub struct FrozenPrefix {
 
 impl FrozenPrefix {
     /// The cut of `model` for examples of `sample_shape`, or `None` when there
-    /// is nothing to cut (see [`Graph::split_frozen`]).
+    /// is nothing to cut (see [`Graph::split_frozen`]) or the prefix does no
+    /// layer's work (only elementwise input normalisation, reshapes): keeping
+    /// its features would cost memory and save nothing.
     pub fn of(model: &Model, weights: &Weights, sample_shape: &[usize]) -> Option<FrozenPrefix> {
         let split = model.graph.split_frozen()?;
+        let does_work = split.prefix.nodes().iter().any(|op| {
+            matches!(
+                op,
+                Op::Dense(_)
+                    | Op::Conv2d(_)
+                    | Op::ConvNode(_)
+                    | Op::MatMul(_)
+                    | Op::BatchNorm(_)
+                    | Op::BatchNormNode(_)
+                    | Op::MaxPool(_)
+                    | Op::AvgPool(_)
+                    | Op::GlobalAvgPool(_)
+            )
+        });
+        if !does_work {
+            return None;
+        }
         // One example through the prefix gives the features' shape.
         let mut shape = vec![1];
         shape.extend_from_slice(sample_shape);

@@ -12,6 +12,7 @@
 //! The loss is softmax cross-entropy on class labels, or mean squared error
 //! when the data carries float regression targets ([`hvp_data::Dataset::target_width`]).
 
+pub mod frozen;
 pub mod subsample;
 use hvp_autodiff::loss::{self, Targets};
 use hvp_autodiff::{Dual, Graph, Tape, Value};

@@ -1,0 +1,95 @@
+//! A frozen feature extractor evaluated once: with only some parameters
+//! trainable (`params`), the model cut after its frozen prefix, run on the
+//! prefix's features, gives the same loss, gradient, products and per-example
+//! values as the whole model (to rounding in f64, bit for bit in f32).
+
+use hvp_curvature::frozen::FrozenPrefix;
+use hvp_curvature::{Curvature, Problem};
+use hvp_data::{NpyDataset, Subset};
+use hvp_model::ParamVector;
+use hvp_onnx::{load, ImportOptions};
+use hvp_tensor::DType;
+use std::path::PathBuf;
+
+fn case(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/onnx").join(name)
+}
+
+fn relative(a: &ParamVector, b: &ParamVector) -> f64 {
+    a.relative_error(b)
+}
+
+#[test]
+fn products_through_the_frozen_prefix_equal_the_whole_model() {
+    for (name, glob, file) in [
+        ("small_cnn", "fc.*", "legacy.onnx"),
+        ("seed_resnet", "fc.*", "dynamo.onnx"),
+        ("seed_resnet", "layer3.*", "legacy.onnx"),
+    ] {
+        let dir = case(name);
+        let options = ImportOptions {
+            params_glob: Some(glob.into()),
+        };
+        let imported = load(&dir.join(file), &options).unwrap();
+        let (model, weights) = (&imported.model, &imported.weights);
+        let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
+        let frozen = FrozenPrefix::of(model, weights, &data_shape(&data))
+            .unwrap_or_else(|| panic!("{name} {glob}: a frozen prefix to cut"));
+        assert_eq!(frozen.tail.params.len(), model.params.len());
+        assert!(frozen.tail.graph.nodes().len() < model.graph.nodes().len());
+        let v = ParamVector::random_normal(model, 3);
+        for dtype in [DType::F64, DType::F32] {
+            let features = frozen.features(weights, &data, None, 3, dtype, &|_| {}).unwrap();
+            let whole = Problem::new(model, weights, &data, 3).unwrap().with_dtype(dtype);
+            let cut = Problem::new(&frozen.tail, weights, &features, 3)
+                .unwrap()
+                .with_dtype(dtype);
+            let tol = if dtype == DType::F64 { 1e-12 } else { 0.0 };
+            let what = format!("{name} {glob} {dtype:?}");
+            let (g1, g2) = (whole.gradient(&|_| {}).unwrap(), cut.gradient(&|_| {}).unwrap());
+            assert!((g1.loss - g2.loss).abs() <= tol * g1.loss.abs(), "{what}: loss");
+            assert!(relative(&g2.value, &g1.value) <= tol, "{what}: gradient");
+            for curvature in [Curvature::Hessian, Curvature::Ggn, Curvature::Fisher] {
+                let a = whole.product(curvature, &v, &|_| {}).unwrap().value;
+                let b = cut.product(curvature, &v, &|_| {}).unwrap().value;
+                let e = relative(&b, &a);
+                assert!(e <= tol, "{what} {curvature:?}: {e:e}");
+            }
+            let (d1, d2) = (
+                whole.loss_directional(&v, &|_| {}).unwrap(),
+                cut.loss_directional(&v, &|_| {}).unwrap(),
+            );
+            for (a, b) in d1.iter().zip(&d2) {
+                assert!((a - b).abs() <= tol * a.abs().max(1e-30), "{what}: directional {a} vs {b}");
+            }
+        }
+        // Features of some examples only: those are read, the others refused.
+        let some = frozen
+            .features(weights, &data, Some(&[0, 2]), 2, DType::F64, &|_| {})
+            .unwrap();
+        let one = Subset::new(&some, vec![2]).unwrap();
+        assert!(Problem::new(&frozen.tail, weights, &one, 1).unwrap().gradient(&|_| {}).is_ok());
+        let missing = Subset::new(&some, vec![1]).unwrap();
+        let err = Problem::new(&frozen.tail, weights, &missing, 1)
+            .unwrap()
+            .gradient(&|_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("not computed"), "{err}");
+    }
+}
+
+/// With every parameter trainable only the input normalisation is frozen:
+/// a cut, but not one worth keeping features for.
+#[test]
+fn nothing_to_cut_when_every_parameter_is_trainable() {
+    let dir = case("small_cnn");
+    let imported = load(&dir.join("legacy.onnx"), &ImportOptions::default()).unwrap();
+    let split = imported.model.graph.split_frozen().unwrap();
+    assert_eq!(split.prefix.nodes().len(), 5, "(x - mean) / std");
+    let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
+    assert!(FrozenPrefix::of(&imported.model, &imported.weights, &data_shape(&data)).is_none());
+}
+
+fn data_shape(d: &dyn hvp_data::Dataset) -> Vec<usize> {
+    d.sample_shape()
+}
