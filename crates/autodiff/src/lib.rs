@@ -37,5 +37,7 @@ pub mod loss;
 pub mod primitives;
 mod value;
 
-pub use graph::{op, resolve_shape, BatchNormUpdate, Dim, FrozenSplit, Graph, LayerObserver, NodeId, Op, ParamRefs, Rule, Tape};
+pub use graph::{
+    op, resolve_shape, BatchNormUpdate, Dim, FrozenSplit, Graph, LayerObserver, NodeId, Op, ParamRefs, Rule, Tape,
+};
 pub use value::{Dual, DualKernel, TangentKernel, Value};

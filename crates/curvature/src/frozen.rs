@@ -199,7 +199,9 @@ impl Dataset for Features {
             batch.x.extend_from_slice(&self.x[r * size..(r + 1) * size]);
             batch.labels.push(self.labels[r]);
             if width > 0 {
-                batch.targets.extend_from_slice(&self.targets[r * width..(r + 1) * width]);
+                batch
+                    .targets
+                    .extend_from_slice(&self.targets[r * width..(r + 1) * width]);
             }
         }
         Ok(())

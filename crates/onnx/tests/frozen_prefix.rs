@@ -12,7 +12,9 @@ use hvp_tensor::DType;
 use std::path::PathBuf;
 
 fn case(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/onnx").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/onnx")
+        .join(name)
 }
 
 fn relative(a: &ParamVector, b: &ParamVector) -> f64 {
@@ -60,7 +62,10 @@ fn products_through_the_frozen_prefix_equal_the_whole_model() {
                 cut.loss_directional(&v, &|_| {}).unwrap(),
             );
             for (a, b) in d1.iter().zip(&d2) {
-                assert!((a - b).abs() <= tol * a.abs().max(1e-30), "{what}: directional {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= tol * a.abs().max(1e-30),
+                    "{what}: directional {a} vs {b}"
+                );
             }
         }
         // Features of some examples only: those are read, the others refused.
@@ -68,7 +73,10 @@ fn products_through_the_frozen_prefix_equal_the_whole_model() {
             .features(weights, &data, Some(&[0, 2]), 2, DType::F64, &|_| {})
             .unwrap();
         let one = Subset::new(&some, vec![2]).unwrap();
-        assert!(Problem::new(&frozen.tail, weights, &one, 1).unwrap().gradient(&|_| {}).is_ok());
+        assert!(Problem::new(&frozen.tail, weights, &one, 1)
+            .unwrap()
+            .gradient(&|_| {})
+            .is_ok());
         let missing = Subset::new(&some, vec![1]).unwrap();
         let err = Problem::new(&frozen.tail, weights, &missing, 1)
             .unwrap()

@@ -10,7 +10,11 @@ use hvp_solvers::{CurvatureOperator, LinearOperator, SolveStatus, SolverConfig, 
 use hvp_tensor::DType;
 
 fn fashion() -> Box<dyn Dataset> {
-    open_spec(&format!("mnist:{}/../../data/fashion-mnist-subset", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    open_spec(&format!(
+        "mnist:{}/../../data/fashion-mnist-subset",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 /// A model with non-trivial BatchNorm statistics (so γ's gradient uses them).
@@ -38,7 +42,10 @@ fn block_products_equal_one_product_per_vector() {
             .with_dtype(DType::F64)
             .with_weight_decay(0.03);
         let vectors: Vec<ParamVector> = (0..3).map(|s| ParamVector::random_normal(&model, s)).collect();
-        for (fisher, curvature) in [(FisherKind::Empirical, Curvature::Fisher), (FisherKind::Exact, Curvature::Ggn)] {
+        for (fisher, curvature) in [
+            (FisherKind::Empirical, Curvature::Fisher),
+            (FisherKind::Exact, Curvature::Ggn),
+        ] {
             let block = block_product(&problem, fisher, &vectors, &|_| {}).unwrap().unwrap();
             for (k, (b, v)) in block.iter().zip(&vectors).enumerate() {
                 let single = problem.product(curvature, v, &|_| {}).unwrap().value;
@@ -100,7 +107,11 @@ fn block_solves_equal_one_solve_per_right_hand_side() {
                 report.iterations,
                 r1.iterations
             );
-            let tol = if r1.status == SolveStatus::Converged { 5e-9 } else { 1e-12 };
+            let tol = if r1.status == SolveStatus::Converged {
+                5e-9
+            } else {
+                1e-12
+            };
             assert!(x.relative_error(&x1) <= tol, "{what}: {:e}", x.relative_error(&x1));
             assert!(
                 (report.relative_residual - r1.relative_residual).abs() <= 1e-9 + 1e-6 * r1.relative_residual,

@@ -158,8 +158,7 @@ impl Graph {
         // Nodes whose value depends on the input but on no parameter.
         let mut frozen = vec![false; n];
         for (i, op) in self.nodes.iter().enumerate() {
-            frozen[i] = !self.needs_grad[i]
-                && (matches!(op, Op::Input(_)) || op.inputs().iter().any(|&j| frozen[j]));
+            frozen[i] = !self.needs_grad[i] && (matches!(op, Op::Input(_)) || op.inputs().iter().any(|&j| frozen[j]));
         }
         if n == 0 || frozen[n - 1] {
             return None;
@@ -210,11 +209,7 @@ impl Graph {
         };
         let prefix = renumbered(&|i| wanted[i], None);
         let tail = renumbered(&|i| !frozen[i], Some((frontier, Op::Input(op::Input))));
-        Some(FrozenSplit {
-            prefix,
-            tail,
-            frontier,
-        })
+        Some(FrozenSplit { prefix, tail, frontier })
     }
 
     /// `true` at each node that fuses with a ReLU (eval-mode BatchNorm, residual

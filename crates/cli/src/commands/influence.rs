@@ -16,6 +16,7 @@ use clap::Args;
 use hvp_curvature::Problem;
 use hvp_data::{check_labels, Dataset, Subset};
 use hvp_influence::{scores, InfluenceError};
+use hvp_model::Model;
 use hvp_solvers::PreparedSolver;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -421,7 +422,20 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
             test.len()
         );
     }
-    let problem = Problem::new(&model, &weights, &train_view, a.run.batch_size)?
+    // A frozen feature extractor runs once per training and test example.
+    let frozen = super::frozen_prefix(&model, &weights, &train_view.sample_shape(), a.run.quiet);
+    let features = match &frozen {
+        Some(f) => Some((
+            super::frozen_features(f, &weights, &train_view, None, &a.run)?,
+            super::frozen_features(f, &weights, test, Some(&indices), &a.run)?,
+        )),
+        None => None,
+    };
+    let (pass_model, pass_train, pass_test): (&Model, &dyn Dataset, &dyn Dataset) = match (&frozen, &features) {
+        (Some(f), Some((train_x, test_x))) => (&f.tail, train_x, test_x),
+        _ => (&model, &train_view, test),
+    };
+    let problem = Problem::new(pass_model, &weights, pass_train, a.run.batch_size)?
         .with_weight_decay(a.weight_decay)
         .with_dtype(a.run.dtype.into());
     let n = train_view.len();
@@ -494,7 +508,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     super::solve::state_factor_source(&solver, a.run.quiet);
     // One scoring pass per group where every parameter's per-example gradient can
     // be formed layer by layer, else one per test point.
-    let one_pass = hvp_solvers::kfac::covers_all_parameters(&model);
+    let one_pass = hvp_solvers::kfac::covers_all_parameters(pass_model);
     let passes: usize = todo
         .chunks(a.query_group)
         .map(|g| if one_pass && g.len() > 1 { 1 } else { g.len() })
@@ -502,7 +516,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let progress = Progress::new(passes * n, "influence", a.run.quiet);
     let start = Instant::now();
     for group in todo.chunks(a.query_group) {
-        let queries = explain_group(&problem, test, group, &a.solver, &solver, &|k| progress.advance(k))?;
+        let queries = explain_group(&problem, pass_test, group, &a.solver, &solver, &|k| progress.advance(k))?;
         for (&t, q) in group.iter().zip(queries) {
             write_query(&mut csv, &mut meta_file, &train_view, t, q, a.top, &mut done)?;
         }
@@ -512,7 +526,9 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     drop(meta_file);
     done.sort_by_key(|d| indices.iter().position(|&t| t == d.0));
     if let Some(slot) = picture_slot {
-        let png = draw(&problem, test, &done, a.top)?;
+        // Pictures show the images and the whole model's predictions.
+        let whole = Problem::new(&model, &weights, &train_view, a.run.batch_size)?;
+        let png = draw(&whole, test, &done, a.top)?;
         outputs.put(slot, &png)?;
     }
     if let Some(slot) = json_slot {

@@ -17,11 +17,45 @@ pub mod validate;
 use crate::args::{load_data, load_model, set_threads, DataArgs, LoadedData, ModelArgs, RunArgs};
 use crate::report::{summary, Progress};
 use anyhow::{Context, Result};
+use hvp_curvature::frozen::{Features, FrozenPrefix};
 use hvp_curvature::{Curvature, PassResult, Problem};
+use hvp_data::Dataset;
 use hvp_model::{Model, ParamVector, Weights};
 use hvp_tensor::DType;
 use std::path::Path;
 use std::time::Instant;
+
+/// The frozen prefix of a model whose first layers read no trainable
+/// parameter (`--params` on an imported network), if there is one worth
+/// cutting: then every pass runs through `prefix.tail` on features computed once.
+pub fn frozen_prefix(model: &Model, weights: &Weights, sample_shape: &[usize], quiet: bool) -> Option<FrozenPrefix> {
+    let frozen = FrozenPrefix::of(model, weights, sample_shape)?;
+    if !quiet {
+        eprintln!(
+            "frozen prefix: the layers before the first trainable parameter run once per example ({} features \
+             each, kept in memory); every pass runs through the trainable rest",
+            frozen.feature_size()
+        );
+    }
+    Some(frozen)
+}
+
+/// The features of `data` (at `indices`, or all) under `frozen`, with a progress bar.
+pub fn frozen_features(
+    frozen: &FrozenPrefix,
+    weights: &Weights,
+    data: &dyn Dataset,
+    indices: Option<&[usize]>,
+    run: &RunArgs,
+) -> Result<Features> {
+    let total = indices.map_or(data.len(), <[usize]>::len);
+    let progress = Progress::new(total, "frozen-prefix features", run.quiet);
+    let features = frozen.features(weights, data, indices, run.batch_size, run.dtype.into(), &|n| {
+        progress.advance(n)
+    });
+    progress.finish();
+    features.context("computing the frozen prefix's features")
+}
 
 /// What one pass over the data computes.
 pub enum PassKind<'a> {
@@ -82,7 +116,16 @@ pub fn run_pass(
     let (model, weights, data) = setup(model_args, data_args, run)?;
     let view = data.view();
     let dtype: DType = run.dtype.into();
-    let problem = Problem::new(&model, &weights, &view, run.batch_size)?
+    let frozen = frozen_prefix(&model, &weights, &view.sample_shape(), run.quiet);
+    let features = frozen
+        .as_ref()
+        .map(|f| frozen_features(f, &weights, &view, None, run))
+        .transpose()?;
+    let (pass_model, pass_data): (&Model, &dyn Dataset) = match (&frozen, &features) {
+        (Some(f), Some(x)) => (&f.tail, x),
+        _ => (&model, &view),
+    };
+    let problem = Problem::new(pass_model, &weights, pass_data, run.batch_size)?
         .with_weight_decay(weight_decay)
         .with_dtype(dtype);
     state_weight_decay(weight_decay, run.quiet);

@@ -275,7 +275,16 @@ pub fn run(a: SolveArgs) -> Result<()> {
         SolverKind::from(a.solver.solver).name(),
         a.run.quiet,
     ));
-    let problem = Problem::new(&model, &weights, &view, a.run.batch_size)?
+    let frozen = super::frozen_prefix(&model, &weights, &view.sample_shape(), a.run.quiet);
+    let features = frozen
+        .as_ref()
+        .map(|f| super::frozen_features(f, &weights, &view, None, &a.run))
+        .transpose()?;
+    let (pass_model, pass_data): (&hvp_model::Model, &dyn hvp_data::Dataset) = match (&frozen, &features) {
+        (Some(f), Some(x)) => (&f.tail, x),
+        _ => (&model, &view),
+    };
+    let problem = Problem::new(pass_model, &weights, pass_data, a.run.batch_size)?
         .with_dtype(dtype)
         .with_watch(progress.watch());
     let g = load_vector(&model, &a.rhs)?;

@@ -128,6 +128,9 @@ enum ExampleGradients {
     Norm(usize, Vec<(Vec<f64>, Vec<f64>)>),
 }
 
+/// Told, after each cotangent sample of a batch, (batch size, dots, kept gradients).
+type SampleSink<'a> = &'a mut dyn FnMut(usize, &[f64], Vec<ExampleGradients>);
+
 /// One pass over the data forming every example's gradient (per cotangent
 /// sample of `fisher`) layer by layer, with `on_sample(b, dots, gradients)`
 /// called after each sample: `dots` is `[b][q]`, `gradients` the sample's
@@ -138,7 +141,7 @@ fn contract_pass(
     stacked: &Stacked,
     keep: bool,
     progress: &dyn Fn(usize),
-    on_sample: &mut dyn FnMut(usize, &[f64], Vec<ExampleGradients>),
+    on_sample: SampleSink,
 ) -> Result<(), SolverError> {
     let model = problem.model;
     let buffers = &problem.weights.buffers;
@@ -206,13 +209,20 @@ pub fn example_gradient_dots(
     let stacked = Stacked::new(problem.model, vectors);
     let q = vectors.len();
     let mut out: Vec<Vec<f64>> = vec![Vec::new(); q];
-    contract_pass(problem, FisherKind::Empirical, &stacked, false, progress, &mut |b, dots, _| {
-        for i in 0..b {
-            for (k, o) in out.iter_mut().enumerate() {
-                o.push(dots[i * q + k]);
+    contract_pass(
+        problem,
+        FisherKind::Empirical,
+        &stacked,
+        false,
+        progress,
+        &mut |b, dots, _| {
+            for i in 0..b {
+                for (k, o) in out.iter_mut().enumerate() {
+                    o.push(dots[i * q + k]);
+                }
             }
-        }
-    })?;
+        },
+    )?;
     let n = problem.data.len();
     Ok(Some(out.iter().map(|o| hvp_dist::gather_shards(n, o)).collect()))
 }
@@ -249,11 +259,7 @@ pub fn block_product(
         "lower `batch_size`",
     )
     .map_err(|e| SolverError::BadOption(e.to_string()))?;
-    let mut layer_sums: Vec<Vec<f64>> = stacked
-        .layers
-        .iter()
-        .map(|lv| vec![0.0; lv.stacked.numel()])
-        .collect();
+    let mut layer_sums: Vec<Vec<f64>> = stacked.layers.iter().map(|lv| vec![0.0; lv.stacked.numel()]).collect();
     // `[q][channel]` sums of each BatchNorm's γ and β.
     let mut norm_sums: Vec<(Vec<f64>, Vec<f64>)> = stacked
         .norms

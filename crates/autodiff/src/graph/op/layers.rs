@@ -149,7 +149,10 @@ impl Rule for ConvNode {
         [self.input, self.weight].into_iter().chain(self.bias).collect()
     }
     fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
-        [&mut self.input, &mut self.weight].into_iter().chain(self.bias.as_mut()).collect()
+        [&mut self.input, &mut self.weight]
+            .into_iter()
+            .chain(self.bias.as_mut())
+            .collect()
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
         conv2d::forward(

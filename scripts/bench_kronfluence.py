@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""hvp against Kronfluence on the seed's influence job, side by side.
+
+The seed ResNet (`resnet-cifar:2,2,2`, one input channel) is trained one epoch
+by `hvp train` on the first N Fashion-MNIST training images padded to 32x32;
+then, on the same weights, images, thread count, f32 and damping, both tools
+compute EK-FAC factors with the empirical Fisher and the influence scores of
+all N training images on Q test images:
+
+  hvp:         hvp factors --kind ekfac --fisher empirical, then
+               hvp influence --solver ekfac --curvature fisher --factors F
+               (one scoring pass for all Q; each s_test's exact residual against
+               the empirical Fisher from one block product)
+  Kronfluence: Analyzer.fit_all_factors(strategy="ekfac", use_empirical_fisher=True),
+               Analyzer.compute_pairwise_scores(damping_factor=λ)
+
+and reports each step's wall time, the end-to-end ratio and the Pearson
+correlation of the two tools' scores per query. Kronfluence tracks Linear and
+Conv2d modules only; hvp's EK-FAC also covers BatchNorm's γ and β (a diagonal
+block), so its scores include their (small) contribution.
+
+Kronfluence and PyTorch come from PyPI into a virtual environment the script
+makes (`--venv`, default ~/.cache/hvp/kronfluence-venv; ~3 GB). Usage:
+
+  python3 scripts/bench_kronfluence.py --n 10000 --queries 100 --threads 2 \\
+      --data ../shared/data/fashion-mnist
+
+The script re-runs itself inside the venv for the Kronfluence half
+(`--worker`). Results: a JSON summary under docs/bench/ and a table on stdout.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HVP = ROOT / "target" / "release" / "hvp"
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def timed(cmd, env=None):
+    print("+ " + " ".join(str(c) for c in cmd), file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    subprocess.run([str(c) for c in cmd], check=True, env=env)
+    return time.perf_counter() - start
+
+
+def ensure_venv(venv):
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import kronfluence, torch, numpy, safetensors"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "torch", "kronfluence==1.0.1", "numpy", "safetensors"],
+        check=True,
+    )
+    return python
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10000, help="training images")
+    ap.add_argument("--queries", type=int, default=100, help="test images")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--damping", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fashion-mnist"),
+                    help="folder with the Fashion-MNIST IDX files (train and t10k)")
+    ap.add_argument("--venv", default=str(Path.home() / ".cache" / "hvp" / "kronfluence-venv"))
+    ap.add_argument("--work", default=None, help="folder for weights, factors and scores (default: a temp dir)")
+    ap.add_argument("--skip-kronfluence", action="store_true", help="time hvp only")
+    ap.add_argument("--top-layer", action="store_true",
+                    help="instead: top-layer influence (--params 'fc.*' on an ONNX export of the trained model) of "
+                         "--n training images on --queries test images, direct solve")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--export", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.export:
+        return export_onnx(args)
+    if args.top_layer:
+        return top_layer(args)
+
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "hvp"], cwd=ROOT, check=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="hvp-kron-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HVP_CACHE_DIR=str(work / "cache"))
+    train = f"mnist:{args.data}:train"
+    test = f"mnist:{args.data}:test"
+    weights = work / "seed.safetensors"
+    common = ["--pad", "2", "--threads", args.threads, "--batch-size", args.batch_size, "--quiet"]
+    if not weights.exists():
+        timed([HVP, "train", "--arch", "resnet-cifar:2,2,2", "--dataset", train, "--limit", args.n,
+               "--epochs", 1, "--lr", 0.05, "--momentum", 0.9, "--out", weights] + common, env)
+    model = ["--arch", "resnet-cifar:2,2,2", "--weights", weights]
+    factors = work / "ekfac.safetensors"
+    t_factors = timed([HVP, "factors", *model, "--dataset", train, "--limit", args.n, "--kind", "ekfac",
+                       "--fisher", "empirical", "--out", factors] + common, env)
+    indices = ",".join(str(i) for i in range(args.queries))
+    scores_csv = work / "hvp_scores.csv"
+    report = work / "hvp_influence.json"
+    t_scores = timed([HVP, "influence", *model, "--train", train, "--test", test, "--limit-train", args.n,
+                      "--test-indices", indices, "--solver", "ekfac", "--curvature", "fisher",
+                      "--damping", args.damping, "--factors", factors, "--no-factor-cache",
+                      "--query-group", args.queries, "--top", 1, "--out", scores_csv, "--json", report] + common, env)
+    t_one = timed([HVP, "influence", *model, "--train", train, "--test", test, "--limit-train", args.n,
+                   "--test-indices", "0", "--solver", "ekfac", "--curvature", "fisher",
+                   "--damping", args.damping, "--factors", factors, "--no-factor-cache",
+                   "--top", 1, "--out", work / "hvp_one.csv"] + common, env)
+    result = {
+        "cpu": cpu_name(), "threads": args.threads, "n": args.n, "queries": args.queries,
+        "damping": args.damping, "batch_size": args.batch_size,
+        "hvp": {"factors_s": t_factors, "scores_s": t_scores, "scores_one_query_s": t_one},
+    }
+    if not args.skip_kronfluence:
+        python = ensure_venv(Path(args.venv))
+        out = work / "kronfluence.json"
+        subprocess.run([str(python), __file__, "--worker", "--work", str(work), "--n", str(args.n),
+                        "--queries", str(args.queries), "--threads", str(args.threads),
+                        "--damping", str(args.damping), "--batch-size", str(args.batch_size),
+                        "--data", args.data], check=True)
+        result["kronfluence"] = json.loads(out.read_text())
+    h = result["hvp"]
+    lines = [
+        f"CPU: {result['cpu']}, {args.threads} threads, f32, N = {args.n}, Q = {args.queries}, λ = {args.damping}",
+        "| step | hvp | Kronfluence |",
+        "|---|---|---|",
+    ]
+    k = result.get("kronfluence", {})
+    fmt = lambda v: f"{v:.1f} s" if isinstance(v, (int, float)) else "—"
+    lines.append(f"| EK-FAC factors | {fmt(h['factors_s'])} | {fmt(k.get('factors_s'))} |")
+    lines.append(f"| scores, Q = {args.queries} (factors given) | {fmt(h['scores_s'])} | {fmt(k.get('scores_s'))} |")
+    lines.append(f"| scores, Q = 1 | {fmt(h['scores_one_query_s'])} | {fmt(k.get('scores_one_query_s'))} |")
+    end_to_end = h["factors_s"] + h["scores_s"]
+    lines.append(f"| end to end | {fmt(end_to_end)} | {fmt(k.get('factors_s', 0) + k.get('scores_s', 0) if k else None)} |")
+    if k:
+        ratio = end_to_end / (k["factors_s"] + k["scores_s"])
+        per_h = (h["scores_s"] - h["scores_one_query_s"]) / max(args.queries - 1, 1)
+        per_k = (k["scores_s"] - k["scores_one_query_s"]) / max(args.queries - 1, 1)
+        result["end_to_end_ratio"] = ratio
+        result["per_extra_query_s"] = {"hvp": per_h, "kronfluence": per_k}
+        pearson = pearson_per_query(scores_csv, work / "kronfluence_scores.npy", args.queries, args.n, python)
+        result["pearson"] = pearson
+        lines.append(f"end-to-end ratio hvp / Kronfluence: {ratio:.2f}")
+        lines.append(f"per extra query: hvp {per_h:.2f} s, Kronfluence {per_k:.2f} s")
+        lines.append(f"Pearson per query: min {min(pearson):.5f}, median {sorted(pearson)[len(pearson) // 2]:.5f}")
+    print("\n".join(lines))
+    bench = ROOT / "docs" / "bench"
+    bench.mkdir(parents=True, exist_ok=True)
+    (bench / f"kronfluence-n{args.n}-q{args.queries}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def top_layer(args):
+    """Top-layer influence: the frozen ResNet body runs once per image."""
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "hvp"], cwd=ROOT, check=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="hvp-top-"))
+    work.mkdir(parents=True, exist_ok=True)
+    weights = work / "seed.safetensors"
+    train = f"mnist:{args.data}:train"
+    common = ["--pad", "2", "--threads", args.threads, "--batch-size", 256, "--quiet"]
+    if not weights.exists():
+        timed([HVP, "train", "--arch", "resnet-cifar:2,2,2", "--dataset", train, "--limit", 10000,
+               "--epochs", 1, "--lr", 0.05, "--momentum", 0.9, "--out", weights] + common)
+    python = ensure_venv(Path(args.venv))
+    onnx = work / "seed.onnx"
+    subprocess.run([str(python), __file__, "--export", "--work", str(work)], check=True)
+    indices = ",".join(str(i) for i in range(args.queries))
+    t = timed([HVP, "influence", "--model", onnx, "--params", "fc.*", "--train", train,
+               "--test", f"mnist:{args.data}:test", "--limit-train", args.n, "--test-indices", indices,
+               "--solver", "direct", "--curvature", "ggn", "--damping", args.damping,
+               "--query-group", args.queries, "--top", 5, "--out", work / "top_layer.csv",
+               "--json", work / "top_layer.json"] + common)
+    result = {"cpu": cpu_name(), "threads": args.threads, "n": args.n, "queries": args.queries,
+              "damping": args.damping, "solver": "direct", "curvature": "ggn", "params": "fc.*",
+              "end_to_end_s": t}
+    print(f"top-layer influence, N = {args.n}, Q = {args.queries}: {t:.1f} s end to end ({result['cpu']})")
+    bench = ROOT / "docs" / "bench"
+    bench.mkdir(parents=True, exist_ok=True)
+    (bench / f"top-layer-n{args.n}-q{args.queries}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def export_onnx(args):
+    """The trained weights as an ONNX model (runs inside the venv)."""
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from torch_models import ResNetCifar
+
+    work = Path(args.work)
+    model = ResNetCifar((2, 2, 2), in_channels=1)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(work / "seed.safetensors")).items()})
+    model.eval()
+    torch.onnx.export(model, (torch.zeros(1, 1, 32, 32),), str(work / "seed.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}},
+                      do_constant_folding=False)
+
+
+def pearson_per_query(csv, npy, q, n, python):
+    code = f"""
+import numpy as np, json
+k = np.load({str(npy)!r})
+h = np.zeros(({q}, {n}))
+idx = {{t: i for i, t in enumerate(range({q}))}}
+for line in open({str(csv)!r}).readlines()[1:]:
+    f = line.split(',')
+    h[idx[int(f[1])], int(f[0])] = float(f[2])
+print(json.dumps([float(np.corrcoef(h[i], k[i])[0, 1]) for i in range({q})]))
+"""
+    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def worker(args):
+    """Kronfluence on the same weights and images (runs inside the venv)."""
+    import gzip
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from torch_models import ResNetCifar
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+
+    def images(name, count):
+        with gzip.open(Path(args.data) / name) as f:
+            raw = np.frombuffer(f.read(), np.uint8, offset=16)
+        x = raw.reshape(-1, 1, 28, 28)[:count].astype(np.float32) / 255.0
+        return torch.from_numpy(np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))))
+
+    def labels(name, count):
+        with gzip.open(Path(args.data) / name) as f:
+            return torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=8)[:count].astype(np.int64))
+
+    train = torch.utils.data.TensorDataset(images("train-images-idx3-ubyte.gz", args.n),
+                                           labels("train-labels-idx1-ubyte.gz", args.n))
+    test = torch.utils.data.TensorDataset(images("t10k-images-idx3-ubyte.gz", args.queries),
+                                          labels("t10k-labels-idx1-ubyte.gz", args.queries))
+    model = ResNetCifar((2, 2, 2), in_channels=1)
+    state = {k: v.float() for k, v in load_file(str(work / "seed.safetensors")).items()}
+    model.load_state_dict(state, strict=False)
+    model.eval()
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(F.softmax(logits, -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    task = Classification()
+    model = prepare_model(model, task)
+    analyzer = Analyzer(analysis_name="bench", model=model, task=task, cpu=True,
+                        output_dir=str(work / "kronfluence"), disable_tqdm=True)
+    fa = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+    start = time.perf_counter()
+    analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=args.batch_size,
+                             factor_args=fa, overwrite_output_dir=True)
+    t_factors = time.perf_counter() - start
+    sa = ScoreArguments(damping_factor=args.damping)
+
+    def scores(name, query):
+        start = time.perf_counter()
+        analyzer.compute_pairwise_scores(scores_name=name, factors_name="ekfac", query_dataset=query,
+                                         train_dataset=train, per_device_query_batch_size=len(query),
+                                         per_device_train_batch_size=args.batch_size, score_args=sa,
+                                         overwrite_output_dir=True)
+        return time.perf_counter() - start, analyzer.load_pairwise_scores(name)["all_modules"]
+
+    t_scores, s = scores("all", test)
+    t_one, _ = scores("one", torch.utils.data.Subset(test, [0]))
+    np.save(work / "kronfluence_scores.npy", s.double().numpy())
+    (work / "kronfluence.json").write_text(json.dumps(
+        {"factors_s": t_factors, "scores_s": t_scores, "scores_one_query_s": t_one,
+         "torch": torch.__version__, "kronfluence": "1.0.1"}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
