@@ -112,12 +112,9 @@ pub fn explain_all(
         gradients.push(g);
         losses.push(test_loss);
     }
+    let (solutions, dots) = solver.solve_many_with_dots(train, &gradients)?;
     let mut solved = Vec::with_capacity(test_indices.len());
-    for ((&t, test_loss), (s_test, report)) in test_indices
-        .iter()
-        .zip(losses)
-        .zip(solver.solve_many(train, &gradients)?)
-    {
+    for ((&t, test_loss), (s_test, report)) in test_indices.iter().zip(losses).zip(solutions) {
         if !report.usable() && !allow_failed {
             return Err(InfluenceError::SolveFailed {
                 test_index: t,
@@ -126,8 +123,20 @@ pub fn explain_all(
         }
         solved.push((t, test_loss, s_test, report));
     }
-    let s_tests: Vec<ParamVector> = solved.iter().map(|s| s.2.clone()).collect();
-    let all_scores = scores_many(train, &s_tests, progress)?;
+    let all_scores = match dots {
+        // The solve's own pass formed every ∇ℓ_iᵀ s_test.
+        Some(dots) => {
+            progress(train.data.len());
+            let n = train.data.len() as f64;
+            dots.into_iter()
+                .map(|d| d.into_iter().map(|v| v / n).collect())
+                .collect()
+        }
+        None => {
+            let s_tests: Vec<ParamVector> = solved.iter().map(|s| s.2.clone()).collect();
+            scores_many(train, &s_tests, progress)?
+        }
+    };
     Ok(solved
         .into_iter()
         .zip(all_scores)

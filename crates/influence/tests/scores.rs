@@ -135,3 +135,40 @@ fn one_pass_multi_query_scores_equal_per_query_jvp_scores() {
         }
     }
 }
+
+/// EK-FAC on the empirical Fisher for a group of test points: the exact
+/// residuals and the scores come from one pass that forms each training
+/// example's gradient once; both equal those of each test point alone (a
+/// Fisher product and a JVP pass).
+#[test]
+fn grouped_ekfac_residuals_and_scores_equal_single_test_points() {
+    let (train, test) = (mnist("train"), mnist("test"));
+    let data = Subset::first(train.as_ref(), 30);
+    let padded = hvp_data::Padded::new(data, 2).unwrap();
+    let test = hvp_data::Padded::new(Subset::first(test.as_ref(), 4), 2).unwrap();
+    let model = Model::new(&"resnet-cifar:1,1,1".parse::<Architecture>().unwrap(), 1).unwrap();
+    let weights = Weights::init(&model, 4);
+    let problem = Problem::new(&model, &weights, &padded, 8)
+        .unwrap()
+        .with_dtype(DType::F64)
+        .with_weight_decay(0.01);
+    let config = SolverConfig {
+        curvature: Curvature::Fisher,
+        damping: 0.1,
+        fisher: hvp_solvers::kfac::FisherKind::Empirical,
+        ..SolverConfig::new(SolverKind::Ekfac)
+    };
+    let prepared = config.prepare(&problem).unwrap();
+    let group = hvp_influence::scores::explain_all(&problem, &test, &[3, 0, 2], &prepared, false, &|_| {}).unwrap();
+    for e in &group {
+        let alone = explain_with(&problem, &test, e.test_index, &config, false).unwrap();
+        assert_eq!(e.report.block_size, Some(3));
+        assert_eq!(e.report.status, SolveStatus::Approximate);
+        let r = (e.report.relative_residual - alone.report.relative_residual).abs();
+        assert!(r <= 1e-10 * alone.report.relative_residual, "test {}: residual {r:e}", e.test_index);
+        let scale = alone.scores.iter().fold(0.0f64, |m, s| m.max(s.abs()));
+        for (i, (a, b)) in e.scores.iter().zip(&alone.scores).enumerate() {
+            assert!((a - b).abs() <= 1e-10 * scale, "test {} example {i}: {a} vs {b}", e.test_index);
+        }
+    }
+}

@@ -205,6 +205,41 @@ impl PreparedSolver {
         solve_prepared(problem, &self.config, self.factors.as_ref(), g)
     }
 
+    /// [`PreparedSolver::solve_many`], and where it comes free the per-example
+    /// dots `∇ℓ_iᵀ x_q` (`[q][i]`, the influence scores × N) of the solutions:
+    /// K-FAC/EK-FAC on the empirical Fisher form each example's gradient once
+    /// for both the exact residuals and the dots (one pass over the data in
+    /// all). `None` for the dots elsewhere.
+    #[allow(clippy::type_complexity)]
+    pub fn solve_many_with_dots(
+        &self,
+        problem: &Problem,
+        gs: &[ParamVector],
+    ) -> Result<(Vec<(ParamVector, SolveReport)>, Option<Vec<Vec<f64>>>), SolverError> {
+        let config = &self.config;
+        let structured = matches!(config.kind, SolverKind::Kfac | SolverKind::Ekfac);
+        if !(structured && config.curvature == Curvature::Fisher && gs.len() > 1) {
+            return Ok((self.solve_many(problem, gs)?, None));
+        }
+        let Some(factors) = self.factors.as_ref() else {
+            return Err(SolverError::BadOption("the solver's factors were not prepared".into()));
+        };
+        let start = std::time::Instant::now();
+        let xs: Vec<ParamVector> = gs.iter().map(|g| factors.inverse_product(g, config.damping)).collect();
+        let Some((mut products, dots)) = kfac::fisher_products_and_dots(problem, &xs, &|_| {})? else {
+            return Ok((self.solve_many(problem, gs)?, None));
+        };
+        for (p, x) in products.iter_mut().zip(&xs) {
+            p.axpy(config.damping, x);
+        }
+        let report = SolveReport {
+            iterations: 1,
+            ..SolveReport::approximate(config.kind.name())
+        };
+        let reports = crate::finish_with_products(gs, &xs, products, vec![report; gs.len()], start);
+        Ok((xs.into_iter().zip(reports).collect(), Some(dots)))
+    }
+
     /// [`PreparedSolver::solve`] for several right-hand sides together, each
     /// with its own report: CG and PCG run one recursion per right-hand side
     /// whose products are taken together, a direct solve builds and factors

@@ -35,7 +35,7 @@ pub use config::{solve, PreparedSolver, SolverConfig, SolverKind};
 /// defined. Damping 0 (the undamped problem) must be asked for.
 pub const DEFAULT_DAMPING: f64 = 1e-3;
 pub use operator::{CurvatureOperator, Damped, LinearOperator};
-pub use report::{finish, finish_many, SolveReport, SolveStatus};
+pub use report::{finish, finish_many, finish_with_products, SolveReport, SolveStatus};
 
 use hvp_curvature::CurvatureError;
 

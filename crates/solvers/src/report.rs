@@ -122,9 +122,37 @@ pub fn finish_many(
     start: std::time::Instant,
 ) -> Result<Vec<SolveReport>, SolverError> {
     let residuals = residuals(op, gs, xs)?;
+    Ok(judge_many(residuals, reports, start))
+}
+
+/// [`finish_many`] with the products `A x` already computed (by a pass that
+/// also computed something else from the same solutions).
+pub fn finish_with_products(
+    gs: &[ParamVector],
+    xs: &[ParamVector],
+    products: Vec<ParamVector>,
+    reports: Vec<SolveReport>,
+    start: std::time::Instant,
+) -> Vec<SolveReport> {
+    let residuals = gs
+        .iter()
+        .zip(xs)
+        .zip(products)
+        .map(|((g, x), mut r)| {
+            if !x.norm().is_finite() {
+                return f64::NAN;
+            }
+            r.axpy(-1.0, g);
+            r.norm() / g.norm().max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    judge_many(residuals, reports, start)
+}
+
+fn judge_many(residuals: Vec<f64>, reports: Vec<SolveReport>, start: std::time::Instant) -> Vec<SolveReport> {
+    let k = reports.len();
     let seconds = start.elapsed().as_secs_f64();
-    let k = gs.len();
-    Ok(reports
+    reports
         .into_iter()
         .zip(residuals)
         .map(|(mut report, residual)| {
@@ -133,7 +161,7 @@ pub fn finish_many(
             report.block_size = (k > 1).then_some(k);
             judge(report, residual)
         })
-        .collect())
+        .collect()
 }
 
 /// `‖A x − g‖ / ‖g‖` for each pair (NaN where x is not finite), the finite ones

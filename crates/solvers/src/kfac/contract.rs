@@ -242,6 +242,28 @@ pub fn block_product(
     vectors: &[ParamVector],
     progress: &dyn Fn(usize),
 ) -> Result<Option<Vec<ParamVector>>, SolverError> {
+    Ok(block_product_pass(problem, fisher, vectors, false, progress)?.map(|(products, _)| products))
+}
+
+/// The empirical Fisher products of [`block_product`] and the per-example
+/// dots of [`example_gradient_dots`] (`[q][i]`) of the same vectors, from one
+/// pass: for solutions `x_q` of `(F + λI) x = g_q` the first give their exact
+/// residuals and the second their influence scores (× N).
+pub fn fisher_products_and_dots(
+    problem: &Problem,
+    vectors: &[ParamVector],
+    progress: &dyn Fn(usize),
+) -> Result<Option<(Vec<ParamVector>, Vec<Vec<f64>>)>, SolverError> {
+    block_product_pass(problem, FisherKind::Empirical, vectors, true, progress)
+}
+
+fn block_product_pass(
+    problem: &Problem,
+    fisher: FisherKind,
+    vectors: &[ParamVector],
+    want_dots: bool,
+    progress: &dyn Fn(usize),
+) -> Result<Option<(Vec<ParamVector>, Vec<Vec<f64>>)>, SolverError> {
     let model = problem.model;
     if !covers_all_parameters(model) || vectors.is_empty() || fisher == FisherKind::Mc {
         return Ok(None);
@@ -269,7 +291,13 @@ pub fn block_product(
             (vec![0.0; q * c], vec![0.0; q * c])
         })
         .collect();
+    let mut all_dots: Vec<Vec<f64>> = vec![Vec::new(); if want_dots { q } else { 0 }];
     contract_pass(problem, fisher, &stacked, true, progress, &mut |b, dots, kept| {
+        for i in 0..b {
+            for (k, o) in all_dots.iter_mut().enumerate() {
+                o.push(dots[i * q + k]);
+            }
+        }
         let d = mat(b, q, dots.to_vec());
         for g in kept {
             match g {
@@ -336,5 +364,7 @@ pub fn block_product(
             o.axpy(problem.weight_decay, v);
         }
     }
-    Ok(Some(out))
+    let n = problem.data.len();
+    let all_dots = all_dots.iter().map(|d| hvp_dist::gather_shards(n, d)).collect();
+    Ok(Some((out, all_dots)))
 }

@@ -31,7 +31,7 @@ pub use cache::{cache_key, FactorSource};
 mod io;
 mod sampling;
 mod self_influence;
-pub use contract::{block_product, covers_all_parameters, example_gradient_dots};
+pub use contract::{block_product, covers_all_parameters, example_gradient_dots, fisher_products_and_dots};
 
 use sampling::cotangent_samples;
 
