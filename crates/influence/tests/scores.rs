@@ -165,10 +165,18 @@ fn grouped_ekfac_residuals_and_scores_equal_single_test_points() {
         assert_eq!(e.report.block_size, Some(3));
         assert_eq!(e.report.status, SolveStatus::Approximate);
         let r = (e.report.relative_residual - alone.report.relative_residual).abs();
-        assert!(r <= 1e-10 * alone.report.relative_residual, "test {}: residual {r:e}", e.test_index);
+        assert!(
+            r <= 1e-10 * alone.report.relative_residual,
+            "test {}: residual {r:e}",
+            e.test_index
+        );
         let scale = alone.scores.iter().fold(0.0f64, |m, s| m.max(s.abs()));
         for (i, (a, b)) in e.scores.iter().zip(&alone.scores).enumerate() {
-            assert!((a - b).abs() <= 1e-10 * scale, "test {} example {i}: {a} vs {b}", e.test_index);
+            assert!(
+                (a - b).abs() <= 1e-10 * scale,
+                "test {} example {i}: {a} vs {b}",
+                e.test_index
+            );
         }
     }
 }

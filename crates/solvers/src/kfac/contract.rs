@@ -7,6 +7,7 @@
 //! is ever held. With Q influence queries this is the cost of one gradient-like
 //! pass plus the contraction, instead of Q forward-mode passes.
 
+use super::statistics::example_gradient;
 use super::*;
 
 /// One covered layer's vectors: `[O·A, Q]`, the weight's rows with the bias as
@@ -21,37 +22,6 @@ struct BatchNormVectors {
     node: NodeId,
     gamma: Vec<Vec<f64>>,
     beta: Vec<Vec<f64>>,
-}
-
-/// Example i's gradient of layer `l` as `[O, A]` rows (bias last): for a
-/// convolution the convolution's own weight-gradient kernel on the one image
-/// (as fast as the gradient pass's), for a dense layer `g āᵀ`.
-fn example_gradient(l: &Layer, x: &Tensor<f64>, gy: &Tensor<f64>, w_shape: &[usize], i: usize) -> Vec<f64> {
-    let Some(geometry) = l.conv else {
-        let a = example_inputs(l, x, w_shape, i);
-        let g = example_grads(l, gy, i);
-        return matmul_with(&g, false, &a, true, Par::Serial).into_data();
-    };
-    let one = |t: &Tensor<f64>| {
-        let s = t.shape();
-        let size: usize = s[1..].iter().product();
-        let mut shape = s.to_vec();
-        shape[0] = 1;
-        Tensor::new(shape, t.data()[i * size..(i + 1) * size].to_vec()).expect("one image")
-    };
-    let (xi, gi) = (one(x), one(gy));
-    let gw = conv::backward_weight(&xi, &gi, w_shape, geometry);
-    if l.bias.is_none() {
-        return gw.into_data();
-    }
-    let width = l.a_dim - 1;
-    let plane = gi.numel() / l.s_dim;
-    let mut out = Vec::with_capacity(l.s_dim * l.a_dim);
-    for o in 0..l.s_dim {
-        out.extend_from_slice(&gw.data()[o * width..(o + 1) * width]);
-        out.push(gi.data()[o * plane..(o + 1) * plane].iter().sum());
-    }
-    out
 }
 
 /// Whether every parameter of `model` lies in a layer whose per-example
@@ -121,34 +91,39 @@ impl Stacked {
 
 /// One batch's (and cotangent sample's) per-example gradients of a layer, kept
 /// until the sample's dots are complete when products are wanted.
-enum ExampleGradients {
-    /// `[B, O·A]` of the layer at this index of [`Stacked::layers`].
-    Layer(usize, Tensor<f64>),
+enum ExampleGradients<T> {
+    /// `[B, O·A]` of the layer at this index of [`Stacked::layers`], in the compute dtype.
+    Layer(usize, Tensor<T>),
     /// Per example `(γ gradient, β gradient)` of the BatchNorm at this index of [`Stacked::norms`].
     Norm(usize, Vec<(Vec<f64>, Vec<f64>)>),
 }
 
 /// Told, after each cotangent sample of a batch, (batch size, dots, kept gradients).
-type SampleSink<'a> = &'a mut dyn FnMut(usize, &[f64], Vec<ExampleGradients>);
+type SampleSink<'a, T> = &'a mut dyn FnMut(usize, &[f64], Vec<ExampleGradients<T>>);
 
 /// One pass over the data forming every example's gradient (per cotangent
 /// sample of `fisher`) layer by layer, with `on_sample(b, dots, gradients)`
 /// called after each sample: `dots` is `[b][q]`, `gradients` the sample's
 /// per-example gradients (kept only when `keep`).
-fn contract_pass(
+///
+/// Per-example gradients and their products with the vectors are formed in the
+/// problem's compute dtype (as every other pass); the dots are summed over
+/// layers, and the products over batches, in f64.
+fn contract_pass<T: Float>(
     problem: &Problem,
     fisher: FisherKind,
     stacked: &Stacked,
     keep: bool,
     progress: &dyn Fn(usize),
-    on_sample: SampleSink,
+    on_sample: SampleSink<T>,
 ) -> Result<(), SolverError> {
     let model = problem.model;
     let buffers = &problem.weights.buffers;
     let q = stacked.q;
+    let vectors: Vec<Tensor<T>> = stacked.layers.iter().map(|lv| lv.stacked.cast()).collect();
     // The current sample's dots `[example][q]` and kept gradients, shared by the two callbacks.
-    let current = std::cell::RefCell::new((Vec::<f64>::new(), Vec::<ExampleGradients>::new()));
-    let mut visit = |node: NodeId, op: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, _: bool| {
+    let current = std::cell::RefCell::new((Vec::<f64>::new(), Vec::<ExampleGradients<T>>::new()));
+    let mut visit = |node: NodeId, op: &Op, x: &Tensor<T>, gy: &Tensor<T>, _: bool| {
         let mut current = current.borrow_mut();
         let (dots, kept) = &mut *current;
         let b = x.shape()[0];
@@ -159,20 +134,20 @@ fn contract_pass(
             let lv = &stacked.layers[li];
             let l = &lv.layer;
             let w_shape = &model.params[l.weight].shape;
-            let per_example: Vec<f64> = (0..b)
+            let per_example: Vec<T> = (0..b)
                 .into_par_iter()
                 .flat_map_iter(|i| example_gradient(l, x, gy, w_shape, i))
                 .collect();
-            let per_example = mat(b, l.s_dim * l.a_dim, per_example);
-            let d = matmul_with(&per_example, false, &lv.stacked, false, Par::Pool);
-            dots.iter_mut().zip(d.data()).for_each(|(c, d)| *c += d);
+            let per_example = Tensor::new(vec![b, l.s_dim * l.a_dim], per_example).expect("rows*cols");
+            let d = matmul_with(&per_example, false, &vectors[li], false, Par::Pool);
+            dots.iter_mut().zip(d.data()).for_each(|(c, d)| *c += d.to_f64());
             if keep {
                 kept.push(ExampleGradients::Layer(li, per_example));
             }
         } else if let (Op::BatchNorm(bn), Some(ni)) = (op, stacked.norms.iter().position(|n| n.node == node)) {
             let v = &stacked.norms[ni];
             let st = &bn.stats;
-            let per_example = bn_example_grads(x, gy, &buffers[st.mean], &buffers[st.var], st.eps);
+            let per_example = bn_example_grads(&x.cast(), &gy.cast(), &buffers[st.mean], &buffers[st.var], st.eps);
             let dot = |grad: &[f64], vec: &[f64]| grad.iter().zip(vec).map(|(a, b)| a * b).sum::<f64>();
             for (i, (gg, gb)) in per_example.iter().enumerate() {
                 for k in 0..q {
@@ -191,7 +166,55 @@ fn contract_pass(
         on_sample(b, dots, std::mem::take(kept));
         dots.clear();
     };
-    stream_observed(problem, fisher, 0, progress, &mut visit, &mut end)
+    stream_observed_as::<T>(problem, fisher, 0, progress, &mut visit, &mut end)
+}
+
+/// Block products `M v_q` and, when asked for, every example's dots `[q][i]`.
+pub type ProductsAndDots = (Vec<ParamVector>, Vec<Vec<f64>>);
+
+/// The running sums of a block product: `Gᵀ D` per layer, BatchNorm's per
+/// channel, and (when wanted) every example's dots.
+struct ProductSums<'a> {
+    q: usize,
+    layers: &'a mut [Vec<f64>],
+    norms: &'a mut [(Vec<f64>, Vec<f64>)],
+    dots: &'a mut [Vec<f64>],
+}
+
+impl ProductSums<'_> {
+    fn add<T: Float>(&mut self, b: usize, dots: &[f64], kept: Vec<ExampleGradients<T>>) {
+        let q = self.q;
+        for i in 0..b {
+            for (k, o) in self.dots.iter_mut().enumerate() {
+                o.push(dots[i * q + k]);
+            }
+        }
+        let d = Tensor::new(vec![b, q], dots.iter().map(|&v| T::from_f64(v)).collect()).expect("b*q");
+        for g in kept {
+            match g {
+                ExampleGradients::Layer(li, per_example) => {
+                    let part = matmul_with(&per_example, true, &d, false, Par::Pool);
+                    self.layers[li]
+                        .iter_mut()
+                        .zip(part.data())
+                        .for_each(|(a, v)| *a += v.to_f64());
+                }
+                ExampleGradients::Norm(ni, per_example) => {
+                    let (sg, sb) = &mut self.norms[ni];
+                    let c = sg.len() / q;
+                    for (i, (gg, gb)) in per_example.iter().enumerate() {
+                        for k in 0..q {
+                            let w = dots[i * q + k];
+                            for ch in 0..c {
+                                sg[k * c + ch] += w * gg[ch];
+                                sb[k * c + ch] += w * gb[ch];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `dots[q][i] = ∇ℓ_iᵀ v_q` (true labels, no regulariser) for every example of
@@ -209,20 +232,22 @@ pub fn example_gradient_dots(
     let stacked = Stacked::new(problem.model, vectors);
     let q = vectors.len();
     let mut out: Vec<Vec<f64>> = vec![Vec::new(); q];
-    contract_pass(
-        problem,
-        FisherKind::Empirical,
-        &stacked,
-        false,
-        progress,
-        &mut |b, dots, _| {
-            for i in 0..b {
-                for (k, o) in out.iter_mut().enumerate() {
-                    o.push(dots[i * q + k]);
-                }
+    let mut collect = |b: usize, dots: &[f64]| {
+        for i in 0..b {
+            for (k, o) in out.iter_mut().enumerate() {
+                o.push(dots[i * q + k]);
             }
-        },
-    )?;
+        }
+    };
+    let empirical = FisherKind::Empirical;
+    match problem.dtype() {
+        DType::F32 => contract_pass::<f32>(problem, empirical, &stacked, false, progress, &mut |b, d, _| {
+            collect(b, d)
+        })?,
+        DType::F64 => contract_pass::<f64>(problem, empirical, &stacked, false, progress, &mut |b, d, _| {
+            collect(b, d)
+        })?,
+    }
     let n = problem.data.len();
     Ok(Some(out.iter().map(|o| hvp_dist::gather_shards(n, o)).collect()))
 }
@@ -253,7 +278,7 @@ pub fn fisher_products_and_dots(
     problem: &Problem,
     vectors: &[ParamVector],
     progress: &dyn Fn(usize),
-) -> Result<Option<(Vec<ParamVector>, Vec<Vec<f64>>)>, SolverError> {
+) -> Result<Option<ProductsAndDots>, SolverError> {
     block_product_pass(problem, FisherKind::Empirical, vectors, true, progress)
 }
 
@@ -263,7 +288,7 @@ fn block_product_pass(
     vectors: &[ParamVector],
     want_dots: bool,
     progress: &dyn Fn(usize),
-) -> Result<Option<(Vec<ParamVector>, Vec<Vec<f64>>)>, SolverError> {
+) -> Result<Option<ProductsAndDots>, SolverError> {
     let model = problem.model;
     if !covers_all_parameters(model) || vectors.is_empty() || fisher == FisherKind::Mc {
         return Ok(None);
@@ -292,35 +317,20 @@ fn block_product_pass(
         })
         .collect();
     let mut all_dots: Vec<Vec<f64>> = vec![Vec::new(); if want_dots { q } else { 0 }];
-    contract_pass(problem, fisher, &stacked, true, progress, &mut |b, dots, kept| {
-        for i in 0..b {
-            for (k, o) in all_dots.iter_mut().enumerate() {
-                o.push(dots[i * q + k]);
-            }
-        }
-        let d = mat(b, q, dots.to_vec());
-        for g in kept {
-            match g {
-                ExampleGradients::Layer(li, per_example) => {
-                    let part = matmul_with(&per_example, true, &d, false, Par::Pool);
-                    add_into(&mut layer_sums[li], &part, 1.0);
-                }
-                ExampleGradients::Norm(ni, per_example) => {
-                    let (sg, sb) = &mut norm_sums[ni];
-                    let c = sg.len() / q;
-                    for (i, (gg, gb)) in per_example.iter().enumerate() {
-                        for k in 0..q {
-                            let w = dots[i * q + k];
-                            for ch in 0..c {
-                                sg[k * c + ch] += w * gg[ch];
-                                sb[k * c + ch] += w * gb[ch];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    })?;
+    let mut sums = ProductSums {
+        q,
+        layers: &mut layer_sums,
+        norms: &mut norm_sums,
+        dots: &mut all_dots,
+    };
+    match problem.dtype() {
+        DType::F32 => contract_pass::<f32>(problem, fisher, &stacked, true, progress, &mut |b, d, kept| {
+            sums.add(b, d, kept)
+        })?,
+        DType::F64 => contract_pass::<f64>(problem, fisher, &stacked, true, progress, &mut |b, d, kept| {
+            sums.add(b, d, kept)
+        })?,
+    }
     allreduce_nested(&mut layer_sums);
     let mut flat_norms: Vec<Vec<f64>> = norm_sums.iter().flat_map(|(g, b)| [g.clone(), b.clone()]).collect();
     allreduce_nested(&mut flat_norms);

@@ -31,6 +31,7 @@ pub use cache::{cache_key, FactorSource};
 mod io;
 mod sampling;
 mod self_influence;
+mod statistics;
 pub use contract::{block_product, covers_all_parameters, example_gradient_dots, fisher_products_and_dots};
 
 use sampling::cotangent_samples;
@@ -239,10 +240,6 @@ fn sum_over_examples(b: usize, len: usize, f: impl Fn(usize, &mut [f64]) + Sync)
     total
 }
 
-fn add_into(acc: &mut [f64], t: &Tensor<f64>, scale: f64) {
-    acc.iter_mut().zip(t.data()).for_each(|(a, v)| *a += scale * v);
-}
-
 /// Accumulators of one pass.
 struct Sums {
     a: Vec<Vec<f64>>,
@@ -252,7 +249,10 @@ struct Sums {
 }
 
 /// Sees (node, op, input, output cotangent, first cotangent sample of the batch).
-type Visitor<'a> = &'a mut dyn FnMut(NodeId, &Op, &Tensor<f64>, &Tensor<f64>, bool);
+type Visitor<'a> = TypedVisitor<'a, f64>;
+
+/// A [`Visitor`] of values in the compute dtype `T`.
+type TypedVisitor<'a, T> = &'a mut dyn FnMut(NodeId, &Op, &Tensor<T>, &Tensor<T>, bool);
 
 /// Streams the data once in the problem's dtype, showing each batch's observed
 /// layers to `visit`, once per cotangent sample (one backward pass each), and
@@ -265,18 +265,22 @@ fn stream_observed(
     visit: Visitor,
     sample_end: &mut dyn FnMut(usize),
 ) -> Result<(), SolverError> {
+    let mut visit_f32 = |node: NodeId, op: &Op, x: &Tensor<f32>, gy: &Tensor<f32>, first: bool| {
+        visit(node, op, &x.cast(), &gy.cast(), first)
+    };
     match problem.dtype() {
-        DType::F32 => stream_observed_as::<f32>(problem, fisher, seed, progress, visit, sample_end),
+        DType::F32 => stream_observed_as::<f32>(problem, fisher, seed, progress, &mut visit_f32, sample_end),
         DType::F64 => stream_observed_as::<f64>(problem, fisher, seed, progress, visit, sample_end),
     }
 }
 
-fn stream_observed_as<T: Float>(
+/// [`stream_observed`] showing the layers' values in the compute dtype `T`.
+pub(super) fn stream_observed_as<T: Float>(
     problem: &Problem,
     fisher: FisherKind,
     seed: u64,
     progress: &dyn Fn(usize),
-    visit: Visitor,
+    visit: TypedVisitor<T>,
     sample_end: &mut dyn FnMut(usize),
 ) -> Result<(), SolverError> {
     let model = problem.model;
@@ -296,7 +300,7 @@ fn stream_observed_as<T: Float>(
         for (k, cot) in samples.iter().enumerate() {
             let first = k == 0;
             let mut obs = |node: NodeId, op: &Op, input: &Tensor<T>, gy: &Tensor<T>| {
-                visit(node, op, &input.cast(), &gy.cast(), first);
+                visit(node, op, input, gy, first);
             };
             // Each backward pass consumes a tape: copy it only while more samples follow.
             let this = if k == last { tape.take() } else { tape.clone() }.expect("tape kept until the last sample");
@@ -341,37 +345,9 @@ impl Factors {
             corrected: layers.iter().map(|l| vec![0.0; l.s_dim * l.a_dim]).collect(),
             diag: model.params.iter().map(|p| vec![0.0; p.numel()]).collect(),
         };
-        let buffers = &problem.weights.buffers;
-        {
-            let mut visit = |node: NodeId, op: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, first: bool| {
-                if let Some(li) = layers.iter().position(|l| l.node == node) {
-                    let l = &layers[li];
-                    let w_shape = &model.params[l.weight].shape;
-                    let b = x.shape()[0];
-                    let s_part = sum_over_examples(b, l.s_dim * l.s_dim, |i, acc| {
-                        let g = example_grads(l, gy, i);
-                        add_into(acc, &matmul_with(&g, false, &g, true, Par::Serial), 1.0);
-                    });
-                    add_into(&mut sums.s[li], &mat(l.s_dim, l.s_dim, s_part), 1.0);
-                    if first {
-                        let a_part = sum_over_examples(b, l.a_dim * l.a_dim, |i, acc| {
-                            let a = example_inputs(l, x, w_shape, i);
-                            let t = a.shape()[1] as f64;
-                            add_into(acc, &matmul_with(&a, false, &a, true, Par::Serial), 1.0 / t);
-                        });
-                        add_into(&mut sums.a[li], &mat(l.a_dim, l.a_dim, a_part), 1.0);
-                    }
-                } else if let Op::BatchNorm(op::BatchNorm {
-                    weight,
-                    bias,
-                    stats: op::BatchNormStats { mean, var, eps },
-                    ..
-                }) = *op
-                {
-                    bn_diagonal(x, gy, &buffers[mean], &buffers[var], eps, &mut sums.diag, weight, bias);
-                }
-            };
-            stream_observed(problem, fisher, seed, progress, &mut visit, &mut |_| {})?;
+        match problem.dtype() {
+            DType::F32 => Self::first_pass::<f32>(problem, &layers, fisher, seed, progress, &mut sums)?,
+            DType::F64 => Self::first_pass::<f64>(problem, &layers, fisher, seed, progress, &mut sums)?,
         }
         allreduce_nested(&mut sums.a);
         allreduce_nested(&mut sums.s);
@@ -393,21 +369,14 @@ impl Factors {
             });
         }
         if kind == FactorKind::Ekfac {
-            let mut visit = |node: NodeId, _: &Op, x: &Tensor<f64>, gy: &Tensor<f64>, _: bool| {
-                let Some(li) = layers.iter().position(|l| l.node == node) else {
-                    return;
-                };
-                let (l, f) = (&layers[li], &out_layers[li]);
-                let w_shape = &model.params[l.weight].shape;
-                let qa = mat(l.a_dim, l.a_dim, f.a_vecs.clone());
-                let qs = mat(l.s_dim, l.s_dim, f.s_vecs.clone());
-                let part = sum_over_examples(x.shape()[0], l.s_dim * l.a_dim, |i, acc| {
-                    let proj = projected_gradient(l, x, gy, w_shape, i, &qs, &qa);
-                    acc.iter_mut().zip(proj.data()).for_each(|(c, p)| *c += p * p);
-                });
-                add_into(&mut sums.corrected[li], &mat(l.s_dim, l.a_dim, part), 1.0);
-            };
-            stream_observed(problem, fisher, seed, progress, &mut visit, &mut |_| {})?;
+            match problem.dtype() {
+                DType::F32 => {
+                    Self::correction_pass::<f32>(problem, &layers, &out_layers, fisher, seed, progress, &mut sums)?
+                }
+                DType::F64 => {
+                    Self::correction_pass::<f64>(problem, &layers, &out_layers, fisher, seed, progress, &mut sums)?
+                }
+            }
             allreduce_nested(&mut sums.corrected);
             for (li, f) in out_layers.iter_mut().enumerate() {
                 f.corrected = Some(sums.corrected[li].iter().map(|v| v / n).collect());
@@ -423,6 +392,80 @@ impl Factors {
             diagonal,
             examples: problem.data.len(),
         })
+    }
+
+    /// The first pass: `A` and `S` of every layer (batched GEMMs in the compute
+    /// dtype `T`, summed in f64) and the diagonal of the other parameters.
+    fn first_pass<T: Float>(
+        problem: &Problem,
+        layers: &[Layer],
+        fisher: FisherKind,
+        seed: u64,
+        progress: &dyn Fn(usize),
+        sums: &mut Sums,
+    ) -> Result<(), SolverError> {
+        let model = problem.model;
+        let buffers = &problem.weights.buffers;
+        let mut visit = |node: NodeId, op: &Op, x: &Tensor<T>, gy: &Tensor<T>, first: bool| {
+            if let Some(li) = layers.iter().position(|l| l.node == node) {
+                let l = &layers[li];
+                let a = if first { Some(sums.a[li].as_mut_slice()) } else { None };
+                statistics::add_covariances(l, x, gy, &model.params[l.weight].shape, &mut sums.s[li], a);
+            } else if let Op::BatchNorm(op::BatchNorm {
+                weight,
+                bias,
+                stats: op::BatchNormStats { mean, var, eps },
+                ..
+            }) = *op
+            {
+                let (x, gy) = (x.cast(), gy.cast());
+                bn_diagonal(
+                    &x,
+                    &gy,
+                    &buffers[mean],
+                    &buffers[var],
+                    eps,
+                    &mut sums.diag,
+                    weight,
+                    bias,
+                );
+            }
+        };
+        stream_observed_as::<T>(problem, fisher, seed, progress, &mut visit, &mut |_| {})
+    }
+
+    /// EK-FAC's second pass: each layer's per-example gradients in the factors'
+    /// eigenbases, squared and summed.
+    fn correction_pass<T: Float>(
+        problem: &Problem,
+        layers: &[Layer],
+        factors: &[LayerFactors],
+        fisher: FisherKind,
+        seed: u64,
+        progress: &dyn Fn(usize),
+        sums: &mut Sums,
+    ) -> Result<(), SolverError> {
+        let model = problem.model;
+        let bases: Vec<(Tensor<T>, Tensor<T>)> = layers
+            .iter()
+            .zip(factors)
+            .map(|(l, f)| {
+                (
+                    mat(l.a_dim, l.a_dim, f.a_vecs.clone()).cast(),
+                    mat(l.s_dim, l.s_dim, f.s_vecs.clone()).cast(),
+                )
+            })
+            .collect();
+        let mut visit = |node: NodeId, _: &Op, x: &Tensor<T>, gy: &Tensor<T>, _: bool| {
+            let Some(li) = layers.iter().position(|l| l.node == node) else {
+                return;
+            };
+            let l = &layers[li];
+            let (qa, qs) = &bases[li];
+            let w_shape = &model.params[l.weight].shape;
+            statistics::add_corrections(l, x, gy, w_shape, qa, qs, &mut sums.corrected[li]);
+        };
+        stream_observed_as::<T>(problem, fisher, seed, progress, &mut visit, &mut |_| {})
     }
 
     /// `(F̂ + λI)⁻¹ v` with F̂ the K-FAC / EK-FAC approximation. Parameters with
