@@ -183,11 +183,11 @@ def top_layer(args):
     indices = ",".join(str(i) for i in range(args.queries))
     t = timed([HVP, "influence", "--model", onnx, "--params", "fc.*", "--train", train,
                "--test", f"mnist:{args.data}:test", "--limit-train", args.n, "--test-indices", indices,
-               "--solver", "direct", "--curvature", "ggn", "--damping", args.damping,
+               "--solver", "direct", "--curvature", "ggn", "--damping", args.damping, "--tol", "1e-5",
                "--query-group", args.queries, "--top", 5, "--out", work / "top_layer.csv",
                "--json", work / "top_layer.json"] + common)
     result = {"cpu": cpu_name(), "threads": args.threads, "n": args.n, "queries": args.queries,
-              "damping": args.damping, "solver": "direct", "curvature": "ggn", "params": "fc.*",
+              "damping": args.damping, "solver": "direct", "tol": 1e-5, "curvature": "ggn", "params": "fc.*",
               "end_to_end_s": t}
     print(f"top-layer influence, N = {args.n}, Q = {args.queries}: {t:.1f} s end to end ({result['cpu']})")
     bench = ROOT / "docs" / "bench"

@@ -89,15 +89,25 @@ pub fn solve(
         p = next;
     }
     if report.usable() && r.norm() / gnorm > opts.tol {
-        report.fail(format!(
-            "CG did not reach the tolerance {:.1e} in {} iterations (residual {:.2e}); raise `max_iter` or use `solver` pcg",
-            opts.tol,
-            opts.max_iter,
-            r.norm() / gnorm
-        ));
+        report.fail(not_reached(name, opts, r.norm() / gnorm));
     }
     let report = finish(a, g, &x, report, p0, start)?;
     Ok((x, report))
+}
+
+/// Why a recursion that ran out of iterations failed, and what to change.
+fn not_reached(name: &str, opts: &CgOptions, residual: f64) -> String {
+    let advice = if name == "pcg" {
+        "raise `max_iter` or increase `damping` (the preconditioner is far from M + λI)"
+    } else {
+        "raise `max_iter` or use `solver` pcg"
+    };
+    format!(
+        "{} did not reach the tolerance {:.1e} in {} iterations (residual {residual:.2e}); {advice}",
+        name.to_uppercase(),
+        opts.tol,
+        opts.max_iter
+    )
 }
 
 /// One right-hand side of [`solve_many`]: the state of its own CG recursion.
@@ -216,13 +226,7 @@ pub fn solve_many(
     for lane in lanes {
         let mut report = lane.report;
         if report.usable() && lane.r.norm() / lane.gnorm > opts.tol {
-            report.fail(format!(
-                "CG did not reach the tolerance {:.1e} in {} iterations (residual {:.2e}); raise `max_iter` or use \
-                 `solver` pcg",
-                opts.tol,
-                opts.max_iter,
-                lane.r.norm() / lane.gnorm
-            ));
+            report.fail(not_reached(name, opts, lane.r.norm() / lane.gnorm));
         }
         xs.push(lane.x);
         reports.push(report);

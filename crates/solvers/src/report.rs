@@ -191,6 +191,10 @@ fn judge(mut report: SolveReport, residual: f64) -> SolveReport {
         (_, Some(tol)) if residual <= tol => {
             report.status = SolveStatus::Converged;
         }
+        (_, Some(tol)) if report.solver == "direct" => report.fail(format!(
+            "relative residual {residual:.3e} is above the tolerance {tol:.1e}: a direct solve is as accurate as the \
+             products its matrix was built from, so use `dtype` f64, increase `damping`, or loosen `tol`"
+        )),
         (_, Some(tol)) => report.fail(format!(
             "relative residual {residual:.3e} is above the tolerance {tol:.1e}: raise `max_iter`, use `solver` pcg, \
              increase `damping`, or loosen `tol`"
