@@ -42,6 +42,18 @@ pub enum OnnxError {
         op: String,
         reason: String,
     },
+    #[error(
+        "{path}: {count} operator type(s) hvp does not support, listed with their nodes: {ops}. Supported: {supported}"
+    )]
+    UnsupportedOps {
+        path: PathBuf,
+        count: usize,
+        /// `Op ×n (node names)`, one entry per operator type, in first-use order.
+        ops: String,
+        supported: String,
+        /// Every initializer with the role it would have, for `hvp params`.
+        initializers: Vec<InitializerInfo>,
+    },
     #[error("{path}: node '{node}' uses operator '{op}'{domain}, which hvp does not support; supported: {supported}")]
     Unsupported {
         path: PathBuf,

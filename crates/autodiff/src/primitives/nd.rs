@@ -30,6 +30,33 @@ pub enum Pointwise {
     Gelu,
     /// `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
     GeluTanh,
+    Sqrt,
+    Reciprocal,
+    /// `x^p` for a constant exponent.
+    Pow {
+        p: f64,
+    },
+    Exp,
+    Log,
+    Neg,
+    /// `ln(1 + eˣ)`.
+    Softplus,
+    /// `x` for x > 0, `α(eˣ − 1)` otherwise.
+    Elu {
+        alpha: f64,
+    },
+    /// `clamp(αx + β, 0, 1)`.
+    HardSigmoid {
+        alpha: f64,
+        beta: f64,
+    },
+    /// `x · clamp(x/6 + ½, 0, 1)`.
+    HardSwish,
+    /// `clamp(x, min, max)` (ReLU6 is `Clip { min: 0, max: 6 }`).
+    Clip {
+        min: f64,
+        max: f64,
+    },
 }
 
 const FRAC_2_SQRT_PI: f64 = std::f64::consts::FRAC_2_SQRT_PI;
@@ -75,6 +102,69 @@ impl Pointwise {
                 let d1 = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du;
                 let d2 = sech2 * du + 0.5 * x * (-2.0 * t * sech2 * du * du + sech2 * ddu);
                 (f, d1, d2)
+            }
+            Pointwise::Sqrt => {
+                let r = x.sqrt();
+                (r, 0.5 / r, -0.25 / (r * x))
+            }
+            Pointwise::Reciprocal => (1.0 / x, -1.0 / (x * x), 2.0 / (x * x * x)),
+            Pointwise::Pow { p } => {
+                if p == 0.0 {
+                    return (1.0, 0.0, 0.0);
+                }
+                (x.powf(p), p * x.powf(p - 1.0), p * (p - 1.0) * x.powf(p - 2.0))
+            }
+            Pointwise::Exp => {
+                let e = x.exp();
+                (e, e, e)
+            }
+            Pointwise::Log => (x.ln(), 1.0 / x, -1.0 / (x * x)),
+            Pointwise::Neg => (-x, -1.0, 0.0),
+            Pointwise::Softplus => {
+                // ln(1 + eˣ) without overflow; its derivatives are σ(x) and σ(1 − σ).
+                let f = if x > 0.0 {
+                    x + (-x).exp().ln_1p()
+                } else {
+                    x.exp().ln_1p()
+                };
+                let (s, _, _) = Pointwise::Sigmoid.eval(x);
+                (f, s, s * (1.0 - s))
+            }
+            Pointwise::Elu { alpha } => {
+                if x > 0.0 {
+                    (x, 1.0, 0.0)
+                } else {
+                    let e = alpha * x.exp();
+                    (e - alpha, e, e)
+                }
+            }
+            Pointwise::HardSigmoid { alpha, beta } => {
+                let y = alpha * x + beta;
+                if y <= 0.0 {
+                    (0.0, 0.0, 0.0)
+                } else if y >= 1.0 {
+                    (1.0, 0.0, 0.0)
+                } else {
+                    (y, alpha, 0.0)
+                }
+            }
+            Pointwise::HardSwish => {
+                if x <= -3.0 {
+                    (0.0, 0.0, 0.0)
+                } else if x >= 3.0 {
+                    (x, 1.0, 0.0)
+                } else {
+                    (x * (x + 3.0) / 6.0, (2.0 * x + 3.0) / 6.0, 1.0 / 3.0)
+                }
+            }
+            Pointwise::Clip { min, max } => {
+                if x < min {
+                    (min, 0.0, 0.0)
+                } else if x > max {
+                    (max, 0.0, 0.0)
+                } else {
+                    (x, 1.0, 0.0)
+                }
             }
         }
     }
@@ -341,7 +431,9 @@ mod tests {
 
     #[test]
     fn pointwise_functions_differentiate_twice() {
-        let x = t(&[2, 5], |i| i as f64 * 0.45 - 2.1);
+        // Points away from the kinks (0 for ELU, ±3 for HardSwish, the clip
+        // bounds), where central differences hold.
+        let x = t(&[2, 5], |i| i as f64 * 0.45 - 2.12);
         let d = t(&[2, 5], |i| ((i * 7) % 5) as f64 * 0.3 - 0.6);
         let c = t(&[2, 5], |i| (i as f64).sin());
         for f in [
@@ -350,8 +442,28 @@ mod tests {
             Pointwise::Gelu,
             Pointwise::GeluTanh,
             Pointwise::LeakyRelu { alpha: 0.1 },
+            Pointwise::Exp,
+            Pointwise::Neg,
+            Pointwise::Softplus,
+            Pointwise::Elu { alpha: 0.7 },
+            Pointwise::HardSigmoid { alpha: 0.2, beta: 0.5 },
+            Pointwise::HardSwish,
+            Pointwise::Clip { min: -1.0, max: 1.5 },
+            Pointwise::Pow { p: 2.0 },
+            Pointwise::Pow { p: 3.0 },
         ] {
             check(&x, &d, &c, &|x| pointwise(f, x), &|x, g| pointwise_vjp(f, x, g));
+        }
+        // Functions of positive arguments.
+        let pos = t(&[2, 5], |i| 0.3 + i as f64 * 0.41);
+        for f in [
+            Pointwise::Sqrt,
+            Pointwise::Reciprocal,
+            Pointwise::Log,
+            Pointwise::Pow { p: -0.5 },
+            Pointwise::Pow { p: 1.7 },
+        ] {
+            check(&pos, &d, &c, &|x| pointwise(f, x), &|x, g| pointwise_vjp(f, x, g));
         }
     }
 

@@ -27,30 +27,41 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "BatchNormalization",
     "Cast",
     "CastLike",
+    "Clip",
     "Concat",
     "Constant",
     "Conv",
     "Div",
     "Dropout",
+    "Elu",
     "Erf",
+    "Exp",
     "Expand",
     "Flatten",
     "Gather",
     "Gelu",
     "Gemm",
     "GlobalAveragePool",
+    "HardSigmoid",
+    "HardSwish",
     "Identity",
     "LeakyRelu",
+    "Log",
     "LogSoftmax",
     "MatMul",
     "MaxPool",
     "Mul",
+    "Neg",
+    "Pow",
+    "Reciprocal",
     "ReduceMean",
     "Relu",
     "Reshape",
     "Shape",
     "Sigmoid",
     "Softmax",
+    "Softplus",
+    "Sqrt",
     "Squeeze",
     "Sub",
     "Tanh",
@@ -81,6 +92,58 @@ enum InputUse {
     /// Read for its value at load time only (shapes, axes, indices, exponents,
     /// bounds) or for its type: a constant.
     LoadTime,
+}
+
+/// Refuses a graph with operators hvp cannot import, naming every one of
+/// them (with how many nodes use it and which) in one error, so a user sees
+/// the whole list at once instead of one operator per attempt.
+fn check_all_supported(path: &Path, nodes: &[NodeProto], roles: &[InitializerInfo]) -> Res<()> {
+    let mut unsupported: Vec<(String, Vec<String>)> = Vec::new();
+    for (k, node) in nodes.iter().enumerate() {
+        let foreign = !(node.domain.is_empty() || node.domain == "ai.onnx");
+        if !foreign && SUPPORTED_OPS.contains(&node.op_type.as_str()) {
+            continue;
+        }
+        let op = if foreign {
+            format!("{}::{}", node.domain, node.op_type)
+        } else {
+            node.op_type.clone()
+        };
+        let name = if node.name.is_empty() {
+            node.output.first().cloned().unwrap_or_else(|| format!("#{k}"))
+        } else {
+            node.name.clone()
+        };
+        match unsupported.iter_mut().find(|(o, _)| *o == op) {
+            Some((_, names)) => names.push(name),
+            None => unsupported.push((op, vec![name])),
+        }
+    }
+    if unsupported.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 3;
+    let ops = unsupported
+        .iter()
+        .map(|(op, names)| {
+            let more = names.len().saturating_sub(SHOWN);
+            let listed = names[..names.len().min(SHOWN)].join("', '");
+            let tail = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            format!("{op} ×{} ('{listed}'{tail})", names.len())
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(OnnxError::UnsupportedOps {
+        path: path.to_path_buf(),
+        count: unsupported.len(),
+        ops,
+        supported: SUPPORTED_OPS.join(", "),
+        initializers: roles.to_vec(),
+    })
 }
 
 /// The use of input `slot` of operator `op`.
@@ -433,6 +496,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
     shape.extend(fixed(&sample_shape));
     imp.values.insert(input.name.clone(), Entry::Runtime { node: x, shape });
 
+    check_all_supported(path, &graph.node, &roles)?;
     for node in &graph.node {
         imp.node = if node.name.is_empty() {
             node.output.first().cloned().unwrap_or_default()
@@ -688,6 +752,20 @@ impl Importer<'_> {
         self.runtime(&node.input[k], &e)
     }
 
+    /// Input `k` as one number fixed at load time (an exponent, a bound).
+    fn static_scalar(&self, node: &NodeProto, k: usize, what: &str) -> Res<f64> {
+        let c = self.static_input(node, k, what)?;
+        match c.values.as_slice() {
+            [v] => v
+                .as_f64()
+                .ok_or_else(|| self.err(format!("{what} (input {k}) is not a number"))),
+            _ => Err(self.err(format!(
+                "{what} (input {k}) must be a single number, got shape {:?}",
+                c.shape
+            ))),
+        }
+    }
+
     fn static_input(&self, node: &NodeProto, k: usize, what: &str) -> Res<Constant> {
         match self.required(node, k)? {
             Entry::Static(c) => Ok(c),
@@ -784,7 +862,8 @@ impl Importer<'_> {
             "Expand" => self.expand(node)?,
             "Transpose" => self.transpose(node)?,
             "Add" | "Sub" | "Mul" | "Div" => self.arith(node)?,
-            "Relu" | "Tanh" | "Sigmoid" | "LeakyRelu" | "Erf" | "Gelu" => {
+            "Relu" | "Tanh" | "Sigmoid" | "LeakyRelu" | "Erf" | "Gelu" | "Sqrt" | "Reciprocal" | "Exp" | "Log"
+            | "Neg" | "Softplus" | "Elu" | "HardSigmoid" | "HardSwish" | "Clip" | "Pow" => {
                 let (x, shape) = self.runtime_input(node, 0)?;
                 let func = match op {
                     "Relu" => None,
@@ -794,6 +873,37 @@ impl Importer<'_> {
                         alpha: attr_f(node, "alpha", 0.01),
                     }),
                     "Erf" => Some(Pointwise::Erf),
+                    "Sqrt" => Some(Pointwise::Sqrt),
+                    "Reciprocal" => Some(Pointwise::Reciprocal),
+                    "Exp" => Some(Pointwise::Exp),
+                    "Log" => Some(Pointwise::Log),
+                    "Neg" => Some(Pointwise::Neg),
+                    "Softplus" => Some(Pointwise::Softplus),
+                    "Elu" => Some(Pointwise::Elu {
+                        alpha: attr_f(node, "alpha", 1.0),
+                    }),
+                    "HardSigmoid" => Some(Pointwise::HardSigmoid {
+                        alpha: attr_f(node, "alpha", 0.2),
+                        beta: attr_f(node, "beta", 0.5),
+                    }),
+                    "HardSwish" => Some(Pointwise::HardSwish),
+                    "Clip" => {
+                        // Bounds are inputs from opset 11, attributes before.
+                        let bound = |k: usize, attr: &str, default: f64| -> Res<f64> {
+                            if self.input(node, k).is_some() {
+                                self.static_scalar(node, k, attr)
+                            } else {
+                                Ok(attr_f(node, attr, default))
+                            }
+                        };
+                        Some(Pointwise::Clip {
+                            min: bound(1, "min", f64::NEG_INFINITY)?,
+                            max: bound(2, "max", f64::INFINITY)?,
+                        })
+                    }
+                    "Pow" => Some(Pointwise::Pow {
+                        p: self.static_scalar(node, 1, "the exponent")?,
+                    }),
                     _ => match attr_s(node, "approximate").as_deref().unwrap_or("none") {
                         "none" => Some(Pointwise::Gelu),
                         "tanh" => Some(Pointwise::GeluTanh),
