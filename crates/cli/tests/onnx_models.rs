@@ -419,7 +419,11 @@ fn unknown_operator_is_named_with_the_supported_list() {
     fails_with(
         &tmp,
         &bytes,
-        &["Cos ×1 ('last')", "1 operator type(s) hvp does not support", "Supported: Add, AveragePool"],
+        &[
+            "Cos ×1 ('last')",
+            "1 operator type(s) hvp does not support",
+            "Supported: Add, AveragePool",
+        ],
     );
 }
 

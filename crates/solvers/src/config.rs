@@ -102,6 +102,14 @@ impl SolverConfig {
         }
     }
 
+    /// The options of CG and PCG.
+    fn cg_options(&self) -> CgOptions {
+        CgOptions {
+            tol: self.tol,
+            max_iter: self.max_iter,
+        }
+    }
+
     /// Checks the options that hold for every solver.
     pub fn check(&self) -> Result<(), SolverError> {
         if !(self.damping.is_finite() && self.damping >= 0.0) {
@@ -258,10 +266,7 @@ impl PreparedSolver {
             inner: &op,
             damping: config.damping,
         };
-        let cg_opts = CgOptions {
-            tol: config.tol,
-            max_iter: config.max_iter,
-        };
+        let cg_opts = config.cg_options();
         let factors = || {
             self.factors
                 .as_ref()
@@ -304,10 +309,7 @@ fn solve_prepared(
         inner: &op,
         damping: config.damping,
     };
-    let cg_opts = CgOptions {
-        tol: config.tol,
-        max_iter: config.max_iter,
-    };
+    let cg_opts = config.cg_options();
     match config.kind {
         SolverKind::Direct => direct::solve_to(&op, config.damping, g, config.tol),
         SolverKind::Cg => cg::solve(&damped, g, &cg_opts, None, "cg"),
