@@ -165,3 +165,121 @@ fn elementwise_operators_have_exact_second_derivatives() {
         assert!(hv.norm() > 0.0, "{op}: a non-trivial product");
     }
 }
+
+/// LayerNormalization (scale and bias trainable) between the MLP fixture's
+/// first layer and its ReLU: the loss equals a direct computation of
+/// `W₂ relu(LN(W₀ x + b₀)) + b₂`, and the Hessian-vector product equals
+/// central differences of the gradient.
+#[test]
+fn layer_normalization_computes_and_differentiates_exactly() {
+    let dir = case("mlp");
+    let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
+    let mut model = mlp();
+    let g = model.graph.as_mut().unwrap();
+    let k = g.node.iter().position(|n| n.op_type == "Relu").unwrap();
+    let hidden = g.node[k].input[0].clone();
+    g.node[k].input[0] = "normalised".into();
+    let width = 16usize;
+    let vector = |name: &str, f: &dyn Fn(usize) -> f32| TensorProto {
+        name: name.into(),
+        data_type: 1,
+        dims: vec![width as i64],
+        float_data: (0..width).map(f).collect(),
+        ..Default::default()
+    };
+    g.initializer.push(vector("ln.weight", &|i| 0.5 + 0.1 * i as f32));
+    g.initializer.push(vector("ln.bias", &|i| 0.05 * i as f32 - 0.3));
+    g.node.insert(
+        k,
+        NodeProto {
+            op_type: "LayerNormalization".into(),
+            name: "ln".into(),
+            input: vec![hidden, "ln.weight".into(), "ln.bias".into()],
+            output: vec!["normalised".into()],
+            attribute: vec![
+                float_attr("epsilon", 1e-3),
+                AttributeProto {
+                    name: "axis".into(),
+                    r#type: 2,
+                    i: -1,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    );
+    let path = save(&model, "layernorm");
+    let imported = load(&path, &ImportOptions::default()).unwrap();
+    let (m, w) = (&imported.model, &imported.weights);
+    // Parameters in the file's initializer order (PyTorch writes its state_dict's).
+    assert_eq!(
+        m.param_names(),
+        vec!["0.weight", "0.bias", "2.weight", "2.bias", "ln.weight", "ln.bias"]
+    );
+    let problem = Problem::new(m, w, &data, 4).unwrap();
+    // The loss, computed directly in f64.
+    let p = |name: &str| {
+        w.params[m.param_names().iter().position(|n| *n == name).unwrap()]
+            .data()
+            .to_vec()
+    };
+    let (w0, b0, gamma, beta, w2, b2) = (
+        p("0.weight"),
+        p("0.bias"),
+        p("ln.weight"),
+        p("ln.bias"),
+        p("2.weight"),
+        p("2.bias"),
+    );
+    let mut batch = hvp_data::Batch::default();
+    let n = hvp_data::Dataset::len(&data);
+    hvp_data::Dataset::read(&data, &(0..n).collect::<Vec<_>>(), &mut batch).unwrap();
+    let d_in = batch.x.len() / n;
+    let eps = 1e-3f32 as f64;
+    let mut total = 0.0;
+    for (x, &y) in batch.x.chunks(d_in).zip(&batch.labels) {
+        let h: Vec<f64> = (0..width)
+            .map(|j| b0[j] + (0..d_in).map(|i| w0[j * d_in + i] * x[i]).sum::<f64>())
+            .collect();
+        let mean = h.iter().sum::<f64>() / width as f64;
+        let var = h.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / width as f64;
+        let a: Vec<f64> = (0..width)
+            .map(|j| ((h[j] - mean) / (var + eps).sqrt() * gamma[j] + beta[j]).max(0.0))
+            .collect();
+        let logits: Vec<f64> = (0..b2.len())
+            .map(|c| b2[c] + (0..width).map(|j| w2[c * width + j] * a[j]).sum::<f64>())
+            .collect();
+        let top = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = top + logits.iter().map(|l| (l - top).exp()).sum::<f64>().ln();
+        total += lse - logits[y];
+    }
+    let direct = total / n as f64;
+    let loss = problem.gradient_as::<f64>(&|_| {}).unwrap().loss;
+    assert!(
+        (loss - direct).abs() <= 1e-12 * direct.abs(),
+        "loss {loss} vs direct {direct}"
+    );
+    // Second derivatives: H v against central differences of the gradient.
+    let v = ParamVector::random_normal(m, 5);
+    let hv = problem
+        .product_as::<f64>(Curvature::Hessian, &v, &|_| {})
+        .unwrap()
+        .value;
+    let h = 1e-5;
+    let at = |s: f64| {
+        let mut shifted: Weights = w.clone();
+        for (t, d) in shifted.params.iter_mut().zip(&v.tensors) {
+            t.data_mut().iter_mut().zip(d.data()).for_each(|(x, dx)| *x += s * dx);
+        }
+        Problem::new(m, &shifted, &data, 4)
+            .unwrap()
+            .gradient_as::<f64>(&|_| {})
+            .unwrap()
+            .value
+    };
+    let mut fd = at(h);
+    fd.axpy(-1.0, &at(-h));
+    fd.scale(0.5 / h);
+    let err = hv.relative_error(&fd);
+    assert!(err < 1e-6, "LayerNormalization: H v vs central differences {err:e}");
+}

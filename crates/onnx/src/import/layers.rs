@@ -476,4 +476,99 @@ impl Importer<'_> {
             out,
         ))
     }
+
+    /// LayerNormalization over the axes from `axis` on, as the operations it is
+    /// made of — mean, centring, variance, `(var + ε)^(-1/2)`, scale and bias —
+    /// each with exact first and second derivatives (the statistics of every
+    /// example are its own, so examples never mix).
+    pub(super) fn layer_norm(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let rank = sx.len();
+        let axis = normalize_axis(attr_i(node, "axis", -1), rank).ok_or_else(|| self.err("axis out of range"))?;
+        if (axis..rank).any(|a| sx[a] == Dim::Batch) {
+            return Err(self.err("normalising over the batch axis mixes examples (hvp applies the loss per example)"));
+        }
+        if attr_i(node, "stash_type", 1) != 1 {
+            return Err(self.err("stash_type other than float32 is not supported"));
+        }
+        if node.output.iter().skip(1).any(|o| !o.is_empty()) {
+            return Err(self.err("the mean and inverse standard deviation outputs are not supported"));
+        }
+        let eps = attr_f(node, "epsilon", 1e-5);
+        let axes: Vec<usize> = (axis..rank).collect();
+        let kept: Vec<Dim> = (0..rank)
+            .map(|i| if i >= axis { Dim::Fixed(1) } else { sx[i] })
+            .collect();
+        let mean = self.push_node(
+            op::ReduceMean {
+                input: x,
+                axes: axes.clone(),
+            },
+            kept.clone(),
+        );
+        let centred = self.push_node(
+            op::Arith {
+                a: x,
+                b: mean,
+                op: Arith::Sub,
+            },
+            sx.clone(),
+        );
+        let squared = self.push_node(
+            op::Arith {
+                a: centred,
+                b: centred,
+                op: Arith::Mul,
+            },
+            sx.clone(),
+        );
+        let var = self.push_node(op::ReduceMean { input: squared, axes }, kept.clone());
+        let eps_name = format!("{}::epsilon", self.node);
+        let (eps_node, _) = self.constant_node(&eps_name, &Constant::floats(vec![], [eps]))?;
+        let shifted = self.push_node(
+            op::Arith {
+                a: var,
+                b: eps_node,
+                op: Arith::Add,
+            },
+            kept.clone(),
+        );
+        let inv_std = self.push_node(
+            op::Pointwise {
+                input: shifted,
+                func: Pointwise::Pow { p: -0.5 },
+            },
+            kept,
+        );
+        let mut y = self.push_node(
+            op::Arith {
+                a: centred,
+                b: inv_std,
+                op: Arith::Mul,
+            },
+            sx.clone(),
+        );
+        for (k, op) in [(1, Arith::Mul), (2, Arith::Add)] {
+            let Some(name) = self.input(node, k) else { continue };
+            let entry = self.entry(name)?;
+            let (operand, shape) = self.runtime(name, &entry)?;
+            if broadcast(&sx, &shape).as_deref() != Some(sx.as_slice()) {
+                return Err(self.err(format!(
+                    "input {k} of shape {} does not fit {}",
+                    show(&shape),
+                    show(&sx)
+                )));
+            }
+            y = self.push_node(op::Arith { a: y, b: operand, op }, sx.clone());
+        }
+        Ok(Entry::Runtime { node: y, shape: sx })
+    }
+
+    /// [`Importer::push`] for an intermediate node: its id.
+    fn push_node(&mut self, op: impl Into<Op>, shape: Vec<Dim>) -> NodeId {
+        match self.push(op, shape) {
+            Entry::Runtime { node, .. } => node,
+            _ => unreachable!("push makes a runtime entry"),
+        }
+    }
 }

@@ -45,6 +45,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "HardSigmoid",
     "HardSwish",
     "Identity",
+    "LayerNormalization",
     "LeakyRelu",
     "Log",
     "LogSoftmax",
@@ -961,6 +962,7 @@ impl Importer<'_> {
                 )
             }
             "ReduceMean" => self.reduce_mean(node)?,
+            "LayerNormalization" => self.layer_norm(node)?,
             _ => return Err(self.unsupported("")),
         };
         self.set_output(node, entry)
