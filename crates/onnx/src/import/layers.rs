@@ -418,6 +418,35 @@ impl Importer<'_> {
         ))
     }
 
+    /// ReduceSum: ReduceMean times the number of elements reduced (exact; the
+    /// mean's kernels serve both).
+    pub(super) fn reduce_sum(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let mean = self.reduce_mean(node)?;
+        let Entry::Runtime { node: mean, shape } = mean else {
+            return Ok(mean);
+        };
+        if mean == x {
+            return Ok(Entry::Runtime { node: mean, shape }); // no axes: a no-op
+        }
+        let kept: usize = sx.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { 1 }).product();
+        let left: usize = shape
+            .iter()
+            .map(|d| if let Dim::Fixed(n) = d { *n } else { 1 })
+            .product();
+        let count = (kept / left.max(1)) as f64;
+        let name = format!("{}::count", self.node);
+        let (c, _) = self.constant_node(&name, &Constant::floats(vec![], [count]))?;
+        Ok(self.push(
+            op::Arith {
+                a: mean,
+                b: c,
+                op: Arith::Mul,
+            },
+            shape,
+        ))
+    }
+
     pub(super) fn reduce_mean(&mut self, node: &NodeProto) -> Res<Entry> {
         let (x, sx) = self.runtime_input(node, 0)?;
         let keep = attr_i(node, "keepdims", 1) == 1;

@@ -56,6 +56,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Pow",
     "Reciprocal",
     "ReduceMean",
+    "ReduceSum",
     "Relu",
     "Reshape",
     "Shape",
@@ -962,6 +963,7 @@ impl Importer<'_> {
                 )
             }
             "ReduceMean" => self.reduce_mean(node)?,
+            "ReduceSum" => self.reduce_sum(node)?,
             "LayerNormalization" => self.layer_norm(node)?,
             _ => return Err(self.unsupported("")),
         };
