@@ -283,3 +283,100 @@ fn layer_normalization_computes_and_differentiates_exactly() {
     let err = hv.relative_error(&fd);
     assert!(err < 1e-6, "LayerNormalization: H v vs central differences {err:e}");
 }
+
+/// ReduceSum over the hidden features (axes as an opset-13 input), feeding a
+/// product with the features themselves: the loss equals that of the same
+/// graph with `16 × ReduceMean`, and H v equals differences of the gradient.
+#[test]
+fn reduce_sum_computes_and_differentiates_exactly() {
+    let dir = case("mlp");
+    let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
+    let build = |sum: bool| {
+        let mut model = mlp();
+        let g = model.graph.as_mut().unwrap();
+        let k = g.node.iter().position(|n| n.op_type == "Relu").unwrap();
+        let hidden = g.node[k].input[0].clone();
+        g.node[k].input[0] = "scaled".into();
+        g.initializer.push(TensorProto {
+            name: "axes".into(),
+            data_type: 7,
+            dims: vec![1],
+            int64_data: vec![1],
+            ..Default::default()
+        });
+        g.initializer.push(scalar("sixteen", 16.0));
+        let reduce = NodeProto {
+            op_type: if sum { "ReduceSum" } else { "ReduceMean" }.into(),
+            name: "reduce".into(),
+            input: if sum {
+                vec![hidden.clone(), "axes".into()]
+            } else {
+                vec![hidden.clone()]
+            },
+            output: vec!["reduced".into()],
+            attribute: if sum {
+                vec![]
+            } else {
+                vec![AttributeProto {
+                    name: "axes".into(),
+                    r#type: 7,
+                    ints: vec![1],
+                    ..Default::default()
+                }]
+            },
+            ..Default::default()
+        };
+        let times = |a: &str, b: &str, out: &str| NodeProto {
+            op_type: "Mul".into(),
+            name: out.into(),
+            input: vec![a.into(), b.into()],
+            output: vec![out.into()],
+            ..Default::default()
+        };
+        let mut added = vec![reduce];
+        if !sum {
+            added.push(times("reduced", "sixteen", "reduced16"));
+        }
+        let total = if sum { "reduced" } else { "reduced16" };
+        added.push(times(&hidden, total, "scaled"));
+        for (i, n) in added.into_iter().enumerate() {
+            g.node.insert(k + i, n);
+        }
+        let path = save(&model, if sum { "reduce-sum" } else { "reduce-mean" });
+        load(&path, &ImportOptions::default()).unwrap()
+    };
+    let (with_sum, with_mean) = (build(true), build(false));
+    let (m, w) = (&with_sum.model, &with_sum.weights);
+    let loss = |i: &hvp_onnx::Imported| {
+        Problem::new(&i.model, &i.weights, &data, 4)
+            .unwrap()
+            .gradient_as::<f64>(&|_| {})
+            .unwrap()
+            .loss
+    };
+    let (a, b) = (loss(&with_sum), loss(&with_mean));
+    assert!((a - b).abs() <= 1e-12 * b.abs(), "ReduceSum {a} vs 16 × ReduceMean {b}");
+    let problem = Problem::new(m, w, &data, 4).unwrap();
+    let v = ParamVector::random_normal(m, 9);
+    let hv = problem
+        .product_as::<f64>(Curvature::Hessian, &v, &|_| {})
+        .unwrap()
+        .value;
+    let h = 1e-5;
+    let at = |s: f64| {
+        let mut shifted: Weights = w.clone();
+        for (t, d) in shifted.params.iter_mut().zip(&v.tensors) {
+            t.data_mut().iter_mut().zip(d.data()).for_each(|(x, dx)| *x += s * dx);
+        }
+        Problem::new(m, &shifted, &data, 4)
+            .unwrap()
+            .gradient_as::<f64>(&|_| {})
+            .unwrap()
+            .value
+    };
+    let mut fd = at(h);
+    fd.axpy(-1.0, &at(-h));
+    fd.scale(0.5 / h);
+    let err = hv.relative_error(&fd);
+    assert!(err < 1e-6, "ReduceSum: H v vs central differences {err:e}");
+}
