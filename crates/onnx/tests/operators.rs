@@ -380,3 +380,68 @@ fn reduce_sum_computes_and_differentiates_exactly() {
     let err = hv.relative_error(&fd);
     assert!(err < 1e-6, "ReduceSum: H v vs central differences {err:e}");
 }
+
+/// InstanceNormalization after the small CNN's first convolution (per-channel
+/// scale and bias trainable): H v equals central differences of the gradient.
+#[test]
+fn instance_normalization_differentiates_exactly() {
+    let dir = case("small_cnn");
+    let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
+    let mut model = ModelProto::decode(std::fs::read(dir.join("legacy.onnx")).unwrap().as_slice()).unwrap();
+    let g = model.graph.as_mut().unwrap();
+    let k = g.node.iter().position(|n| n.op_type == "Conv").unwrap();
+    let conv_out = g.node[k].output[0].clone();
+    let channels = 4usize;
+    for n in g.node.iter_mut().skip(k + 1) {
+        for i in n.input.iter_mut().filter(|i| **i == conv_out) {
+            *i = "instance_normalised".into();
+        }
+    }
+    let vector = |name: &str, f: &dyn Fn(usize) -> f32| TensorProto {
+        name: name.into(),
+        data_type: 1,
+        dims: vec![channels as i64],
+        float_data: (0..channels).map(f).collect(),
+        ..Default::default()
+    };
+    g.initializer.push(vector("in.weight", &|i| 0.7 + 0.2 * i as f32));
+    g.initializer.push(vector("in.bias", &|i| 0.1 * i as f32 - 0.15));
+    g.node.insert(
+        k + 1,
+        NodeProto {
+            op_type: "InstanceNormalization".into(),
+            name: "in".into(),
+            input: vec![conv_out, "in.weight".into(), "in.bias".into()],
+            output: vec!["instance_normalised".into()],
+            attribute: vec![float_attr("epsilon", 1e-3)],
+            ..Default::default()
+        },
+    );
+    let path = save(&model, "instancenorm");
+    let imported = load(&path, &ImportOptions::default()).unwrap();
+    let (m, w) = (&imported.model, &imported.weights);
+    assert!(m.param_names().contains(&"in.weight") && m.param_names().contains(&"in.bias"));
+    let problem = Problem::new(m, w, &data, 4).unwrap();
+    let v = ParamVector::random_normal(m, 3);
+    let hv = problem
+        .product_as::<f64>(Curvature::Hessian, &v, &|_| {})
+        .unwrap()
+        .value;
+    let h = 1e-5;
+    let at = |s: f64| {
+        let mut shifted: Weights = w.clone();
+        for (t, d) in shifted.params.iter_mut().zip(&v.tensors) {
+            t.data_mut().iter_mut().zip(d.data()).for_each(|(x, dx)| *x += s * dx);
+        }
+        Problem::new(m, &shifted, &data, 4)
+            .unwrap()
+            .gradient_as::<f64>(&|_| {})
+            .unwrap()
+            .value
+    };
+    let mut fd = at(h);
+    fd.axpy(-1.0, &at(-h));
+    fd.scale(0.5 / h);
+    let err = hv.relative_error(&fd);
+    assert!(err < 1e-6, "InstanceNormalization: H v vs central differences {err:e}");
+}

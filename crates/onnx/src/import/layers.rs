@@ -524,14 +524,33 @@ impl Importer<'_> {
             return Err(self.err("the mean and inverse standard deviation outputs are not supported"));
         }
         let eps = attr_f(node, "epsilon", 1e-5);
-        let axes: Vec<usize> = (axis..rank).collect();
-        let kept: Vec<Dim> = (0..rank)
-            .map(|i| if i >= axis { Dim::Fixed(1) } else { sx[i] })
+        let mut y = self.normalise(x, &sx, &(axis..rank).collect::<Vec<_>>(), eps)?;
+        for (k, op) in [(1, Arith::Mul), (2, Arith::Add)] {
+            let Some(name) = self.input(node, k) else { continue };
+            let entry = self.entry(name)?;
+            let (operand, shape) = self.runtime(name, &entry)?;
+            if broadcast(&sx, &shape).as_deref() != Some(sx.as_slice()) {
+                return Err(self.err(format!(
+                    "input {k} of shape {} does not fit {}",
+                    show(&shape),
+                    show(&sx)
+                )));
+            }
+            y = self.push_node(op::Arith { a: y, b: operand, op }, sx.clone());
+        }
+        Ok(Entry::Runtime { node: y, shape: sx })
+    }
+
+    /// `(x − mean) / √(var + ε)` over `axes` of each example, as the
+    /// operations it is made of.
+    fn normalise(&mut self, x: NodeId, sx: &[Dim], axes: &[usize], eps: f64) -> Res<NodeId> {
+        let kept: Vec<Dim> = (0..sx.len())
+            .map(|i| if axes.contains(&i) { Dim::Fixed(1) } else { sx[i] })
             .collect();
         let mean = self.push_node(
             op::ReduceMean {
                 input: x,
-                axes: axes.clone(),
+                axes: axes.to_vec(),
             },
             kept.clone(),
         );
@@ -541,7 +560,7 @@ impl Importer<'_> {
                 b: mean,
                 op: Arith::Sub,
             },
-            sx.clone(),
+            sx.to_vec(),
         );
         let squared = self.push_node(
             op::Arith {
@@ -549,9 +568,15 @@ impl Importer<'_> {
                 b: centred,
                 op: Arith::Mul,
             },
-            sx.clone(),
+            sx.to_vec(),
         );
-        let var = self.push_node(op::ReduceMean { input: squared, axes }, kept.clone());
+        let var = self.push_node(
+            op::ReduceMean {
+                input: squared,
+                axes: axes.to_vec(),
+            },
+            kept.clone(),
+        );
         let eps_name = format!("{}::epsilon", self.node);
         let (eps_node, _) = self.constant_node(&eps_name, &Constant::floats(vec![], [eps]))?;
         let shifted = self.push_node(
@@ -569,26 +594,49 @@ impl Importer<'_> {
             },
             kept,
         );
-        let mut y = self.push_node(
+        Ok(self.push_node(
             op::Arith {
                 a: centred,
                 b: inv_std,
                 op: Arith::Mul,
             },
-            sx.clone(),
-        );
+            sx.to_vec(),
+        ))
+    }
+
+    /// InstanceNormalization: each example's channels normalised over their
+    /// spatial positions, then the per-channel scale and bias (`[C]`, trainable).
+    pub(super) fn instance_norm(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        if sx.len() < 3 || sx[1] == Dim::Batch {
+            return Err(self.err(format!("needs [batch, channels, ...], got {}", show(&sx))));
+        }
+        let eps = attr_f(node, "epsilon", 1e-5);
+        let mut y = self.normalise(x, &sx, &(2..sx.len()).collect::<Vec<_>>(), eps)?;
+        // `[C]` as `[C, 1, …]`, broadcasting over the positions.
+        let mut per_channel = vec![sx[1]];
+        per_channel.extend(std::iter::repeat_n(Dim::Fixed(1), sx.len() - 2));
         for (k, op) in [(1, Arith::Mul), (2, Arith::Add)] {
-            let Some(name) = self.input(node, k) else { continue };
+            let name = self
+                .input(node, k)
+                .ok_or_else(|| self.err(format!("input {k} (scale or bias) is required")))?;
             let entry = self.entry(name)?;
             let (operand, shape) = self.runtime(name, &entry)?;
-            if broadcast(&sx, &shape).as_deref() != Some(sx.as_slice()) {
+            if shape != [sx[1]] {
                 return Err(self.err(format!(
-                    "input {k} of shape {} does not fit {}",
+                    "input {k} has shape {}, expected [{}]",
                     show(&shape),
-                    show(&sx)
+                    show(&sx[1..2])
                 )));
             }
-            y = self.push_node(op::Arith { a: y, b: operand, op }, sx.clone());
+            let column = self.push_node(
+                op::Reshape {
+                    input: operand,
+                    shape: per_channel.clone(),
+                },
+                per_channel.clone(),
+            );
+            y = self.push_node(op::Arith { a: y, b: column, op }, sx.clone());
         }
         Ok(Entry::Runtime { node: y, shape: sx })
     }

@@ -45,6 +45,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "HardSigmoid",
     "HardSwish",
     "Identity",
+    "InstanceNormalization",
     "LayerNormalization",
     "LeakyRelu",
     "Log",
@@ -94,6 +95,15 @@ enum InputUse {
     /// Read for its value at load time only (shapes, axes, indices, exponents,
     /// bounds) or for its type: a constant.
     LoadTime,
+}
+
+/// The folder external data is read from: the model's own (a bare file name
+/// has the empty path as its parent, which is the current folder).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
 }
 
 /// Refuses a graph with operators hvp cannot import, naming every one of
@@ -298,7 +308,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         .iter()
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map_or(13, |o| o.version);
-    let model_dir = path.parent().unwrap_or(Path::new("."));
+    let model_dir = folder_of(path);
 
     // Initializers, plus a separate copy for each Identity of one: the legacy
     // exporter merges equal-valued initializers (e.g. two BatchNorm biases that
@@ -965,6 +975,7 @@ impl Importer<'_> {
             "ReduceMean" => self.reduce_mean(node)?,
             "ReduceSum" => self.reduce_sum(node)?,
             "LayerNormalization" => self.layer_norm(node)?,
+            "InstanceNormalization" => self.instance_norm(node)?,
             _ => return Err(self.unsupported("")),
         };
         self.set_output(node, entry)
@@ -990,5 +1001,17 @@ impl Importer<'_> {
             }
             (name, _) => return Err(self.err(format!("Constant attribute '{name}' is not supported"))),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn external_data_of_a_bare_file_name_is_read_from_the_current_folder() {
+        assert_eq!(folder_of(Path::new("model.onnx")), Path::new("."));
+        assert_eq!(folder_of(Path::new("a/model.onnx")), Path::new("a"));
+        assert_eq!(folder_of(Path::new("/m.onnx")), Path::new("/"));
     }
 }
