@@ -6,6 +6,11 @@
 //! BatchNorm's γ and β gradients are per-channel sums. Nothing of size `N × P`
 //! is ever held. With Q influence queries this is the cost of one gradient-like
 //! pass plus the contraction, instead of Q forward-mode passes.
+//!
+//! The same pass gives curvature products of many vectors (`block_product`):
+//! with `D = G V` complete for a batch, `Gᵀ D` summed over batches is the
+//! empirical Fisher (or, over the output Hessian's square-root columns, the
+//! GGN) times every vector at once.
 
 use super::statistics::example_gradient;
 use super::*;
