@@ -15,8 +15,12 @@ use hvp_tensor::{DType, Tensor};
 use prost::Message;
 use std::path::{Path, PathBuf};
 
+/// `tests/fixtures/onnx/NAME`, or `tests/fixtures/zoo/MODEL` for `zoo/MODEL`.
 fn case_dir(name: &str) -> PathBuf {
-    fixture("onnx").join(name)
+    match name.strip_prefix("zoo/") {
+        Some(model) => fixture("zoo").join(model),
+        None => fixture("onnx").join(name),
+    }
 }
 
 fn meta(name: &str) -> serde_json::Value {
@@ -105,6 +109,14 @@ fn small_cnn_with_maxpool_sigmoid_softmax_matches_pytorch() {
 #[test]
 fn regression_mlp_with_mse_loss_matches_pytorch() {
     check_case("regression");
+}
+
+// The model zoo (tests/fixtures/zoo, written by scripts/make_zoo.py): small
+// versions of today's architectures, float32 weights, float64 references.
+
+#[test]
+fn zoo_resnet18_matches_pytorch() {
+    check_case("zoo/resnet18");
 }
 
 /// `--loss` must fit the labels: float targets need mse, class labels ce.
