@@ -119,6 +119,25 @@ fn zoo_resnet18_matches_pytorch() {
     check_case("zoo/resnet18");
 }
 
+/// Patch embedding, class token, LayerNorm, nn.MultiheadAttention, GELU MLP.
+#[test]
+fn zoo_vit_matches_pytorch() {
+    check_case("zoo/vit");
+}
+
+/// int64 token ids through an embedding; nn.MultiheadAttention and
+/// scaled_dot_product_attention blocks; mean over the sequence.
+#[test]
+fn zoo_text_transformer_matches_pytorch() {
+    check_case("zoo/text_transformer");
+}
+
+/// Token- and channel-mixing MLPs, GroupNorm, SiLU.
+#[test]
+fn zoo_mixer_matches_pytorch() {
+    check_case("zoo/mixer");
+}
+
 /// `--loss` must fit the labels: float targets need mse, class labels ce.
 #[test]
 fn loss_must_fit_the_labels() {

@@ -484,9 +484,39 @@ fn trainable_tensors_through_any_differentiable_op_are_parameters() {
     assert!(listing.contains("| gamma | [3] | 3 | no | frozen |"), "{listing}");
 }
 
-/// An op that would need a derivative hvp cannot take is refused by name.
+/// A trainable tensor that also reaches an input hvp reads only at load time
+/// (here a `Where` condition) is refused by name, with the way out.
 #[test]
 fn trainable_tensor_into_a_non_differentiable_input_is_refused_by_name() {
+    let tmp = TempDir::new("trust-where");
+    let m = tmp.path("m.onnx");
+    write_model(
+        &m,
+        vec![
+            node("Add", &["x", "gate"], "h"),
+            node("Where", &["gate", "h", "x"], "g"),
+            node("MatMul", &["g", "w"], "y"),
+        ],
+        vec![
+            float_init("gate", vec![4], vec![1.0, 0.0, 1.0, 0.0]),
+            float_init("w", vec![4, 3], vec![0.1; 12]),
+        ],
+    );
+    let o = hvp(&["params", "--model", m.to_str().unwrap()]);
+    let line = one_error_line(&o);
+    assert!(
+        line.contains("'gate'") && line.contains("Where") && line.contains("--params"),
+        "{line}"
+    );
+    // Excluding it makes the model usable.
+    let listing = ok(&["params", "--model", m.to_str().unwrap(), "--params", "w"]);
+    assert!(listing.contains("| gate | [4] | 4 | no | frozen |"), "{listing}");
+}
+
+/// A row gathered from a trainable table with fixed indices is differentiated
+/// (the table is a parameter; only the picked row gets a gradient).
+#[test]
+fn gathered_rows_of_a_trainable_table_are_differentiated() {
     let tmp = TempDir::new("trust-gather");
     let m = tmp.path("m.onnx");
     let idx = TensorProto {
@@ -509,15 +539,30 @@ fn trainable_tensor_into_a_non_differentiable_input_is_refused_by_name() {
             float_init("w", vec![4, 3], vec![0.1; 12]),
         ],
     );
-    let o = hvp(&["params", "--model", m.to_str().unwrap()]);
-    let line = one_error_line(&o);
-    assert!(
-        line.contains("'table'") && line.contains("Gather") && line.contains("--params"),
-        "{line}"
-    );
-    // Excluding it makes the model usable.
-    let listing = ok(&["params", "--model", m.to_str().unwrap(), "--params", "w"]);
-    assert!(listing.contains("| table | [5, 4] | 20 | no | frozen |"), "{listing}");
+    let imported = hvp_onnx::load(&m, &hvp_onnx::ImportOptions::default()).unwrap();
+    assert_eq!(imported.model.param_names(), vec!["table", "w"]);
+    let x: Vec<f64> = (0..20).map(|i| ((i * 3 % 11) as f64) * 0.1 - 0.5).collect();
+    let data = hvp_data::InMemory::new(vec![4], x, vec![0, 2, 1, 1, 0]).unwrap();
+    let loss = |weights: &hvp_model::Weights| {
+        hvp_curvature::Problem::new(&imported.model, weights, &data, 5)
+            .unwrap()
+            .gradient_as::<f64>(&|_| {})
+            .unwrap()
+    };
+    let grad = loss(&imported.weights).value;
+    let h = 1e-6;
+    for k in 0..20 {
+        let mut plus = imported.weights.clone();
+        plus.params[0].data_mut()[k] += h;
+        let mut minus = imported.weights.clone();
+        minus.params[0].data_mut()[k] -= h;
+        let fd = (loss(&plus).loss - loss(&minus).loss) / (2.0 * h);
+        let g = grad.tensors[0].data()[k];
+        assert!((g - fd).abs() < 1e-7 * (1.0 + g.abs()), "table[{k}]: {g} vs {fd}");
+        if !(4..8).contains(&k) {
+            assert_eq!(g, 0.0, "table[{k}] is not gathered");
+        }
+    }
 }
 
 /// The binary on mutated inputs of every kind: each run ends with a result

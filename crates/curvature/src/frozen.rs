@@ -58,6 +58,7 @@ impl FrozenPrefix {
             arch: Architecture::Onnx {
                 name: format!("{name} after its frozen prefix"),
                 input_shape: feature_shape.clone(),
+                token_vocab: None,
             },
             graph: split.tail,
             ..model.clone()

@@ -16,7 +16,7 @@ pub mod frozen;
 pub mod subsample;
 use hvp_autodiff::loss::{self, Targets};
 use hvp_autodiff::{Dual, Graph, Tape, Value};
-use hvp_data::{check_labels, Batch, DataError, Dataset};
+use hvp_data::{check_labels, check_token_ids, Batch, DataError, Dataset};
 use hvp_model::{Model, ParamVector, Weights};
 use hvp_tensor::{DType, Float, Tensor};
 use rayon::prelude::*;
@@ -142,6 +142,9 @@ impl<'a> Problem<'a> {
             return Err(CurvatureError::Empty);
         }
         model.check_input(&data.sample_shape()).map_err(CurvatureError::Input)?;
+        if let Some(vocab) = model.token_vocab() {
+            check_token_ids(data, vocab)?;
+        }
         let param_shapes: Vec<Vec<usize>> = model.params.iter().map(|p| p.shape.clone()).collect();
         let elements = model.graph.activation_elements(&data.sample_shape(), &param_shapes);
         // Values and tangents of every node (f64 at most), plus cotangents.

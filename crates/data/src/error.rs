@@ -15,6 +15,11 @@ pub enum DataError {
     NonFinite { index: usize },
     #[error("label {label} of example {index} is out of range: the model has {classes} classes (labels 0..{classes})")]
     LabelRange { index: usize, label: usize, classes: usize },
+    #[error(
+        "input value {value} of example {index} is not a token id of the model: its embedding has {vocab} rows \
+         (ids 0..{vocab})"
+    )]
+    TokenRange { index: usize, value: f64, vocab: usize },
     #[error("{0}")]
     Mismatch(String),
     #[error(transparent)]

@@ -112,6 +112,30 @@ pub fn open_spec(spec: &str) -> Result<Box<dyn Dataset>, DataError> {
 }
 
 /// Errors when any label is `>= num_classes`, naming the first such example.
+/// Checks that every input value is an integer token id below `vocab`,
+/// reading the data once in chunks.
+pub fn check_token_ids(ds: &dyn Dataset, vocab: usize) -> Result<(), DataError> {
+    const CHUNK: usize = 4096;
+    let mut batch = Batch::default();
+    let per_example: usize = ds.sample_shape().iter().product();
+    for start in (0..ds.len()).step_by(CHUNK) {
+        let indices: Vec<usize> = (start..(start + CHUNK).min(ds.len())).collect();
+        ds.read(&indices, &mut batch)?;
+        let bad = batch
+            .x
+            .iter()
+            .position(|&v| !(v >= 0.0 && v < vocab as f64 && v.fract() == 0.0));
+        if let Some(k) = bad {
+            return Err(DataError::TokenRange {
+                index: start + k / per_example.max(1),
+                value: batch.x[k],
+                vocab,
+            });
+        }
+    }
+    Ok(())
+}
+
 pub fn check_labels(ds: &dyn Dataset, num_classes: usize) -> Result<(), DataError> {
     match (0..ds.len()).find(|&i| ds.label(i) >= num_classes) {
         Some(i) => Err(DataError::LabelRange {

@@ -207,17 +207,22 @@ pub struct NpyDataset {
 impl NpyDataset {
     pub fn open(inputs: &Path, labels: &Path) -> Result<Self, DataError> {
         let x = NpyArray::open(inputs)?;
-        if !matches!(x.dtype, NpyDtype::F32 | NpyDtype::F64) {
+        // Integer inputs are token ids (checked against the model's vocabulary
+        // before any pass); they are exact in f64 and, below 2^24, in f32.
+        if !matches!(x.dtype, NpyDtype::F32 | NpyDtype::F64 | NpyDtype::I32 | NpyDtype::I64) {
             return Err(DataError::Format {
                 path: inputs.to_path_buf(),
-                reason: format!("inputs must be float32 or float64, found {:?}", x.dtype),
+                reason: format!(
+                    "inputs must be float32 or float64 (or int32/int64 token ids), found {:?}",
+                    x.dtype
+                ),
             });
         }
         if x.shape.len() < 2 {
             return Err(DataError::Format {
                 path: inputs.to_path_buf(),
                 reason: format!(
-                    "inputs must be [N, ...] with at least 2 dimensions, found {:?}",
+                    "inputs must be [N, ...] with at least 2 dimensions (token ids [N, sequence]), found {:?}",
                     x.shape
                 ),
             });

@@ -15,7 +15,13 @@ pub enum Architecture {
     Mlp { sizes: Vec<usize>, tanh: bool },
     /// A graph imported from an ONNX file (`--model`), named after the file;
     /// `input_shape` is one example's shape (without the batch dimension).
-    Onnx { name: String, input_shape: Vec<usize> },
+    /// `token_vocab`: the input holds integer token ids, valid below this bound
+    /// (the rows of the smallest embedding table they index).
+    Onnx {
+        name: String,
+        input_shape: Vec<usize>,
+        token_vocab: Option<usize>,
+    },
 }
 
 fn parse_list(spec: &str, list: &str) -> Result<Vec<usize>, ModelError> {
@@ -311,6 +317,14 @@ impl Model {
             Architecture::Mlp { sizes, .. } => Some(sizes[0]),
             Architecture::ResNetCifar { .. } => None,
             Architecture::Onnx { input_shape, .. } => (input_shape.len() == 1).then(|| input_shape[0]),
+        }
+    }
+
+    /// The bound token ids must stay below, when the input holds token ids.
+    pub fn token_vocab(&self) -> Option<usize> {
+        match &self.arch {
+            Architecture::Onnx { token_vocab, .. } => *token_vocab,
+            _ => None,
         }
     }
 

@@ -13,6 +13,8 @@ pub enum Scalar {
     Int(i64),
     /// The batch size, whatever it will be.
     Batch,
+    /// The batch size times a number (k ≥ 2): `bsz * num_heads`.
+    BatchTimes(usize),
 }
 
 impl Scalar {
@@ -20,7 +22,7 @@ impl Scalar {
         match self {
             Scalar::Float(v) => Some(v),
             Scalar::Int(v) => Some(v as f64),
-            Scalar::Batch => None,
+            Scalar::Batch | Scalar::BatchTimes(_) => None,
         }
     }
 }
@@ -236,8 +238,8 @@ impl Constant {
             .values
             .iter()
             .map(|&v| match (v, to_float) {
-                (Scalar::Batch, true) => Err("the batch size cannot become data".to_string()),
-                (Scalar::Batch, false) => Ok(Scalar::Batch),
+                (Scalar::Batch | Scalar::BatchTimes(_), true) => Err("the batch size cannot become data".to_string()),
+                (v @ (Scalar::Batch | Scalar::BatchTimes(_)), false) => Ok(v),
                 (Scalar::Float(f), false) => Ok(Scalar::Int(f as i64)),
                 (Scalar::Int(i), true) => Ok(Scalar::Float(i as f64)),
                 (v, _) => Ok(v),
@@ -258,6 +260,10 @@ impl Constant {
         let float = a.float || b.float;
         let mut values = Vec::with_capacity(ea.numel());
         for (&x, &y) in ea.values.iter().zip(&eb.values) {
+            if let Some(v) = batch_arith(x, y, op) {
+                values.push(v);
+                continue;
+            }
             let v = match (x, y) {
                 (Scalar::Int(x), Scalar::Int(y)) if !float => Scalar::Int(
                     match op {
@@ -282,6 +288,134 @@ impl Constant {
             values.push(v);
         }
         Ok(Constant { shape, values, float })
+    }
+}
+
+impl Constant {
+    /// `Equal(a, b)` as 0/1 integers. The batch size is at least 1, so it
+    /// equals no number below 1 (the `-1` of a reshape target); comparing it
+    /// with a positive number depends on the batch and is refused.
+    pub fn equal(a: &Constant, b: &Constant) -> Result<Self, String> {
+        Self::zip(a, b, false, |x, y| {
+            let same = match (x, y) {
+                (Scalar::Batch, Scalar::Batch) => true,
+                (Scalar::BatchTimes(p), Scalar::BatchTimes(q)) => p == q,
+                (Scalar::Batch | Scalar::BatchTimes(_), v) | (v, Scalar::Batch | Scalar::BatchTimes(_)) => {
+                    match v.as_f64() {
+                        Some(n) if n < 1.0 => false,
+                        _ => return Err("comparing the batch size with a number (a dynamic shape)".into()),
+                    }
+                }
+                (x, y) => x.as_f64() == y.as_f64(),
+            };
+            Ok(Scalar::Int(same as i64))
+        })
+    }
+
+    /// `Mod(a, b)`: the sign of the divisor (`fmod` = false, integers) or of
+    /// the dividend (`fmod` = true, C's fmod).
+    pub fn modulo(a: &Constant, b: &Constant, fmod: bool) -> Result<Self, String> {
+        let float = a.float || b.float;
+        Self::zip(a, b, float, |x, y| match (x, y) {
+            (Scalar::Int(x), Scalar::Int(y)) if !float => {
+                if y == 0 {
+                    return Err("integer modulo by zero".into());
+                }
+                Ok(Scalar::Int(if fmod { x % y } else { ((x % y) + y) % y }))
+            }
+            (x, y) => match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) => Ok(Scalar::Float(if fmod { x % y } else { x - y * (x / y).floor() })),
+                _ => Err("modulo of the batch size (a dynamic shape)".into()),
+            },
+        })
+    }
+
+    /// `Where(cond, a, b)` with broadcasting.
+    pub fn select_where(cond: &Constant, a: &Constant, b: &Constant) -> Result<Self, String> {
+        let shape = nd::broadcast_shape(&a.shape, &b.shape)
+            .and_then(|s| nd::broadcast_shape(&s, &cond.shape))
+            .ok_or_else(|| {
+                format!(
+                    "shapes {:?}, {:?} and {:?} do not broadcast",
+                    cond.shape, a.shape, b.shape
+                )
+            })?;
+        let (c, a2, b2) = (cond.expand(&shape)?, a.expand(&shape)?, b.expand(&shape)?);
+        let values = c
+            .values
+            .iter()
+            .zip(a2.values.iter().zip(&b2.values))
+            .map(|(k, (&x, &y))| match k.as_f64() {
+                Some(v) => Ok(if v != 0.0 { x } else { y }),
+                None => Err("a condition holding the batch size".to_string()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Constant {
+            shape,
+            values,
+            float: a.float || b.float,
+        })
+    }
+
+    /// `Range(start, limit, delta)`: `ceil((limit − start) / delta)` values.
+    pub fn range(start: Scalar, limit: Scalar, delta: Scalar, float: bool) -> Result<Self, String> {
+        let (Some(s), Some(l), Some(d)) = (start.as_f64(), limit.as_f64(), delta.as_f64()) else {
+            return Err("a range up to the batch size (a dynamic shape)".into());
+        };
+        if d == 0.0 {
+            return Err("Range with a zero step".into());
+        }
+        let n = ((l - s) / d).ceil().max(0.0) as usize;
+        check_size(&[n])?;
+        let values = (0..n).map(|i| {
+            let v = s + i as f64 * d;
+            if float {
+                Scalar::Float(v)
+            } else {
+                Scalar::Int(v as i64)
+            }
+        });
+        Ok(Constant {
+            shape: vec![n],
+            values: values.collect(),
+            float,
+        })
+    }
+
+    fn zip(
+        a: &Constant,
+        b: &Constant,
+        float: bool,
+        f: impl Fn(Scalar, Scalar) -> Result<Scalar, String>,
+    ) -> Result<Self, String> {
+        let shape = nd::broadcast_shape(&a.shape, &b.shape)
+            .ok_or_else(|| format!("shapes {:?} and {:?} do not broadcast", a.shape, b.shape))?;
+        let (ea, eb) = (a.expand(&shape)?, b.expand(&shape)?);
+        let values = ea
+            .values
+            .iter()
+            .zip(&eb.values)
+            .map(|(&x, &y)| f(x, y))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Constant { shape, values, float })
+    }
+}
+
+/// The batch size times a number: what `bsz * num_heads` (either order)
+/// and its division by a factor of it give; `None` for anything else.
+fn batch_arith(x: Scalar, y: Scalar, op: char) -> Option<Scalar> {
+    let factor = |s: Scalar| match s {
+        Scalar::Batch => Some(1),
+        Scalar::BatchTimes(k) => Some(k),
+        _ => None,
+    };
+    let times = |k: usize| if k == 1 { Scalar::Batch } else { Scalar::BatchTimes(k) };
+    match (factor(x), factor(y), x, y, op) {
+        (Some(k), None, _, Scalar::Int(n), '*') | (None, Some(k), Scalar::Int(n), _, '*') if n >= 1 => {
+            Some(times(k * n as usize))
+        }
+        (Some(k), None, _, Scalar::Int(n), '/') if n >= 1 && k.is_multiple_of(n as usize) => Some(times(k / n as usize)),
+        _ => None,
     }
 }
 

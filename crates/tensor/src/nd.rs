@@ -182,6 +182,56 @@ pub fn slice_along<T: Float>(x: &Tensor<T>, axis: usize, start: usize, len: usiz
     Tensor::new(shape, data).expect("slice length")
 }
 
+/// The entries of `x` at positions `indices` along `axis` (any order, repeats
+/// allowed): slices with steps, gathers with fixed indices, embedding lookups.
+pub fn index_select<T: Float>(x: &Tensor<T>, axis: usize, indices: &[usize]) -> Tensor<T> {
+    let (outer, big, inner) = around(x.shape(), axis);
+    let mut shape = x.shape().to_vec();
+    shape[axis] = indices.len();
+    let mut data = Vec::with_capacity(outer * indices.len() * inner);
+    for o in 0..outer {
+        for &i in indices {
+            data.extend_from_slice(&x.data()[(o * big + i) * inner..(o * big + i + 1) * inner]);
+        }
+    }
+    Tensor::new(shape, data).expect("selection length")
+}
+
+/// The adjoint of [`index_select`]: `g` added into zeros of length `len` along
+/// `axis` at `indices` (repeated indices accumulate).
+pub fn index_add<T: Float>(g: &Tensor<T>, axis: usize, indices: &[usize], len: usize) -> Tensor<T> {
+    let (outer, n, inner) = around(g.shape(), axis);
+    let mut shape = g.shape().to_vec();
+    shape[axis] = len;
+    let mut out = Tensor::zeros(&shape);
+    let dst = out.data_mut();
+    for o in 0..outer {
+        for (k, &i) in indices.iter().enumerate().take(n) {
+            let from = &g.data()[(o * n + k) * inner..(o * n + k + 1) * inner];
+            for (d, &v) in dst[(o * len + i) * inner..(o * len + i + 1) * inner]
+                .iter_mut()
+                .zip(from)
+            {
+                *d += v;
+            }
+        }
+    }
+    out
+}
+
+/// `x` broadcast to `shape`, kept where `mask` (0/1 values broadcast to
+/// `shape`) equals `keep` and exactly zero elsewhere: one side of a `Where`.
+pub fn masked<T: Float>(x: &Tensor<T>, mask: &Tensor<T>, keep: bool, shape: &[usize]) -> Tensor<T> {
+    let mut out = expand(x, shape);
+    let m = expand(mask, shape);
+    for (o, &b) in out.data_mut().iter_mut().zip(m.data()) {
+        if (b != T::ZERO) != keep {
+            *o = T::ZERO;
+        }
+    }
+    out
+}
+
 /// Softmax along `axis` (max-shifted).
 pub fn softmax<T: Float>(x: &Tensor<T>, axis: usize) -> Tensor<T> {
     let (outer, n, inner) = around(x.shape(), axis);
@@ -373,6 +423,31 @@ mod tests {
 
     fn t(shape: &[usize], data: Vec<f64>) -> Tensor<f64> {
         Tensor::new(shape.to_vec(), data).unwrap()
+    }
+
+    #[test]
+    fn index_add_is_the_adjoint_of_index_select() {
+        let x = t(&[2, 4, 3], (0..24).map(|v| v as f64 * 0.5 - 3.0).collect());
+        let idx = [3, 0, 3, 2];
+        let y = index_select(&x, 1, &idx);
+        assert_eq!(y.shape(), &[2, 4, 3]);
+        assert_eq!(y.data()[..3], x.data()[9..12]);
+        let g = t(&[2, 4, 3], (0..24).map(|v| ((v * 7) % 5) as f64 - 2.0).collect());
+        let back = index_add(&g, 1, &idx, 4);
+        let dot = |a: &Tensor<f64>, b: &Tensor<f64>| a.data().iter().zip(b.data()).map(|(p, q)| p * q).sum::<f64>();
+        assert!((dot(&y, &g) - dot(&x, &back)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn masked_keeps_one_side_and_zeroes_the_other_exactly() {
+        let x = t(&[1, 3], vec![f64::NEG_INFINITY, 2.0, 3.0]);
+        let m = t(&[2, 1], vec![1.0, 0.0]);
+        let keep = masked(&x, &m, true, &[2, 3]);
+        assert_eq!(keep.data()[3..], [0.0, 0.0, 0.0]);
+        assert_eq!(keep.data()[1..3], [2.0, 3.0]);
+        let other = masked(&x, &m, false, &[2, 3]);
+        assert_eq!(other.data()[..3], [0.0, 0.0, 0.0]);
+        assert!(other.data()[3].is_infinite());
     }
 
     #[test]

@@ -11,23 +11,58 @@ pub use op::Op;
 pub use rule::{Backward, Cotangents, Forward, ParamRefs, Rule};
 use std::cell::RefCell;
 
-/// One dimension of a shape fixed when the graph is built: the batch size, or a
-/// constant.
+/// One dimension of a shape fixed when the graph is built: the batch size, the
+/// batch merged with other dimensions (attention folds heads into it,
+/// `[batch·heads, S, d]`, and sequence-first code merges it under the sequence,
+/// `[S·batch, d]`), or a constant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dim {
     Batch,
+    /// `outer · batch · inner` elements, row-major: `outer` blocks, each of the
+    /// batch's examples, each `inner` long (not both 1).
+    Batched {
+        outer: usize,
+        inner: usize,
+    },
     Fixed(usize),
+}
+
+impl Dim {
+    /// The batch merged between `outer` and `inner` (`Batch` when both are 1).
+    pub fn batched(outer: usize, inner: usize) -> Dim {
+        if outer == 1 && inner == 1 {
+            Dim::Batch
+        } else {
+            Dim::Batched { outer, inner }
+        }
+    }
+
+    /// Whether the dimension depends on the batch size.
+    pub fn has_batch(self) -> bool {
+        !matches!(self, Dim::Fixed(_))
+    }
+
+    /// The constant factor (`outer · inner` of a batched dimension, or the size).
+    pub fn factor(self) -> usize {
+        match self {
+            Dim::Batch => 1,
+            Dim::Batched { outer, inner } => outer * inner,
+            Dim::Fixed(k) => k,
+        }
+    }
+
+    /// The size for a batch of `batch` examples.
+    pub fn resolve(self, batch: usize) -> usize {
+        match self {
+            Dim::Fixed(n) => n,
+            d => batch * d.factor(),
+        }
+    }
 }
 
 /// `shape` with the batch size filled in.
 pub fn resolve_shape(shape: &[Dim], batch: usize) -> Vec<usize> {
-    shape
-        .iter()
-        .map(|d| match *d {
-            Dim::Batch => batch,
-            Dim::Fixed(n) => n,
-        })
-        .collect()
+    shape.iter().map(|d| d.resolve(batch)).collect()
 }
 
 /// Index of a node in a [`Graph`].

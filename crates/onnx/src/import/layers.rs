@@ -53,7 +53,7 @@ impl Importer<'_> {
             (sb[rb - 2], sb[rb - 1])
         };
         let k_a = sa[ra - 1];
-        if k_a != k_b || k_a == Dim::Batch || n == Dim::Batch {
+        if k_a != k_b || k_a.has_batch() || n.has_batch() {
             return Err(bad());
         }
         if rb != 2 && (ra != rb || sa[..ra - 2] != sb[..rb - 2]) {
@@ -462,7 +462,7 @@ impl Importer<'_> {
         };
         let mut axes: Vec<usize> = axes.into_iter().collect::<HashSet<_>>().into_iter().collect();
         axes.sort_unstable();
-        if axes.iter().any(|&a| sx[a] == Dim::Batch) {
+        if axes.iter().any(|&a| sx[a].has_batch()) {
             return Err(self.err("a mean over the batch mixes examples (hvp applies the loss per example)"));
         }
         let kept: Vec<Dim> = (0..sx.len())
@@ -514,7 +514,7 @@ impl Importer<'_> {
         let (x, sx) = self.runtime_input(node, 0)?;
         let rank = sx.len();
         let axis = normalize_axis(attr_i(node, "axis", -1), rank).ok_or_else(|| self.err("axis out of range"))?;
-        if (axis..rank).any(|a| sx[a] == Dim::Batch) {
+        if (axis..rank).any(|a| sx[a].has_batch()) {
             return Err(self.err("normalising over the batch axis mixes examples (hvp applies the loss per example)"));
         }
         if attr_i(node, "stash_type", 1) != 1 {
@@ -608,7 +608,7 @@ impl Importer<'_> {
     /// spatial positions, then the per-channel scale and bias (`[C]`, trainable).
     pub(super) fn instance_norm(&mut self, node: &NodeProto) -> Res<Entry> {
         let (x, sx) = self.runtime_input(node, 0)?;
-        if sx.len() < 3 || sx[1] == Dim::Batch {
+        if sx.len() < 3 || sx[1].has_batch() {
             return Err(self.err(format!("needs [batch, channels, ...], got {}", show(&sx))));
         }
         let eps = attr_f(node, "epsilon", 1e-5);

@@ -3,6 +3,7 @@
 //! shape errors surface at load time, naming the node. The operators themselves are
 //! in `plumbing` (shape plumbing) and `layers` (arithmetic and layers).
 
+mod indexing;
 mod layers;
 mod plumbing;
 
@@ -30,10 +31,12 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Clip",
     "Concat",
     "Constant",
+    "ConstantOfShape",
     "Conv",
     "Div",
     "Dropout",
     "Elu",
+    "Equal",
     "Erf",
     "Exp",
     "Expand",
@@ -52,24 +55,31 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "LogSoftmax",
     "MatMul",
     "MaxPool",
+    "Mod",
     "Mul",
     "Neg",
     "Pow",
+    "Range",
     "Reciprocal",
     "ReduceMean",
     "ReduceSum",
     "Relu",
     "Reshape",
+    "SequenceAt",
     "Shape",
     "Sigmoid",
+    "Slice",
     "Softmax",
     "Softplus",
+    "Split",
+    "SplitToSequence",
     "Sqrt",
     "Squeeze",
     "Sub",
     "Tanh",
     "Transpose",
     "Unsqueeze",
+    "Where",
 ];
 
 /// What an ONNX value name stands for during the import.
@@ -167,7 +177,9 @@ fn input_use(op: &str, slot: usize) -> InputUse {
         | ("Pow", 1)
         | ("Slice", 1..)
         | ("Pad" | "Dropout" | "Clip" | "Resize" | "Range" | "OneHot" | "Upsample", 1..)
-        | ("Shape" | "Size" | "ConstantOfShape" | "Range" | "EyeLike", 0) => InputUse::LoadTime,
+        | ("Shape" | "Size" | "ConstantOfShape" | "Range" | "EyeLike" | "Where", 0)
+        | ("SplitToSequence" | "SequenceAt", 1)
+        | ("Equal" | "Mod" | "Greater" | "Less", _) => InputUse::LoadTime,
         _ => InputUse::Differentiable,
     }
 }
@@ -208,6 +220,7 @@ fn show(shape: &[Dim]) -> String {
         .iter()
         .map(|d| match d {
             Dim::Batch => "batch".to_string(),
+            Dim::Batched { outer, inner } => format!("{outer}×batch×{inner}"),
             Dim::Fixed(n) => n.to_string(),
         })
         .collect();
@@ -279,7 +292,24 @@ struct Importer<'a> {
     example_elements: usize,
     /// Why the last node's output is too large, if it is.
     oversized: Option<String>,
+    /// Nodes holding the integer token-id input (or a reshaping of it).
+    id_nodes: HashSet<NodeId>,
+    /// Rows of the smallest embedding table the token ids index.
+    vocab: Option<usize>,
+    /// The parts of each SplitToSequence output, for SequenceAt.
+    sequences: HashMap<String, Vec<Entry>>,
 }
+
+/// Operators that pass token ids on unchanged (reshaping them).
+const ID_PASSTHROUGH: &[&str] = &[
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Identity",
+    "Cast",
+    "CastLike",
+];
 
 /// Most elements of one node's value per example (512 MB in f64).
 const MAX_NODE_ELEMENTS: usize = 1 << 26;
@@ -398,6 +428,9 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         op: String::new(),
         example_elements: 0,
         oversized: None,
+        id_nodes: HashSet::new(),
+        vocab: None,
+        sequences: HashMap::new(),
     };
     let mut candidate_shapes = Vec::new();
     let mut roles = Vec::new();
@@ -467,9 +500,10 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         .as_ref()
         .and_then(|t| t.tensor_type.as_ref())
         .ok_or_else(|| model_err(format!("input '{}' is not a tensor", input.name)))?;
-    if !is_float_type(tensor_type.elem_type) {
+    let token_ids = matches!(tensor_type.elem_type, data_type::INT64 | data_type::INT32);
+    if !is_float_type(tensor_type.elem_type) && !token_ids {
         return Err(model_err(format!(
-            "input '{}' has ONNX element type {}; hvp feeds float tensors",
+            "input '{}' has ONNX element type {}; hvp feeds float tensors, or int64/int32 token ids",
             input.name, tensor_type.elem_type
         )));
     }
@@ -478,7 +512,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         .as_ref()
         .map(|s| s.dim.clone())
         .ok_or_else(|| model_err(format!("input '{}' has no declared shape", input.name)))?;
-    if dims.len() < 2 {
+    if dims.len() < 2 - usize::from(token_ids) {
         return Err(model_err(format!(
             "input '{}' has rank {}; hvp needs [batch, ...] with at least one feature dimension",
             input.name,
@@ -504,6 +538,9 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         }
     }
     let x = imp.graph.input();
+    if token_ids {
+        imp.id_nodes.insert(x);
+    }
     let mut shape = vec![Dim::Batch];
     shape.extend(fixed(&sample_shape));
     imp.values.insert(input.name.clone(), Entry::Runtime { node: x, shape });
@@ -568,6 +605,17 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         });
     }
 
+    let token_vocab = match (token_ids, imp.vocab) {
+        (false, _) => None,
+        (true, Some(v)) => Some(v),
+        (true, None) => {
+            return Err(model_err(format!(
+                "input '{}' holds integers but reaches no embedding lookup (Gather); hvp differentiates token ids \
+                 only through embeddings",
+                input.name
+            )))
+        }
+    };
     imp.graph.set_example_elements(imp.example_elements);
     let warnings = folded_batchnorm_warning(&graph.node).into_iter().collect();
     let name = path
@@ -577,6 +625,7 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         arch: Architecture::Onnx {
             name,
             input_shape: sample_shape.clone(),
+            token_vocab,
         },
         graph: imp.graph,
         params: imp.params,
@@ -686,6 +735,7 @@ impl Importer<'_> {
             .iter()
             .map(|d| match d {
                 Dim::Batch => 1,
+                d @ Dim::Batched { .. } => d.factor(),
                 Dim::Fixed(n) => *n,
             })
             .try_fold(1usize, |a, d| a.checked_mul(d));
@@ -745,6 +795,14 @@ impl Importer<'_> {
     /// Any value as a graph node.
     fn runtime(&mut self, name: &str, e: &Entry) -> Res<(NodeId, Vec<Dim>)> {
         match e {
+            Entry::Runtime { node, .. }
+                if self.id_nodes.contains(node) && !ID_PASSTHROUGH.contains(&self.op.as_str()) =>
+            {
+                Err(self.err(format!(
+                    "the token ids '{name}' are used as data; hvp differentiates integer inputs only through \
+                     embedding lookups (Gather from a table)"
+                )))
+            }
             Entry::Runtime { node, shape } => Ok((*node, shape.clone())),
             Entry::Param(i) => {
                 let shape = fixed(&self.params[*i].shape);
@@ -842,16 +900,13 @@ impl Importer<'_> {
             }
             "Constant" => Entry::Static(self.constant(node)?),
             "Shape" => self.shape_op(node)?,
-            "Gather" => {
-                let data = self.static_input(node, 0, "Gather data")?;
-                let idx = self.static_input(node, 1, "Gather indices")?;
-                let indices = idx
-                    .known_ints()
-                    .ok_or_else(|| self.dynamic("Gather indices depend on the batch size"))?;
-                let axis = normalize_axis(attr_i(node, "axis", 0), data.shape.len())
-                    .ok_or_else(|| self.err("axis out of range"))?;
-                Entry::Static(data.gather(&indices, &idx.shape, axis).map_err(|r| self.err(r))?)
-            }
+            "Gather" => self.gather(node)?,
+            "Slice" => self.slice(node)?,
+            "Split" => return self.split(node),
+            "SplitToSequence" => return self.split_to_sequence(node),
+            "SequenceAt" => self.sequence_at(node)?,
+            "Where" => self.where_op(node)?,
+            "Equal" | "Mod" | "Range" | "ConstantOfShape" => self.load_time(node)?,
             "Cast" | "CastLike" => {
                 let to_float = if op == "Cast" {
                     is_float_type(attr_i(node, "to", 1) as i32)
@@ -864,6 +919,9 @@ impl Importer<'_> {
                 match self.required(node, 0)? {
                     Entry::Static(c) => Entry::Static(c.cast(to_float).map_err(|r| self.dynamic(r))?),
                     e if to_float => e,
+                    Entry::Runtime { node: n, shape } if self.id_nodes.contains(&n) => {
+                        Entry::Runtime { node: n, shape }
+                    }
                     _ => return Err(self.err("casting data computed per batch to integers is not differentiable")),
                 }
             }
@@ -940,7 +998,7 @@ impl Importer<'_> {
                         self.err("opset < 13 Softmax over several axes is not supported; export with opset >= 13")
                     );
                 }
-                if shape[axis] == Dim::Batch {
+                if shape[axis].has_batch() {
                     return Err(self.err("a softmax over the batch mixes examples"));
                 }
                 self.push(
@@ -978,6 +1036,15 @@ impl Importer<'_> {
             "InstanceNormalization" => self.instance_norm(node)?,
             _ => return Err(self.unsupported("")),
         };
+        if ID_PASSTHROUGH.contains(&op) {
+            if let (Ok(Entry::Runtime { node: from, .. }), Entry::Runtime { node: to, .. }) =
+                (self.required(node, 0), &entry)
+            {
+                if self.id_nodes.contains(&from) {
+                    self.id_nodes.insert(*to);
+                }
+            }
+        }
         self.set_output(node, entry)
     }
 

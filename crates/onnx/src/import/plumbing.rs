@@ -4,6 +4,53 @@
 
 use super::*;
 
+/// The batch size used to tell batch-sized dimensions from fixed ones when a
+/// graph computes its shapes symbolically: a prime larger than any dimension,
+/// so that no product of fixed dimensions can be mistaken for it.
+const SYMBOLIC_BATCH: usize = 1_000_003;
+
+/// The dimensions of a reshape of `from` into `sizes` (numbers for a batch of
+/// `b`, at most one `None` to infer). The batch keeps its place in memory: it
+/// lies in the output dimension whose leading dimensions divide the elements
+/// above the batch and whose trailing ones divide those below it; if none
+/// does, the reshape would mix examples.
+fn reshape_dims(from: &[Dim], sizes: &[Option<usize>], b: usize) -> Result<Vec<Dim>, String> {
+    let total: usize = from.iter().map(|d| d.resolve(b)).product();
+    let known: usize = sizes.iter().flatten().product();
+    let mut to: Vec<usize> = match sizes.iter().filter(|s| s.is_none()).count() {
+        0 if known == total => sizes.iter().flatten().copied().collect(),
+        1 if known > 0 && total.is_multiple_of(known) => sizes.iter().map(|s| s.unwrap_or(total / known)).collect(),
+        _ => return Err(format!("the sizes do not match {total} elements")),
+    };
+    let batched: Vec<usize> = (0..from.len()).filter(|&a| from[a].has_batch()).collect();
+    let a = match batched.as_slice() {
+        [] => return Ok(to.into_iter().map(Dim::Fixed).collect()),
+        [a] => *a,
+        _ => return Err("the input has two batch-sized dimensions".into()),
+    };
+    let (own_outer, own_inner) = match from[a] {
+        Dim::Batched { outer, inner } => (outer, inner),
+        _ => (1, 1),
+    };
+    let above = from[..a].iter().map(|d| d.resolve(b)).product::<usize>() * own_outer;
+    let below = from[a + 1..].iter().map(|d| d.resolve(b)).product::<usize>() * own_inner;
+    let fits = |j: usize| {
+        let before: usize = to[..j].iter().product();
+        let after: usize = to[j + 1..].iter().product();
+        (above.is_multiple_of(before) && below.is_multiple_of(after) && to[j] == above / before * b * (below / after))
+            .then(|| Dim::batched(above / before, below / after))
+    };
+    let places: Vec<(usize, Dim)> = (0..to.len()).filter_map(|j| fits(j).map(|d| (j, d))).collect();
+    let (j, dim) = match places.as_slice() {
+        [] => return Err("the batch would be split or mixed with other dimensions".into()),
+        [one] => *one,
+        several => *several.iter().find(|(j, _)| *j == a).unwrap_or(&several[0]),
+    };
+    let mut out: Vec<Dim> = to.drain(..).map(Dim::Fixed).collect();
+    out[j] = dim;
+    Ok(out)
+}
+
 impl Importer<'_> {
     pub(super) fn shape_op(&self, node: &NodeProto) -> Res<Entry> {
         let dims: Vec<Scalar> = self
@@ -11,6 +58,7 @@ impl Importer<'_> {
             .iter()
             .map(|d| match d {
                 Dim::Batch => Scalar::Batch,
+                d @ Dim::Batched { .. } => Scalar::BatchTimes(d.factor()),
                 Dim::Fixed(n) => Scalar::Int(*n as i64),
             })
             .collect();
@@ -75,7 +123,7 @@ impl Importer<'_> {
                     .iter()
                     .map(|d| match d {
                         Dim::Fixed(n) => Ok(*n),
-                        Dim::Batch => Err(self.dynamic("a constant cannot take the batch size as a dimension")),
+                        _ => Err(self.dynamic("a constant cannot take the batch size as a dimension")),
                     })
                     .collect::<Res<_>>()?;
                 Ok(Entry::Static(c.reshape(dims)))
@@ -102,51 +150,29 @@ impl Importer<'_> {
         let target = self.static_input(node, 1, "the target shape")?;
         let allow_zero = attr_i(node, "allowzero", 0) == 1;
         let from = self.shape_of(&e);
-        let mut out: Vec<Option<Dim>> = Vec::with_capacity(target.numel());
+        let b = self.export_batch.unwrap_or(SYMBOLIC_BATCH);
+        let mut sizes: Vec<Option<usize>> = Vec::with_capacity(target.numel());
         for (i, &t) in target.values.iter().enumerate() {
-            out.push(match t {
-                Scalar::Batch => Some(Dim::Batch),
+            sizes.push(match t {
+                Scalar::Batch => Some(b),
+                Scalar::BatchTimes(k) => Some(b * k),
                 Scalar::Int(0) if !allow_zero => Some(
-                    *from
-                        .get(i)
-                        .ok_or_else(|| self.err(format!("target dimension {i} copies a dimension the input lacks")))?,
+                    from.get(i)
+                        .ok_or_else(|| self.err(format!("target dimension {i} copies a dimension the input lacks")))?
+                        .resolve(b),
                 ),
                 Scalar::Int(-1) => None,
-                Scalar::Int(n) if n >= 0 => {
-                    // A graph exported with a fixed batch size b0 spells the batch
-                    // dimension as b0: keep it symbolic.
-                    if i == 0 && Some(n as usize) == self.export_batch && from.first() == Some(&Dim::Batch) {
-                        Some(Dim::Batch)
-                    } else {
-                        Some(Dim::Fixed(n as usize))
-                    }
-                }
+                Scalar::Int(n) if n >= 0 => Some(n as usize),
                 other => return Err(self.err(format!("invalid target dimension {other:?}"))),
             });
         }
-        let count = |s: &mut dyn Iterator<Item = Dim>| {
-            s.fold((0usize, 1usize), |(b, p), d| match d {
-                Dim::Batch => (b + 1, p),
-                Dim::Fixed(n) => (b, p * n),
-            })
-        };
-        let (in_b, in_p) = count(&mut from.iter().copied());
-        let (out_b, out_p) = count(&mut out.iter().flatten().copied());
-        let holes = out.iter().filter(|d| d.is_none()).count();
-        let bad = || {
+        let shape = reshape_dims(&from, &sizes, b).map_err(|reason| {
             self.dynamic(format!(
-                "cannot reshape {} into {:?} without mixing the batch into another dimension",
+                "cannot reshape {} into {:?}: {reason}",
                 show(&from),
                 target.values
             ))
-        };
-        let fill = match holes {
-            0 if in_b == out_b && in_p == out_p => None,
-            1 if in_b == out_b && out_p > 0 && in_p % out_p == 0 => Some(Dim::Fixed(in_p / out_p)),
-            1 if in_b == out_b + 1 && in_p == out_p => Some(Dim::Batch),
-            _ => return Err(bad()),
-        };
-        let shape: Vec<Dim> = out.into_iter().map(|d| d.or(fill).expect("one hole filled")).collect();
+        })?;
         self.reshaped(node, e, shape)
     }
 
@@ -155,22 +181,11 @@ impl Importer<'_> {
         let from = self.shape_of(&e);
         let axis =
             normalize_axis(attr_i(node, "axis", 1), from.len() + 1).ok_or_else(|| self.err("axis out of range"))?;
-        let part = |dims: &[Dim]| -> Res<Dim> {
-            let b = dims.iter().filter(|d| **d == Dim::Batch).count();
-            let p: usize = dims
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Batch => 1,
-                })
-                .product();
-            match (b, p) {
-                (0, p) => Ok(Dim::Fixed(p)),
-                (1, 1) => Ok(Dim::Batch),
-                _ => Err(self.dynamic(format!("Flatten at axis {axis} of {} mixes the batch", show(&from)))),
-            }
-        };
-        let shape = vec![part(&from[..axis])?, part(&from[axis..])?];
+        let b = self.export_batch.unwrap_or(SYMBOLIC_BATCH);
+        let size = |dims: &[Dim]| dims.iter().map(|d| d.resolve(b)).product::<usize>();
+        let sizes = [Some(size(&from[..axis])), Some(size(&from[axis..]))];
+        let shape = reshape_dims(&from, &sizes, b)
+            .map_err(|reason| self.dynamic(format!("Flatten at axis {axis} of {}: {reason}", show(&from))))?;
         self.reshaped(node, e, shape)
     }
 
@@ -208,7 +223,7 @@ impl Importer<'_> {
         for ((name, e), s) in entries.iter().zip(&shapes) {
             match s[axis] {
                 Dim::Fixed(n) => total += n,
-                Dim::Batch => return Err(self.err("concatenation along the batch dimension mixes examples")),
+                _ => return Err(self.err("concatenation along the batch dimension mixes examples")),
             }
             inputs.push(self.runtime(name, e)?.0);
         }
@@ -220,16 +235,28 @@ impl Importer<'_> {
     pub(super) fn expand(&mut self, node: &NodeProto) -> Res<Entry> {
         let e = self.required(node, 0)?;
         let target = self.static_input(node, 1, "the target shape")?;
+        let from = self.shape_of(&e);
         let dims: Vec<Dim> = target
             .values
             .iter()
-            .map(|v| match *v {
+            .enumerate()
+            .map(|(i, v)| match *v {
                 Scalar::Batch => Ok(Dim::Batch),
+                // A fixed-batch export repeats a parameter (a class token) over
+                // the batch by spelling out the batch size it was exported with.
+                Scalar::Int(n)
+                    if i == 0
+                        && self.export_batch == Some(n as usize)
+                        && target.values.len() >= from.len()
+                        && (target.values.len() > from.len() || from[0] == Dim::Fixed(1))
+                        && !matches!(e, Entry::Static(_)) =>
+                {
+                    Ok(Dim::Batch)
+                }
                 Scalar::Int(n) if n >= 0 => Ok(Dim::Fixed(n as usize)),
                 other => Err(self.err(format!("invalid target dimension {other:?}"))),
             })
             .collect::<Res<_>>()?;
-        let from = self.shape_of(&e);
         let shape = broadcast(&from, &dims)
             .ok_or_else(|| self.err(format!("{} does not broadcast to {}", show(&from), show(&dims))))?;
         match e {
@@ -238,13 +265,22 @@ impl Importer<'_> {
                     .iter()
                     .map(|d| match d {
                         Dim::Fixed(n) => Ok(*n),
-                        Dim::Batch => Err(self.dynamic("a constant expanded to the batch size")),
+                        _ => Err(self.dynamic("a constant expanded to the batch size")),
                     })
                     .collect::<Res<_>>()?;
                 Ok(Entry::Static(c.expand(&out).map_err(|r| self.err(r))?))
             }
             e if shape == from => Ok(e),
-            _ => Err(self.err("expanding data computed per batch to a larger shape is not supported")),
+            e => {
+                let (x, _) = self.runtime(&node.input[0], &e)?;
+                Ok(self.push(
+                    op::Expand {
+                        input: x,
+                        shape: shape.clone(),
+                    },
+                    shape,
+                ))
+            }
         }
     }
 

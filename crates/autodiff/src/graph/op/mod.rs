@@ -3,11 +3,13 @@
 //! in one of these files and its name in the list below.
 
 mod arithmetic;
+mod indexing;
 mod layers;
 mod pointwise;
 mod structure;
 
 pub use arithmetic::{Add, Arith, MatMul};
+pub use indexing::{Embedding, Expand, Select, Where};
 pub use layers::{BatchNorm, BatchNormNode, BatchNormStats, Conv2d, ConvNode, Dense};
 pub use pointwise::{Pointwise, Relu, Softmax, Tanh};
 pub use structure::{
@@ -43,4 +45,8 @@ operations! {
     Reshape,
     Transpose,
     Concat,
+    Select,
+    Embedding,
+    Where,
+    Expand,
 }
