@@ -119,6 +119,12 @@ fn zoo_resnet18_matches_pytorch() {
     check_case("zoo/resnet18");
 }
 
+/// Depthwise and grouped, dilated convolutions, ReLU6 (Clip), HardSwish.
+#[test]
+fn zoo_mobilenet_v2_matches_pytorch() {
+    check_case("zoo/mobilenet_v2");
+}
+
 /// Patch embedding, class token, LayerNorm, nn.MultiheadAttention, GELU MLP.
 #[test]
 fn zoo_vit_matches_pytorch() {

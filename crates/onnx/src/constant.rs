@@ -414,7 +414,9 @@ fn batch_arith(x: Scalar, y: Scalar, op: char) -> Option<Scalar> {
         (Some(k), None, _, Scalar::Int(n), '*') | (None, Some(k), Scalar::Int(n), _, '*') if n >= 1 => {
             Some(times(k * n as usize))
         }
-        (Some(k), None, _, Scalar::Int(n), '/') if n >= 1 && k.is_multiple_of(n as usize) => Some(times(k / n as usize)),
+        (Some(k), None, _, Scalar::Int(n), '/') if n >= 1 && k.is_multiple_of(n as usize) => {
+            Some(times(k / n as usize))
+        }
         _ => None,
     }
 }

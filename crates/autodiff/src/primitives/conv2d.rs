@@ -1,7 +1,8 @@
-//! 2-D convolution (PyTorch's `Conv2d`, groups = 1) with optional bias.
+//! 2-D convolution (PyTorch's `Conv2d`) with optional bias; grouped and
+//! dilated ones through [`grouped_forward`].
 
 use crate::Value;
-use hvp_tensor::conv::{self, ConvGeometry};
+use hvp_tensor::conv::{self, ConvGeometry, Grouping};
 use hvp_tensor::{channel, Float, Tensor};
 
 /// x `[B, C, H, W]`, w `[O, C, kh, kw]`, b `[O]` → `[B, O, Ho, Wo]`.
@@ -48,6 +49,61 @@ pub fn vjp<T: Float, V: Value<T>>(
             conv::backward_weight_tangent(x, dx, gy, dgy, &w_shape, g)
         })
     };
+    let gb = has_bias.then(|| gy.linear(channel::sum));
+    (gx, gw, gb)
+}
+
+/// A grouped and/or dilated convolution: w `[O, C/groups, kh, kw]`.
+pub fn grouped_forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: ConvGeometry, grouping: Grouping) -> V {
+    let y = V::bilinear_fused(
+        x,
+        w,
+        |x, w| conv::forward_dual_grouped(x, None, w, None, g, grouping).0,
+        &|x, dx, w, dw| conv::forward_dual_grouped(x, dx, w, dw, g, grouping),
+    );
+    match b {
+        Some(b) => {
+            let shape = y.primal().shape().to_vec();
+            y.add(&b.linear(|b| channel::broadcast(b, &shape)))
+        }
+        None => y,
+    }
+}
+
+/// Cotangents `(gx, gw, gb)` of [`grouped_forward`]; `gx` only when `need_input`.
+pub fn grouped_vjp<T: Float, V: Value<T>>(
+    x: &V,
+    w: &V,
+    has_bias: bool,
+    gy: &V,
+    g: ConvGeometry,
+    grouping: Grouping,
+    need_input: bool,
+) -> (Option<V>, V, Option<V>) {
+    let xs = x.primal().shape();
+    let hw = (xs[2], xs[3]);
+    let w_shape = w.primal().shape().to_vec();
+    let gx = need_input.then(|| {
+        V::bilinear_fused(
+            gy,
+            w,
+            |gy, w| conv::backward_input_dual_grouped(gy, None, w, None, hw, g, grouping).0,
+            &|gy, dgy, w, dw| conv::backward_input_dual_grouped(gy, dgy, w, dw, hw, g, grouping),
+        )
+    });
+    let gw = V::bilinear_fused(
+        x,
+        gy,
+        |x, gy| {
+            conv::backward_weight_grouped(x, None, gy, None, &w_shape, g, grouping, true)
+                .0
+                .expect("value requested")
+        },
+        &|x, dx, gy, dgy| {
+            let (v, t) = conv::backward_weight_grouped(x, dx, gy, dgy, &w_shape, g, grouping, true);
+            (v.expect("value requested"), t)
+        },
+    );
     let gb = has_bias.then(|| gy.linear(channel::sum));
     (gx, gw, gb)
 }

@@ -180,10 +180,8 @@ impl Importer<'_> {
 
     /// Square kernels, equal strides and symmetric padding, as hvp's kernels take them.
     pub(super) fn window(&self, node: &NodeProto) -> Res<(usize, usize, [usize; 4])> {
-        if let Some(d) = attr_ints(node, "dilations") {
-            if d.iter().any(|&v| v != 1) {
-                return Err(self.err(format!("dilations {d:?} are not supported")));
-            }
+        if node.op_type != "Conv" && self.dilation(node)? != 1 {
+            return Err(self.err("dilated pooling windows are not supported"));
         }
         if attr_i(node, "ceil_mode", 0) != 0 {
             return Err(self.err("ceil_mode=1 is not supported"));
@@ -204,13 +202,26 @@ impl Importer<'_> {
         Ok((strides[0] as usize, strides[1] as usize, p))
     }
 
+    /// The dilation of a window, equal along both axes.
+    fn dilation(&self, node: &NodeProto) -> Res<usize> {
+        match attr_ints(node, "dilations").as_deref() {
+            None => Ok(1),
+            Some([a, b]) if a == b && *a >= 1 => Ok(*a as usize),
+            Some(d) => Err(self.err(format!("dilations {d:?} must be equal and positive"))),
+        }
+    }
+
     pub(super) fn conv(&mut self, node: &NodeProto) -> Res<Entry> {
         let (x, sx) = self.runtime_input(node, 0)?;
         let w_entry = self.required(node, 1)?;
         let sw = self.shape_of(&w_entry);
-        if attr_i(node, "group", 1) != 1 {
-            return Err(self.err("grouped convolutions (group > 1) are not supported"));
-        }
+        let grouping = Grouping {
+            groups: usize::try_from(attr_i(node, "group", 1))
+                .ok()
+                .filter(|&g| g >= 1)
+                .ok_or_else(|| self.err("group must be positive"))?,
+            dilation: self.dilation(node)?,
+        };
         let (&[Dim::Fixed(o), Dim::Fixed(c), Dim::Fixed(kh), Dim::Fixed(kw)], 4) = (sw.as_slice(), sx.len()) else {
             return Err(self.err(format!(
                 "hvp supports 2-D convolutions of NCHW input by [O, C, kh, kw] weights; got input {} and weight {}",
@@ -231,10 +242,13 @@ impl Importer<'_> {
         let (Dim::Fixed(cin), Dim::Fixed(h), Dim::Fixed(wd)) = (sx[1], sx[2], sx[3]) else {
             return Err(self.err(format!("input {} must be [batch, C, H, W]", show(&sx))));
         };
-        if cin != c || h + 2 * pads[0] < kh || wd + 2 * pads[0] < kw {
+        let (kh, kw) = (grouping.span(kh), grouping.span(kw));
+        let groups = grouping.groups;
+        if cin != c * groups || o % groups != 0 || h + 2 * pads[0] < kh || wd + 2 * pads[0] < kw {
             return Err(self.err(format!(
-                "weight {} does not fit input {}",
-                show(&fixed(&[o, c, kh, kw])),
+                "weight {} ({groups} groups, dilation {}) does not fit input {}",
+                show(&sw),
+                grouping.dilation,
                 show(&sx)
             )));
         }
@@ -254,6 +268,23 @@ impl Importer<'_> {
             }
             None => None,
         };
+        if grouping != Grouping::DENSE {
+            let (wn, _) = self.runtime(&node.input[1], &w_entry)?;
+            let bn = match &bias {
+                Some((name, b)) => Some(self.runtime(name, b)?.0),
+                None => None,
+            };
+            return Ok(self.push(
+                op::GroupedConv {
+                    input: x,
+                    weight: wn,
+                    bias: bn,
+                    geometry,
+                    grouping,
+                },
+                shape,
+            ));
+        }
         if let Entry::Param(w) = w_entry {
             let param_bias = match &bias {
                 Some((_, Entry::Param(b))) => Some(*b),

@@ -13,7 +13,7 @@ use crate::{ImportOptions, Imported, OnnxError};
 use hvp_autodiff::primitives::nd::{Arith, Pointwise};
 use hvp_autodiff::{op, Dim, Graph, NodeId, Op};
 use hvp_model::{Architecture, Init, Model, ParamSpec, Weights};
-use hvp_tensor::conv::ConvGeometry;
+use hvp_tensor::conv::{ConvGeometry, Grouping};
 use hvp_tensor::nd::MaxPoolGeometry;
 use hvp_tensor::pool::out_size;
 use hvp_tensor::Tensor;

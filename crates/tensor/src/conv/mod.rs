@@ -11,8 +11,11 @@ use crate::{Float, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+mod grouped;
 mod lowering;
 mod rows;
+
+pub use grouped::{backward_input_dual_grouped, backward_weight_grouped, forward_dual_grouped, Grouping};
 
 use lowering::*;
 

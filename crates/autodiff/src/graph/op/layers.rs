@@ -6,7 +6,7 @@ use super::super::rule::{Backward, Cotangents, Forward, ParamRefs, Rule};
 use super::super::{BatchNormUpdate, NodeId};
 use crate::primitives::{batchnorm, conv2d, dense};
 use crate::Value;
-use hvp_tensor::conv::ConvGeometry;
+use hvp_tensor::conv::{ConvGeometry, Grouping};
 use hvp_tensor::pool::out_size;
 use hvp_tensor::Float;
 
@@ -176,6 +176,58 @@ impl Rule for ConvNode {
             out.input(self.input, g);
         }
         out.input(self.weight, gw);
+        if let (Some(b), Some(gb)) = (self.bias, gb) {
+            out.input(b, gb);
+        }
+    }
+}
+
+/// A grouped (depthwise when groups = channels) or dilated convolution; its
+/// weight `[O, C/groups, kh, kw]` and bias are nodes (parameters or constants).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupedConv {
+    pub input: NodeId,
+    pub weight: NodeId,
+    pub bias: Option<NodeId>,
+    pub geometry: ConvGeometry,
+    pub grouping: Grouping,
+}
+
+impl Rule for GroupedConv {
+    fn inputs(&self) -> Vec<NodeId> {
+        [self.input, self.weight].into_iter().chain(self.bias).collect()
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        [&mut self.input, &mut self.weight]
+            .into_iter()
+            .chain(self.bias.as_mut())
+            .collect()
+    }
+    fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
+        conv2d::grouped_forward(
+            cx.value(self.input),
+            cx.value(self.weight),
+            self.bias.map(|b| cx.value(b)),
+            self.geometry,
+            self.grouping,
+        )
+    }
+    fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
+        let (gx, gw, gb) = conv2d::grouped_vjp(
+            cx.value(self.input),
+            cx.value(self.weight),
+            self.bias.is_some(),
+            &gy,
+            self.geometry,
+            self.grouping,
+            cx.needs(self.input),
+        );
+        if let Some(g) = gx {
+            out.input(self.input, g);
+        }
+        if cx.needs(self.weight) {
+            out.input(self.weight, gw);
+        }
         if let (Some(b), Some(gb)) = (self.bias, gb) {
             out.input(b, gb);
         }
