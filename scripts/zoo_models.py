@@ -206,3 +206,24 @@ class Mixer(nn.Module):
         x = self.stem_norm(self.stem(x)).flatten(2).transpose(1, 2)
         x = self.norm(self.blocks(x))
         return self.head(x.mean(dim=1))
+
+
+class TinyUNet(nn.Module):
+    """An encoder-decoder classifier: strided and dilated convolutions down,
+    transposed convolutions (one grouped, one with output padding) back up, a
+    skip concatenation, GroupNorm, average pooling."""
+
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.down = nn.Conv2d(in_channels, 8, 3, 2, 1)
+        self.mid = nn.Conv2d(8, 8, 3, 1, 2, dilation=2)
+        self.up = nn.ConvTranspose2d(8, 4, 3, 2, 1, output_padding=1)
+        self.up_grouped = nn.ConvTranspose2d(8, 8, 2, 2, groups=2, bias=False)
+        self.norm = nn.GroupNorm(3, 4 + 8 + in_channels)
+        self.head = nn.Linear((4 + 8 + in_channels) * 16, num_classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(F.elu(self.down(x))))
+        z = self.norm(torch.cat([self.up(h), self.up_grouped(h), x], dim=1))
+        z = F.avg_pool2d(F.leaky_relu(z, 0.1), 4)
+        return self.head(z.flatten(1))

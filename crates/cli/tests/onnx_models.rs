@@ -125,6 +125,13 @@ fn zoo_mobilenet_v2_matches_pytorch() {
     check_case("zoo/mobilenet_v2");
 }
 
+/// Transposed convolutions (grouped, output padding), dilated convolution,
+/// skip concatenation, GroupNorm, AveragePool, ELU, LeakyReLU.
+#[test]
+fn zoo_unet_matches_pytorch() {
+    check_case("zoo/unet");
+}
+
 /// Patch embedding, class token, LayerNorm, nn.MultiheadAttention, GELU MLP.
 #[test]
 fn zoo_vit_matches_pytorch() {

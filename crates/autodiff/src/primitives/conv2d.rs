@@ -107,3 +107,67 @@ pub fn grouped_vjp<T: Float, V: Value<T>>(
     let gb = has_bias.then(|| gy.linear(channel::sum));
     (gx, gw, gb)
 }
+
+/// The transposed convolution (PyTorch's `ConvTranspose2d`): x `[B, Cin, H, W]`,
+/// w `[Cin, Cout/groups, kh, kw]` → `[B, Cout, Ho, Wo]` of spatial size `out_hw`,
+/// the adjoint of the convolution by `w` in its input.
+pub fn transposed_forward<T: Float, V: Value<T>>(
+    x: &V,
+    w: &V,
+    b: Option<&V>,
+    out_hw: (usize, usize),
+    g: ConvGeometry,
+    grouping: Grouping,
+) -> V {
+    let y = V::bilinear_fused(
+        x,
+        w,
+        |x, w| conv::backward_input_dual_grouped(x, None, w, None, out_hw, g, grouping).0,
+        &|x, dx, w, dw| conv::backward_input_dual_grouped(x, dx, w, dw, out_hw, g, grouping),
+    );
+    match b {
+        Some(b) => {
+            let shape = y.primal().shape().to_vec();
+            y.add(&b.linear(|b| channel::broadcast(b, &shape)))
+        }
+        None => y,
+    }
+}
+
+/// Cotangents `(gx, gw, gb)` of [`transposed_forward`]: the convolution of the
+/// output cotangent for the input, the convolution's weight gradient (with the
+/// roles of input and output exchanged) for the weight.
+pub fn transposed_vjp<T: Float, V: Value<T>>(
+    x: &V,
+    w: &V,
+    has_bias: bool,
+    gy: &V,
+    g: ConvGeometry,
+    grouping: Grouping,
+    need_input: bool,
+) -> (Option<V>, V, Option<V>) {
+    let w_shape = w.primal().shape().to_vec();
+    let gx = need_input.then(|| {
+        V::bilinear_fused(
+            gy,
+            w,
+            |gy, w| conv::forward_dual_grouped(gy, None, w, None, g, grouping).0,
+            &|gy, dgy, w, dw| conv::forward_dual_grouped(gy, dgy, w, dw, g, grouping),
+        )
+    });
+    let gw = V::bilinear_fused(
+        gy,
+        x,
+        |gy, x| {
+            conv::backward_weight_grouped(gy, None, x, None, &w_shape, g, grouping, true)
+                .0
+                .expect("value requested")
+        },
+        &|gy, dgy, x, dx| {
+            let (v, t) = conv::backward_weight_grouped(gy, dgy, x, dx, &w_shape, g, grouping, true);
+            (v.expect("value requested"), t)
+        },
+    );
+    let gb = has_bias.then(|| gy.linear(channel::sum));
+    (gx, gw, gb)
+}

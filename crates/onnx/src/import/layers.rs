@@ -180,7 +180,7 @@ impl Importer<'_> {
 
     /// Square kernels, equal strides and symmetric padding, as hvp's kernels take them.
     pub(super) fn window(&self, node: &NodeProto) -> Res<(usize, usize, [usize; 4])> {
-        if node.op_type != "Conv" && self.dilation(node)? != 1 {
+        if !node.op_type.starts_with("Conv") && self.dilation(node)? != 1 {
             return Err(self.err("dilated pooling windows are not supported"));
         }
         if attr_i(node, "ceil_mode", 0) != 0 {
@@ -318,6 +318,81 @@ impl Importer<'_> {
                 weight: wn,
                 bias: bn,
                 geometry,
+            },
+            shape,
+        ))
+    }
+
+    /// `ConvTranspose` (2-D, NCHW), weight `[Cin, Cout/group, kh, kw]`.
+    pub(super) fn conv_transpose(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let w_entry = self.required(node, 1)?;
+        let sw = self.shape_of(&w_entry);
+        let grouping = Grouping {
+            groups: usize::try_from(attr_i(node, "group", 1))
+                .ok()
+                .filter(|&g| g >= 1)
+                .ok_or_else(|| self.err("group must be positive"))?,
+            dilation: self.dilation(node)?,
+        };
+        let (&[Dim::Fixed(cin_w), Dim::Fixed(cout_g), Dim::Fixed(kh), Dim::Fixed(kw)], 4) = (sw.as_slice(), sx.len())
+        else {
+            return Err(self.err(format!(
+                "hvp supports 2-D transposed convolutions of NCHW input by [Cin, Cout/group, kh, kw] weights; got \
+                 input {} and weight {}",
+                show(&sx),
+                show(&sw)
+            )));
+        };
+        if attr(node, "output_shape").is_some() {
+            return Err(self.err("output_shape is not supported; export with explicit pads and output_padding"));
+        }
+        let (s, s_w, pads) = self.window(node)?;
+        let extra = attr_ints(node, "output_padding").unwrap_or_else(|| vec![0, 0]);
+        if s != s_w || pads.iter().any(|&p| p != pads[0]) || extra.len() != 2 || extra[0] != extra[1] {
+            return Err(self.err(format!(
+                "only equal strides, symmetric padding and equal output padding are supported (strides {s},{s_w}, \
+                 pads {pads:?}, output_padding {extra:?})"
+            )));
+        }
+        let (Dim::Fixed(cin), Dim::Fixed(h), Dim::Fixed(wd)) = (sx[1], sx[2], sx[3]) else {
+            return Err(self.err(format!("input {} must be [batch, C, H, W]", show(&sx))));
+        };
+        let (p, extra) = (pads[0], extra[0].max(0) as usize);
+        let (span_h, span_w) = (grouping.span(kh), grouping.span(kw));
+        let size = |n: usize, span: usize| ((n - 1) * s + span + extra).checked_sub(2 * p).filter(|&v| v > 0);
+        let (Some(ho), Some(wo)) = (size(h, span_h), size(wd, span_w)) else {
+            return Err(self.err(format!("padding {p} leaves no output of input {}", show(&sx))));
+        };
+        if cin != cin_w || cin % grouping.groups != 0 || extra >= s.max(grouping.dilation) {
+            return Err(self.err(format!(
+                "weight {} ({} groups, output padding {extra}) does not fit input {}",
+                show(&sw),
+                grouping.groups,
+                show(&sx)
+            )));
+        }
+        let cout = cout_g * grouping.groups;
+        let (wn, _) = self.runtime(&node.input[1], &w_entry)?;
+        let bn = match self.input(node, 2) {
+            Some(name) => {
+                let b = self.entry(name)?;
+                if self.shape_of(&b) != [Dim::Fixed(cout)] {
+                    return Err(self.err(format!("bias of shape {} is not [{cout}]", show(&self.shape_of(&b)))));
+                }
+                Some(self.runtime(name, &b)?.0)
+            }
+            None => None,
+        };
+        let shape = vec![sx[0], Dim::Fixed(cout), Dim::Fixed(ho), Dim::Fixed(wo)];
+        Ok(self.push(
+            op::ConvTranspose {
+                input: x,
+                weight: wn,
+                bias: bn,
+                geometry: ConvGeometry { stride: s, padding: p },
+                grouping,
+                out_hw: (ho, wo),
             },
             shape,
         ))

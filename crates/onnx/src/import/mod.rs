@@ -33,6 +33,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Constant",
     "ConstantOfShape",
     "Conv",
+    "ConvTranspose",
     "Div",
     "Dropout",
     "Elu",
@@ -260,8 +261,11 @@ fn attr_i(node: &NodeProto, name: &str, default: i64) -> i64 {
     attr(node, name).map_or(default, |a| a.i)
 }
 
+/// A float attribute. ONNX stores them in float32, which turns PyTorch's
+/// `negative_slope=0.1` into 0.10000000149…; the shortest decimal that rounds
+/// to the same float32 (`0.1`) is what the model was written with.
 fn attr_f(node: &NodeProto, name: &str, default: f64) -> f64 {
-    attr(node, name).map_or(default, |a| a.f as f64)
+    attr(node, name).map_or(default, |a| a.f.to_string().parse::<f64>().unwrap_or(a.f as f64))
 }
 
 fn attr_ints(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
@@ -1013,6 +1017,7 @@ impl Importer<'_> {
             "MatMul" => self.matmul(node)?,
             "Gemm" => self.gemm(node)?,
             "Conv" => self.conv(node)?,
+            "ConvTranspose" => self.conv_transpose(node)?,
             "BatchNormalization" => self.batchnorm(node)?,
             "AveragePool" | "MaxPool" => self.pool(node, op == "MaxPool")?,
             "GlobalAveragePool" => {

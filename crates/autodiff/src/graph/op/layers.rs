@@ -234,6 +234,60 @@ impl Rule for GroupedConv {
     }
 }
 
+/// A transposed convolution with weight `[Cin, Cout/groups, kh, kw]` and bias
+/// as nodes; `out_hw` is its output's spatial size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvTranspose {
+    pub input: NodeId,
+    pub weight: NodeId,
+    pub bias: Option<NodeId>,
+    pub geometry: ConvGeometry,
+    pub grouping: Grouping,
+    pub out_hw: (usize, usize),
+}
+
+impl Rule for ConvTranspose {
+    fn inputs(&self) -> Vec<NodeId> {
+        [self.input, self.weight].into_iter().chain(self.bias).collect()
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        [&mut self.input, &mut self.weight]
+            .into_iter()
+            .chain(self.bias.as_mut())
+            .collect()
+    }
+    fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
+        conv2d::transposed_forward(
+            cx.value(self.input),
+            cx.value(self.weight),
+            self.bias.map(|b| cx.value(b)),
+            self.out_hw,
+            self.geometry,
+            self.grouping,
+        )
+    }
+    fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
+        let (gx, gw, gb) = conv2d::transposed_vjp(
+            cx.value(self.input),
+            cx.value(self.weight),
+            self.bias.is_some(),
+            &gy,
+            self.geometry,
+            self.grouping,
+            cx.needs(self.input),
+        );
+        if let Some(g) = gx {
+            out.input(self.input, g);
+        }
+        if cx.needs(self.weight) {
+            out.input(self.weight, gw);
+        }
+        if let (Some(b), Some(gb)) = (self.bias, gb) {
+            out.input(b, gb);
+        }
+    }
+}
+
 /// The constant operands of a BatchNorm: running statistics (buffers) and epsilon.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNormStats {
