@@ -29,6 +29,7 @@ from zoo_models import MobileNetV2, Mixer, ResNet18, TextTransformer, TinyUNet, 
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "zoo"
 CAP = 128
+OPSET21 = {"unet"}
 
 
 def randomise_norms(model):
@@ -78,6 +79,13 @@ def write(name, build):
     example = x[:2] if x.dtype == torch.int64 else x[:2].float()
     export_both(model, example, d)
     strip_node_metadata(d / "dynamo.onnx")
+    exports = ["dynamo", "legacy"]
+    if name in OPSET21:
+        # Opset 21 keeps GroupNormalization as one operator (earlier ones decompose it).
+        torch.onnx.export(model, (example,), str(d / "dynamo_opset21.onnx"), opset_version=21, optimize=False,
+                          do_constant_folding=False, external_data=False)
+        strip_node_metadata(d / "dynamo_opset21.onnx")
+        exports.append("dynamo_opset21")
     v32 = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     save_file({k: t.contiguous() for k, t in v32.items()}, str(d / "vector.safetensors"))
     model = model.double()
@@ -92,7 +100,7 @@ def write(name, build):
     np.save(d / "labels.npy", y.numpy().astype(np.int64))
     params = sum(p.numel() for p in model.parameters())
     meta = {"n": int(x.shape[0]), "subset_cap": CAP, "vector": "file", "torch": torch.__version__,
-            "params": names, "parameter_count": params, "loss": "ce"}
+            "params": names, "parameter_count": params, "loss": "ce", "exports": exports}
     (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     size = sum(f.stat().st_size for f in d.iterdir())
     print(f"zoo/{name}: {params} parameters, loss {loss.item():.6f}, {size / 1024:.0f} KiB")

@@ -79,7 +79,11 @@ fn check_case(name: &str) {
     let cap = meta(name)["subset_cap"].as_u64().map(|c| c as usize);
     let vector = vector_of(name, &tmp);
     let loss = meta(name)["loss"].as_str().unwrap().to_string();
-    for exporter in ["dynamo", "legacy"] {
+    let exports: Vec<String> = match meta(name)["exports"].as_array() {
+        Some(list) => list.iter().map(|e| e.as_str().unwrap().to_string()).collect(),
+        None => vec!["dynamo".into(), "legacy".into()],
+    };
+    for exporter in &exports {
         let model = dir.join(format!("{exporter}.onnx"));
         for (dtype, tol) in [("f64", 1e-9), ("f32", 1e-4)] {
             for kind in ["grad", "hvp", "ggn"] {

@@ -208,6 +208,11 @@ impl PreparedSolver {
         self.source.as_ref()
     }
 
+    /// The K-FAC / EK-FAC factors the solver uses, if any.
+    pub fn factors(&self) -> Option<&Factors> {
+        self.factors.as_ref()
+    }
+
     /// `x = (M + λI)⁻¹ g` on the problem's curvature, with its report.
     pub fn solve(&self, problem: &Problem, g: &ParamVector) -> Result<(ParamVector, SolveReport), SolverError> {
         solve_prepared(problem, &self.config, self.factors.as_ref(), g)

@@ -59,12 +59,15 @@ pub fn run(a: FactorsArgs) -> Result<()> {
     summary("hvp factors", view.len(), start.elapsed(), a.run.quiet);
     if !a.run.quiet {
         println!(
-            "{:?} factors for {} layers and {} diagonal parameters written to {}",
+            "{:?} factors for {} layers and {} BatchNorm parameters (diagonal) written to {}",
             kind,
             f.layers.len(),
             f.diagonal.len(),
             a.out.display()
         );
+        if let Some(warning) = super::solve::uncovered_warning(&f.uncovered(&model)) {
+            eprintln!("warning: {warning}");
+        }
     }
     Ok(())
 }

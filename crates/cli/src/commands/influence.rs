@@ -505,7 +505,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     }
     // Factors (kfac, ekfac, pcg) are loaded or computed once for every test point.
     let solver = a.solver.config().prepare(&problem)?;
-    super::solve::state_factor_source(&solver, a.run.quiet);
+    super::solve::state_factor_source(&solver, problem.model, a.run.quiet);
     // One scoring pass per group where every parameter's per-example gradient can
     // be formed layer by layer, else one per test point.
     let one_pass = hvp_solvers::kfac::covers_all_parameters(pass_model);

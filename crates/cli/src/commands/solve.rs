@@ -198,8 +198,9 @@ pub fn factor_cache_dir() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|d| d.join(".cache").join("hvp").join("factors")))
 }
 
-/// Says where a prepared solver's factors came from (stderr).
-pub fn state_factor_source(solver: &hvp_solvers::PreparedSolver, quiet: bool) {
+/// Says where a prepared solver's factors came from, and which parameters
+/// they leave without a curvature estimate (stderr).
+pub fn state_factor_source(solver: &hvp_solvers::PreparedSolver, model: &hvp_model::Model, quiet: bool) {
     use hvp_solvers::kfac::FactorSource;
     if quiet {
         return;
@@ -209,6 +210,32 @@ pub fn state_factor_source(solver: &hvp_solvers::PreparedSolver, quiet: bool) {
         Some(FactorSource::Computed(Some(p))) => eprintln!("factors: computed and cached at {}", p.display()),
         _ => {}
     }
+    if let Some(f) = solver.factors() {
+        if let Some(warning) = uncovered_warning(&f.uncovered(model)) {
+            eprintln!("warning: {warning}");
+        }
+    }
+}
+
+/// The warning for parameters K-FAC has no curvature estimate for.
+pub fn uncovered_warning(names: &[String]) -> Option<String> {
+    const SHOWN: usize = 4;
+    if names.is_empty() {
+        return None;
+    }
+    let more = names.len().saturating_sub(SHOWN);
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{} parameter tensor(s) lie outside K-FAC's Linear/Conv2d layers and BatchNorm ({}{tail}); the \
+         approximation has no curvature for them and applies 1/damping there. Use solver cg or pcg for the exact \
+         operator, or `params` to leave them out",
+        names.len(),
+        names[..names.len().min(SHOWN)].join(", ")
+    ))
 }
 
 /// Runs the chosen solver for `g` on the problem's curvature.
@@ -292,7 +319,7 @@ pub fn run(a: SolveArgs) -> Result<()> {
         bail!("the right-hand side {} is zero; the solution is 0", a.rhs.display());
     }
     let solved = a.solver.config().prepare(&problem).and_then(|s| {
-        state_factor_source(&s, a.run.quiet);
+        state_factor_source(&s, problem.model, a.run.quiet);
         s.solve(&problem, &g)
     });
     progress.finish();

@@ -718,33 +718,92 @@ impl Importer<'_> {
             return Err(self.err(format!("needs [batch, channels, ...], got {}", show(&sx))));
         }
         let eps = attr_f(node, "epsilon", 1e-5);
-        let mut y = self.normalise(x, &sx, &(2..sx.len()).collect::<Vec<_>>(), eps)?;
+        let y = self.normalise(x, &sx, &(2..sx.len()).collect::<Vec<_>>(), eps)?;
+        let y = self.affine(node, y, &sx, 1)?;
+        Ok(Entry::Runtime { node: y, shape: sx })
+    }
+
+    /// `GroupNormalization`: statistics over each group of `C/num_groups`
+    /// channels and all positions; scale and bias per channel (opset 21) or
+    /// per group (opset 18).
+    pub(super) fn group_norm(&mut self, node: &NodeProto) -> Res<Entry> {
+        let (x, sx) = self.runtime_input(node, 0)?;
+        let (Some(Dim::Fixed(c)), true) = (sx.get(1).copied(), sx.len() >= 3) else {
+            return Err(self.err(format!("needs [batch, channels, ...], got {}", show(&sx))));
+        };
+        let groups = usize::try_from(attr_i(node, "num_groups", 0))
+            .ok()
+            .filter(|&g| g >= 1 && c % g == 0)
+            .ok_or_else(|| self.err(format!("num_groups must divide the {c} channels")))?;
+        let rest: usize = sx[2..].iter().map(|d| d.factor()).product();
+        if sx[2..].iter().any(|d| d.has_batch()) {
+            return Err(self.err(format!("needs [batch, channels, ...], got {}", show(&sx))));
+        }
+        let eps = attr_f(node, "epsilon", 1e-5);
+        let grouped = vec![sx[0], Dim::Fixed(groups), Dim::Fixed(c / groups * rest)];
+        let view = self.push_node(
+            op::Reshape {
+                input: x,
+                shape: grouped.clone(),
+            },
+            grouped.clone(),
+        );
+        let mut y = self.normalise(view, &grouped, &[2], eps)?;
+        let scale_shape = match self.input(node, 1) {
+            Some(name) => self.shape_of(&self.entry(name)?),
+            None => return Err(self.err("input 1 (scale) is required")),
+        };
+        if scale_shape == [Dim::Fixed(groups)] && groups != c {
+            y = self.affine(node, y, &grouped, 1)?;
+            let y = self.push_node(
+                op::Reshape {
+                    input: y,
+                    shape: sx.clone(),
+                },
+                sx.clone(),
+            );
+            return Ok(Entry::Runtime { node: y, shape: sx });
+        }
+        let y = self.push_node(
+            op::Reshape {
+                input: y,
+                shape: sx.clone(),
+            },
+            sx.clone(),
+        );
+        let y = self.affine(node, y, &sx, 1)?;
+        Ok(Entry::Runtime { node: y, shape: sx })
+    }
+
+    /// `y · scale + bias` with scale (input 1) and bias (input 2) of shape
+    /// `[sx[axis]]`, broadcast over the axes after `axis`.
+    fn affine(&mut self, node: &NodeProto, mut y: NodeId, sx: &[Dim], axis: usize) -> Res<NodeId> {
         // `[C]` as `[C, 1, …]`, broadcasting over the positions.
-        let mut per_channel = vec![sx[1]];
-        per_channel.extend(std::iter::repeat_n(Dim::Fixed(1), sx.len() - 2));
+        let mut column = vec![sx[axis]];
+        column.extend(std::iter::repeat_n(Dim::Fixed(1), sx.len() - axis - 1));
         for (k, op) in [(1, Arith::Mul), (2, Arith::Add)] {
             let name = self
                 .input(node, k)
                 .ok_or_else(|| self.err(format!("input {k} (scale or bias) is required")))?;
             let entry = self.entry(name)?;
             let (operand, shape) = self.runtime(name, &entry)?;
-            if shape != [sx[1]] {
+            if shape != [sx[axis]] {
                 return Err(self.err(format!(
                     "input {k} has shape {}, expected [{}]",
                     show(&shape),
-                    show(&sx[1..2])
+                    show(&sx[axis..axis + 1])
                 )));
             }
-            let column = self.push_node(
+            let b = self.push_node(
                 op::Reshape {
                     input: operand,
-                    shape: per_channel.clone(),
+                    shape: column.clone(),
                 },
-                per_channel.clone(),
+                column.clone(),
             );
-            y = self.push_node(op::Arith { a: y, b: column, op }, sx.clone());
+            y = self.push_node(op::Arith { a: y, b, op }, sx.to_vec());
         }
-        Ok(Entry::Runtime { node: y, shape: sx })
+        Ok(y)
     }
 
     /// [`Importer::push`] for an intermediate node: its id.

@@ -45,6 +45,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Gather",
     "Gelu",
     "Gemm",
+    "GroupNormalization",
     "GlobalAveragePool",
     "HardSigmoid",
     "HardSwish",
@@ -1039,6 +1040,7 @@ impl Importer<'_> {
             "ReduceSum" => self.reduce_sum(node)?,
             "LayerNormalization" => self.layer_norm(node)?,
             "InstanceNormalization" => self.instance_norm(node)?,
+            "GroupNormalization" => self.group_norm(node)?,
             _ => return Err(self.unsupported("")),
         };
         if ID_PASSTHROUGH.contains(&op) {

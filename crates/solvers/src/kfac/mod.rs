@@ -382,8 +382,20 @@ impl Factors {
                 f.corrected = Some(sums.corrected[li].iter().map(|v| v / n).collect());
             }
         }
+        // Only BatchNorm's γ and β get a diagonal; any other parameter outside
+        // the layers has no curvature estimate and is left to the damping.
+        let read_by_batch_norm: Vec<usize> = model
+            .graph
+            .nodes()
+            .iter()
+            .filter_map(|op| match op {
+                Op::BatchNorm(bn) => Some([bn.weight, bn.bias]),
+                _ => None,
+            })
+            .flatten()
+            .collect();
         let diagonal = (0..model.params.len())
-            .filter(|&p| !in_layer[p])
+            .filter(|&p| !in_layer[p] && read_by_batch_norm.contains(&p))
             .map(|p| (p, sums.diag[p].iter().map(|v| v / n).collect()))
             .collect();
         Ok(Factors {
@@ -466,6 +478,27 @@ impl Factors {
             statistics::add_corrections(l, x, gy, w_shape, qa, qs, &mut sums.corrected[li]);
         };
         stream_observed_as::<T>(problem, fisher, seed, progress, &mut visit, &mut |_| {})
+    }
+
+    /// Names of the parameters with neither Kronecker factors nor a diagonal
+    /// (outside Linear/Conv2d layers and BatchNorm: LayerNorm scales, grouped
+    /// convolutions, attention weights used through MatMul, embeddings): the
+    /// approximation treats their block as zero, so its inverse is `1/λ` there.
+    pub fn uncovered(&self, model: &Model) -> Vec<String> {
+        let mut covered = vec![false; model.params.len()];
+        for f in &self.layers {
+            covered[f.weight] = true;
+            if let Some(b) = f.bias {
+                covered[b] = true;
+            }
+        }
+        for (p, _) in &self.diagonal {
+            covered[*p] = true;
+        }
+        (0..model.params.len())
+            .filter(|&p| !covered[p])
+            .map(|p| model.params[p].name.clone())
+            .collect()
     }
 
     /// `(F̂ + λI)⁻¹ v` with F̂ the K-FAC / EK-FAC approximation. Parameters with
