@@ -235,7 +235,8 @@ fn layer_normalization_computes_and_differentiates_exactly() {
     let n = hvp_data::Dataset::len(&data);
     hvp_data::Dataset::read(&data, &(0..n).collect::<Vec<_>>(), &mut batch).unwrap();
     let d_in = batch.x.len() / n;
-    let eps = 1e-3f32 as f64;
+    // The float32 attribute is read as the decimal it was written with.
+    let eps = 1e-3;
     let mut total = 0.0;
     for (x, &y) in batch.x.chunks(d_in).zip(&batch.labels) {
         let h: Vec<f64> = (0..width)
