@@ -10,13 +10,7 @@ pub fn forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: ConvGeomet
     let y = V::bilinear_fused(x, w, |x, w| conv::forward(x, w, g), &|x, dx, w, dw| {
         conv::forward_dual(x, dx, w, dw, g)
     });
-    match b {
-        Some(b) => {
-            let shape = y.primal().shape().to_vec();
-            y.add(&b.linear(|b| channel::broadcast(b, &shape)))
-        }
-        None => y,
-    }
+    with_bias(y, b)
 }
 
 /// Cotangents `(gx, gw, gb)`; `gx` only when `need_input`; `gw` without its value
@@ -53,6 +47,17 @@ pub fn vjp<T: Float, V: Value<T>>(
     (gx, gw, gb)
 }
 
+/// `y` plus a per-channel bias `[O]`.
+fn with_bias<T: Float, V: Value<T>>(y: V, b: Option<&V>) -> V {
+    match b {
+        Some(b) => {
+            let shape = y.primal().shape().to_vec();
+            y.add(&b.linear(|b| channel::broadcast(b, &shape)))
+        }
+        None => y,
+    }
+}
+
 /// A grouped and/or dilated convolution: w `[O, C/groups, kh, kw]`.
 pub fn grouped_forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: ConvGeometry, grouping: Grouping) -> V {
     let y = V::bilinear_fused(
@@ -61,13 +66,7 @@ pub fn grouped_forward<T: Float, V: Value<T>>(x: &V, w: &V, b: Option<&V>, g: Co
         |x, w| conv::forward_dual_grouped(x, None, w, None, g, grouping).0,
         &|x, dx, w, dw| conv::forward_dual_grouped(x, dx, w, dw, g, grouping),
     );
-    match b {
-        Some(b) => {
-            let shape = y.primal().shape().to_vec();
-            y.add(&b.linear(|b| channel::broadcast(b, &shape)))
-        }
-        None => y,
-    }
+    with_bias(y, b)
 }
 
 /// Cotangents `(gx, gw, gb)` of [`grouped_forward`]; `gx` only when `need_input`.
@@ -125,13 +124,7 @@ pub fn transposed_forward<T: Float, V: Value<T>>(
         |x, w| conv::backward_input_dual_grouped(x, None, w, None, out_hw, g, grouping).0,
         &|x, dx, w, dw| conv::backward_input_dual_grouped(x, dx, w, dw, out_hw, g, grouping),
     );
-    match b {
-        Some(b) => {
-            let shape = y.primal().shape().to_vec();
-            y.add(&b.linear(|b| channel::broadcast(b, &shape)))
-        }
-        None => y,
-    }
+    with_bias(y, b)
 }
 
 /// Cotangents `(gx, gw, gb)` of [`transposed_forward`]: the convolution of the

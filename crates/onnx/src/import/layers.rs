@@ -202,6 +202,17 @@ impl Importer<'_> {
         Ok((strides[0] as usize, strides[1] as usize, p))
     }
 
+    /// `group` and `dilations` of a Conv or ConvTranspose.
+    fn grouping(&self, node: &NodeProto) -> Res<Grouping> {
+        Ok(Grouping {
+            groups: usize::try_from(attr_i(node, "group", 1))
+                .ok()
+                .filter(|&g| g >= 1)
+                .ok_or_else(|| self.err("group must be positive"))?,
+            dilation: self.dilation(node)?,
+        })
+    }
+
     /// The dilation of a window, equal along both axes.
     fn dilation(&self, node: &NodeProto) -> Res<usize> {
         match attr_ints(node, "dilations").as_deref() {
@@ -215,13 +226,7 @@ impl Importer<'_> {
         let (x, sx) = self.runtime_input(node, 0)?;
         let w_entry = self.required(node, 1)?;
         let sw = self.shape_of(&w_entry);
-        let grouping = Grouping {
-            groups: usize::try_from(attr_i(node, "group", 1))
-                .ok()
-                .filter(|&g| g >= 1)
-                .ok_or_else(|| self.err("group must be positive"))?,
-            dilation: self.dilation(node)?,
-        };
+        let grouping = self.grouping(node)?;
         let (&[Dim::Fixed(o), Dim::Fixed(c), Dim::Fixed(kh), Dim::Fixed(kw)], 4) = (sw.as_slice(), sx.len()) else {
             return Err(self.err(format!(
                 "hvp supports 2-D convolutions of NCHW input by [O, C, kh, kw] weights; got input {} and weight {}",
@@ -281,6 +286,7 @@ impl Importer<'_> {
                     bias: bn,
                     geometry,
                     grouping,
+                    transposed_hw: None,
                 },
                 shape,
             ));
@@ -328,13 +334,7 @@ impl Importer<'_> {
         let (x, sx) = self.runtime_input(node, 0)?;
         let w_entry = self.required(node, 1)?;
         let sw = self.shape_of(&w_entry);
-        let grouping = Grouping {
-            groups: usize::try_from(attr_i(node, "group", 1))
-                .ok()
-                .filter(|&g| g >= 1)
-                .ok_or_else(|| self.err("group must be positive"))?,
-            dilation: self.dilation(node)?,
-        };
+        let grouping = self.grouping(node)?;
         let (&[Dim::Fixed(cin_w), Dim::Fixed(cout_g), Dim::Fixed(kh), Dim::Fixed(kw)], 4) = (sw.as_slice(), sx.len())
         else {
             return Err(self.err(format!(
@@ -386,13 +386,13 @@ impl Importer<'_> {
         };
         let shape = vec![sx[0], Dim::Fixed(cout), Dim::Fixed(ho), Dim::Fixed(wo)];
         Ok(self.push(
-            op::ConvTranspose {
+            op::GroupedConv {
                 input: x,
                 weight: wn,
                 bias: bn,
                 geometry: ConvGeometry { stride: s, padding: p },
                 grouping,
-                out_hw: (ho, wo),
+                transposed_hw: Some((ho, wo)),
             },
             shape,
         ))

@@ -28,6 +28,23 @@ fn weighted_layer_cotangents<V>(
     }
 }
 
+/// [`weighted_layer_cotangents`] for a layer whose weight and bias are nodes.
+fn node_layer_cotangents<V>(
+    out: &mut Cotangents<V>,
+    input: NodeId,
+    weight: NodeId,
+    bias: Option<NodeId>,
+    (gx, gw, gb): (Option<V>, V, Option<V>),
+) {
+    if let Some(g) = gx {
+        out.input(input, g);
+    }
+    out.input(weight, gw);
+    if let (Some(b), Some(gb)) = (bias, gb) {
+        out.input(b, gb);
+    }
+}
+
 /// `y = x Wᵀ + b` with parameters `weight` `[out, in]` and `bias` `[out]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dense {
@@ -172,18 +189,14 @@ impl Rule for ConvNode {
             cx.needs(self.input),
             true,
         );
-        if let Some(g) = gx {
-            out.input(self.input, g);
-        }
-        out.input(self.weight, gw);
-        if let (Some(b), Some(gb)) = (self.bias, gb) {
-            out.input(b, gb);
-        }
+        node_layer_cotangents(out, self.input, self.weight, self.bias, (gx, gw, gb));
     }
 }
 
-/// A grouped (depthwise when groups = channels) or dilated convolution; its
-/// weight `[O, C/groups, kh, kw]` and bias are nodes (parameters or constants).
+/// A grouped (depthwise when groups = channels) or dilated convolution, or the
+/// transposed convolution of that kind when `transposed_hw` gives its output's
+/// spatial size; weight (`[O, C/groups, kh, kw]`, or `[Cin, Cout/groups, kh, kw]`
+/// transposed) and bias are nodes (parameters or constants).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroupedConv {
     pub input: NodeId,
@@ -191,6 +204,7 @@ pub struct GroupedConv {
     pub bias: Option<NodeId>,
     pub geometry: ConvGeometry,
     pub grouping: Grouping,
+    pub transposed_hw: Option<(usize, usize)>,
 }
 
 impl Rule for GroupedConv {
@@ -204,87 +218,28 @@ impl Rule for GroupedConv {
             .collect()
     }
     fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
-        conv2d::grouped_forward(
+        let (x, w, b) = (
             cx.value(self.input),
             cx.value(self.weight),
             self.bias.map(|b| cx.value(b)),
-            self.geometry,
-            self.grouping,
-        )
+        );
+        match self.transposed_hw {
+            None => conv2d::grouped_forward(x, w, b, self.geometry, self.grouping),
+            Some(hw) => conv2d::transposed_forward(x, w, b, hw, self.geometry, self.grouping),
+        }
     }
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
-        let (gx, gw, gb) = conv2d::grouped_vjp(
+        let (x, w, has_bias, need_input) = (
             cx.value(self.input),
             cx.value(self.weight),
             self.bias.is_some(),
-            &gy,
-            self.geometry,
-            self.grouping,
             cx.needs(self.input),
         );
-        if let Some(g) = gx {
-            out.input(self.input, g);
-        }
-        if cx.needs(self.weight) {
-            out.input(self.weight, gw);
-        }
-        if let (Some(b), Some(gb)) = (self.bias, gb) {
-            out.input(b, gb);
-        }
-    }
-}
-
-/// A transposed convolution with weight `[Cin, Cout/groups, kh, kw]` and bias
-/// as nodes; `out_hw` is its output's spatial size.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ConvTranspose {
-    pub input: NodeId,
-    pub weight: NodeId,
-    pub bias: Option<NodeId>,
-    pub geometry: ConvGeometry,
-    pub grouping: Grouping,
-    pub out_hw: (usize, usize),
-}
-
-impl Rule for ConvTranspose {
-    fn inputs(&self) -> Vec<NodeId> {
-        [self.input, self.weight].into_iter().chain(self.bias).collect()
-    }
-    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
-        [&mut self.input, &mut self.weight]
-            .into_iter()
-            .chain(self.bias.as_mut())
-            .collect()
-    }
-    fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
-        conv2d::transposed_forward(
-            cx.value(self.input),
-            cx.value(self.weight),
-            self.bias.map(|b| cx.value(b)),
-            self.out_hw,
-            self.geometry,
-            self.grouping,
-        )
-    }
-    fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
-        let (gx, gw, gb) = conv2d::transposed_vjp(
-            cx.value(self.input),
-            cx.value(self.weight),
-            self.bias.is_some(),
-            &gy,
-            self.geometry,
-            self.grouping,
-            cx.needs(self.input),
-        );
-        if let Some(g) = gx {
-            out.input(self.input, g);
-        }
-        if cx.needs(self.weight) {
-            out.input(self.weight, gw);
-        }
-        if let (Some(b), Some(gb)) = (self.bias, gb) {
-            out.input(b, gb);
-        }
+        let (gx, gw, gb) = match self.transposed_hw {
+            None => conv2d::grouped_vjp(x, w, has_bias, &gy, self.geometry, self.grouping, need_input),
+            Some(_) => conv2d::transposed_vjp(x, w, has_bias, &gy, self.geometry, self.grouping, need_input),
+        };
+        node_layer_cotangents(out, self.input, self.weight, self.bias, (gx, gw, gb));
     }
 }
 

@@ -10,7 +10,7 @@ mod structure;
 
 pub use arithmetic::{Add, Arith, MatMul};
 pub use indexing::{Embedding, Expand, Select, Where};
-pub use layers::{BatchNorm, BatchNormNode, BatchNormStats, Conv2d, ConvNode, ConvTranspose, Dense, GroupedConv};
+pub use layers::{BatchNorm, BatchNormNode, BatchNormStats, Conv2d, ConvNode, Dense, GroupedConv};
 pub use pointwise::{Pointwise, Relu, Softmax, Tanh};
 pub use structure::{
     AvgPool, Concat, Constant, Flatten, GlobalAvgPool, Input, MaxPool, Param, ReduceMean, Reshape, Transpose,
@@ -50,5 +50,4 @@ operations! {
     Where,
     Expand,
     GroupedConv,
-    ConvTranspose,
 }
