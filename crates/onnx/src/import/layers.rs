@@ -96,8 +96,10 @@ impl Importer<'_> {
                 )));
             }
         }
-        // A Linear layer: hvp's Dense op (which K-FAC recognises).
-        if let (Entry::Param(w), true, true) = (&b_entry, trans_b, alpha == 1.0) {
+        // A Linear layer on one row per example: hvp's Dense op (which K-FAC
+        // recognises). Rows that are tokens (`[S·batch, D]` inside attention) are
+        // not examples, so such a product stays a plain MatMul.
+        if let (Entry::Param(w), true, true, Dim::Batch) = (&b_entry, trans_b, alpha == 1.0, sa[0]) {
             let bias = match &c_entry {
                 Some((_, Entry::Param(c))) if beta == 1.0 && self.params[*c].shape == [self.params[*w].shape[0]] => {
                     Some(*c)
