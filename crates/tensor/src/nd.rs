@@ -48,28 +48,60 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// Visits every index of `shape` in row-major order with the matching offsets
-/// under each of the given stride vectors.
-fn for_each_offset<const K: usize>(shape: &[usize], st: [&[usize]; K], mut f: impl FnMut([usize; K])) {
-    let total: usize = shape.iter().product();
-    if total == 0 {
+/// `shape` and its stride vectors with size-1 dimensions dropped and
+/// neighbouring dimensions merged wherever every operand steps through them
+/// as through one (so the innermost run is as long as the layouts allow).
+fn coalesce<const K: usize>(shape: &[usize], st: [&[usize]; K]) -> (Vec<usize>, [Vec<usize>; K]) {
+    let mut dims: Vec<usize> = Vec::with_capacity(shape.len());
+    let mut strides: [Vec<usize>; K] = std::array::from_fn(|_| Vec::with_capacity(shape.len()));
+    for d in 0..shape.len() {
+        if shape[d] == 1 {
+            continue;
+        }
+        let merges = !dims.is_empty() && (0..K).all(|k| strides[k][dims.len() - 1] == st[k][d] * shape[d]);
+        if merges {
+            let last = dims.len() - 1;
+            dims[last] *= shape[d];
+            for k in 0..K {
+                strides[k][last] = st[k][d];
+            }
+        } else {
+            dims.push(shape[d]);
+            for k in 0..K {
+                strides[k].push(st[k][d]);
+            }
+        }
+    }
+    (dims, strides)
+}
+
+/// Visits `shape` in row-major order one innermost run at a time:
+/// `f(offsets, run length, the operands' strides along the run)`.
+fn for_each_run<const K: usize>(shape: &[usize], st: [&[usize]; K], mut f: impl FnMut([usize; K], usize, [usize; K])) {
+    if shape.contains(&0) {
         return;
     }
-    let nd = shape.len();
-    let mut index = vec![0usize; nd];
+    let (dims, strides) = coalesce(shape, st);
+    let Some((&len, outer)) = dims.split_last() else {
+        f([0; K], 1, [0; K]);
+        return;
+    };
+    let inner: [usize; K] = std::array::from_fn(|k| strides[k][dims.len() - 1]);
+    let runs: usize = outer.iter().product();
+    let mut index = vec![0usize; outer.len()];
     let mut offs = [0usize; K];
-    for _ in 0..total {
-        f(offs);
-        for d in (0..nd).rev() {
+    for _ in 0..runs {
+        f(offs, len, inner);
+        for d in (0..outer.len()).rev() {
             index[d] += 1;
             for k in 0..K {
-                offs[k] += st[k][d];
+                offs[k] += strides[k][d];
             }
-            if index[d] < shape[d] {
+            if index[d] < outer[d] {
                 break;
             }
             for k in 0..K {
-                offs[k] -= st[k][d] * shape[d];
+                offs[k] -= strides[k][d] * outer[d];
             }
             index[d] = 0;
         }
@@ -84,7 +116,11 @@ pub fn expand<T: Float>(x: &Tensor<T>, shape: &[usize]) -> Tensor<T> {
     let st = broadcast_strides(x.shape(), shape);
     let src = x.data();
     let mut data = Vec::with_capacity(shape.iter().product());
-    for_each_offset(shape, [&st], |[o]| data.push(src[o]));
+    for_each_run(shape, [&st], |[o], len, [s]| match s {
+        0 => data.extend(std::iter::repeat_n(src[o], len)),
+        1 => data.extend_from_slice(&src[o..o + len]),
+        _ => data.extend((0..len).map(|i| src[o + i * s])),
+    });
     Tensor::new(shape.to_vec(), data).expect("broadcast length")
 }
 
@@ -94,12 +130,16 @@ pub fn reduce_to<T: Float>(x: &Tensor<T>, shape: &[usize]) -> Tensor<T> {
         return x.clone();
     }
     let st = broadcast_strides(shape, x.shape());
+    let own = strides(x.shape());
     let mut out = Tensor::zeros(shape);
     let (dst, src) = (out.data_mut(), x.data());
-    let mut i = 0;
-    for_each_offset(x.shape(), [&st], |[o]| {
-        dst[o] += src[i];
-        i += 1;
+    for_each_run(x.shape(), [&st, &own], |[o, i], len, [s, _]| {
+        let run = &src[i..i + len];
+        match s {
+            0 => dst[o] += run.iter().fold(T::ZERO, |acc, &v| acc + v),
+            1 => dst[o..o + len].iter_mut().zip(run).for_each(|(d, &v)| *d += v),
+            _ => run.iter().enumerate().for_each(|(k, &v)| dst[o + k * s] += v),
+        }
     });
     out
 }
@@ -112,7 +152,12 @@ pub fn zip_broadcast<T: Float>(a: &Tensor<T>, b: &Tensor<T>, out_shape: &[usize]
     );
     let (da, db) = (a.data(), b.data());
     let mut data = Vec::with_capacity(out_shape.iter().product());
-    for_each_offset(out_shape, [&sa, &sb], |[i, j]| data.push(f(da[i], db[j])));
+    for_each_run(out_shape, [&sa, &sb], |[i, j], len, [si, sj]| match (si, sj) {
+        (1, 1) => data.extend(da[i..i + len].iter().zip(&db[j..j + len]).map(|(&x, &y)| f(x, y))),
+        (1, 0) => data.extend(da[i..i + len].iter().map(|&x| f(x, db[j]))),
+        (0, 1) => data.extend(db[j..j + len].iter().map(|&y| f(da[i], y))),
+        _ => data.extend((0..len).map(|k| f(da[i + k * si], db[j + k * sj]))),
+    });
     Tensor::new(out_shape.to_vec(), data).expect("broadcast length")
 }
 
@@ -134,7 +179,10 @@ pub fn permute<T: Float>(x: &Tensor<T>, perm: &[usize]) -> Tensor<T> {
     let st: Vec<usize> = perm.iter().map(|&p| own[p]).collect();
     let src = x.data();
     let mut data = Vec::with_capacity(x.numel());
-    for_each_offset(&shape, [&st], |[o]| data.push(src[o]));
+    for_each_run(&shape, [&st], |[o], len, [s]| match s {
+        1 => data.extend_from_slice(&src[o..o + len]),
+        _ => data.extend((0..len).map(|i| src[o + i * s])),
+    });
     Tensor::new(shape, data).expect("permutation keeps the length")
 }
 
@@ -448,6 +496,72 @@ mod tests {
         let other = masked(&x, &m, false, &[2, 3]);
         assert_eq!(other.data()[..3], [0.0, 0.0, 0.0]);
         assert!(other.data()[3].is_infinite());
+    }
+
+    /// The run-wise kernels against element-by-element definitions, on shapes
+    /// whose broadcast and permuted dimensions merge in different ways.
+    #[test]
+    fn run_wise_kernels_equal_their_elementwise_definitions() {
+        let index_of = |shape: &[usize], mut flat: usize| {
+            let mut idx = vec![0; shape.len()];
+            for d in (0..shape.len()).rev() {
+                idx[d] = flat % shape[d];
+                flat /= shape[d];
+            }
+            idx
+        };
+        let at = |t: &Tensor<f64>, idx: &[usize]| {
+            // Right-aligned broadcast read.
+            let s = t.shape();
+            let off = idx.len() - s.len();
+            let st = strides(s);
+            (0..s.len())
+                .map(|d| if s[d] == 1 { 0 } else { idx[off + d] * st[d] })
+                .sum::<usize>()
+        };
+        let cases: [(&[usize], &[usize], &[usize]); 5] = [
+            (&[2, 3, 4], &[4], &[2, 3, 4]),
+            (&[2, 1, 4], &[3, 1], &[2, 3, 4]),
+            (&[1, 5, 1, 3], &[2, 5, 4, 1], &[2, 5, 4, 3]),
+            (&[6], &[2, 1, 6], &[2, 1, 6]),
+            (&[], &[3, 2], &[3, 2]),
+        ];
+        for (sa, sb, out) in cases {
+            let a = t(
+                sa,
+                (0..sa.iter().product::<usize>())
+                    .map(|v| v as f64 * 0.5 - 1.0)
+                    .collect(),
+            );
+            let b = t(
+                sb,
+                (0..sb.iter().product::<usize>()).map(|v| (v * 7 % 5) as f64).collect(),
+            );
+            let z = zip_broadcast(&a, &b, out, |x, y| x * 10.0 + y);
+            let e = expand(&a, out);
+            let total: usize = out.iter().product();
+            let mut reduced = vec![0.0; b.numel()];
+            for k in 0..total {
+                let idx = index_of(out, k);
+                let (x, y) = (a.data()[at(&a, &idx)], b.data()[at(&b, &idx)]);
+                assert_eq!(z.data()[k], x * 10.0 + y, "{sa:?} {sb:?} at {idx:?}");
+                assert_eq!(e.data()[k], x);
+                reduced[at(&b, &idx)] += z.data()[k];
+            }
+            assert_eq!(reduce_to(&z, sb).data(), reduced.as_slice(), "{sb:?}");
+        }
+        let x = t(&[2, 3, 1, 4], (0..24).map(|v| v as f64).collect());
+        for perm in [[0, 2, 1, 3], [3, 1, 0, 2], [1, 0, 2, 3]] {
+            let y = permute(&x, &perm);
+            for k in 0..24 {
+                let idx = index_of(y.shape(), k);
+                let mut src = [0; 4];
+                for (i, &p) in perm.iter().enumerate() {
+                    src[p] = idx[i];
+                }
+                assert_eq!(y.data()[k], x.data()[at(&x, &src)], "{perm:?}");
+            }
+        }
     }
 
     #[test]
