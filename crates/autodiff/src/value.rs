@@ -23,6 +23,9 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     fn constant(t: Tensor<T>) -> Self;
     /// `f(x)` for a map `f` linear in `x`: the tangent maps through `f` too.
     fn linear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>) -> Self;
+    /// [`Value::linear`] consuming the value, so that a map that only relabels
+    /// (a reshape) or keeps its input (a broadcast to its own shape) copies nothing.
+    fn linear_owned(self, f: impl Fn(Tensor<T>) -> Tensor<T>) -> Self;
     /// `f(a, b)` for a map bilinear in `(a, b)`: tangent `f(ȧ, b) + f(a, ḃ)`.
     fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self;
     /// Like [`Value::bilinear`], with a kernel `dual(a, ȧ, b, ḃ)` that returns
@@ -76,6 +79,9 @@ impl<T: Float> Value<T> for Tensor<T> {
         t
     }
     fn linear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>) -> Self {
+        f(self)
+    }
+    fn linear_owned(self, f: impl Fn(Tensor<T>) -> Tensor<T>) -> Self {
         f(self)
     }
     fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self {
@@ -177,6 +183,12 @@ impl<T: Float> Value<T> for Dual<T> {
         Self {
             primal: f(&self.primal),
             tangent: self.tangent.as_ref().map(&f),
+        }
+    }
+    fn linear_owned(self, f: impl Fn(Tensor<T>) -> Tensor<T>) -> Self {
+        Self {
+            primal: f(self.primal),
+            tangent: self.tangent.map(&f),
         }
     }
     fn bilinear(a: &Self, b: &Self, f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>) -> Self {

@@ -202,7 +202,11 @@ fn reciprocal<T: Float, V: Value<T>>(b: &V) -> V {
 pub fn arith<T: Float, V: Value<T>>(op: Arith, a: &V, b: &V) -> V {
     let shape = nd::broadcast_shape(a.primal().shape(), b.primal().shape()).expect("shapes checked at import");
     let grow = |t: &Tensor<T>| nd::expand(t, &shape);
+    let full = |v: &V| v.primal().shape() == shape.as_slice();
     match op {
+        Arith::Add if full(a) && full(b) => a.add(b),
+        Arith::Add if full(a) => a.add(&b.linear(grow)),
+        Arith::Add if full(b) => b.add(&a.linear(grow)),
         Arith::Add => a.linear(grow).add(&b.linear(grow)),
         Arith::Sub => sub(&a.linear(grow), &b.linear(grow)),
         Arith::Mul => V::bilinear(a, b, zip_mul),
@@ -211,26 +215,58 @@ pub fn arith<T: Float, V: Value<T>>(op: Arith, a: &V, b: &V) -> V {
 }
 
 /// Cotangents of `a ∘ b` for its two operands (each summed down to its shape).
-pub fn arith_vjp<T: Float, V: Value<T>>(op: Arith, a: &V, b: &V, gy: &V) -> (V, V) {
+/// `t` summed down to `shape`, without a copy when it already has it.
+fn down<T: Float>(t: Tensor<T>, shape: &[usize]) -> Tensor<T> {
+    if t.shape() == shape {
+        t
+    } else {
+        nd::reduce_to(&t, shape)
+    }
+}
+
+/// The cotangents of `a` and `b` (each only when `need` says so) of `a ∘ b`.
+pub fn arith_vjp<T: Float, V: Value<T>>(op: Arith, a: &V, b: &V, gy: V, need: (bool, bool)) -> (Option<V>, Option<V>) {
     let (sa, sb) = (a.primal().shape().to_vec(), b.primal().shape().to_vec());
-    let down = |t: &Tensor<T>, s: &[usize]| nd::reduce_to(t, s);
     match op {
-        Arith::Add => (gy.linear(|g| down(g, &sa)), gy.linear(|g| down(g, &sb))),
-        Arith::Sub => (gy.linear(|g| down(g, &sa)), gy.linear(|g| negate(&down(g, &sb)))),
+        Arith::Add | Arith::Sub => {
+            // The cotangent moves to whichever side needs it; copied only for both.
+            let (ga, gb) = match need {
+                (true, true) => (Some(gy.clone()), Some(gy)),
+                (true, false) => (Some(gy), None),
+                (false, true) => (None, Some(gy)),
+                (false, false) => (None, None),
+            };
+            let ga = ga.map(|g| g.linear_owned(|g| down(g, &sa)));
+            let gb = gb.map(|g| {
+                g.linear_owned(|g| {
+                    let g = down(g, &sb);
+                    if op == Arith::Sub {
+                        negate(&g)
+                    } else {
+                        g
+                    }
+                })
+            });
+            (ga, gb)
+        }
         Arith::Mul => (
-            V::bilinear(gy, b, |g, b| down(&zip_mul(g, b), &sa)),
-            V::bilinear(gy, a, |g, a| down(&zip_mul(g, a), &sb)),
+            need.0.then(|| V::bilinear(&gy, b, |g, b| down(zip_mul(g, b), &sa))),
+            need.1.then(|| V::bilinear(&gy, a, |g, a| down(zip_mul(g, a), &sb))),
         ),
         Arith::Div => {
-            let inv = reciprocal(b);
-            // d(a/b)/db = −a / b²; −1/b² is itself a function of b (JVP 2ḃ/b³).
-            let minus_inv_sq = b.nonlinear(
-                |b| elementwise::map(b, |v| -T::ONE / (v * v)),
-                |b, db| nd::zip_broadcast(b, db, b.shape(), |v, d| T::from_f64(2.0) * d / (v * v * v)),
-            );
-            let ga = V::bilinear(gy, &inv, |g, r| down(&zip_mul(g, r), &sa));
-            let g_times_a = V::bilinear(gy, a, zip_mul);
-            let gb = V::bilinear(&g_times_a, &minus_inv_sq, |t, s| down(&zip_mul(t, s), &sb));
+            let ga = need.0.then(|| {
+                let inv = reciprocal(b);
+                V::bilinear(&gy, &inv, |g, r| down(zip_mul(g, r), &sa))
+            });
+            let gb = need.1.then(|| {
+                // d(a/b)/db = −a / b²; −1/b² is itself a function of b (JVP 2ḃ/b³).
+                let minus_inv_sq = b.nonlinear(
+                    |b| elementwise::map(b, |v| -T::ONE / (v * v)),
+                    |b, db| nd::zip_broadcast(b, db, b.shape(), |v, d| T::from_f64(2.0) * d / (v * v * v)),
+                );
+                let g_times_a = V::bilinear(&gy, a, zip_mul);
+                V::bilinear(&g_times_a, &minus_inv_sq, |t, s| down(zip_mul(t, s), &sb))
+            });
             (ga, gb)
         }
     }
@@ -277,8 +313,13 @@ pub fn softmax<T: Float, V: Value<T>>(x: &V, axis: usize, log: bool) -> V {
     }
 }
 
-pub fn softmax_vjp<T: Float, V: Value<T>>(x: &V, gy: &V, axis: usize, log: bool) -> V {
-    let s = softmax_value(x, axis);
+/// The input cotangent of a (log-)softmax; `output` is the forward value when
+/// the caller kept it (a softmax's output is `s` itself, saving its recomputation).
+pub fn softmax_vjp<T: Float, V: Value<T>>(x: &V, output: Option<&V>, gy: &V, axis: usize, log: bool) -> V {
+    let s = match output {
+        Some(s) if !log => s.clone(),
+        _ => softmax_value(x, axis),
+    };
     if log {
         // gx = gy − s Σgy
         let total = gy.linear(|g| sum_back(g, axis));
@@ -341,6 +382,11 @@ pub fn reduce_mean_vjp<T: Float, V: Value<T>>(x: &V, axes: &[usize], gy: &V) -> 
 
 pub fn reshape<T: Float, V: Value<T>>(x: &V, shape: &[usize]) -> V {
     x.linear(|t| t.clone().reshape(shape).expect("element count checked at import"))
+}
+
+/// [`reshape`] of an owned value: no copy.
+pub fn reshape_owned<T: Float, V: Value<T>>(x: V, shape: &[usize]) -> V {
+    x.linear_owned(|t| t.reshape(shape).expect("element count checked at import"))
 }
 
 pub fn transpose<T: Float, V: Value<T>>(x: &V, perm: &[usize]) -> V {
@@ -476,9 +522,13 @@ mod tests {
         for op in [Arith::Add, Arith::Sub, Arith::Mul, Arith::Div] {
             // In a (b fixed) and in b (a fixed); the second also exercises Div's b-side.
             let bc = Dual::constant(b.clone());
-            check(&a, &da, &c, &|x| arith(op, x, &bc), &|x, g| arith_vjp(op, x, &bc, g).0);
+            check(&a, &da, &c, &|x| arith(op, x, &bc), &|x, g| {
+                arith_vjp(op, x, &bc, g.clone(), (true, false)).0.unwrap()
+            });
             let ac = Dual::constant(a.clone());
-            check(&b, &db, &c, &|x| arith(op, &ac, x), &|x, g| arith_vjp(op, &ac, x, g).1);
+            check(&b, &db, &c, &|x| arith(op, &ac, x), &|x, g| {
+                arith_vjp(op, &ac, x, g.clone(), (false, true)).1.unwrap()
+            });
         }
     }
 
@@ -490,7 +540,7 @@ mod tests {
         for axis in [1, 2] {
             for log in [false, true] {
                 check(&x, &d, &c, &|x| softmax(x, axis, log), &|x, g| {
-                    softmax_vjp(x, g, axis, log)
+                    softmax_vjp(x, None, g, axis, log)
                 });
             }
         }

@@ -59,9 +59,14 @@ impl Rule for Arith {
         ndp::arith(self.op, cx.value(self.a), cx.value(self.b))
     }
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
-        let (ga, gb) = ndp::arith_vjp(self.op, cx.value(self.a), cx.value(self.b), &gy);
-        out.input(self.a, ga);
-        out.input(self.b, gb);
+        let need = (cx.needs(self.a), cx.needs(self.b));
+        let (ga, gb) = ndp::arith_vjp(self.op, cx.value(self.a), cx.value(self.b), gy, need);
+        if let Some(g) = ga {
+            out.input(self.a, g);
+        }
+        if let Some(g) = gb {
+            out.input(self.b, g);
+        }
     }
 }
 

@@ -97,7 +97,7 @@ impl Rule for Softmax {
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
         out.input(
             self.input,
-            ndp::softmax_vjp(cx.value(self.input), &gy, self.axis, self.log),
+            ndp::softmax_vjp(cx.value(self.input), Some(cx.output()), &gy, self.axis, self.log),
         );
     }
 }

@@ -225,7 +225,7 @@ impl Rule for Reshape {
     }
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
         let s = cx.value(self.input).primal().shape().to_vec();
-        out.input(self.input, ndp::reshape(&gy, &s));
+        out.input(self.input, ndp::reshape_owned(gy, &s));
     }
 }
 
