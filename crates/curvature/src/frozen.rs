@@ -31,6 +31,8 @@ impl FrozenPrefix {
             matches!(
                 op,
                 Op::Dense(_)
+                    | Op::TokenDense(_)
+                    | Op::GroupedConv(_)
                     | Op::Conv2d(_)
                     | Op::ConvNode(_)
                     | Op::MatMul(_)

@@ -31,7 +31,49 @@ impl Importer<'_> {
         let (a, sa) = self.runtime_input(node, 0)?;
         let (b, sb) = self.runtime_input(node, 1)?;
         let shape = self.matmul_shape(&sa, &sb, false)?;
+        // `x · Wᵀ` with the batch in x once: a Linear layer on every token,
+        // which K-FAC factors (the exporters write nn.Linear on 3-D inputs so).
+        let batch_axes: Vec<usize> = (0..sa.len()).filter(|&i| sa[i].has_batch()).collect();
+        if let (Some(&weight), [axis]) = (self.transposed_params.get(&b), batch_axes.as_slice()) {
+            if sa[*axis] == Dim::Batch && *axis + 1 < sa.len() {
+                let n = self.params[weight].shape[0];
+                let bias = self.bias_after(node, n);
+                let out = self.push(
+                    op::TokenDense {
+                        input: a,
+                        weight,
+                        bias: bias.map(|(p, _)| p),
+                        batch_axis: *axis,
+                    },
+                    shape,
+                );
+                if let Some((_, add)) = bias {
+                    self.fused.insert(add);
+                    let name = self.all_nodes[add].output.first().cloned().unwrap_or_default();
+                    self.values.insert(name, out.clone());
+                }
+                return Ok(out);
+            }
+        }
         Ok(self.push(op::MatMul { a, b, trans_b: false }, shape))
+    }
+
+    /// The parameter `[n]` that the one reader of `node`'s output adds to it
+    /// (a Linear layer's bias), with that `Add` node's index.
+    fn bias_after(&self, node: &NodeProto, n: usize) -> Option<(usize, usize)> {
+        let out = node.output.first()?;
+        let [add] = self.readers.get(out)?.as_slice() else {
+            return None;
+        };
+        let add_node = &self.all_nodes[*add];
+        if add_node.op_type != "Add" || add_node.input.len() != 2 {
+            return None;
+        }
+        let other = add_node.input.iter().find(|i| *i != out)?;
+        match self.values.get(other) {
+            Some(Entry::Param(p)) if self.params[*p].shape == [n] => Some((*p, *add)),
+            _ => None,
+        }
     }
 
     pub(super) fn matmul_shape(&self, sa: &[Dim], sb: &[Dim], trans_b: bool) -> Res<Vec<Dim>> {
@@ -115,6 +157,50 @@ impl Importer<'_> {
                 node: dense,
                 shape: shape.clone(),
             };
+            return match (&c_entry, bias) {
+                (Some((name, c)), None) => self.add_scaled(out, name, c, beta, shape),
+                _ => Ok(out),
+            };
+        }
+        // The same on token rows (`[S·batch, D]` inside attention): viewed as
+        // `[S, batch, D]`, a Linear layer on every token.
+        if let (Entry::Param(w), true, true, Dim::Batched { outer, inner }) = (&b_entry, trans_b, alpha == 1.0, sa[0]) {
+            let n = self.params[*w].shape[0];
+            let bias = match &c_entry {
+                Some((_, Entry::Param(c))) if beta == 1.0 && self.params[*c].shape == [n] => Some(*c),
+                _ => None,
+            };
+            let mut view: Vec<Dim> = [Dim::Fixed(outer), Dim::Batch, Dim::Fixed(inner)]
+                .into_iter()
+                .filter(|d| *d != Dim::Fixed(1))
+                .collect();
+            let batch_axis = usize::from(outer > 1);
+            view.push(sa[1]);
+            let tokens = self.push_node(
+                op::Reshape {
+                    input: a,
+                    shape: view.clone(),
+                },
+                view.clone(),
+            );
+            let mut out_view = view;
+            *out_view.last_mut().expect("rank 2 at least") = Dim::Fixed(n);
+            let y = self.push_node(
+                op::TokenDense {
+                    input: tokens,
+                    weight: *w,
+                    bias,
+                    batch_axis,
+                },
+                out_view,
+            );
+            let out = self.push(
+                op::Reshape {
+                    input: y,
+                    shape: shape.clone(),
+                },
+                shape.clone(),
+            );
             return match (&c_entry, bias) {
                 (Some((name, c)), None) => self.add_scaled(out, name, c, beta, shape),
                 _ => Ok(out),

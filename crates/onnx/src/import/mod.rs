@@ -303,6 +303,14 @@ struct Importer<'a> {
     vocab: Option<usize>,
     /// The parts of each SplitToSequence output, for SequenceAt.
     sequences: HashMap<String, Vec<Entry>>,
+    /// Transposes of 2-D parameters (a Linear weight as MatMul's right side).
+    transposed_params: HashMap<NodeId, usize>,
+    /// Every node of the file, and which nodes read each value, to fuse a
+    /// Linear layer's bias `Add` into its MatMul.
+    all_nodes: &'a [NodeProto],
+    readers: HashMap<String, Vec<usize>>,
+    /// Nodes already imported as part of an earlier one.
+    fused: HashSet<usize>,
 }
 
 /// Operators that pass token ids on unchanged (reshaping them).
@@ -436,7 +444,16 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
         id_nodes: HashSet::new(),
         vocab: None,
         sequences: HashMap::new(),
+        transposed_params: HashMap::new(),
+        all_nodes: &graph.node,
+        readers: HashMap::new(),
+        fused: HashSet::new(),
     };
+    for (k, node) in graph.node.iter().enumerate() {
+        for name in node.input.iter().filter(|n| !n.is_empty()) {
+            imp.readers.entry(name.clone()).or_default().push(k);
+        }
+    }
     let mut candidate_shapes = Vec::new();
     let mut roles = Vec::new();
     for t in &initializers {
@@ -551,7 +568,10 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
     imp.values.insert(input.name.clone(), Entry::Runtime { node: x, shape });
 
     check_all_supported(path, &graph.node, &roles)?;
-    for node in &graph.node {
+    for (k, node) in graph.node.iter().enumerate() {
+        if imp.fused.contains(&k) {
+            continue;
+        }
         imp.node = if node.name.is_empty() {
             node.output.first().cloned().unwrap_or_default()
         } else {

@@ -248,8 +248,7 @@ impl Importer<'_> {
                     if i == 0
                         && self.export_batch == Some(n as usize)
                         && target.values.len() >= from.len()
-                        && (target.values.len() > from.len() || from[0] == Dim::Fixed(1))
-                        && !matches!(e, Entry::Static(_)) =>
+                        && (target.values.len() > from.len() || from[0] == Dim::Fixed(1)) =>
                 {
                     Ok(Dim::Batch)
                 }
@@ -260,14 +259,8 @@ impl Importer<'_> {
         let shape = broadcast(&from, &dims)
             .ok_or_else(|| self.err(format!("{} does not broadcast to {}", show(&from), show(&dims))))?;
         match e {
-            Entry::Static(c) => {
-                let out: Vec<usize> = shape
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(n) => Ok(*n),
-                        _ => Err(self.dynamic("a constant expanded to the batch size")),
-                    })
-                    .collect::<Res<_>>()?;
+            Entry::Static(c) if shape.iter().all(|d| !d.has_batch()) => {
+                let out: Vec<usize> = shape.iter().map(|d| d.factor()).collect();
                 Ok(Entry::Static(c.expand(&out).map_err(|r| self.err(r))?))
             }
             e if shape == from => Ok(e),
@@ -304,6 +297,12 @@ impl Importer<'_> {
         }
         let (x, _) = self.runtime(&node.input[0], &e)?;
         let shape = perm.iter().map(|&p| from[p]).collect();
-        Ok(self.push(op::Transpose { input: x, perm }, shape))
+        let out = self.push(op::Transpose { input: x, perm }, shape);
+        if let (Entry::Param(p), Entry::Runtime { node: t, .. }) = (&e, &out) {
+            if from.len() == 2 {
+                self.transposed_params.insert(*t, *p);
+            }
+        }
+        Ok(out)
     }
 }

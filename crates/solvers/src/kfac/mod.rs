@@ -129,6 +129,14 @@ fn layers_of(model: &Model) -> Vec<Layer> {
                 s_dim: shape(weight)[0],
                 a_dim: shape(weight)[1] + bias.is_some() as usize,
             }),
+            Op::TokenDense(op::TokenDense { weight, bias, .. }) => Some(Layer {
+                node,
+                weight,
+                bias,
+                conv: None,
+                s_dim: shape(weight)[0],
+                a_dim: shape(weight)[1] + bias.is_some() as usize,
+            }),
             Op::Conv2d(op::Conv2d {
                 weight, bias, geometry, ..
             }) => Some(Layer {
@@ -178,12 +186,14 @@ fn example_inputs(layer: &Layer, x: &Tensor<f64>, w_shape: &[usize], i: usize) -
             mat(layer.a_dim, t, cols)
         }
         None => {
+            // `[in, T]` (T = 1, or an example's tokens).
             let width = x.rows_cols().1;
             let mut a = x.data()[i * width..(i + 1) * width].to_vec();
+            let t = width / (layer.a_dim - layer.bias.is_some() as usize);
             if layer.bias.is_some() {
-                a.push(1.0);
+                a.extend(std::iter::repeat_n(1.0, t));
             }
-            mat(layer.a_dim, 1, a)
+            mat(layer.a_dim, t, a)
         }
     }
 }
@@ -274,6 +284,18 @@ fn stream_observed(
     }
 }
 
+/// `t` `[..., features]` with the batch at `batch_axis` as `[B, features, tokens]`:
+/// each example's tokens side by side, as a convolution's output positions lie.
+fn by_example<T: Float>(t: &Tensor<T>, batch_axis: usize) -> Tensor<T> {
+    let rank = t.shape().len();
+    let mut perm = vec![batch_axis, rank - 1];
+    perm.extend((0..rank - 1).filter(|&a| a != batch_axis));
+    let moved = hvp_tensor::nd::permute(t, &perm);
+    let (b, f) = (moved.shape()[0], moved.shape()[1]);
+    let tokens = moved.numel() / (b * f).max(1);
+    moved.reshape(&[b, f, tokens]).expect("same elements")
+}
+
 /// [`stream_observed`] showing the layers' values in the compute dtype `T`.
 pub(super) fn stream_observed_as<T: Float>(
     problem: &Problem,
@@ -299,8 +321,13 @@ pub(super) fn stream_observed_as<T: Float>(
         let mut tape = Some(tape);
         for (k, cot) in samples.iter().enumerate() {
             let first = k == 0;
-            let mut obs = |node: NodeId, op: &Op, input: &Tensor<T>, gy: &Tensor<T>| {
-                visit(node, op, input, gy, first);
+            let mut obs = |node: NodeId, op: &Op, input: &Tensor<T>, gy: &Tensor<T>| match op {
+                // Tokens laid out as a 1×1 convolution's positions: `[B, features, T]`.
+                Op::TokenDense(td) => {
+                    let (x, g) = (by_example(input, td.batch_axis), by_example(gy, td.batch_axis));
+                    visit(node, op, &x, &g, first)
+                }
+                _ => visit(node, op, input, gy, first),
             };
             // Each backward pass consumes a tape: copy it only while more samples follow.
             let this = if k == last { tape.take() } else { tape.clone() }.expect("tape kept until the last sample");

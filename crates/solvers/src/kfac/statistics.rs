@@ -5,6 +5,7 @@
 //! the convolution's own weight-gradient kernel and then rotated.
 
 use super::*;
+use hvp_tensor::linalg::gemm_into;
 
 /// Example i's layer input as `[a_dim, T]` (im2col patches of a convolution,
 /// the input row of a dense layer), with a row of ones for the bias.
@@ -98,8 +99,36 @@ pub(super) fn example_gradient<T: Float>(
     let Some(geometry) = l.conv else {
         let (width, out) = (x.numel() / b, gy.numel() / b);
         let xi = &x.data()[i * width..(i + 1) * width];
+        let gi = &gy.data()[i * out..(i + 1) * out];
+        let tokens = out / l.s_dim;
+        if tokens > 1 {
+            // `Σ_t g_t a_tᵀ` of `[s, T]` and `[in, T]`, bias column `Σ_t g_t`.
+            let inputs = width / tokens;
+            let mut gw = vec![T::ZERO; l.s_dim * inputs];
+            gemm_into(
+                &mut gw,
+                gi,
+                false,
+                xi,
+                true,
+                l.s_dim,
+                inputs,
+                tokens,
+                false,
+                Par::Serial,
+            );
+            if l.bias.is_none() {
+                return gw;
+            }
+            let mut rows = Vec::with_capacity(l.s_dim * l.a_dim);
+            for (o, row) in gw.chunks_exact(inputs).enumerate() {
+                rows.extend_from_slice(row);
+                rows.push(gi[o * tokens..(o + 1) * tokens].iter().fold(T::ZERO, |acc, &v| acc + v));
+            }
+            return rows;
+        }
         let mut rows = Vec::with_capacity(out * l.a_dim);
-        for &g in &gy.data()[i * out..(i + 1) * out] {
+        for &g in gi {
             rows.extend(xi.iter().map(|&a| a * g));
             if l.bias.is_some() {
                 rows.push(g);

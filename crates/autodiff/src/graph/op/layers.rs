@@ -93,6 +93,53 @@ impl Rule for Dense {
     }
 }
 
+/// A Linear layer on every token of `input` `[..., in]` (the batch at
+/// `batch_axis`, other leading dimensions tokens), with parameters `weight`
+/// `[out, in]` and `bias` `[out]`: what K-FAC treats like a 1×1 convolution
+/// whose positions are the example's tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenDense {
+    pub input: NodeId,
+    pub weight: usize,
+    pub bias: Option<usize>,
+    pub batch_axis: usize,
+}
+
+impl Rule for TokenDense {
+    fn inputs(&self) -> Vec<NodeId> {
+        vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
+    fn params(&self) -> ParamRefs {
+        ParamRefs {
+            conv_weight: None,
+            other: [self.weight].into_iter().chain(self.bias).collect(),
+        }
+    }
+    fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
+        dense::tokens_forward(
+            cx.value(self.input),
+            cx.param(self.weight),
+            self.bias.map(|b| cx.param(b)),
+        )
+    }
+    fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
+        let (gx, gw, gb) = dense::tokens_vjp(
+            cx.value(self.input),
+            cx.param(self.weight),
+            self.bias.is_some(),
+            &gy,
+            cx.needs(self.input),
+        );
+        weighted_layer_cotangents(out, self.input, self.weight, self.bias, (gx, gw, gb));
+    }
+    fn observed_input(&self) -> Option<NodeId> {
+        Some(self.input)
+    }
+}
+
 /// 2-D convolution (NCHW) with parameters `weight` `[O, C, kh, kw]` and `bias` `[O]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conv2d {

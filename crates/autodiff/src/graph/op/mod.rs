@@ -10,7 +10,7 @@ mod structure;
 
 pub use arithmetic::{Add, Arith, MatMul};
 pub use indexing::{Embedding, Expand, Select, Where};
-pub use layers::{BatchNorm, BatchNormNode, BatchNormStats, Conv2d, ConvNode, Dense, GroupedConv};
+pub use layers::{BatchNorm, BatchNormNode, BatchNormStats, Conv2d, ConvNode, Dense, GroupedConv, TokenDense};
 pub use pointwise::{Pointwise, Relu, Softmax, Tanh};
 pub use structure::{
     AvgPool, Concat, Constant, Flatten, GlobalAvgPool, Input, MaxPool, Param, ReduceMean, Reshape, Transpose,
@@ -50,4 +50,5 @@ operations! {
     Where,
     Expand,
     GroupedConv,
+    TokenDense,
 }
