@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from make_fixtures import export_both, save_expected
-from zoo_models import MobileNetV2, Mixer, ResNet18, TextTransformer, TinyUNet, ViT
+from zoo_models import MobileNetV2, Mixer, ResNet18, TextTransformer, TinyGPT, TinyUNet, ViT
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "zoo"
 CAP = 128
@@ -64,6 +64,7 @@ def cases():
         "text_transformer": lambda: (TextTransformer(), torch.randint(0, 50, (4, 8)), torch.tensor([0, 3, 1, 2])),
         "mixer": lambda: (Mixer(), images(3, 3, 16), torch.tensor([8, 6, 1])),
         "unet": lambda: (TinyUNet(), images(3, 3, 16), torch.tensor([4, 4, 0])),
+        "gpt": lambda: (TinyGPT(), torch.randint(0, 40, (4, 8)), torch.tensor([1, 4, 0, 2])),
     }
 
 

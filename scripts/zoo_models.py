@@ -227,3 +227,46 @@ class TinyUNet(nn.Module):
         z = self.norm(torch.cat([self.up(h), self.up_grouped(h), x], dim=1))
         z = F.avg_pool2d(F.leaky_relu(z, 0.1), 4)
         return self.head(z.flatten(1))
+
+
+class CausalBlock(nn.Module):
+    """Causal self-attention with a stored mask (`masked_fill(-inf)`) or with
+    `scaled_dot_product_attention(is_causal=True)`, then a GELU MLP."""
+
+    def __init__(self, dim, heads, seq, sdpa):
+        super().__init__()
+        self.heads, self.sdpa = heads, sdpa
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.register_buffer("future", torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)).masked_fill(self.future, float("-inf"))
+            a = scores.softmax(dim=-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.mlp(self.norm(x))
+
+
+class TinyGPT(nn.Module):
+    """A decoder-only language model classifying from its last token: token and
+    position embeddings, one masked-attention block, one causal-SDPA block."""
+
+    def __init__(self, vocab=40, seq=8, dim=16, heads=2, num_classes=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.blocks = nn.Sequential(CausalBlock(dim, heads, seq, False), CausalBlock(dim, heads, seq, True))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.blocks(self.embed(tokens) + self.pos(positions))
+        return self.head(x[:, -1])

@@ -149,6 +149,14 @@ fn zoo_text_transformer_matches_pytorch() {
     check_case("zoo/text_transformer");
 }
 
+/// Causal attention: a stored mask through `masked_fill(-inf)` (Where with an
+/// infinite constant) and `scaled_dot_product_attention(is_causal=True)` (Trilu),
+/// position embeddings from `arange`, the last token's logits.
+#[test]
+fn zoo_gpt_matches_pytorch() {
+    check_case("zoo/gpt");
+}
+
 /// Token- and channel-mixing MLPs, GroupNorm, SiLU.
 #[test]
 fn zoo_mixer_matches_pytorch() {

@@ -42,8 +42,9 @@ impl Weights {
         }
     }
 
-    /// The first parameter or buffer holding a value beyond the f32 range (name
-    /// and value): computing in f32 would overflow it to infinity.
+    /// The first parameter or buffer holding a finite value beyond the f32 range
+    /// (name and value): computing in f32 would overflow it to infinity. (An
+    /// infinite constant, such as an attention mask's `-inf`, is one in f32 too.)
     pub fn first_beyond_f32(&self, model: &Model) -> Option<(String, f64)> {
         let named = model
             .params
@@ -51,7 +52,7 @@ impl Weights {
             .zip(&self.params)
             .chain(model.buffers.iter().zip(&self.buffers));
         for (spec, t) in named {
-            if let Some(v) = t.data().iter().find(|v| v.abs() > f32::MAX as f64) {
+            if let Some(v) = t.data().iter().find(|v| v.is_finite() && v.abs() > f32::MAX as f64) {
                 return Some((spec.name.clone(), *v));
             }
         }

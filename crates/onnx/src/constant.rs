@@ -131,8 +131,10 @@ impl Constant {
                 values.len()
             ));
         }
-        if float && values.iter().any(|v| !v.as_f64().is_some_and(f64::is_finite)) {
-            return Err(format!("tensor '{}' contains NaN or infinite values", t.name));
+        // Infinities are legitimate in constants (a `-inf` attention mask);
+        // parameters are checked for them where they become parameters.
+        if float && values.iter().any(|v| v.as_f64().is_some_and(f64::is_nan)) {
+            return Err(format!("tensor '{}' contains NaN values", t.name));
         }
         Ok(Constant { shape, values, float })
     }
@@ -357,6 +359,34 @@ impl Constant {
         })
     }
 
+    /// `Trilu`: the upper (`upper`) or lower triangle of the last two
+    /// dimensions from diagonal `k` on, the rest zero.
+    pub fn trilu(&self, k: i64, upper: bool) -> Result<Self, String> {
+        let [.., rows, cols] = self.shape[..] else {
+            return Err(format!("Trilu needs at least 2 dimensions, got {:?}", self.shape));
+        };
+        let zero = if self.float { Scalar::Float(0.0) } else { Scalar::Int(0) };
+        let values = self
+            .values
+            .iter()
+            .enumerate()
+            .map(|(at, &v)| {
+                let (r, c) = (((at / cols) % rows) as i64, (at % cols) as i64);
+                let keep = if upper { c - r >= k } else { c - r <= k };
+                if keep {
+                    v
+                } else {
+                    zero
+                }
+            })
+            .collect();
+        Ok(Constant {
+            shape: self.shape.clone(),
+            values,
+            float: self.float,
+        })
+    }
+
     /// `Range(start, limit, delta)`: `ceil((limit − start) / delta)` values.
     pub fn range(start: Scalar, limit: Scalar, delta: Scalar, float: bool) -> Result<Self, String> {
         let (Some(s), Some(l), Some(d)) = (start.as_f64(), limit.as_f64(), delta.as_f64()) else {
@@ -524,6 +554,15 @@ mod tests {
                 .unwrap(),
             vec![3, -1]
         );
+    }
+
+    #[test]
+    fn trilu_keeps_a_triangle_from_diagonal_k() {
+        let ones = Constant::ints(vec![3, 3], vec![Scalar::Int(1); 9]);
+        let upper = ones.trilu(1, true).unwrap();
+        assert_eq!(upper.known_ints().unwrap(), vec![0, 1, 1, 0, 0, 1, 0, 0, 0]);
+        let lower = ones.trilu(0, false).unwrap();
+        assert_eq!(lower.known_ints().unwrap(), vec![1, 0, 0, 1, 1, 0, 1, 1, 1]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Picking entries: Gather (folded at load time, fixed indices into data, or
 //! token ids into an embedding table), Slice, Split, SplitToSequence and
 //! SequenceAt, Where with a load-time condition, and the load-time Equal, Mod,
-//! Range and ConstantOfShape of shape arithmetic.
+//! Range, ConstantOfShape and Trilu (causal masks) of shape arithmetic.
 
 use super::*;
 
@@ -349,6 +349,14 @@ impl Importer<'_> {
                     None => Constant::floats(vec![1], [0.0]),
                 };
                 fill.reshape(vec![]).expand(&dims)
+            }
+            ("Trilu", [x, rest @ ..]) => {
+                let k = match rest {
+                    [] => 0,
+                    [k] => k.known_ints().and_then(|v| v.first().copied()).unwrap_or(0),
+                    _ => return Err(self.err("Trilu takes at most two inputs")),
+                };
+                x.trilu(k, attr_i(node, "upper", 1) != 0)
             }
             (op, _) => Err(format!("{op} with {} inputs", inputs.len())),
         };

@@ -80,6 +80,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Sub",
     "Tanh",
     "Transpose",
+    "Trilu",
     "Unsqueeze",
     "Where",
 ];
@@ -180,7 +181,7 @@ fn input_use(op: &str, slot: usize) -> InputUse {
         | ("Slice", 1..)
         | ("Pad" | "Dropout" | "Clip" | "Resize" | "Range" | "OneHot" | "Upsample", 1..)
         | ("Shape" | "Size" | "ConstantOfShape" | "Range" | "EyeLike" | "Where", 0)
-        | ("SplitToSequence" | "SequenceAt", 1)
+        | ("SplitToSequence" | "SequenceAt" | "Trilu", 1)
         | ("Equal" | "Mod" | "Greater" | "Less", _) => InputUse::LoadTime,
         _ => InputUse::Differentiable,
     }
@@ -486,6 +487,12 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
             reason,
         });
         let entry = if selected.contains(&t.name) {
+            if c.to_f64().is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
+                return Err(model_err(format!(
+                    "parameter '{}' contains infinite values; a trainable tensor must be finite",
+                    t.name
+                )));
+            }
             imp.params.push(ParamSpec {
                 name: t.name.clone(),
                 shape: c.shape.clone(),
@@ -931,7 +938,7 @@ impl Importer<'_> {
             "SplitToSequence" => return self.split_to_sequence(node),
             "SequenceAt" => self.sequence_at(node)?,
             "Where" => self.where_op(node)?,
-            "Equal" | "Mod" | "Range" | "ConstantOfShape" => self.load_time(node)?,
+            "Equal" | "Mod" | "Range" | "ConstantOfShape" | "Trilu" => self.load_time(node)?,
             "Cast" | "CastLike" => {
                 let to_float = if op == "Cast" {
                     is_float_type(attr_i(node, "to", 1) as i32)

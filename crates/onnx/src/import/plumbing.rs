@@ -247,8 +247,9 @@ impl Importer<'_> {
                 Scalar::Int(n)
                     if i == 0
                         && self.export_batch == Some(n as usize)
-                        && target.values.len() >= from.len()
-                        && (target.values.len() > from.len() || from[0] == Dim::Fixed(1)) =>
+                        && target.values.len() == from.len()
+                        && from.len() >= 2
+                        && from[0] == Dim::Fixed(1) =>
                 {
                     Ok(Dim::Batch)
                 }
