@@ -933,3 +933,58 @@ fn attention_linear_layers_have_exact_per_example_gradients() {
         }
     }
 }
+
+/// EK-FAC factors of a ViT (attention and MLP layers factored, LayerNorm and
+/// class token not) are written, read back by `solve`, and the parameters
+/// without a curvature estimate are named in a warning.
+#[test]
+fn transformer_factors_save_load_and_name_what_they_leave_out() {
+    let tmp = TempDir::new("zoo-factors");
+    let dir = case_dir("zoo/vit");
+    let model = dir.join("legacy.onnx");
+    let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
+    let common = [
+        "--model",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+    ];
+    let factors = tmp.path("f.safetensors");
+    let mut args = vec!["factors", "--kind", "ekfac", "--out", factors.to_str().unwrap()];
+    args.extend(common);
+    let o = hvp(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("factors for 10 layers"), "{stdout}");
+    assert!(
+        stderr.contains("12 parameter tensor(s)") && stderr.contains("cls_token"),
+        "{stderr}"
+    );
+    let g = tmp.path("g.safetensors");
+    let mut args = vec!["grad", "--quiet", "--out", g.to_str().unwrap()];
+    args.extend(common);
+    ok(&args);
+    let x = tmp.path("x.safetensors");
+    let mut args = vec![
+        "solve",
+        "--solver",
+        "ekfac",
+        "--curvature",
+        "ggn",
+        "--damping",
+        "1",
+        "--factors",
+        factors.to_str().unwrap(),
+        "--rhs",
+        g.to_str().unwrap(),
+        "--out",
+        x.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let o = hvp(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(x.exists());
+}

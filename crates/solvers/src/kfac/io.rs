@@ -70,9 +70,10 @@ impl Factors {
             });
         }
         let in_layer = |p: usize| layers.iter().any(|l| l.weight == p || l.bias == Some(p));
+        let with_diagonal = batch_norm_params(model);
         let mut diagonal = Vec::new();
         for (p, spec) in model.params.iter().enumerate() {
-            if !in_layer(p) {
+            if !in_layer(p) && with_diagonal.contains(&p) {
                 diagonal.push((p, take(format!("diagonal.{}", spec.name), spec.numel())?));
             }
         }

@@ -152,6 +152,20 @@ fn layers_of(model: &Model) -> Vec<Layer> {
         .collect()
 }
 
+/// The parameters BatchNorm nodes read (γ and β): those K-FAC gives a diagonal.
+fn batch_norm_params(model: &Model) -> Vec<usize> {
+    model
+        .graph
+        .nodes()
+        .iter()
+        .filter_map(|op| match op {
+            Op::BatchNorm(bn) => Some([bn.weight, bn.bias]),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// Sums per-process accumulators over all processes (no-op in one process).
 fn allreduce_nested(parts: &mut [Vec<f64>]) {
     if !hvp_dist::is_distributed() {
@@ -411,18 +425,9 @@ impl Factors {
         }
         // Only BatchNorm's γ and β get a diagonal; any other parameter outside
         // the layers has no curvature estimate and is left to the damping.
-        let read_by_batch_norm: Vec<usize> = model
-            .graph
-            .nodes()
-            .iter()
-            .filter_map(|op| match op {
-                Op::BatchNorm(bn) => Some([bn.weight, bn.bias]),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let with_diagonal = batch_norm_params(model);
         let diagonal = (0..model.params.len())
-            .filter(|&p| !in_layer[p] && read_by_batch_norm.contains(&p))
+            .filter(|&p| !in_layer[p] && with_diagonal.contains(&p))
             .map(|p| (p, sums.diag[p].iter().map(|v| v / n).collect()))
             .collect();
         Ok(Factors {
