@@ -890,8 +890,9 @@ fn validate_runs_on_an_onnx_model() {
 /// Linear layers inside attention blocks (MatMul with a transposed weight and a
 /// fused bias `Add`, `nn.MultiheadAttention`'s q/k/v projection on `[S, batch, D]`,
 /// its out-projection as a Gemm on `[S·batch, D]` token rows) are K-FAC layers whose
-/// per-example gradients sum over the example's tokens: the one-pass scores they
-/// give equal one forward-mode (JVP) pass per vector, to 1e-10 in f64.
+/// per-example gradients sum over the example's tokens, and depthwise convolutions
+/// one K-FAC layer per group: the one-pass scores they give equal one forward-mode
+/// (JVP) pass per vector, to 1e-10 in f64.
 #[test]
 fn attention_linear_layers_have_exact_per_example_gradients() {
     use hvp_curvature::Problem;
@@ -900,6 +901,8 @@ fn attention_linear_layers_have_exact_per_example_gradients() {
         ("vit", "blocks.*.attn.*"),
         ("text_transformer", "block1.attn.*"),
         ("text_transformer", "block2.[qof]*"),
+        ("mobilenet_v2", "blocks.*"),
+        ("mobilenet_v2", "stem.*"),
     ] {
         for exporter in ["legacy", "dynamo"] {
             let dir = case_dir(&format!("zoo/{model_name}"));
@@ -935,56 +938,64 @@ fn attention_linear_layers_have_exact_per_example_gradients() {
 }
 
 /// EK-FAC factors of a ViT (attention and MLP layers factored, LayerNorm and
-/// class token not) are written, read back by `solve`, and the parameters
-/// without a curvature estimate are named in a warning.
+/// class token not) and of a MobileNetV2 (depthwise convolutions factored group
+/// by group, the dilated grouped convolution not) are written, read back by
+/// `solve`, and the parameters without a curvature estimate are named.
 #[test]
 fn transformer_factors_save_load_and_name_what_they_leave_out() {
-    let tmp = TempDir::new("zoo-factors");
-    let dir = case_dir("zoo/vit");
-    let model = dir.join("legacy.onnx");
-    let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
-    let common = [
-        "--model",
-        model.to_str().unwrap(),
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--labels",
-        labels.to_str().unwrap(),
-    ];
-    let factors = tmp.path("f.safetensors");
-    let mut args = vec!["factors", "--kind", "ekfac", "--out", factors.to_str().unwrap()];
-    args.extend(common);
-    let o = hvp(&args);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("factors for 10 layers"), "{stdout}");
-    assert!(
-        stderr.contains("12 parameter tensor(s)") && stderr.contains("cls_token"),
-        "{stderr}"
-    );
-    let g = tmp.path("g.safetensors");
-    let mut args = vec!["grad", "--quiet", "--out", g.to_str().unwrap()];
-    args.extend(common);
-    ok(&args);
-    let x = tmp.path("x.safetensors");
-    let mut args = vec![
-        "solve",
-        "--solver",
-        "ekfac",
-        "--curvature",
-        "ggn",
-        "--damping",
-        "1",
-        "--factors",
-        factors.to_str().unwrap(),
-        "--rhs",
-        g.to_str().unwrap(),
-        "--out",
-        x.to_str().unwrap(),
-    ];
-    args.extend(common);
-    let o = hvp(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(x.exists());
+    for (zoo, layers, uncovered, named) in [
+        ("vit", "factors for 10 layers", "12 parameter tensor(s)", "cls_token"),
+        (
+            "mobilenet_v2",
+            "factors for 96 layers",
+            "2 parameter tensor(s)",
+            "grouped.weight",
+        ),
+    ] {
+        let tmp = TempDir::new(&format!("zoo-factors-{zoo}"));
+        let dir = case_dir(&format!("zoo/{zoo}"));
+        let model = dir.join("legacy.onnx");
+        let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
+        let common = [
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--labels",
+            labels.to_str().unwrap(),
+        ];
+        let factors = tmp.path("f.safetensors");
+        let mut args = vec!["factors", "--kind", "ekfac", "--out", factors.to_str().unwrap()];
+        args.extend(common);
+        let o = hvp(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains(layers), "{zoo}: {stdout}");
+        assert!(stderr.contains(uncovered) && stderr.contains(named), "{zoo}: {stderr}");
+        let g = tmp.path("g.safetensors");
+        let mut args = vec!["grad", "--quiet", "--out", g.to_str().unwrap()];
+        args.extend(common);
+        ok(&args);
+        let x = tmp.path("x.safetensors");
+        let mut args = vec![
+            "solve",
+            "--solver",
+            "ekfac",
+            "--curvature",
+            "ggn",
+            "--damping",
+            "1",
+            "--factors",
+            factors.to_str().unwrap(),
+            "--rhs",
+            g.to_str().unwrap(),
+            "--out",
+            x.to_str().unwrap(),
+        ];
+        args.extend(common);
+        let o = hvp(&args);
+        assert!(o.status.success(), "{zoo}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(x.exists());
+    }
 }

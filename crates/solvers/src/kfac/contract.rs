@@ -67,11 +67,12 @@ impl Stacked {
                 let w = v.tensors[l.weight].data();
                 let b = l.bias.map(|b| v.tensors[b].data());
                 for o in 0..l.s_dim {
+                    let row = l.row0() + o;
                     for a in 0..width {
-                        stacked[(o * l.a_dim + a) * q + k] = w[o * width + a];
+                        stacked[(o * l.a_dim + a) * q + k] = w[row * width + a];
                     }
                     if let Some(b) = b {
-                        stacked[(o * l.a_dim + width) * q + k] = b[o];
+                        stacked[(o * l.a_dim + width) * q + k] = b[row];
                     }
                 }
             }
@@ -135,13 +136,18 @@ fn contract_pass<T: Float>(
         if dots.len() < b * q {
             dots.resize(b * q, 0.0);
         }
-        if let Some(li) = stacked.layers.iter().position(|lv| lv.layer.node == node) {
-            let lv = &stacked.layers[li];
+        for (li, lv) in stacked
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, lv)| lv.layer.node == node)
+        {
             let l = &lv.layer;
-            let w_shape = &model.params[l.weight].shape;
+            let w_shape = l.w_shape(model);
+            let (x, gy) = l.view(x, gy);
             let per_example: Vec<T> = (0..b)
                 .into_par_iter()
-                .flat_map_iter(|i| example_gradient(l, x, gy, w_shape, i))
+                .flat_map_iter(|i| example_gradient(l, &x, &gy, &w_shape, i))
                 .collect();
             let per_example = Tensor::new(vec![b, l.s_dim * l.a_dim], per_example).expect("rows*cols");
             let d = matmul_with(&per_example, false, &vectors[li], false, Par::Pool);
@@ -149,7 +155,8 @@ fn contract_pass<T: Float>(
             if keep {
                 kept.push(ExampleGradients::Layer(li, per_example));
             }
-        } else if let (Op::BatchNorm(bn), Some(ni)) = (op, stacked.norms.iter().position(|n| n.node == node)) {
+        }
+        if let (Op::BatchNorm(bn), Some(ni)) = (op, stacked.norms.iter().position(|n| n.node == node)) {
             let v = &stacked.norms[ni];
             let st = &bn.stats;
             let per_example = bn_example_grads(&x.cast(), &gy.cast(), &buffers[st.mean], &buffers[st.var], st.eps);
@@ -347,13 +354,15 @@ fn block_product_pass(
         for (k, o) in out.iter_mut().enumerate() {
             let w = o.tensors[l.weight].data_mut();
             for r in 0..l.s_dim {
+                let row = l.row0() + r;
                 for a in 0..width {
-                    w[r * width + a] = sums[(r * l.a_dim + a) * q + k] / n;
+                    w[row * width + a] = sums[(r * l.a_dim + a) * q + k] / n;
                 }
             }
             if let Some(b) = l.bias {
-                for (r, bv) in o.tensors[b].data_mut().iter_mut().enumerate() {
-                    *bv = sums[(r * l.a_dim + width) * q + k] / n;
+                let bias = o.tensors[b].data_mut();
+                for r in 0..l.s_dim {
+                    bias[l.row0() + r] = sums[(r * l.a_dim + width) * q + k] / n;
                 }
             }
         }

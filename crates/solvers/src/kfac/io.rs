@@ -10,8 +10,9 @@ impl Factors {
             "examples".to_string(),
             Tensor::new(vec![1], vec![self.examples as f64]).expect("1"),
         )];
-        for f in &self.layers {
-            let name = &model.params[f.weight].name;
+        let layers = layers_of(model);
+        for (f, l) in self.layers.iter().zip(&layers) {
+            let name = l.stored_name(model);
             let (s, a) = (f.s_dim(), f.a_dim());
             named.push((
                 format!("layer.{name}.A_eigenvalues"),
@@ -55,13 +56,14 @@ impl Factors {
         let mut layers = Vec::new();
         let mut kinds = Vec::new();
         for l in layers_of(model) {
-            let name = model.params[l.weight].name.clone();
+            let name = l.stored_name(model);
             let (s, a) = (l.s_dim, l.a_dim);
             let corrected = take(format!("layer.{name}.corrected_eigenvalues"), s * a).ok();
             kinds.push(corrected.is_some());
             layers.push(LayerFactors {
                 weight: l.weight,
                 bias: l.bias,
+                row0: l.row0(),
                 a_vals: take(format!("layer.{name}.A_eigenvalues"), a)?,
                 a_vecs: take(format!("layer.{name}.A_eigenvectors"), a * a)?,
                 s_vals: take(format!("layer.{name}.S_eigenvalues"), s)?,

@@ -48,6 +48,7 @@ use hvp_tensor::{DType, Float, Tensor};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::Instant;
 
@@ -74,6 +75,8 @@ pub enum FactorKind {
 pub struct LayerFactors {
     pub weight: usize,
     pub bias: Option<usize>,
+    /// The first weight row (output channel) covered: 0, or a group's first.
+    pub row0: usize,
     pub a_vals: Vec<f64>,
     /// `[a, a]` row-major, eigenvectors in columns.
     pub a_vecs: Vec<f64>,
@@ -102,15 +105,56 @@ pub struct Factors {
     pub examples: usize,
 }
 
-/// A Linear/Conv2d node as K-FAC sees it.
+/// A Linear/Conv2d node as K-FAC sees it; a grouped convolution is one layer
+/// per group, each the rows of the weight (and bias) its group computes.
 #[derive(Clone, Copy)]
 struct Layer {
     node: NodeId,
     weight: usize,
     bias: Option<usize>,
     conv: Option<ConvGeometry>,
+    /// `(k, groups)`: this layer is group `k` of a grouped convolution.
+    group: Option<(usize, usize)>,
     s_dim: usize,
     a_dim: usize,
+}
+
+impl Layer {
+    /// The first weight row (output channel) this layer covers.
+    fn row0(&self) -> usize {
+        self.group.map_or(0, |(k, _)| k * self.s_dim)
+    }
+
+    /// The shape of this layer's block of the weight.
+    fn w_shape(&self, model: &Model) -> Vec<usize> {
+        let mut shape = model.params[self.weight].shape.clone();
+        shape[0] = self.s_dim;
+        shape
+    }
+
+    /// The layer's own input channels and output cotangent rows of the node's
+    /// observed values (all of them, but for one group of a grouped convolution).
+    fn view<'t, T: Float>(&self, x: &'t Tensor<T>, gy: &'t Tensor<T>) -> (Cow<'t, Tensor<T>>, Cow<'t, Tensor<T>>) {
+        match self.group {
+            None => (Cow::Borrowed(x), Cow::Borrowed(gy)),
+            Some((k, groups)) => {
+                let c = x.shape()[1] / groups;
+                (
+                    Cow::Owned(hvp_tensor::nd::slice_along(x, 1, k * c, c)),
+                    Cow::Owned(hvp_tensor::nd::slice_along(gy, 1, self.row0(), self.s_dim)),
+                )
+            }
+        }
+    }
+
+    /// How the layer's factors are named in a saved file.
+    fn stored_name(&self, model: &Model) -> String {
+        let name = &model.params[self.weight].name;
+        match self.group {
+            None => name.clone(),
+            Some((k, _)) => format!("{name}.group{k}"),
+        }
+    }
 }
 
 fn layers_of(model: &Model) -> Vec<Layer> {
@@ -126,6 +170,7 @@ fn layers_of(model: &Model) -> Vec<Layer> {
                 weight,
                 bias,
                 conv: None,
+                group: None,
                 s_dim: shape(weight)[0],
                 a_dim: shape(weight)[1] + bias.is_some() as usize,
             }),
@@ -134,6 +179,7 @@ fn layers_of(model: &Model) -> Vec<Layer> {
                 weight,
                 bias,
                 conv: None,
+                group: None,
                 s_dim: shape(weight)[0],
                 a_dim: shape(weight)[1] + bias.is_some() as usize,
             }),
@@ -144,12 +190,48 @@ fn layers_of(model: &Model) -> Vec<Layer> {
                 weight,
                 bias,
                 conv: Some(geometry),
+                group: None,
                 s_dim: shape(weight)[0],
                 a_dim: shape(weight)[1..].iter().product::<usize>() + bias.is_some() as usize,
             }),
             _ => None,
         })
+        .chain(grouped_layers(model))
         .collect()
+}
+
+/// One layer per group of every grouped convolution whose weight (and bias)
+/// are parameters, undilated and not transposed (dilated patches are not
+/// what `conv::patches` forms).
+fn grouped_layers(model: &Model) -> Vec<Layer> {
+    let nodes = model.graph.nodes();
+    let param = |n: NodeId| match nodes[n] {
+        Op::Param(op::Param { index }) => Some(index),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for (node, op) in nodes.iter().enumerate() {
+        let Op::GroupedConv(gc) = op else { continue };
+        let Some(weight) = param(gc.weight) else { continue };
+        if gc.transposed_hw.is_some() || gc.grouping.dilation != 1 {
+            continue;
+        }
+        let bias = gc.bias.and_then(param);
+        let shape = &model.params[weight].shape;
+        let groups = gc.grouping.groups;
+        for k in 0..groups {
+            out.push(Layer {
+                node,
+                weight,
+                bias,
+                conv: Some(gc.geometry),
+                group: Some((k, groups)),
+                s_dim: shape[0] / groups,
+                a_dim: shape[1..].iter().product::<usize>() + bias.is_some() as usize,
+            });
+        }
+    }
+    out
 }
 
 /// The parameters BatchNorm nodes read (γ and β): those K-FAC gives a diagonal.
@@ -402,6 +484,7 @@ impl Factors {
             out_layers.push(LayerFactors {
                 weight: l.weight,
                 bias: l.bias,
+                row0: l.row0(),
                 a_vals,
                 a_vecs,
                 s_vals,
@@ -451,11 +534,12 @@ impl Factors {
         let model = problem.model;
         let buffers = &problem.weights.buffers;
         let mut visit = |node: NodeId, op: &Op, x: &Tensor<T>, gy: &Tensor<T>, first: bool| {
-            if let Some(li) = layers.iter().position(|l| l.node == node) {
-                let l = &layers[li];
+            for (li, l) in layers.iter().enumerate().filter(|(_, l)| l.node == node) {
+                let (x, gy) = l.view(x, gy);
                 let a = if first { Some(sums.a[li].as_mut_slice()) } else { None };
-                statistics::add_covariances(l, x, gy, &model.params[l.weight].shape, &mut sums.s[li], a);
-            } else if let Op::BatchNorm(op::BatchNorm {
+                statistics::add_covariances(l, &x, &gy, &l.w_shape(model), &mut sums.s[li], a);
+            }
+            if let Op::BatchNorm(op::BatchNorm {
                 weight,
                 bias,
                 stats: op::BatchNormStats { mean, var, eps },
@@ -501,13 +585,11 @@ impl Factors {
             })
             .collect();
         let mut visit = |node: NodeId, _: &Op, x: &Tensor<T>, gy: &Tensor<T>, _: bool| {
-            let Some(li) = layers.iter().position(|l| l.node == node) else {
-                return;
-            };
-            let l = &layers[li];
-            let (qa, qs) = &bases[li];
-            let w_shape = &model.params[l.weight].shape;
-            statistics::add_corrections(l, x, gy, w_shape, qa, qs, &mut sums.corrected[li]);
+            for (li, l) in layers.iter().enumerate().filter(|(_, l)| l.node == node) {
+                let (qa, qs) = &bases[li];
+                let (x, gy) = l.view(x, gy);
+                statistics::add_corrections(l, &x, &gy, &l.w_shape(model), qa, qs, &mut sums.corrected[li]);
+            }
         };
         stream_observed_as::<T>(problem, fisher, seed, progress, &mut visit, &mut |_| {})
     }
@@ -541,12 +623,13 @@ impl Factors {
         for f in &self.layers {
             let (s, a) = (f.s_dim(), f.a_dim());
             let w = &v.tensors[f.weight];
-            let win = w.numel() / s;
+            let win = a - f.bias.is_some() as usize;
+            let rows = f.row0..f.row0 + s;
             let mut vm = vec![0.0; s * a];
-            for r in 0..s {
-                vm[r * a..r * a + win].copy_from_slice(&w.data()[r * win..(r + 1) * win]);
+            for (r, wr) in rows.clone().enumerate() {
+                vm[r * a..r * a + win].copy_from_slice(&w.data()[wr * win..(wr + 1) * win]);
                 if let Some(b) = f.bias {
-                    vm[r * a + a - 1] = v.tensors[b].data()[r];
+                    vm[r * a + a - 1] = v.tensors[b].data()[wr];
                 }
             }
             let qs = mat(s, s, f.s_vecs.clone());
@@ -561,13 +644,14 @@ impl Factors {
             }
             let xm = matmul(&matmul(&qs, false, &p, false), false, &qa, true);
             let wt = out.tensors[f.weight].data_mut();
-            for r in 0..s {
-                wt[r * win..(r + 1) * win].copy_from_slice(&xm.data()[r * a..r * a + win]);
+            for (r, wr) in rows.clone().enumerate() {
+                wt[wr * win..(wr + 1) * win].copy_from_slice(&xm.data()[r * a..r * a + win]);
             }
             done[f.weight] = true;
             if let Some(b) = f.bias {
-                for (r, bv) in out.tensors[b].data_mut().iter_mut().enumerate() {
-                    *bv = xm.data()[r * a + a - 1];
+                let bias = out.tensors[b].data_mut();
+                for (r, wr) in rows.enumerate() {
+                    bias[wr] = xm.data()[r * a + a - 1];
                 }
                 done[b] = true;
             }

@@ -34,13 +34,14 @@ impl Factors {
             if current.len() < b {
                 current.resize(b, 0.0);
             }
-            if let Some(li) = layers.iter().position(|l| l.node == node) {
-                let (l, f, (qs, qa)) = (&layers[li], &self.layers[li], &bases[li]);
-                let w_shape = &model.params[l.weight].shape;
+            for (li, l) in layers.iter().enumerate().filter(|(_, l)| l.node == node) {
+                let (f, (qs, qa)) = (&self.layers[li], &bases[li]);
+                let w_shape = l.w_shape(model);
+                let (x, gy) = l.view(x, gy);
                 let values: Vec<f64> = (0..b)
                     .into_par_iter()
                     .map(|i| {
-                        let proj = projected_gradient(l, x, gy, w_shape, i, qs, qa);
+                        let proj = projected_gradient(l, &x, &gy, &w_shape, i, qs, qa);
                         proj.data()
                             .iter()
                             .enumerate()
@@ -55,7 +56,8 @@ impl Factors {
                     })
                     .collect();
                 current.iter_mut().zip(values).for_each(|(c, v)| *c += v);
-            } else if let Op::BatchNorm(op::BatchNorm {
+            }
+            if let Op::BatchNorm(op::BatchNorm {
                 weight,
                 bias,
                 stats: op::BatchNormStats { mean, var, eps },

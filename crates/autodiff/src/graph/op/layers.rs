@@ -288,6 +288,10 @@ impl Rule for GroupedConv {
         };
         node_layer_cotangents(out, self.input, self.weight, self.bias, (gx, gw, gb));
     }
+    /// K-FAC factors a grouped convolution group by group.
+    fn observed_input(&self) -> Option<NodeId> {
+        self.transposed_hw.is_none().then_some(self.input)
+    }
 }
 
 /// The constant operands of a BatchNorm: running statistics (buffers) and epsilon.
