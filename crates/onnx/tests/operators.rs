@@ -446,3 +446,52 @@ fn instance_normalization_differentiates_exactly() {
     let err = hv.relative_error(&fd);
     assert!(err < 1e-6, "InstanceNormalization: H v vs central differences {err:e}");
 }
+
+/// The graph operations behind the zoo's models (Slice, Gather, Split, Where
+/// with an infinite fill, Expand over the batch, embeddings of token ids, Linear
+/// layers on tokens, grouped, dilated and transposed convolutions,
+/// GroupNormalization) against central differences in f64: the gradient along
+/// a direction equals differences of the loss (the VJP), and the Hessian-vector
+/// product equals differences of the gradient (the second-order path).
+#[test]
+fn zoo_operations_match_central_differences() {
+    for zoo in ["vit", "text_transformer", "gpt", "mixer", "unet"] {
+        let dir = case("../zoo").join(zoo);
+        let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
+        for exporter in ["legacy", "dynamo"] {
+            let imported = load(&dir.join(format!("{exporter}.onnx")), &ImportOptions::default()).unwrap();
+            let (m, w) = (&imported.model, &imported.weights);
+            let v = ParamVector::random_normal(m, 5);
+            let problem = Problem::new(m, w, &data, 2).unwrap();
+            let grad = problem.gradient_as::<f64>(&|_| {}).unwrap().value;
+            let hv = problem
+                .product_as::<f64>(Curvature::Hessian, &v, &|_| {})
+                .unwrap()
+                .value;
+            let at = |s: f64| {
+                let mut shifted: Weights = w.clone();
+                for (t, d) in shifted.params.iter_mut().zip(&v.tensors) {
+                    t.data_mut().iter_mut().zip(d.data()).for_each(|(x, dx)| *x += s * dx);
+                }
+                Problem::new(m, &shifted, &data, 2)
+                    .unwrap()
+                    .gradient_as::<f64>(&|_| {})
+                    .unwrap()
+            };
+            let h = 1e-5;
+            let (plus, minus) = (at(h), at(-h));
+            let slope = (plus.loss - minus.loss) / (2.0 * h);
+            let directional = grad.dot(&v);
+            assert!(
+                (directional - slope).abs() <= 1e-7 * directional.abs().max(1.0),
+                "{zoo} ({exporter}): gradient·v {directional} vs loss differences {slope}"
+            );
+            let mut fd = plus.value;
+            fd.axpy(-1.0, &minus.value);
+            fd.scale(0.5 / h);
+            let err = hv.relative_error(&fd);
+            assert!(err < 1e-6, "{zoo} ({exporter}): H v vs central differences {err:e}");
+            eprintln!("{zoo} ({exporter}): gradient·v {directional:.6e} vs {slope:.6e}, H v relative error {err:.1e}");
+        }
+    }
+}
