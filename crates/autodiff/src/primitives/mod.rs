@@ -11,4 +11,5 @@ pub mod batchnorm;
 pub mod conv2d;
 pub mod dense;
 pub mod nd;
+pub mod normalize;
 pub mod structural;

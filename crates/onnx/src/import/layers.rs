@@ -735,64 +735,21 @@ impl Importer<'_> {
         Ok(Entry::Runtime { node: y, shape: sx })
     }
 
-    /// `(x − mean) / √(var + ε)` over `axes` of each example, as the
-    /// operations it is made of.
+    /// `(x − mean) / √(var + ε)` over the trailing `axes` of each example, as
+    /// one exactly differentiated operation.
     fn normalise(&mut self, x: NodeId, sx: &[Dim], axes: &[usize], eps: f64) -> Res<NodeId> {
-        let kept: Vec<Dim> = (0..sx.len())
-            .map(|i| if axes.contains(&i) { Dim::Fixed(1) } else { sx[i] })
-            .collect();
-        let mean = self.push_node(
-            op::ReduceMean {
-                input: x,
-                axes: axes.to_vec(),
-            },
-            kept.clone(),
-        );
-        let centred = self.push_node(
-            op::Arith {
-                a: x,
-                b: mean,
-                op: Arith::Sub,
-            },
-            sx.to_vec(),
-        );
-        let squared = self.push_node(
-            op::Arith {
-                a: centred,
-                b: centred,
-                op: Arith::Mul,
-            },
-            sx.to_vec(),
-        );
-        let var = self.push_node(
-            op::ReduceMean {
-                input: squared,
-                axes: axes.to_vec(),
-            },
-            kept.clone(),
-        );
-        let eps_name = format!("{}::epsilon", self.node);
-        let (eps_node, _) = self.constant_node(&eps_name, &Constant::floats(vec![], [eps]))?;
-        let shifted = self.push_node(
-            op::Arith {
-                a: var,
-                b: eps_node,
-                op: Arith::Add,
-            },
-            kept.clone(),
-        );
-        let inv_std = self.push_node(
-            op::Pointwise {
-                input: shifted,
-                func: Pointwise::Pow { p: -0.5 },
-            },
-            kept,
-        );
+        let first = sx.len() - axes.len();
+        if axes.iter().copied().ne(first..sx.len()) || sx[first..].iter().any(|d| d.has_batch()) {
+            return Err(self.err(format!(
+                "normalisation over axes {axes:?} of {}: hvp normalises over trailing dimensions of one example",
+                show(sx)
+            )));
+        }
         Ok(self.push_node(
-            op::Arith {
-                a: centred,
-                b: inv_std,
-                op: Arith::Mul,
+            op::Normalize {
+                input: x,
+                dims: axes.len(),
+                eps,
             },
             sx.to_vec(),
         ))

@@ -4,7 +4,7 @@
 
 use super::super::rule::{Backward, Cotangents, Forward, ParamRefs, Rule};
 use super::super::{BatchNormUpdate, NodeId};
-use crate::primitives::{batchnorm, conv2d, dense};
+use crate::primitives::{batchnorm, conv2d, dense, normalize};
 use crate::Value;
 use hvp_tensor::conv::{ConvGeometry, Grouping};
 use hvp_tensor::pool::out_size;
@@ -291,6 +291,33 @@ impl Rule for GroupedConv {
     /// K-FAC factors a grouped convolution group by group.
     fn observed_input(&self) -> Option<NodeId> {
         self.transposed_hw.is_none().then_some(self.input)
+    }
+}
+
+/// `(x − mean) / √(var + ε)` over each example's last `dims` dimensions
+/// (LayerNorm, InstanceNorm, GroupNorm without their scale and bias).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Normalize {
+    pub input: NodeId,
+    pub dims: usize,
+    pub eps: f64,
+}
+
+impl Rule for Normalize {
+    fn inputs(&self) -> Vec<NodeId> {
+        vec![self.input]
+    }
+    fn inputs_mut(&mut self) -> Vec<&mut NodeId> {
+        vec![&mut self.input]
+    }
+    fn forward<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
+        normalize::forward(cx.value(self.input), self.dims, self.eps)
+    }
+    fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
+        out.input(
+            self.input,
+            normalize::vjp(cx.value(self.input), cx.output(), &gy, self.dims, self.eps),
+        );
     }
 }
 

@@ -10,7 +10,9 @@ mod structure;
 
 pub use arithmetic::{Add, Arith, MatMul};
 pub use indexing::{Embedding, Expand, Select, Where};
-pub use layers::{BatchNorm, BatchNormNode, BatchNormStats, Conv2d, ConvNode, Dense, GroupedConv, TokenDense};
+pub use layers::{
+    BatchNorm, BatchNormNode, BatchNormStats, Conv2d, ConvNode, Dense, GroupedConv, Normalize, TokenDense,
+};
 pub use pointwise::{Pointwise, Relu, Softmax, Tanh};
 pub use structure::{
     AvgPool, Concat, Constant, Flatten, GlobalAvgPool, Input, MaxPool, Param, ReduceMean, Reshape, Transpose,
@@ -51,4 +53,5 @@ operations! {
     Expand,
     GroupedConv,
     TokenDense,
+    Normalize,
 }
