@@ -9,7 +9,8 @@ PyTorch on exactly the exported float32 weights (rerunnable, deterministic).
 Needs torch, numpy, safetensors, onnx and onnxscript (CI never runs it). Each
 model's folder holds dynamo.onnx, legacy.onnx, inputs.npy (float64 images or
 int64 token ids), labels.npy, vector.safetensors (float32), meta.json and
-expected.safetensors: `loss`, `grad/NAME`, `hvp/NAME` (double backward) and
+expected.safetensors: `loss`, `grad/NAME`, `hvp/NAME` (double backward, checked
+against torch.func's `jvp(grad)` to 1e-12, the agreement kept in meta.json) and
 `ggn/NAME` (torch.func.jvp, output Hessian, VJP), every k-th element of tensors
 above `subset_cap`. Checked by crates/cli/tests/zoo.rs: 1e-9 relative in f64,
 1e-4 in f32. BatchNorm in eval mode with non-trivial running statistics.
@@ -42,6 +43,34 @@ def randomise_norms(model):
             if isinstance(mod, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
                 mod.weight.uniform_(0.8, 1.2)
                 mod.bias.uniform_(-0.2, 0.2)
+
+
+def torch_func_agreement(model, x, y, v, d):
+    """The stored HVP (double backward) against torch.func's forward-over-reverse
+    `jvp(grad(loss))`: the two PyTorch methods must agree before the fixture is
+    trusted; returns their relative difference."""
+    from safetensors.torch import load_file
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for _, p in model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def loss(ps):
+        out = torch.func.functional_call(model, ({**dict(zip(names, ps)), **buffers},), (x,))
+        return torch.nn.functional.cross_entropy(out, y)
+
+    _, hv = torch.func.jvp(torch.func.grad(loss), (params,), (tuple(v[n] for n in names),))
+    stored = load_file(str(d / "expected.safetensors"))
+    num = den = 0.0
+    for n, h in zip(names, hv):
+        flat = h.reshape(-1)
+        k = -(-flat.numel() // CAP) if flat.numel() > CAP else 1
+        ref = stored[f"hvp/{n}"]
+        num += float(((flat[::k] - ref) ** 2).sum())
+        den += float((ref ** 2).sum())
+    err = (num / den) ** 0.5
+    if err > 1e-12:
+        raise SystemExit(f"{d.name}: torch.func's HVP differs from double backward by {err:e}")
+    return err
 
 
 def strip_node_metadata(path):
@@ -97,11 +126,13 @@ def write(name, build):
     torch.backends.mha.set_fastpath_enabled(False)
     with sdpa_kernel(SDPBackend.MATH):
         names, loss = save_expected(d, model, x, y, v, CAP)
+        agreement = torch_func_agreement(model, x, y, v, d)
     np.save(d / "inputs.npy", x.numpy() if x.dtype == torch.int64 else x.numpy().astype(np.float32))
     np.save(d / "labels.npy", y.numpy().astype(np.int64))
     params = sum(p.numel() for p in model.parameters())
     meta = {"n": int(x.shape[0]), "subset_cap": CAP, "vector": "file", "torch": torch.__version__,
-            "params": names, "parameter_count": params, "loss": "ce", "exports": exports}
+            "params": names, "parameter_count": params, "loss": "ce", "exports": exports,
+            "torch_func_hvp_vs_double_backward": agreement}
     (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     size = sum(f.stat().st_size for f in d.iterdir())
     print(f"zoo/{name}: {params} parameters, loss {loss.item():.6f}, {size / 1024:.0f} KiB")
