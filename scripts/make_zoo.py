@@ -7,12 +7,12 @@ PyTorch on exactly the exported float32 weights (rerunnable, deterministic).
     /tmp/venv/bin/python scripts/make_zoo.py vit mixer  # some of them
 
 Needs torch, numpy, safetensors, onnx and onnxscript (CI never runs it). Each
-model's folder holds dynamo.onnx, legacy.onnx, inputs.npy (float64 images or
+model's folder holds dynamo.onnx, legacy.onnx, inputs.npy (float32 images or
 int64 token ids), labels.npy, vector.safetensors (float32), meta.json and
 expected.safetensors: `loss`, `grad/NAME`, `hvp/NAME` (double backward, checked
 against torch.func's `jvp(grad)` to 1e-12, the agreement kept in meta.json) and
 `ggn/NAME` (torch.func.jvp, output Hessian, VJP), every k-th element of tensors
-above `subset_cap`. Checked by crates/cli/tests/zoo.rs: 1e-9 relative in f64,
+above `subset_cap`. Checked by crates/cli/tests/onnx_models.rs: 1e-9 relative in f64,
 1e-4 in f32. BatchNorm in eval mode with non-trivial running statistics.
 """
 import json
