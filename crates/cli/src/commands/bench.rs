@@ -130,9 +130,42 @@ struct Row {
     images_per_s: f64,
     gflop_per_s: f64,
     ratio_to_grad: f64,
+    /// `gflop_per_s` as a fraction of the GEMM peak measured in the same run.
+    of_gemm_peak: f64,
     peak_rss_bytes: Option<u64>,
     threads: usize,
     dtype: &'static str,
+}
+
+/// The GEMM rate the kernels can reach here, measured as they run it: every
+/// worker thread multiplying its own 256×256×256 matrices single-threaded (as
+/// each image's convolution GEMMs run), best of five rounds, in GFLOP/s.
+fn gemm_peak<T: hvp_tensor::Float>() -> f64 {
+    use hvp_tensor::linalg::{gemm_into, Par};
+    use rayon::prelude::*;
+    const SIZE: usize = 256;
+    const REPEATS: usize = 6;
+    let threads = hvp_tensor::threads().max(1);
+    let a: Vec<T> = (0..SIZE * SIZE)
+        .map(|i| T::from_f64((i % 7) as f64 * 0.1 - 0.3))
+        .collect();
+    let b: Vec<T> = (0..SIZE * SIZE)
+        .map(|i| T::from_f64((i % 5) as f64 * 0.1 - 0.2))
+        .collect();
+    let round = || {
+        let start = Instant::now();
+        (0..threads).into_par_iter().for_each(|_| {
+            let mut c = vec![T::ZERO; SIZE * SIZE];
+            for _ in 0..REPEATS {
+                gemm_into(&mut c, &a, false, &b, false, SIZE, SIZE, SIZE, false, Par::Serial);
+            }
+            std::hint::black_box(&c);
+        });
+        start.elapsed().as_secs_f64()
+    };
+    round();
+    let best = (0..5).map(|_| round()).fold(f64::INFINITY, f64::min);
+    (2 * SIZE * SIZE * SIZE * REPEATS * threads) as f64 / best / 1e9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -163,9 +196,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         hvp_tensor::onednn::gemm_backend().1,
         crate::allocator::describe()
     );
+    let peak = match dtype {
+        DType::F32 => gemm_peak::<f32>(),
+        DType::F64 => gemm_peak::<f64>(),
+    };
+    println!(
+        "{dtype} GEMM peak here: {peak:.1} GFLOP/s ({threads} threads, each 256×256×256, as the convolutions run)"
+    );
     let mut rows = Vec::new();
-    println!("| method | N | time (s) | images/s | GFLOP/s | × grad | peak RSS |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| method | N | time (s) | images/s | GFLOP/s | of GEMM peak | × grad | peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut warmed = false;
     for &n in &a.sizes {
         let data = SyntheticImages {
@@ -207,17 +247,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 images_per_s: n as f64 / t,
                 gflop_per_s: units * fwd * n as f64 / t / 1e9,
                 ratio_to_grad: t / grad_time,
+                of_gemm_peak: units * fwd * n as f64 / t / 1e9 / peak,
                 peak_rss_bytes: peak_rss_bytes(),
                 threads,
                 dtype: dtype.name(),
             };
             println!(
-                "| {} | {} | {:.3} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {} | {:.3} | {:.1} | {:.1} | {:.0}% | {} | {} |",
                 row.method,
                 row.n,
                 row.seconds,
                 row.images_per_s,
                 row.gflop_per_s,
+                100.0 * row.of_gemm_peak,
                 if row.ratio_to_grad.is_finite() {
                     format!("{:.2}", row.ratio_to_grad)
                 } else {
