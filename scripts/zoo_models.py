@@ -6,25 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import torch_models
 
-class BasicBlock(nn.Module):
+
+def BasicBlock(cin, cout, stride):
     """torchvision's BasicBlock: 1x1 strided projection on the shortcut."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        short = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + short)
+    return torch_models.BasicBlock(cin, cout, stride, shortcut_kernel=1)
 
 
 class ResNet18(nn.Module):
