@@ -17,7 +17,10 @@ all N training images on Q test images:
 and reports each step's wall time, the end-to-end ratio and the Pearson
 correlation of the two tools' scores per query. Kronfluence tracks Linear and
 Conv2d modules only; hvp's EK-FAC also covers BatchNorm's γ and β (a diagonal
-block), so its scores include their (small) contribution.
+block), so by default its scores include their (small) contribution. With
+`--params '!*bn*,!*downsample.1*'` hvp runs on an ONNX export of the same
+weights with BatchNorm's γ and β frozen (constants): then both tools score
+exactly the Conv2d and Linear weights.
 
 Kronfluence and PyTorch come from PyPI into a virtual environment the script
 makes (`--venv`, default ~/.cache/hvp/kronfluence-venv; ~3 GB). Usage:
@@ -84,6 +87,9 @@ def main():
     ap.add_argument("--venv", default=str(Path.home() / ".cache" / "hvp" / "kronfluence-venv"))
     ap.add_argument("--work", default=None, help="folder for weights, factors and scores (default: a temp dir)")
     ap.add_argument("--skip-kronfluence", action="store_true", help="time hvp only")
+    ap.add_argument("--params", default=None,
+                    help="run hvp on an ONNX export of the weights with only these parameters trainable "
+                         "(e.g. '!*bn*,!*downsample.1*': the layers Kronfluence tracks)")
     ap.add_argument("--top-layer", action="store_true",
                     help="instead: top-layer influence (--params 'fc.*' on an ONNX export of the trained model) of "
                          "--n training images on --queries test images, direct solve")
@@ -109,6 +115,10 @@ def main():
         timed([HVP, "train", "--arch", "resnet-cifar:2,2,2", "--dataset", train, "--limit", args.n,
                "--epochs", 1, "--lr", 0.05, "--momentum", 0.9, "--out", weights] + common, env)
     model = ["--arch", "resnet-cifar:2,2,2", "--weights", weights]
+    if args.params:
+        python = ensure_venv(Path(args.venv))
+        subprocess.run([str(python), __file__, "--export", "--work", str(work)], check=True)
+        model = ["--model", work / "seed.onnx", "--params", args.params]
     factors = work / "ekfac.safetensors"
     t_factors = timed([HVP, "factors", *model, "--dataset", train, "--limit", args.n, "--kind", "ekfac",
                        "--fisher", "empirical", "--out", factors] + common, env)
@@ -126,6 +136,7 @@ def main():
     result = {
         "cpu": cpu_name(), "threads": args.threads, "n": args.n, "queries": args.queries,
         "damping": args.damping, "batch_size": args.batch_size,
+        "hvp_model": f"ONNX export, --params {args.params}" if args.params else "resnet-cifar:2,2,2 (built in)",
         "hvp": {"factors_s": t_factors, "scores_s": t_scores, "scores_one_query_s": t_one},
     }
     if not args.skip_kronfluence:
@@ -163,7 +174,8 @@ def main():
     print("\n".join(lines))
     bench = ROOT / "docs" / "bench"
     bench.mkdir(parents=True, exist_ok=True)
-    (bench / f"kronfluence-n{args.n}-q{args.queries}.json").write_text(json.dumps(result, indent=1) + "\n")
+    suffix = "-params" if args.params else ""
+    (bench / f"kronfluence-n{args.n}-q{args.queries}{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def top_layer(args):

@@ -21,7 +21,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// With --model: only parameters whose names match this glob are trainable
-    /// (e.g. 'fc.*'); the Hessian is taken with respect to them alone.
+    /// (e.g. 'fc.*'); the Hessian is taken with respect to them alone. Several
+    /// globs are separated by commas ('layer3.*,fc.*'); '!glob' excludes
+    /// ('!*bn*': all but the BatchNorm parameters).
     #[arg(long, requires = "model")]
     pub params: Option<String>,
     /// Loss applied to the model's outputs: softmax cross-entropy on integer class

@@ -75,6 +75,9 @@ fn main() -> ExitCode {
     allocator::keep_freed_pages();
     let _mpi = hvp_dist::init();
     let cli = Cli::parse();
+    // Load the GEMM library now, while this is the only thread: loading sets
+    // OpenMP's wait policy in the environment.
+    let _ = hvp_tensor::onednn::gemm_backend();
     if let Err(e) = hvp_tensor::onednn::check_requested_backend() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;

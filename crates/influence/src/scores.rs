@@ -7,6 +7,7 @@ use hvp_curvature::Problem;
 use hvp_data::{Dataset, Subset};
 use hvp_model::ParamVector;
 use hvp_solvers::{PreparedSolver, SolveReport};
+use rayon::prelude::*;
 
 /// The sign and scale of the scores, stated wherever they are written.
 pub const CONVENTION: &str = "score(i, t) = grad loss(z_t)^T (M + lambda I)^-1 grad loss(z_i) / N: the predicted increase of \
@@ -105,13 +106,15 @@ pub fn explain_all(
             return Err(InfluenceError::Training(format!("test index {t} is given twice")));
         }
     }
-    let mut gradients = Vec::with_capacity(test_indices.len());
-    let mut losses = Vec::with_capacity(test_indices.len());
-    for &t in test_indices {
-        let (g, test_loss) = test_gradient(train, test, t)?;
-        gradients.push(g);
-        losses.push(test_loss);
-    }
+    // One small pass per test point, as many at once as there are workers;
+    // one after another across processes, whose passes meet in collectives.
+    let one = |&t: &usize| test_gradient(train, test, t);
+    let computed: Vec<(ParamVector, f64)> = if hvp_dist::is_distributed() {
+        test_indices.iter().map(one).collect::<Result<_, _>>()?
+    } else {
+        test_indices.par_iter().map(one).collect::<Result<_, _>>()?
+    };
+    let (gradients, losses): (Vec<ParamVector>, Vec<f64>) = computed.into_iter().unzip();
     let (solutions, dots) = solver.solve_many_with_dots(train, &gradients)?;
     let mut solved = Vec::with_capacity(test_indices.len());
     for ((&t, test_loss), (s_test, report)) in test_indices.iter().zip(losses).zip(solutions) {

@@ -90,7 +90,9 @@ pub enum OnnxError {
 #[derive(Clone, Debug, Default)]
 pub struct ImportOptions {
     /// Only parameters whose names match this glob are trainable (e.g. `fc.*`);
-    /// the others become constants.
+    /// the others become constants. Several globs are separated by commas
+    /// (`layer3.*,fc.*`); a glob written `!glob` excludes what it matches
+    /// (`!*bn*`: every parameter but those).
     pub params_glob: Option<String>,
 }
 

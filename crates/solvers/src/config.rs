@@ -231,14 +231,14 @@ impl PreparedSolver {
     ) -> Result<(Vec<(ParamVector, SolveReport)>, Option<Vec<Vec<f64>>>), SolverError> {
         let config = &self.config;
         let structured = matches!(config.kind, SolverKind::Kfac | SolverKind::Ekfac);
-        if !(structured && config.curvature == Curvature::Fisher && gs.len() > 1) {
+        if !(structured && config.curvature == Curvature::Fisher && !gs.is_empty()) {
             return Ok((self.solve_many(problem, gs)?, None));
         }
         let Some(factors) = self.factors.as_ref() else {
             return Err(SolverError::BadOption("the solver's factors were not prepared".into()));
         };
         let start = std::time::Instant::now();
-        let xs: Vec<ParamVector> = gs.iter().map(|g| factors.inverse_product(g, config.damping)).collect();
+        let xs: Vec<ParamVector> = factors.inverse_products(gs, config.damping);
         let Some((mut products, dots)) = kfac::fisher_products_and_dots(problem, &xs, &|_| {})? else {
             return Ok((self.solve_many(problem, gs)?, None));
         };

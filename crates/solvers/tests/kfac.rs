@@ -172,3 +172,24 @@ fn cached_factors_are_reused_bit_for_bit_and_keyed_by_the_weights() {
     assert_ne!(key, cache_key(&p2, FactorKind::Ekfac, FisherKind::Mc, 4).unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn inverse_products_of_many_vectors_equal_one_at_a_time() {
+    // Biased dense layers (MLP) and convolutions with BatchNorm diagonals (ResNet).
+    let cases = [("mlp:49,16,10", true), ("resnet-cifar:1,1,1", false)];
+    for (arch, pool) in cases {
+        let (m, w) = model(arch, 1, 7, 1.0);
+        let data = fashion(12, pool);
+        let p = Problem::new(&m, &w, &data, 6).unwrap().with_dtype(DType::F64);
+        let ekfac = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Empirical, 0, &|_| {}).unwrap();
+        let gs: Vec<ParamVector> = (0..3).map(|k| ParamVector::random_normal(&m, 20 + k)).collect();
+        for f in [ekfac.clone(), ekfac.without_corrections()] {
+            let together = f.inverse_products(&gs, 0.05);
+            assert_eq!(together.len(), gs.len());
+            for (g, x) in gs.iter().zip(&together) {
+                let e = x.relative_error(&f.inverse_product(g, 0.05));
+                assert!(e < 1e-13, "{arch} {:?}: {e:e}", f.kind);
+            }
+        }
+    }
+}

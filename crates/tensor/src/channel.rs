@@ -216,6 +216,26 @@ pub fn dot<T: Float>(x: &Tensor<T>, y: &Tensor<T>) -> Tensor<T> {
     channel_vec(out)
 }
 
+/// `(dot(x, g), sum(g))` of every example and channel separately (`[b·c]`
+/// each, example-major), examples in parallel: BatchNorm's per-example
+/// parameter gradients without summing over the batch.
+pub fn dot_and_sum_per_example<T: Float>(x: &Tensor<T>, g: &Tensor<T>) -> (Vec<T>, Vec<T>) {
+    assert_eq!(x.shape(), g.shape(), "channel dot: shapes differ");
+    let (b, c, inner) = layout(x);
+    let (mut dots, mut sums) = (vec![T::ZERO; b * c], vec![T::ZERO; b * c]);
+    if inner == 0 {
+        return (dots, sums);
+    }
+    dots.par_iter_mut()
+        .zip(sums.par_iter_mut())
+        .zip(x.data().par_chunks(inner).zip(g.data().par_chunks(inner)))
+        .for_each(|((d, s), (xp, gp))| {
+            *d = plane_dot(xp, gp);
+            *s = plane_sum(gp);
+        });
+    (dots, sums)
+}
+
 /// `(dot(x, g), sum(g))` in one pass over `g` (BatchNorm's parameter cotangents).
 pub fn dot_and_sum<T: Float>(x: &Tensor<T>, g: &Tensor<T>) -> (Tensor<T>, Tensor<T>) {
     let (d, s, _, _) = dot_and_sum_dual(x, None, g, None);

@@ -60,6 +60,14 @@ pub enum GemmBackend {
 }
 
 fn load() -> Result<OneDnn, String> {
+    // libgomp reads its wait policy once, when oneDNN loads it. Its default
+    // keeps idle OpenMP workers spinning after each multi-threaded GEMM, taking
+    // the cores from the rayon workers that run between GEMMs (the K-FAC
+    // contraction pass on the seed ResNet ran 13% slower, 30% with `active`;
+    // docs/performance.md). A user's own setting is kept.
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        std::env::set_var("OMP_WAIT_POLICY", "passive");
+    }
     let mut last_error = String::new();
     for name in CANDIDATES {
         // SAFETY: loading oneDNN runs its (side-effect free) static constructors.

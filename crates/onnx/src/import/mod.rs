@@ -410,11 +410,8 @@ pub fn import(path: &Path, bytes: &[u8], options: &ImportOptions) -> Res<Importe
     let selected: Vec<String> = match &options.params_glob {
         None => candidates.clone(),
         Some(glob) => {
-            let pattern = glob::Pattern::new(glob).map_err(|e| OnnxError::BadGlob {
-                glob: glob.clone(),
-                reason: e.to_string(),
-            })?;
-            let s: Vec<String> = candidates.iter().filter(|c| pattern.matches(c)).cloned().collect();
+            let selection = ParamSelection::parse(glob)?;
+            let s: Vec<String> = candidates.iter().filter(|c| selection.selects(c)).cloned().collect();
             if s.is_empty() {
                 return Err(OnnxError::NoParams {
                     glob: glob.clone(),
@@ -1114,5 +1111,78 @@ mod tests {
         assert_eq!(folder_of(Path::new("model.onnx")), Path::new("."));
         assert_eq!(folder_of(Path::new("a/model.onnx")), Path::new("a"));
         assert_eq!(folder_of(Path::new("/m.onnx")), Path::new("/"));
+    }
+}
+
+/// `--params`: comma-separated globs; a name is selected when it matches an
+/// including glob (all names, when every glob is an exclusion) and no
+/// exclusion (a glob written `!glob`), e.g. `fc.*`, `layer3.*,fc.*` or
+/// `!*bn*` (everything but BatchNorm scales and shifts).
+struct ParamSelection {
+    include: Vec<glob::Pattern>,
+    exclude: Vec<glob::Pattern>,
+}
+
+impl ParamSelection {
+    fn parse(text: &str) -> Result<Self, OnnxError> {
+        let mut selection = ParamSelection {
+            include: Vec::new(),
+            exclude: Vec::new(),
+        };
+        for part in text.split(',').map(str::trim) {
+            let (list, pattern) = match part.strip_prefix('!') {
+                Some(rest) => (&mut selection.exclude, rest),
+                None => (&mut selection.include, part),
+            };
+            if pattern.is_empty() {
+                return Err(OnnxError::BadGlob {
+                    glob: text.to_string(),
+                    reason: "an empty glob in the comma-separated list".into(),
+                });
+            }
+            list.push(glob::Pattern::new(pattern).map_err(|e| OnnxError::BadGlob {
+                glob: text.to_string(),
+                reason: format!("'{pattern}': {e}"),
+            })?);
+        }
+        Ok(selection)
+    }
+
+    fn selects(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|p| p.matches(name)))
+            && !self.exclude.iter().any(|p| p.matches(name))
+    }
+}
+
+#[cfg(test)]
+mod selection_tests {
+    use super::ParamSelection;
+
+    #[test]
+    fn globs_combine_as_a_union_minus_exclusions() {
+        let names = [
+            "conv1.weight",
+            "bn1.weight",
+            "bn1.bias",
+            "layer1.0.conv1.weight",
+            "fc.weight",
+            "fc.bias",
+        ];
+        let picked = |glob: &str| {
+            let s = ParamSelection::parse(glob).unwrap();
+            names.iter().filter(|n| s.selects(n)).copied().collect::<Vec<_>>()
+        };
+        assert_eq!(picked("fc.*"), ["fc.weight", "fc.bias"]);
+        assert_eq!(picked("fc.*, conv1.*"), ["conv1.weight", "fc.weight", "fc.bias"]);
+        assert_eq!(
+            picked("!*bn*"),
+            ["conv1.weight", "layer1.0.conv1.weight", "fc.weight", "fc.bias"]
+        );
+        assert_eq!(
+            picked("*.weight,!bn*"),
+            ["conv1.weight", "layer1.0.conv1.weight", "fc.weight"]
+        );
+        assert!(ParamSelection::parse("fc.*,").is_err());
+        assert!(ParamSelection::parse("[fc").is_err());
     }
 }

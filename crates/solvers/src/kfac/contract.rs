@@ -14,6 +14,7 @@
 
 use super::statistics::example_gradient;
 use super::*;
+use hvp_tensor::linalg::gemm_into;
 
 /// One covered layer's vectors: `[O·A, Q]`, the weight's rows with the bias as
 /// the last column of each row, as `G_i` is laid out.
@@ -145,11 +146,13 @@ fn contract_pass<T: Float>(
             let l = &lv.layer;
             let w_shape = l.w_shape(model);
             let (x, gy) = l.view(x, gy);
-            let per_example: Vec<T> = (0..b)
-                .into_par_iter()
-                .flat_map_iter(|i| example_gradient(l, &x, &gy, &w_shape, i))
-                .collect();
-            let per_example = Tensor::new(vec![b, l.s_dim * l.a_dim], per_example).expect("rows*cols");
+            let width = l.s_dim * l.a_dim;
+            let mut per_example = vec![T::ZERO; b * width];
+            per_example
+                .par_chunks_mut(width.max(1))
+                .enumerate()
+                .for_each(|(i, row)| row.copy_from_slice(&example_gradient(l, &x, &gy, &w_shape, i)));
+            let per_example = Tensor::new(vec![b, width], per_example).expect("rows*cols");
             let d = matmul_with(&per_example, false, &vectors[li], false, Par::Pool);
             dots.iter_mut().zip(d.data()).for_each(|(c, d)| *c += d.to_f64());
             if keep {
@@ -159,7 +162,7 @@ fn contract_pass<T: Float>(
         if let (Op::BatchNorm(bn), Some(ni)) = (op, stacked.norms.iter().position(|n| n.node == node)) {
             let v = &stacked.norms[ni];
             let st = &bn.stats;
-            let per_example = bn_example_grads(&x.cast(), &gy.cast(), &buffers[st.mean], &buffers[st.var], st.eps);
+            let per_example = bn_example_grads(x, gy, &buffers[st.mean], &buffers[st.var], st.eps);
             let dot = |grad: &[f64], vec: &[f64]| grad.iter().zip(vec).map(|(a, b)| a * b).sum::<f64>();
             for (i, (gg, gb)) in per_example.iter().enumerate() {
                 for k in 0..q {
@@ -184,32 +187,68 @@ fn contract_pass<T: Float>(
 /// Block products `M v_q` and, when asked for, every example's dots `[q][i]`.
 pub type ProductsAndDots = (Vec<ParamVector>, Vec<Vec<f64>>);
 
-/// The running sums of a block product: `Gᵀ D` per layer, BatchNorm's per
-/// channel, and (when wanted) every example's dots.
-struct ProductSums<'a> {
+/// Batches whose `Gᵀ D` are summed in the compute dtype (by the GEMM itself)
+/// before they are added to the f64 totals: the f64 pass over `P × Q` numbers
+/// then runs once per this many batches instead of after every batch, where
+/// it cost as much as the GEMMs at Q = 100.
+const BATCHES_PER_FLUSH: usize = 8;
+
+/// The running sums of a block product: `Gᵀ D` per layer (in the compute
+/// dtype since the last flush, then in f64), BatchNorm's per channel, and
+/// (when wanted) every example's dots.
+struct ProductSums<'a, T> {
     q: usize,
     layers: &'a mut [Vec<f64>],
+    pending: Vec<Vec<T>>,
+    pending_batches: usize,
     norms: &'a mut [(Vec<f64>, Vec<f64>)],
     dots: &'a mut [Vec<f64>],
 }
 
-impl ProductSums<'_> {
-    fn add<T: Float>(&mut self, b: usize, dots: &[f64], kept: Vec<ExampleGradients<T>>) {
+impl<'a, T: Float> ProductSums<'a, T> {
+    fn new(
+        q: usize,
+        layers: &'a mut [Vec<f64>],
+        norms: &'a mut [(Vec<f64>, Vec<f64>)],
+        dots: &'a mut [Vec<f64>],
+    ) -> Self {
+        let pending = layers.iter().map(|l| vec![T::ZERO; l.len()]).collect();
+        ProductSums {
+            q,
+            layers,
+            pending,
+            pending_batches: 0,
+            norms,
+            dots,
+        }
+    }
+
+    fn add(&mut self, b: usize, dots: &[f64], kept: Vec<ExampleGradients<T>>) {
         let q = self.q;
         for i in 0..b {
             for (k, o) in self.dots.iter_mut().enumerate() {
                 o.push(dots[i * q + k]);
             }
         }
-        let d = Tensor::new(vec![b, q], dots.iter().map(|&v| T::from_f64(v)).collect()).expect("b*q");
+        let d: Vec<T> = dots.iter().map(|&v| T::from_f64(v)).collect();
+        let accumulate = self.pending_batches > 0;
         for g in kept {
             match g {
                 ExampleGradients::Layer(li, per_example) => {
-                    let part = matmul_with(&per_example, true, &d, false, Par::Pool);
-                    self.layers[li]
-                        .iter_mut()
-                        .zip(part.data())
-                        .for_each(|(a, v)| *a += v.to_f64());
+                    let width = per_example.numel() / b.max(1);
+                    let pending = &mut self.pending[li];
+                    gemm_into(
+                        pending,
+                        per_example.data(),
+                        true,
+                        &d,
+                        false,
+                        width,
+                        q,
+                        b,
+                        accumulate,
+                        Par::Pool,
+                    );
                 }
                 ExampleGradients::Norm(ni, per_example) => {
                     let (sg, sb) = &mut self.norms[ni];
@@ -226,7 +265,41 @@ impl ProductSums<'_> {
                 }
             }
         }
+        self.pending_batches += 1;
+        if self.pending_batches == BATCHES_PER_FLUSH {
+            self.flush();
+        }
     }
+
+    /// Adds the compute-dtype partial sums to the f64 totals.
+    fn flush(&mut self) {
+        if self.pending_batches == 0 {
+            return;
+        }
+        for (total, pending) in self.layers.iter_mut().zip(&self.pending) {
+            total.iter_mut().zip(pending).for_each(|(a, v)| *a += v.to_f64());
+        }
+        self.pending_batches = 0;
+    }
+}
+
+/// Runs [`contract_pass`] keeping every batch's gradients, summing `Gᵀ D`
+/// into `layers` and BatchNorm's into `norms` and collecting the dots.
+fn product_pass<T: Float>(
+    problem: &Problem,
+    fisher: FisherKind,
+    stacked: &Stacked,
+    progress: &dyn Fn(usize),
+    layers: &mut [Vec<f64>],
+    norms: &mut [(Vec<f64>, Vec<f64>)],
+    dots: &mut [Vec<f64>],
+) -> Result<(), SolverError> {
+    let mut sums = ProductSums::<T>::new(stacked.q, layers, norms, dots);
+    contract_pass::<T>(problem, fisher, stacked, true, progress, &mut |b, d, kept| {
+        sums.add(b, d, kept)
+    })?;
+    sums.flush();
+    Ok(())
 }
 
 /// `dots[q][i] = ∇ℓ_iᵀ v_q` (true labels, no regulariser) for every example of
@@ -329,19 +402,10 @@ fn block_product_pass(
         })
         .collect();
     let mut all_dots: Vec<Vec<f64>> = vec![Vec::new(); if want_dots { q } else { 0 }];
-    let mut sums = ProductSums {
-        q,
-        layers: &mut layer_sums,
-        norms: &mut norm_sums,
-        dots: &mut all_dots,
-    };
+    let (layers, norms, dots) = (&mut layer_sums, &mut norm_sums, &mut all_dots);
     match problem.dtype() {
-        DType::F32 => contract_pass::<f32>(problem, fisher, &stacked, true, progress, &mut |b, d, kept| {
-            sums.add(b, d, kept)
-        })?,
-        DType::F64 => contract_pass::<f64>(problem, fisher, &stacked, true, progress, &mut |b, d, kept| {
-            sums.add(b, d, kept)
-        })?,
+        DType::F32 => product_pass::<f32>(problem, fisher, &stacked, progress, layers, norms, dots)?,
+        DType::F64 => product_pass::<f64>(problem, fisher, &stacked, progress, layers, norms, dots)?,
     }
     allreduce_nested(&mut layer_sums);
     let mut flat_norms: Vec<Vec<f64>> = norm_sums.iter().flat_map(|(g, b)| [g.clone(), b.clone()]).collect();
