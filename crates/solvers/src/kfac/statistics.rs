@@ -2,7 +2,10 @@
 //! example, the layer's input patches and output cotangents as they lie in
 //! memory (`[a, T]` and `[s, T]`, no transposition), their Gram matrices by one
 //! GEMM each, and EK-FAC's corrections from the example's gradient, formed by
-//! the convolution's own weight-gradient kernel and then rotated.
+//! the convolution's own weight-gradient kernel and then rotated. The input
+//! factor of a 3×3 stride-1 "same" convolution skips the patches: shifted
+//! correlations of the input give the same Gram matrix with 2.5–4.6× fewer
+//! multiplications (`hvp_tensor::conv::patch_gram_3x3`).
 
 use super::*;
 use hvp_tensor::linalg::gemm_into;
@@ -49,13 +52,68 @@ pub(super) fn add_covariances<T: Float>(
     });
     s.iter_mut().zip(part).for_each(|(o, v)| *o += v);
     if let Some(a) = a {
-        let part = sum_over_examples(b, l.a_dim * l.a_dim, |i, out| {
-            let cols = example_inputs_as(l, x, w_shape, i);
-            let positions = cols.shape()[1] as f64;
-            gram(&cols, out, 1.0 / positions)
-        });
+        let part = match l.conv {
+            Some(g) if is_3x3_same(w_shape, g) => shifted_input_gram(l, x),
+            _ => sum_over_examples(b, l.a_dim * l.a_dim, |i, out| {
+                let cols = example_inputs_as(l, x, w_shape, i);
+                let positions = cols.shape()[1] as f64;
+                gram(&cols, out, 1.0 / positions)
+            }),
+        };
         a.iter_mut().zip(part).for_each(|(o, v)| *o += v);
     }
+}
+
+/// A 3×3 convolution with stride 1 and padding 1 (output plane = input plane).
+fn is_3x3_same(w_shape: &[usize], g: ConvGeometry) -> bool {
+    w_shape.len() == 4 && w_shape[2] == 3 && w_shape[3] == 3 && g.stride == 1 && g.padding == 1
+}
+
+/// `Σ_i (1/T) a_i a_iᵀ` of a 3×3 "same" convolution from shifted correlations
+/// of its input ([`conv::patch_gram_3x3_of`], 2.5–4.6× fewer multiplications
+/// than the patches' Gram matrices), groups of images in parallel; the bias
+/// row from [`conv::patch_sums_3x3_of`].
+fn shifted_input_gram<T: Float>(l: &Layer, x: &Tensor<T>) -> Vec<f64> {
+    const GROUP: usize = 8;
+    let s = x.shape();
+    let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
+    let per = c * h * w;
+    let positions = (h * w).max(1) as f64;
+    let width = 9 * c;
+    let starts: Vec<usize> = (0..b).step_by(GROUP).collect();
+    let parts: Vec<(Vec<T>, Vec<T>)> = starts
+        .par_iter()
+        .map(|&start| {
+            let n = GROUP.min(b - start);
+            let images = &x.data()[start * per..(start + n) * per];
+            let gram = conv::patch_gram_3x3_of(images, [n, c, h, w]);
+            let sums = match l.bias {
+                Some(_) => conv::patch_sums_3x3_of(images, [n, c, h, w]),
+                None => Vec::new(),
+            };
+            (gram, sums)
+        })
+        .collect();
+    let mut out = vec![0.0; l.a_dim * l.a_dim];
+    for (gram, sums) in parts {
+        for (i, row) in gram.chunks_exact(width).enumerate() {
+            let dst = &mut out[i * l.a_dim..i * l.a_dim + width];
+            dst.iter_mut().zip(row).for_each(|(o, v)| *o += v.to_f64() / positions);
+        }
+        if l.bias.is_some() {
+            let last = l.a_dim - 1;
+            for (i, v) in sums.iter().enumerate() {
+                let v = v.to_f64() / positions;
+                out[i * l.a_dim + last] += v;
+                out[last * l.a_dim + i] += v;
+            }
+        }
+    }
+    if l.bias.is_some() {
+        // The ones row: T·(1/T) per example.
+        out[l.a_dim * l.a_dim - 1] += b as f64;
+    }
+    out
 }
 
 /// Adds `Σ_i (Q_Sᵀ G_i Q_A)²` to `acc` `[s, a]`: each example's gradient
@@ -156,4 +214,47 @@ pub(super) fn example_gradient<T: Float>(
         out.push(gi.data()[o * plane..(o + 1) * plane].iter().copied().sum());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-example definition: `Σ_i (1/T) a_i a_iᵀ` from im2col patches.
+    fn by_patches(l: &Layer, x: &Tensor<f64>, w_shape: &[usize]) -> Vec<f64> {
+        let b = x.shape()[0];
+        let mut out = vec![0.0; l.a_dim * l.a_dim];
+        for i in 0..b {
+            let cols = example_inputs_as(l, x, w_shape, i);
+            let t = cols.shape()[1];
+            let p = matmul_with(&cols, false, &cols, true, Par::Serial);
+            out.iter_mut().zip(p.data()).for_each(|(o, v)| *o += v / t as f64);
+        }
+        out
+    }
+
+    #[test]
+    fn shifted_input_gram_equals_the_patch_definition_with_and_without_bias() {
+        let (b, c, h, w) = (11, 3, 6, 5);
+        let data: Vec<f64> = (0..b * c * h * w)
+            .map(|i| ((i * 613 % 97) as f64 / 48.0 - 1.0) * 0.7)
+            .collect();
+        let x = Tensor::new(vec![b, c, h, w], data).unwrap();
+        let w_shape = [4, c, 3, 3];
+        for bias in [None, Some(1)] {
+            let l = Layer {
+                node: 0,
+                weight: 0,
+                bias,
+                conv: Some(ConvGeometry { stride: 1, padding: 1 }),
+                group: None,
+                s_dim: 4,
+                a_dim: 9 * c + bias.is_some() as usize,
+            };
+            assert!(is_3x3_same(&w_shape, l.conv.unwrap()));
+            let (got, want) = (shifted_input_gram(&l, &x), by_patches(&l, &x, &w_shape));
+            let err = got.iter().zip(&want).fold(0.0f64, |m, (g, e)| m.max((g - e).abs()));
+            assert!(err < 1e-12, "bias {bias:?}: max error {err:e}");
+        }
+    }
 }

@@ -11,12 +11,14 @@ use crate::{Float, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+mod gram;
 mod grouped;
 mod lowering;
 mod rows;
 
 pub use grouped::{backward_input_dual_grouped, backward_weight_grouped, forward_dual_grouped, Grouping};
 
+pub use gram::{patch_gram_3x3, patch_gram_3x3_of, patch_sums_3x3_of};
 use lowering::*;
 
 /// Images per partial weight gradient. Fixed (not tied to the thread count) so
