@@ -74,17 +74,20 @@ fn is_3x3_same(w_shape: &[usize], g: ConvGeometry) -> bool {
 /// than the patches' Gram matrices), groups of images in parallel; the bias
 /// row from [`conv::patch_sums_3x3_of`].
 fn shifted_input_gram<T: Float>(l: &Layer, x: &Tensor<T>) -> Vec<f64> {
-    const GROUP: usize = 8;
     let s = x.shape();
     let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
+    // One group of images per worker: assembling the `[9C, 9C]` matrix from
+    // the shifts costs the same for any group, so groups are made large.
+    let workers = rayon::current_num_threads().max(1);
+    let group = b.div_ceil(workers).max(1);
     let per = c * h * w;
     let positions = (h * w).max(1) as f64;
     let width = 9 * c;
-    let starts: Vec<usize> = (0..b).step_by(GROUP).collect();
+    let starts: Vec<usize> = (0..b).step_by(group).collect();
     let parts: Vec<(Vec<T>, Vec<T>)> = starts
         .par_iter()
         .map(|&start| {
-            let n = GROUP.min(b - start);
+            let n = group.min(b - start);
             let images = &x.data()[start * per..(start + n) * per];
             let gram = conv::patch_gram_3x3_of(images, [n, c, h, w]);
             let sums = match l.bias {

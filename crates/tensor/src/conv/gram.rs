@@ -6,10 +6,10 @@
 //! at the shift `δ = (ky' − ky, kx' − kx)`, summed over the window of output
 //! positions that kernel tap `(ky, kx)` reads. The 81 tap pairs share 25 shifts,
 //! and a shift's correlation over *all* interior positions is one GEMM on the
-//! zero-padded input laid out channel-major (`[C, B·(H+2)·(W+2)]`, the partner
-//! operand the same buffer offset by `δy·(W+2) + δx`: a shift that leaves an
-//! image's row or the image itself lands on padding, so the flat offset never
-//! mixes real pixels). A window misses at most one interior row and one
+//! zero-padded input laid out channel-major (`[C, B·(H+2)·(W+2)]` between zero
+//! margins, the partner operand the same buffer offset by `δy·(W+2) + δx`: a
+//! shift that leaves an image's row or the image itself lands on padding or
+//! margin, so the flat offset never mixes real pixels). A window misses at most one interior row and one
 //! interior column, whose products are subtracted (and their corner added
 //! back) from small GEMMs on gathered strips. With `C_{−δ} = C_δᵀ` this is 13
 //! GEMMs of `2C²·B(H+2)(W+2)` instead of im2col's `2·(9C)²·B·HW`: 4.6× fewer
@@ -36,12 +36,16 @@ pub fn patch_gram_3x3_of<T: Float>(x: &[T], [b, c, h, w]: [usize; 4]) -> Vec<T> 
     );
     let (hp, wp) = (h + 2, w + 2);
     let len = b * hp * wp;
-    // Channel-major, zero-padded: channel k's images one after another.
-    let mut xp = vec![T::ZERO; c * len];
+    // Channel-major, zero-padded, with a zero margin of the largest shift at
+    // both ends of each channel's line: channel k's images one after another,
+    // image `bi`'s padded pixel `u` at `k·line + margin + bi·hp·wp + u`.
+    let margin = 2 * wp + 2;
+    let line = len + 2 * margin;
+    let mut xp = vec![T::ZERO; c * line];
     for bi in 0..b {
         for k in 0..c {
             let plane = &x[(bi * c + k) * h * w..][..h * w];
-            let base = k * len + bi * hp * wp;
+            let base = k * line + margin + bi * hp * wp;
             for (r, row) in plane.chunks_exact(w).enumerate() {
                 let at = base + (r + 1) * wp + 1;
                 xp[at..at + w].copy_from_slice(row);
@@ -49,24 +53,22 @@ pub fn patch_gram_3x3_of<T: Float>(x: &[T], [b, c, h, w]: [usize; 4]) -> Vec<T> 
         }
     }
     let offset = |dy: isize, dx: isize| dy * wp as isize + dx;
-    // `Σ_u xp[k, u] · xp[k', u + off]` over every u whose partner lies in the buffer.
+    // `Σ_u xp[k, u] · xp[k', u + off]` over every padded position u of the
+    // batch (a partner beyond the images lies in the margin: zero).
     let shift = |dy: isize, dx: isize| -> Vec<T> {
-        let off = offset(dy, dx);
-        let lo = (-off).max(0) as usize;
-        let hi = (len as isize - off.max(0)) as usize;
+        let start = (margin as isize + offset(dy, dx)) as usize;
         let mut out = vec![T::ZERO; c * c];
-        if hi > lo {
-            let start = (lo as isize + off) as usize;
+        if len > 0 {
             gemm_strided_into(
                 &mut out,
-                &xp[lo..],
+                &xp[margin..],
                 false,
                 &xp[start..],
                 true,
                 c,
                 c,
-                hi - lo,
-                RowStrides { a: len, b: len, c },
+                len,
+                RowStrides { a: line, b: line, c },
                 false,
                 Par::Serial,
             );
@@ -83,37 +85,44 @@ pub fn patch_gram_3x3_of<T: Float>(x: &[T], [b, c, h, w]: [usize; 4]) -> Vec<T> 
             }
         }
     }
-    // A strip: a set of flat positions and their values gathered `[C, n]`.
+    // A strip of positions as runs `(first, count, step)` (line positions
+    // past the margin), with its values gathered `[C, n]`.
     struct Strip<T> {
-        positions: Vec<usize>,
+        runs: Vec<(usize, usize, usize)>,
+        n: usize,
         own: Vec<T>,
     }
-    let gather = |positions: Vec<usize>| -> Strip<T> {
-        let n = positions.len();
-        let mut own = vec![T::ZERO; c * n];
+    // `[C, n]` values at the runs shifted by `off`.
+    let gather_at = |runs: &[(usize, usize, usize)], n: usize, off: isize| -> Vec<T> {
+        let mut out = vec![T::ZERO; c * n];
         for k in 0..c {
-            for (j, &u) in positions.iter().enumerate() {
-                own[k * n + j] = xp[k * len + u];
+            let src = &xp[k * line..(k + 1) * line];
+            let mut j = k * n;
+            for &(first, count, step) in runs {
+                let at = (margin as isize + first as isize + off) as usize;
+                if step == 1 {
+                    out[j..j + count].copy_from_slice(&src[at..at + count]);
+                } else {
+                    for (q, v) in out[j..j + count].iter_mut().enumerate() {
+                        *v = src[at + q * step];
+                    }
+                }
+                j += count;
             }
         }
-        Strip { positions, own }
+        out
+    };
+    let strip = |runs: Vec<(usize, usize, usize)>| -> Strip<T> {
+        let n = runs.iter().map(|r| r.1).sum();
+        let own = gather_at(&runs, n, 0);
+        Strip { runs, n, own }
     };
     // `Σ_{u ∈ strip} xp[k, u] · xp[k', u + off]`.
     let correlate = |strip: &Strip<T>, dy: isize, dx: isize| -> Vec<T> {
-        let off = offset(dy, dx);
-        let n = strip.positions.len();
-        let mut partner = vec![T::ZERO; c * n];
-        for k in 0..c {
-            for (j, &u) in strip.positions.iter().enumerate() {
-                let v = u as isize + off;
-                if (0..len as isize).contains(&v) {
-                    partner[k * n + j] = xp[k * len + v as usize];
-                }
-            }
-        }
+        let partner = gather_at(&strip.runs, strip.n, offset(dy, dx));
         let mut out = vec![T::ZERO; c * c];
-        if n > 0 {
-            let ld = RowStrides::packed(false, true, c, c, n);
+        if strip.n > 0 {
+            let ld = RowStrides::packed(false, true, c, c, strip.n);
             gemm_strided_into(
                 &mut out,
                 &strip.own,
@@ -122,7 +131,7 @@ pub fn patch_gram_3x3_of<T: Float>(x: &[T], [b, c, h, w]: [usize; 4]) -> Vec<T> 
                 true,
                 c,
                 c,
-                n,
+                strip.n,
                 ld,
                 false,
                 Par::Serial,
@@ -139,28 +148,16 @@ pub fn patch_gram_3x3_of<T: Float>(x: &[T], [b, c, h, w]: [usize; 4]) -> Vec<T> 
     };
     let image = |bi: usize| bi * hp * wp;
     let rows: [Option<Strip<T>>; 3] = std::array::from_fn(|ky| {
-        missed(ky, h).map(|r| {
-            gather(
-                (0..b)
-                    .flat_map(|bi| (1..=w).map(move |v| image(bi) + r * wp + v))
-                    .collect(),
-            )
-        })
+        missed(ky, h).map(|r| strip((0..b).map(|bi| (image(bi) + r * wp + 1, w, 1)).collect()))
     });
     let cols: [Option<Strip<T>>; 3] = std::array::from_fn(|kx| {
-        missed(kx, w).map(|col| {
-            gather(
-                (0..b)
-                    .flat_map(|bi| (1..=h).map(move |r| image(bi) + r * wp + col))
-                    .collect(),
-            )
-        })
+        missed(kx, w).map(|col| strip((0..b).map(|bi| (image(bi) + wp + col, h, wp)).collect()))
     });
     let corners: [[Option<Strip<T>>; 3]; 3] = std::array::from_fn(|ky| {
         std::array::from_fn(|kx| {
             missed(ky, h)
                 .zip(missed(kx, w))
-                .map(|(r, col)| gather((0..b).map(|bi| image(bi) + r * wp + col).collect()))
+                .map(|(r, col)| strip((0..b).map(|bi| (image(bi) + r * wp + col, 1, 1)).collect()))
         })
     });
     // Each strip's correlation at a shift, computed once: rows by (ky, δ),
