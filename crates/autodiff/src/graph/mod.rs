@@ -420,7 +420,22 @@ impl Graph {
         output_cot: V,
         observer: Option<LayerObserver<T>>,
     ) -> Vec<Option<V>> {
-        self.run_backward(params, buffers, tape, output_cot, observer, &[])
+        self.run_backward(params, buffers, tape, output_cot, observer, &[], true)
+    }
+
+    /// The backward pass for `observer` alone ([`Graph::backward_observed`]'s
+    /// observations, bit for bit): only the nodes' cotangents are propagated;
+    /// parameters' cotangents are not formed (a convolution skips its
+    /// weight-gradient products, a third of the backward pass's GEMMs).
+    pub fn observe_backward<T: Float, V: Value<T>>(
+        &self,
+        params: &[V],
+        buffers: &[Tensor<T>],
+        tape: Tape<V>,
+        output_cot: V,
+        observer: LayerObserver<T>,
+    ) {
+        self.run_backward(params, buffers, tape, output_cot, Some(observer), &[], false);
     }
 
     /// Forward-over-reverse's result alone: the tangent of every parameter's
@@ -436,7 +451,7 @@ impl Graph {
         output_cot: Dual<T>,
     ) -> Vec<Option<Tensor<T>>> {
         let value_free = self.conv_only_params(params.len());
-        self.run_backward(params, buffers, tape, output_cot, None, &value_free)
+        self.run_backward(params, buffers, tape, output_cot, None, &value_free, true)
             .into_iter()
             .map(|g| g.and_then(|d| d.into_parts().1))
             .collect()
@@ -460,7 +475,9 @@ impl Graph {
     }
 
     /// The backward pass; `value_free[p]` (when present and true) lets parameter
-    /// `p`'s cotangent skip its value (see [`Graph::backward_tangents`]).
+    /// `p`'s cotangent skip its value (see [`Graph::backward_tangents`]); without
+    /// `params_wanted` no parameter cotangent is kept (see [`Graph::observe_backward`]).
+    #[allow(clippy::too_many_arguments)]
     fn run_backward<T: Float, V: Value<T>>(
         &self,
         params: &[V],
@@ -469,6 +486,7 @@ impl Graph {
         output_cot: V,
         mut observer: Option<LayerObserver<T>>,
         value_free: &[bool],
+        params_wanted: bool,
     ) -> Vec<Option<V>> {
         let train = tape.train;
         let mut values = tape.values;
@@ -490,6 +508,7 @@ impl Graph {
                 buffers,
                 needs_grad: &self.needs_grad,
                 value_free,
+                params_wanted,
                 train,
             };
             if let (Some(obs), Some(input)) = (observer.as_mut(), op.observed_input()) {
@@ -502,8 +521,10 @@ impl Graph {
                     accumulate(&mut cots[j], g);
                 }
             }
-            for (p, g) in out.params {
-                accumulate(&mut grads[p], g);
+            if params_wanted {
+                for (p, g) in out.params {
+                    accumulate(&mut grads[p], g);
+                }
             }
             values[i] = None;
         }
@@ -681,6 +702,37 @@ mod tests {
                 assert_eq!(a.shape(), b.shape(), "parameter {p}");
                 assert_eq!(a.data(), b.data(), "parameter {p} (tie = {tie})");
             }
+        }
+    }
+
+    #[test]
+    fn observing_without_parameter_cotangents_sees_the_same_bit_for_bit() {
+        let (graph, shapes) = small_net(false);
+        let (params, buffers, input) = small_net_operands(&shapes);
+        let params: Vec<Tensor<f64>> = params.iter().map(|p| p.primal().clone()).collect();
+        let run = |full: bool| -> Vec<(NodeId, Tensor<f64>, Tensor<f64>)> {
+            let tape = graph.forward(&params, &buffers, input.clone());
+            let out = loss::softmax_cross_entropy(tape.output(), &[0, 1, 1], 1.0);
+            let mut seen = Vec::new();
+            let mut obs = |node: NodeId, _: &Op, x: &Tensor<f64>, gy: &Tensor<f64>| {
+                seen.push((node, x.clone(), gy.clone()));
+            };
+            if full {
+                let grads = graph.backward_observed(&params, &buffers, tape, out.cotangent, Some(&mut obs));
+                assert!(grads.iter().all(Option::is_some));
+            } else {
+                graph.observe_backward(&params, &buffers, tape, out.cotangent, &mut obs);
+            }
+            seen
+        };
+        let (full, alone) = (run(true), run(false));
+        // Two convolutions, the BatchNorm and the dense layer.
+        assert_eq!(full.len(), 4);
+        assert_eq!(full.len(), alone.len());
+        for ((na, xa, ga), (nb, xb, gb)) in full.iter().zip(&alone) {
+            assert_eq!(na, nb);
+            assert_eq!(xa.data(), xb.data(), "input of node {na}");
+            assert_eq!(ga.data(), gb.data(), "output cotangent of node {na}");
         }
     }
 

@@ -119,6 +119,7 @@ pub struct Backward<'a, T: Float, V> {
     pub(super) buffers: &'a [Tensor<T>],
     pub(super) needs_grad: &'a [bool],
     pub(super) value_free: &'a [bool],
+    pub(super) params_wanted: bool,
     pub(super) train: bool,
 }
 
@@ -146,6 +147,12 @@ impl<'a, T: Float, V> Backward<'a, T, V> {
     /// Whether parameter `index`'s cotangent needs its value, not only its tangent.
     pub fn param_value_wanted(&self, index: usize) -> bool {
         !self.value_free.get(index).copied().unwrap_or(false)
+    }
+    /// Whether parameters' cotangents are wanted at all: a pass run only for
+    /// the layers' observed inputs and output cotangents (K-FAC) skips them,
+    /// and a rule may then skip computing them.
+    pub fn params_wanted(&self) -> bool {
+        self.params_wanted
     }
     /// BatchNorm ran on batch statistics in the forward pass.
     pub fn is_train(&self) -> bool {

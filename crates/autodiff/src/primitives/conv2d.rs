@@ -28,11 +28,7 @@ pub fn vjp<T: Float, V: Value<T>>(
     let xs = x.primal().shape();
     let hw = (xs[2], xs[3]);
     let w_shape = w.primal().shape().to_vec();
-    let gx = need_input.then(|| {
-        V::bilinear_fused(gy, w, |gy, w| conv::backward_input(gy, w, hw, g), &|gy, dgy, w, dw| {
-            conv::backward_input_dual(gy, dgy, w, dw, hw, g)
-        })
-    });
+    let gx = need_input.then(|| input_vjp(w, gy, hw, g));
     let value = |x: &Tensor<T>, gy: &Tensor<T>| conv::backward_weight(x, gy, &w_shape, g);
     let gw = if weight_value {
         V::bilinear_fused(x, gy, value, &|x, dx, gy, dgy| {
@@ -45,6 +41,13 @@ pub fn vjp<T: Float, V: Value<T>>(
     };
     let gb = has_bias.then(|| gy.linear(channel::sum));
     (gx, gw, gb)
+}
+
+/// The input's cotangent alone, for an input of spatial size `hw`.
+pub fn input_vjp<T: Float, V: Value<T>>(w: &V, gy: &V, hw: (usize, usize), g: ConvGeometry) -> V {
+    V::bilinear_fused(gy, w, |gy, w| conv::backward_input(gy, w, hw, g), &|gy, dgy, w, dw| {
+        conv::backward_input_dual(gy, dgy, w, dw, hw, g)
+    })
 }
 
 /// `y` plus a per-channel bias `[O]`.

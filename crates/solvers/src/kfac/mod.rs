@@ -427,7 +427,7 @@ pub(super) fn stream_observed_as<T: Float>(
             };
             // Each backward pass consumes a tape: copy it only while more samples follow.
             let this = if k == last { tape.take() } else { tape.clone() }.expect("tape kept until the last sample");
-            graph.backward_observed(&params, &buffers, this, cot.cast::<T>(), Some(&mut obs));
+            graph.observe_backward(&params, &buffers, this, cot.cast::<T>(), &mut obs);
             sample_end(idx.len());
         }
         progress(idx.len() * hvp_dist::size());

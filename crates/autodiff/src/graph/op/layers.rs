@@ -183,6 +183,14 @@ impl Rule for Conv2d {
         )
     }
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
+        if !cx.params_wanted() {
+            if cx.needs(self.input) {
+                let hw = cx.value(self.input).primal().shape();
+                let gx = conv2d::input_vjp(cx.param(self.weight), &gy, (hw[2], hw[3]), self.geometry);
+                out.input(self.input, gx);
+            }
+            return;
+        }
         let (gx, gw, gb) = conv2d::vjp(
             cx.value(self.input),
             cx.param(self.weight),
