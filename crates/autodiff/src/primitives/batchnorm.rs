@@ -53,8 +53,7 @@ pub fn vjp<T: Float, V: Value<T>>(
     gy: &V,
     need_input: bool,
 ) -> (Option<V>, V, V) {
-    let (s, _) = scale_and_shift(gamma, beta, st);
-    let gx = need_input.then(|| V::channel_affine(gy, &s, None));
+    let gx = need_input.then(|| input_vjp(gamma, beta, st, gy));
     let (gs, gt) = V::channel_dot_and_sum(x, gy);
     // s = γ·inv_std and t = β − μ·s, so gγ = (gs − μ·gt)·inv_std and gβ = gt.
     let inv_std = st.inv_std();
@@ -62,6 +61,12 @@ pub fn vjp<T: Float, V: Value<T>>(
     let gs_total = gs.add(&gt.linear(|g| elementwise::mul(g, &neg_mean)));
     let g_gamma = gs_total.linear(|g| elementwise::mul(g, &inv_std));
     (gx, g_gamma, gt)
+}
+
+/// The input's cotangent alone (eval mode): `gy` scaled per channel by `γ/σ`.
+pub fn input_vjp<T: Float, V: Value<T>>(gamma: &V, beta: &V, st: &Stats<T>, gy: &V) -> V {
+    let (s, _) = scale_and_shift(gamma, beta, st);
+    V::channel_affine(gy, &s, None)
 }
 
 /// Per-channel batch statistics of a train-mode BatchNorm: mean and biased

@@ -428,6 +428,15 @@ impl Rule for BatchNorm {
         batchnorm::forward_relu(cx.value(self.input), cx.param(self.weight), cx.param(self.bias), &st)
     }
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
+        if !cx.params_wanted() && !cx.is_train() {
+            // The scale and shift's reductions skipped: only the input's cotangent.
+            if cx.needs(self.input) {
+                let st = self.stats.eval((cx.buffer(self.stats.mean), cx.buffer(self.stats.var)));
+                let gx = batchnorm::input_vjp(cx.param(self.weight), cx.param(self.bias), &st, &gy);
+                out.input(self.input, gx);
+            }
+            return;
+        }
         let (gx, gg, gb) = self
             .stats
             .vjp(cx, self.input, cx.param(self.weight), cx.param(self.bias), &gy);
