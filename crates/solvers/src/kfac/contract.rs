@@ -63,18 +63,17 @@ impl Stacked {
         let mut layers = Vec::new();
         for l in layers_of(model) {
             let width = l.a_dim - l.bias.is_some() as usize;
-            let mut stacked = vec![0.0; l.s_dim * l.a_dim * q];
-            for (k, v) in vectors.iter().enumerate() {
-                let w = v.tensors[l.weight].data();
-                let b = l.bias.map(|b| v.tensors[b].data());
-                for o in 0..l.s_dim {
-                    let row = l.row0() + o;
-                    for a in 0..width {
-                        stacked[(o * l.a_dim + a) * q + k] = w[row * width + a];
-                    }
-                    if let Some(b) = b {
-                        stacked[(o * l.a_dim + width) * q + k] = b[row];
-                    }
+            // Written in order, each entry gathered from every vector.
+            let weights: Vec<&[f64]> = vectors.iter().map(|v| v.tensors[l.weight].data()).collect();
+            let biases: Option<Vec<&[f64]>> = l.bias.map(|b| vectors.iter().map(|v| v.tensors[b].data()).collect());
+            let mut stacked = Vec::with_capacity(l.s_dim * l.a_dim * q);
+            for o in 0..l.s_dim {
+                let row = l.row0() + o;
+                for a in 0..width {
+                    stacked.extend(weights.iter().map(|w| w[row * width + a]));
+                }
+                if let Some(biases) = &biases {
+                    stacked.extend(biases.iter().map(|b| b[row]));
                 }
             }
             layers.push(LayerVectors {
@@ -96,43 +95,48 @@ impl Stacked {
     }
 }
 
-/// One batch's (and cotangent sample's) per-example gradients of a layer, kept
-/// until the sample's dots are complete when products are wanted.
-enum ExampleGradients<T> {
-    /// `[B, O·A]` of the layer at this index of [`Stacked::layers`], in the compute dtype.
-    Layer(usize, Tensor<T>),
-    /// Per example `(γ gradient, β gradient)` of the BatchNorm at this index of [`Stacked::norms`].
-    Norm(usize, Vec<(Vec<f64>, Vec<f64>)>),
+/// Where [`contract_pass`] writes each layer's per-example gradient rows and
+/// what it is told when a cotangent sample's dots are complete.
+trait GradientSink<T> {
+    /// Room for the `b` rows `[b, width]` of layer `li` (an index of
+    /// [`Stacked::layers`]) of the current sample, which the pass fills.
+    fn rows(&mut self, li: usize, b: usize, width: usize) -> &mut [T];
+    /// The sample's `b` examples are done: `dots` is `[b][q]`, `norms` the
+    /// per-example `(γ, β)` gradients of each BatchNorm (an index of
+    /// [`Stacked::norms`]) when they were asked for.
+    fn sample_done(&mut self, b: usize, dots: &[f64], norms: Vec<NormGradients>);
+    /// Whether BatchNorm's per-example gradients are wanted in `sample_done`.
+    fn wants_norms(&self) -> bool;
 }
 
-/// Told, after each cotangent sample of a batch, (batch size, dots, kept gradients).
-type SampleSink<'a, T> = &'a mut dyn FnMut(usize, &[f64], Vec<ExampleGradients<T>>);
+/// One BatchNorm's per-example `(γ gradient, β gradient)`.
+type NormGradients = (usize, Vec<(Vec<f64>, Vec<f64>)>);
 
 /// One pass over the data forming every example's gradient (per cotangent
-/// sample of `fisher`) layer by layer, with `on_sample(b, dots, gradients)`
-/// called after each sample: `dots` is `[b][q]`, `gradients` the sample's
-/// per-example gradients (kept only when `keep`).
+/// sample of `fisher`) layer by layer into the rows `sink` gives, with the
+/// sample's dots with every vector told to `sink` when it is complete.
 ///
 /// Per-example gradients and their products with the vectors are formed in the
 /// problem's compute dtype (as every other pass); the dots are summed over
-/// layers, and the products over batches, in f64.
+/// layers in f64.
 fn contract_pass<T: Float>(
     problem: &Problem,
     fisher: FisherKind,
     stacked: &Stacked,
-    keep: bool,
     progress: &dyn Fn(usize),
-    on_sample: SampleSink<T>,
+    sink: &mut dyn GradientSink<T>,
 ) -> Result<(), SolverError> {
     let model = problem.model;
     let buffers = &problem.weights.buffers;
     let q = stacked.q;
     let vectors: Vec<Tensor<T>> = stacked.layers.iter().map(|lv| lv.stacked.cast()).collect();
-    // The current sample's dots `[example][q]` and kept gradients, shared by the two callbacks.
-    let current = std::cell::RefCell::new((Vec::<f64>::new(), Vec::<ExampleGradients<T>>::new()));
+    let wants_norms = sink.wants_norms();
+    // The current sample's dots `[example][q]`, one layer's `D = G V`, the
+    // BatchNorms' gradients, and the sink: shared by the two callbacks.
+    let current = std::cell::RefCell::new((Vec::<f64>::new(), Vec::<T>::new(), Vec::<NormGradients>::new(), sink));
     let mut visit = |node: NodeId, op: &Op, x: &Tensor<T>, gy: &Tensor<T>, _: bool| {
         let mut current = current.borrow_mut();
-        let (dots, kept) = &mut *current;
+        let (dots, layer_dots, norms, sink) = &mut *current;
         let b = x.shape()[0];
         if dots.len() < b * q {
             dots.resize(b * q, 0.0);
@@ -147,17 +151,26 @@ fn contract_pass<T: Float>(
             let w_shape = l.w_shape(model);
             let (x, gy) = l.view(x, gy);
             let width = l.s_dim * l.a_dim;
-            let mut per_example = vec![T::ZERO; b * width];
-            per_example
-                .par_chunks_mut(width.max(1))
+            let rows = sink.rows(li, b, width);
+            rows.par_chunks_mut(width.max(1))
                 .enumerate()
                 .for_each(|(i, row)| row.copy_from_slice(&example_gradient(l, &x, &gy, &w_shape, i)));
-            let per_example = Tensor::new(vec![b, width], per_example).expect("rows*cols");
-            let d = matmul_with(&per_example, false, &vectors[li], false, Par::Pool);
-            dots.iter_mut().zip(d.data()).for_each(|(c, d)| *c += d.to_f64());
-            if keep {
-                kept.push(ExampleGradients::Layer(li, per_example));
-            }
+            layer_dots.resize(b * q, T::ZERO);
+            gemm_into(
+                layer_dots,
+                rows,
+                false,
+                vectors[li].data(),
+                false,
+                b,
+                q,
+                width,
+                false,
+                Par::Pool,
+            );
+            dots.iter_mut()
+                .zip(layer_dots.iter())
+                .for_each(|(c, d)| *c += d.to_f64());
         }
         if let (Op::BatchNorm(bn), Some(ni)) = (op, stacked.norms.iter().position(|n| n.node == node)) {
             let v = &stacked.norms[ni];
@@ -169,38 +182,77 @@ fn contract_pass<T: Float>(
                     dots[i * q + k] += dot(gg, &v.gamma[k]) + dot(gb, &v.beta[k]);
                 }
             }
-            if keep {
-                kept.push(ExampleGradients::Norm(ni, per_example));
+            if wants_norms {
+                norms.push((ni, per_example));
             }
         }
     };
     let mut end = |b: usize| {
         let mut current = current.borrow_mut();
-        let (dots, kept) = &mut *current;
+        let (dots, _, norms, sink) = &mut *current;
         dots.resize(b * q, 0.0);
-        on_sample(b, dots, std::mem::take(kept));
+        sink.sample_done(b, dots, std::mem::take(norms));
         dots.clear();
     };
     stream_observed_as::<T>(problem, fisher, 0, progress, &mut visit, &mut end)
 }
 
+/// The scores-only sink: each layer's rows in one reused buffer, the dots
+/// collected `[q][i]`.
+struct DotsOnly<T> {
+    scratch: Vec<T>,
+    dots: Vec<Vec<f64>>,
+}
+
+impl<T: Float> GradientSink<T> for DotsOnly<T> {
+    fn rows(&mut self, _: usize, b: usize, width: usize) -> &mut [T] {
+        self.scratch.resize(b * width, T::ZERO);
+        &mut self.scratch[..b * width]
+    }
+
+    fn sample_done(&mut self, b: usize, dots: &[f64], _: Vec<NormGradients>) {
+        let q = self.dots.len();
+        for i in 0..b {
+            for (k, o) in self.dots.iter_mut().enumerate() {
+                o.push(dots[i * q + k]);
+            }
+        }
+    }
+
+    fn wants_norms(&self) -> bool {
+        false
+    }
+}
+
 /// Block products `M v_q` and, when asked for, every example's dots `[q][i]`.
 pub type ProductsAndDots = (Vec<ParamVector>, Vec<Vec<f64>>);
 
-/// Batches whose `Gᵀ D` are summed in the compute dtype (by the GEMM itself)
-/// before they are added to the f64 totals: the f64 pass over `P × Q` numbers
-/// then runs once per this many batches instead of after every batch, where
-/// it cost as much as the GEMMs at Q = 100.
-const BATCHES_PER_FLUSH: usize = 8;
+/// Per-example gradient rows gathered (over batches and cotangent samples)
+/// before one `Gᵀ D` product: with batches of 64 the product's inner
+/// dimension was 64, and reading and writing its `P × Q` output after every
+/// batch cost as much as its multiplications at Q = 100.
+const ROWS_PER_PRODUCT: usize = 256;
 
-/// The running sums of a block product: `Gᵀ D` per layer (in the compute
+/// `Gᵀ D` products summed in the compute dtype (by the GEMM itself) before
+/// they are added to the f64 totals: the f64 pass over `P × Q` numbers runs
+/// once per this many products.
+const PRODUCTS_PER_FLUSH: usize = 4;
+
+/// The running sums of a block product: the gathered rows of every layer's
+/// per-example gradients and their dots, `Gᵀ D` per layer (in the compute
 /// dtype since the last flush, then in f64), BatchNorm's per channel, and
 /// (when wanted) every example's dots.
 struct ProductSums<'a, T> {
     q: usize,
+    capacity: usize,
+    /// Rows gathered so far, and whether a sample's rows are being written.
+    rows: usize,
+    open: bool,
+    gathered: Vec<Vec<T>>,
+    gathered_dots: Vec<T>,
     layers: &'a mut [Vec<f64>],
     pending: Vec<Vec<T>>,
-    pending_batches: usize,
+    pending_products: usize,
     norms: &'a mut [(Vec<f64>, Vec<f64>)],
     dots: &'a mut [Vec<f64>],
 }
@@ -208,97 +260,141 @@ struct ProductSums<'a, T> {
 impl<'a, T: Float> ProductSums<'a, T> {
     fn new(
         q: usize,
+        capacity: usize,
         layers: &'a mut [Vec<f64>],
         norms: &'a mut [(Vec<f64>, Vec<f64>)],
         dots: &'a mut [Vec<f64>],
     ) -> Self {
         let pending = layers.iter().map(|l| vec![T::ZERO; l.len()]).collect();
+        let gathered = layers.iter().map(|_| Vec::new()).collect();
         ProductSums {
             q,
+            capacity,
+            rows: 0,
+            open: false,
+            gathered,
+            gathered_dots: Vec::new(),
             layers,
             pending,
-            pending_batches: 0,
+            pending_products: 0,
             norms,
             dots,
         }
     }
 
-    fn add(&mut self, b: usize, dots: &[f64], kept: Vec<ExampleGradients<T>>) {
-        let q = self.q;
-        for i in 0..b {
-            for (k, o) in self.dots.iter_mut().enumerate() {
-                o.push(dots[i * q + k]);
-            }
+    /// `Gᵀ D` of the gathered rows into the compute-dtype sums.
+    fn multiply(&mut self) {
+        if self.rows == 0 {
+            return;
         }
-        let d: Vec<T> = dots.iter().map(|&v| T::from_f64(v)).collect();
-        let accumulate = self.pending_batches > 0;
-        for g in kept {
-            match g {
-                ExampleGradients::Layer(li, per_example) => {
-                    let width = per_example.numel() / b.max(1);
-                    let pending = &mut self.pending[li];
-                    gemm_into(
-                        pending,
-                        per_example.data(),
-                        true,
-                        &d,
-                        false,
-                        width,
-                        q,
-                        b,
-                        accumulate,
-                        Par::Pool,
-                    );
-                }
-                ExampleGradients::Norm(ni, per_example) => {
-                    let (sg, sb) = &mut self.norms[ni];
-                    let c = sg.len() / q;
-                    for (i, (gg, gb)) in per_example.iter().enumerate() {
-                        for k in 0..q {
-                            let w = dots[i * q + k];
-                            for ch in 0..c {
-                                sg[k * c + ch] += w * gg[ch];
-                                sb[k * c + ch] += w * gb[ch];
-                            }
-                        }
-                    }
-                }
-            }
+        let (q, rows) = (self.q, self.rows);
+        let accumulate = self.pending_products > 0;
+        for (pending, gathered) in self.pending.iter_mut().zip(&self.gathered) {
+            let width = pending.len() / q.max(1);
+            gemm_into(
+                pending,
+                &gathered[..rows * width],
+                true,
+                &self.gathered_dots[..rows * q],
+                false,
+                width,
+                q,
+                rows,
+                accumulate,
+                Par::Pool,
+            );
         }
-        self.pending_batches += 1;
-        if self.pending_batches == BATCHES_PER_FLUSH {
+        self.rows = 0;
+        self.pending_products += 1;
+        if self.pending_products == PRODUCTS_PER_FLUSH {
             self.flush();
         }
     }
 
     /// Adds the compute-dtype partial sums to the f64 totals.
     fn flush(&mut self) {
-        if self.pending_batches == 0 {
+        if self.pending_products == 0 {
             return;
         }
         for (total, pending) in self.layers.iter_mut().zip(&self.pending) {
             total.iter_mut().zip(pending).for_each(|(a, v)| *a += v.to_f64());
         }
-        self.pending_batches = 0;
+        self.pending_products = 0;
+    }
+
+    fn finish(&mut self) {
+        self.multiply();
+        self.flush();
     }
 }
 
-/// Runs [`contract_pass`] keeping every batch's gradients, summing `Gᵀ D`
+impl<T: Float> GradientSink<T> for ProductSums<'_, T> {
+    fn rows(&mut self, li: usize, b: usize, width: usize) -> &mut [T] {
+        if !self.open {
+            // Every gathered row's dots are complete between samples.
+            if self.rows + b > self.capacity {
+                self.multiply();
+            }
+            self.open = true;
+        }
+        let gathered = &mut self.gathered[li];
+        let end = (self.rows + b) * width;
+        if gathered.len() < end {
+            gathered.resize(end, T::ZERO);
+        }
+        &mut gathered[self.rows * width..end]
+    }
+
+    fn sample_done(&mut self, b: usize, dots: &[f64], norms: Vec<NormGradients>) {
+        let q = self.q;
+        if !self.open && self.rows + b > self.capacity {
+            self.multiply();
+        }
+        self.open = false;
+        for i in 0..b {
+            for (k, o) in self.dots.iter_mut().enumerate() {
+                o.push(dots[i * q + k]);
+            }
+        }
+        self.gathered_dots.truncate(self.rows * q);
+        self.gathered_dots.extend(dots[..b * q].iter().map(|&v| T::from_f64(v)));
+        self.rows += b;
+        for (ni, per_example) in norms {
+            let (sg, sb) = &mut self.norms[ni];
+            let c = sg.len() / q;
+            for (i, (gg, gb)) in per_example.iter().enumerate() {
+                for k in 0..q {
+                    let w = dots[i * q + k];
+                    for ch in 0..c {
+                        sg[k * c + ch] += w * gg[ch];
+                        sb[k * c + ch] += w * gb[ch];
+                    }
+                }
+            }
+        }
+    }
+
+    fn wants_norms(&self) -> bool {
+        true
+    }
+}
+
+/// Runs [`contract_pass`] gathering every sample's gradients, summing `Gᵀ D`
 /// into `layers` and BatchNorm's into `norms` and collecting the dots.
+#[allow(clippy::too_many_arguments)]
 fn product_pass<T: Float>(
     problem: &Problem,
     fisher: FisherKind,
     stacked: &Stacked,
+    capacity: usize,
     progress: &dyn Fn(usize),
     layers: &mut [Vec<f64>],
     norms: &mut [(Vec<f64>, Vec<f64>)],
     dots: &mut [Vec<f64>],
 ) -> Result<(), SolverError> {
-    let mut sums = ProductSums::<T>::new(stacked.q, layers, norms, dots);
-    contract_pass::<T>(problem, fisher, stacked, true, progress, &mut |b, d, kept| {
-        sums.add(b, d, kept)
-    })?;
-    sums.flush();
+    let mut sums = ProductSums::<T>::new(stacked.q, capacity, layers, norms, dots);
+    contract_pass::<T>(problem, fisher, stacked, progress, &mut sums)?;
+    sums.finish();
     Ok(())
 }
 
@@ -315,24 +411,25 @@ pub fn example_gradient_dots(
         return Ok(None);
     }
     let stacked = Stacked::new(problem.model, vectors);
-    let q = vectors.len();
-    let mut out: Vec<Vec<f64>> = vec![Vec::new(); q];
-    let mut collect = |b: usize, dots: &[f64]| {
-        for i in 0..b {
-            for (k, o) in out.iter_mut().enumerate() {
-                o.push(dots[i * q + k]);
-            }
+    let empirical = FisherKind::Empirical;
+    let out = match problem.dtype() {
+        DType::F32 => {
+            let mut sink = DotsOnly::<f32> {
+                scratch: Vec::new(),
+                dots: vec![Vec::new(); vectors.len()],
+            };
+            contract_pass::<f32>(problem, empirical, &stacked, progress, &mut sink)?;
+            sink.dots
+        }
+        DType::F64 => {
+            let mut sink = DotsOnly::<f64> {
+                scratch: Vec::new(),
+                dots: vec![Vec::new(); vectors.len()],
+            };
+            contract_pass::<f64>(problem, empirical, &stacked, progress, &mut sink)?;
+            sink.dots
         }
     };
-    let empirical = FisherKind::Empirical;
-    match problem.dtype() {
-        DType::F32 => contract_pass::<f32>(problem, empirical, &stacked, false, progress, &mut |b, d, _| {
-            collect(b, d)
-        })?,
-        DType::F64 => contract_pass::<f64>(problem, empirical, &stacked, false, progress, &mut |b, d, _| {
-            collect(b, d)
-        })?,
-    }
     let n = problem.data.len();
     Ok(Some(out.iter().map(|o| hvp_dist::gather_shards(n, o)).collect()))
 }
@@ -380,17 +477,26 @@ fn block_product_pass(
     }
     let stacked = Stacked::new(model, vectors);
     let q = vectors.len();
-    // The batch's per-example gradients of every layer are held until its dots
-    // are complete: `B × P` numbers.
+    // Per-example gradients of every layer are gathered for `Gᵀ D`: `rows × P`
+    // numbers in the compute dtype, at least one batch's.
     let batch = problem.batch_size.min(problem.data.len().max(1));
-    hvp_io::memory::check_fits(
-        (batch as u64)
+    let element = match problem.dtype() {
+        DType::F32 => 4,
+        DType::F64 => 8,
+    };
+    let bytes = |rows: usize| {
+        (rows as u64)
             .saturating_mul(model.num_params() as u64)
-            .saturating_mul(8),
-        "one batch's per-example gradients",
-        "lower `batch_size`",
-    )
-    .map_err(|e| SolverError::BadOption(e.to_string()))?;
+            .saturating_mul(element)
+    };
+    let fix = "lower `batch_size`";
+    let what = "the per-example gradients gathered for a block product";
+    let capacity = if hvp_io::memory::check_fits(bytes(ROWS_PER_PRODUCT.max(batch)), what, fix).is_ok() {
+        ROWS_PER_PRODUCT.max(batch)
+    } else {
+        hvp_io::memory::check_fits(bytes(batch), what, fix).map_err(|e| SolverError::BadOption(e.to_string()))?;
+        batch
+    };
     let mut layer_sums: Vec<Vec<f64>> = stacked.layers.iter().map(|lv| vec![0.0; lv.stacked.numel()]).collect();
     // `[q][channel]` sums of each BatchNorm's γ and β.
     let mut norm_sums: Vec<(Vec<f64>, Vec<f64>)> = stacked
@@ -404,8 +510,8 @@ fn block_product_pass(
     let mut all_dots: Vec<Vec<f64>> = vec![Vec::new(); if want_dots { q } else { 0 }];
     let (layers, norms, dots) = (&mut layer_sums, &mut norm_sums, &mut all_dots);
     match problem.dtype() {
-        DType::F32 => product_pass::<f32>(problem, fisher, &stacked, progress, layers, norms, dots)?,
-        DType::F64 => product_pass::<f64>(problem, fisher, &stacked, progress, layers, norms, dots)?,
+        DType::F32 => product_pass::<f32>(problem, fisher, &stacked, capacity, progress, layers, norms, dots)?,
+        DType::F64 => product_pass::<f64>(problem, fisher, &stacked, capacity, progress, layers, norms, dots)?,
     }
     allreduce_nested(&mut layer_sums);
     let mut flat_norms: Vec<Vec<f64>> = norm_sums.iter().flat_map(|(g, b)| [g.clone(), b.clone()]).collect();
@@ -415,18 +521,23 @@ fn block_product_pass(
     for (lv, sums) in stacked.layers.iter().zip(&layer_sums) {
         let l = &lv.layer;
         let width = l.a_dim - l.bias.is_some() as usize;
-        for (k, o) in out.iter_mut().enumerate() {
-            let w = o.tensors[l.weight].data_mut();
-            for r in 0..l.s_dim {
-                let row = l.row0() + r;
-                for a in 0..width {
-                    w[row * width + a] = sums[(r * l.a_dim + a) * q + k] / n;
+        // Read in order, each entry scattered to every vector.
+        let mut weights: Vec<&mut [f64]> = out.iter_mut().map(|o| o.tensors[l.weight].data_mut()).collect();
+        for r in 0..l.s_dim {
+            let row = l.row0() + r;
+            for a in 0..width {
+                let entry = &sums[(r * l.a_dim + a) * q..][..q];
+                for (w, v) in weights.iter_mut().zip(entry) {
+                    w[row * width + a] = v / n;
                 }
             }
-            if let Some(b) = l.bias {
-                let bias = o.tensors[b].data_mut();
-                for r in 0..l.s_dim {
-                    bias[l.row0() + r] = sums[(r * l.a_dim + width) * q + k] / n;
+        }
+        if let Some(b) = l.bias {
+            let mut biases: Vec<&mut [f64]> = out.iter_mut().map(|o| o.tensors[b].data_mut()).collect();
+            for r in 0..l.s_dim {
+                let entry = &sums[(r * l.a_dim + width) * q..][..q];
+                for (bias, v) in biases.iter_mut().zip(entry) {
+                    bias[l.row0() + r] = v / n;
                 }
             }
         }
