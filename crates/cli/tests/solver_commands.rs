@@ -169,3 +169,62 @@ fn spectrum_and_subsample_error_predictions_on_real_mnist() {
         );
     }
 }
+
+#[test]
+fn factors_checkpoint_is_removed_when_done_and_a_foreign_one_is_refused() {
+    let tmp = TempDir::new("factors-resume");
+    let w = tmp.s("w.safetensors");
+    let arch = "mlp:784,16,10";
+    ok(&["init", "--arch", arch, "--seed", "3", "--out", &w]);
+    let d = format!("{}:train", data());
+    let f = tmp.s("f.safetensors");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "factors",
+            "--arch",
+            arch,
+            "--weights",
+            &w,
+            "--dataset",
+            &d,
+            "--limit",
+            "200",
+            "--kind",
+            "ekfac",
+            "--out",
+            &f,
+            "--quiet",
+        ];
+        args.extend(extra);
+        hvp(&args)
+    };
+    let done = run(&["--checkpoint-every", "0", "--resume"]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let partial = tmp.path("f.safetensors.partial");
+    assert!(
+        !partial.exists(),
+        "the checkpoint is removed once the factors are written"
+    );
+    let first = std::fs::read(&f).unwrap();
+    // A file that is no checkpoint of this run is named, not trusted.
+    std::fs::copy(&f, &partial).unwrap();
+    let refused = run(&["--resume"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("f.safetensors.partial") && err.contains("delete it"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        first,
+        "the factors already written are untouched"
+    );
+    // Without --resume the run starts over and replaces it.
+    let fresh = run(&[]);
+    assert!(fresh.status.success(), "{}", String::from_utf8_lossy(&fresh.stderr));
+    assert_eq!(std::fs::read(&f).unwrap(), first);
+    assert!(!partial.exists());
+    let bad = run(&["--checkpoint-every=-1"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--checkpoint-every"));
+}

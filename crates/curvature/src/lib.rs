@@ -288,13 +288,24 @@ impl<'a> Problem<'a> {
     /// per-example values, K-FAC statistics — walks the data through here.
     pub fn for_each_batch<E: From<CurvatureError>>(
         &self,
+        f: impl FnMut(usize, &[usize], &Batch) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.for_each_batch_from(0, f)
+    }
+
+    /// [`Problem::for_each_batch`] from batch number `first` on (the batches
+    /// before it are neither read nor shown to `f`): a pass resumed where an
+    /// earlier one stopped.
+    pub fn for_each_batch_from<E: From<CurvatureError>>(
+        &self,
+        first: usize,
         mut f: impl FnMut(usize, &[usize], &Batch) -> Result<(), E>,
     ) -> Result<(), E> {
         let shard = hvp_dist::shard(self.data.len());
         let size = self.batch_size.max(1);
         let mut batch = Batch::default();
         let mut indices = Vec::with_capacity(size);
-        for (k, start) in shard.clone().step_by(size).enumerate() {
+        for (k, start) in shard.clone().step_by(size).enumerate().skip(first) {
             indices.clear();
             indices.extend(start..(start + size).min(shard.end));
             if self.watch.as_ref().is_some_and(|watch| !watch(indices.len())) {

@@ -193,3 +193,72 @@ fn inverse_products_of_many_vectors_equal_one_at_a_time() {
         }
     }
 }
+
+#[test]
+fn factors_resumed_from_a_checkpoint_equal_the_uninterrupted_ones_bit_for_bit() {
+    use hvp_solvers::kfac::Checkpoint;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (m, w) = model("resnet-cifar:1,1,1", 1, 5, 1.0);
+    let data = fashion(24, false);
+    // 6 batches per pass: EK-FAC's two passes see 12.
+    let p = Problem::new(&m, &w, &data, 4).unwrap().with_dtype(DType::F32);
+    let dir = std::env::temp_dir().join(format!("hvp-kfac-resume-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let whole = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Mc, 3, &|_| {}).unwrap();
+    whole.save(&m, &dir.join("whole.safetensors")).unwrap();
+    let expected = std::fs::read(dir.join("whole.safetensors")).unwrap();
+    // Stopped in the covariance pass, then in the correction pass.
+    for stop_at in [3, 9] {
+        let checkpoint = Checkpoint {
+            path: dir.join(format!("stopped-{stop_at}.partial")),
+            every: std::time::Duration::ZERO,
+            resume: true,
+        };
+        let batches = Arc::new(AtomicUsize::new(0));
+        let seen = batches.clone();
+        let watched = Problem::new(&m, &w, &data, 4)
+            .unwrap()
+            .with_dtype(DType::F32)
+            .with_watch(Arc::new(move |_| seen.fetch_add(1, Ordering::SeqCst) < stop_at));
+        let stopped = Factors::compute_checkpointed(
+            &watched,
+            FactorKind::Ekfac,
+            FisherKind::Mc,
+            3,
+            &|_| {},
+            Some(&checkpoint),
+        );
+        assert!(stopped.is_err(), "the watch stops the pass at batch {stop_at}");
+        assert!(checkpoint.path.is_file());
+        let resumed_batches = Arc::new(AtomicUsize::new(0));
+        let counted = resumed_batches.clone();
+        let again = Problem::new(&m, &w, &data, 4)
+            .unwrap()
+            .with_dtype(DType::F32)
+            .with_watch(Arc::new(move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                true
+            }));
+        let resumed =
+            Factors::compute_checkpointed(&again, FactorKind::Ekfac, FisherKind::Mc, 3, &|_| {}, Some(&checkpoint))
+                .unwrap();
+        // Only the batches after the checkpoint ran again.
+        assert_eq!(resumed_batches.load(Ordering::SeqCst), 12 - stop_at);
+        let out = dir.join(format!("resumed-{stop_at}.safetensors"));
+        resumed.save(&m, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), expected, "stopped at batch {stop_at}");
+        // Another configuration refuses the checkpoint, naming it.
+        let err = Factors::compute_checkpointed(&p, FactorKind::Ekfac, FisherKind::Mc, 4, &|_| {}, Some(&checkpoint))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("another model, data or setting") && err.contains("stopped-"),
+            "{err}"
+        );
+        checkpoint.discard();
+        assert!(!checkpoint.path.exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,13 +5,13 @@ use super::setup;
 use super::solve::FisherArg;
 use crate::args::{DataArgs, ModelArgs, RunArgs};
 use crate::report::{summary, Progress};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hvp_curvature::Problem;
 use hvp_data::Dataset;
-use hvp_solvers::kfac::{FactorKind, Factors};
+use hvp_solvers::kfac::{Checkpoint, FactorKind, Factors};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum KindArg {
@@ -39,6 +39,20 @@ pub struct FactorsArgs {
     /// Output safetensors file (written atomically).
     #[arg(long)]
     pub out: PathBuf,
+    /// Continue an interrupted computation from OUT.partial (its running sums
+    /// and the batches they hold; the result is bit for bit the uninterrupted one).
+    #[arg(long)]
+    pub resume: bool,
+    /// Seconds between saves of the running sums to OUT.partial (0: after every batch).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub checkpoint_every: f64,
+}
+
+/// `OUT.partial`: where `hvp factors --out OUT` keeps its running sums.
+fn checkpoint_path(out: &std::path::Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
 }
 
 pub fn run(a: FactorsArgs) -> Result<()> {
@@ -52,10 +66,38 @@ pub fn run(a: FactorsArgs) -> Result<()> {
     let passes = if kind == FactorKind::Ekfac { 2 } else { 1 };
     let progress = Progress::new(passes * view.len(), "factors", a.run.quiet);
     let start = Instant::now();
-    let f = Factors::compute(&problem, kind, a.fisher.into(), a.seed, &|n| progress.advance(n))?;
+    if !(a.checkpoint_every.is_finite() && a.checkpoint_every >= 0.0) {
+        bail!(
+            "--checkpoint-every must be a number of seconds ≥ 0, not {}",
+            a.checkpoint_every
+        );
+    }
+    let checkpoint = Checkpoint {
+        path: checkpoint_path(&a.out),
+        every: Duration::from_secs_f64(a.checkpoint_every),
+        resume: a.resume,
+    };
+    if a.resume && !a.run.quiet {
+        match checkpoint.path.is_file() {
+            true => eprintln!("resuming from {}", checkpoint.path.display()),
+            false => eprintln!(
+                "--resume: no {} yet; starting from the beginning",
+                checkpoint.path.display()
+            ),
+        }
+    }
+    let f = Factors::compute_checkpointed(
+        &problem,
+        kind,
+        a.fisher.into(),
+        a.seed,
+        &|n| progress.advance(n),
+        Some(&checkpoint),
+    )?;
     progress.finish();
     f.save(&model, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
+    checkpoint.discard();
     summary("hvp factors", view.len(), start.elapsed(), a.run.quiet);
     if !a.run.quiet {
         println!(

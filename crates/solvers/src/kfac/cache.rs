@@ -6,6 +6,11 @@
 use super::*;
 use hvp_io::hash::{fnv1a, FNV_OFFSET};
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// How often a cached computation saves its running sums (a few tens of
+/// megabytes for a ResNet; a second to write at most).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 /// Where a configuration's factors came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,9 +93,18 @@ impl Factors {
         if let (Some(f), true) = (found, hits[0] == hvp_dist::size() as f64) {
             return Ok((f, FactorSource::Cached(path)));
         }
-        let f = Factors::compute(problem, kind, fisher, seed, progress)?;
-        let stored =
-            hvp_dist::rank() == 0 && std::fs::create_dir_all(dir).is_ok() && f.save(problem.model, &path).is_ok();
+        // An interrupted computation of the same key continues where it stopped.
+        let checkpoint = Checkpoint {
+            path: dir.join(format!("{}-{key}.partial", kind_name(kind))),
+            every: CHECKPOINT_EVERY,
+            resume: true,
+        };
+        let writable = hvp_dist::rank() == 0 && std::fs::create_dir_all(dir).is_ok();
+        let f = Factors::compute_checkpointed(problem, kind, fisher, seed, progress, writable.then_some(&checkpoint))?;
+        let stored = writable && f.save(problem.model, &path).is_ok();
+        if stored {
+            checkpoint.discard();
+        }
         Ok((f, FactorSource::Computed(stored.then_some(path))))
     }
 }

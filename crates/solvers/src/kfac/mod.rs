@@ -26,8 +26,10 @@
 //! factors; `self_influence`: per-example `∇ℓ_iᵀ (F̂ + λI)⁻¹ ∇ℓ_i`.
 
 mod cache;
+mod checkpoint;
 mod contract;
-pub use cache::{cache_key, FactorSource};
+pub use cache::{cache_key, FactorSource, CHECKPOINT_EVERY};
+pub use checkpoint::Checkpoint;
 mod io;
 mod sampling;
 mod self_influence;
@@ -401,11 +403,32 @@ pub(super) fn stream_observed_as<T: Float>(
     visit: TypedVisitor<T>,
     sample_end: &mut dyn FnMut(usize),
 ) -> Result<(), SolverError> {
+    stream_observed_from(problem, fisher, seed, 0, progress, visit, sample_end, &mut |_| Ok(()))
+}
+
+/// [`stream_observed_as`] from batch number `first_batch` on (a resumed
+/// pass: the examples before it are counted as done), calling
+/// `batch_end(batches done)` after each batch.
+#[allow(clippy::too_many_arguments)]
+fn stream_observed_from<T: Float>(
+    problem: &Problem,
+    fisher: FisherKind,
+    seed: u64,
+    first_batch: usize,
+    progress: &dyn Fn(usize),
+    visit: TypedVisitor<T>,
+    sample_end: &mut dyn FnMut(usize),
+    batch_end: &mut dyn FnMut(usize) -> Result<(), SolverError>,
+) -> Result<(), SolverError> {
     let model = problem.model;
     let params: Vec<Tensor<T>> = problem.weights.params_as();
     let buffers: Vec<Tensor<T>> = problem.weights.buffers_as();
     let graph: &Graph = &model.graph;
-    problem.for_each_batch(|_, idx, batch| {
+    let skipped = (first_batch * problem.batch_size.max(1)).min(hvp_dist::shard(problem.data.len()).len());
+    if skipped > 0 {
+        progress(skipped * hvp_dist::size());
+    }
+    problem.for_each_batch_from(first_batch, |k, idx, batch| {
         let start = idx[0];
         let mut shape = vec![idx.len()];
         shape.extend(problem.data.sample_shape());
@@ -431,7 +454,7 @@ pub(super) fn stream_observed_as<T: Float>(
             sample_end(idx.len());
         }
         progress(idx.len() * hvp_dist::size());
-        Ok::<(), SolverError>(())
+        batch_end(k + 1)
     })
 }
 
@@ -444,6 +467,24 @@ impl Factors {
         seed: u64,
         progress: &dyn Fn(usize),
     ) -> Result<Factors, SolverError> {
+        Self::compute_checkpointed(problem, kind, fisher, seed, progress, None)
+    }
+
+    /// [`Factors::compute`] saving its running sums to `checkpoint` as it
+    /// goes and, when the checkpoint holds an earlier run of the same
+    /// configuration, continuing from it: the result is bit for bit the
+    /// uninterrupted one (the sums are added batch by batch in the same order).
+    /// The caller removes the checkpoint ([`Checkpoint::discard`]) once the
+    /// factors are stored. Under MPI the checkpoint is not used.
+    pub fn compute_checkpointed(
+        problem: &Problem,
+        kind: FactorKind,
+        fisher: FisherKind,
+        seed: u64,
+        progress: &dyn Fn(usize),
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Factors, SolverError> {
+        let checkpoint = checkpoint.filter(|_| !hvp_dist::is_distributed());
         let model = problem.model;
         let layers = layers_of(model);
         let n = problem.data.len() as f64;
@@ -468,9 +509,48 @@ impl Factors {
             corrected: layers.iter().map(|l| vec![0.0; l.s_dim * l.a_dim]).collect(),
             diag: model.params.iter().map(|p| vec![0.0; p.numel()]).collect(),
         };
-        match problem.dtype() {
-            DType::F32 => Self::first_pass::<f32>(problem, &layers, fisher, seed, progress, &mut sums)?,
-            DType::F64 => Self::first_pass::<f64>(problem, &layers, fisher, seed, progress, &mut sums)?,
+        let key = checkpoint.map(|_| cache_key(problem, kind, fisher, seed)).transpose()?;
+        let mut saver = match (checkpoint, &key) {
+            (Some(c), Some(key)) => Some(checkpoint::Saver::new(c, key)),
+            _ => None,
+        };
+        let at_stage = |saver: &mut Option<checkpoint::Saver>, stage| {
+            if let Some(s) = saver.as_mut() {
+                s.stage = stage;
+            }
+        };
+        let resumed = match (checkpoint, &key) {
+            (Some(c), Some(key)) if c.resume => checkpoint::load(c, key, &mut sums)?,
+            _ => None,
+        };
+        let (stage, first_batch) = resumed.unwrap_or((checkpoint::Stage::Covariance, 0));
+        if stage == checkpoint::Stage::Covariance {
+            at_stage(&mut saver, checkpoint::Stage::Covariance);
+            match problem.dtype() {
+                DType::F32 => Self::first_pass::<f32>(
+                    problem,
+                    &layers,
+                    fisher,
+                    seed,
+                    first_batch,
+                    progress,
+                    &mut sums,
+                    &mut saver,
+                )?,
+                DType::F64 => Self::first_pass::<f64>(
+                    problem,
+                    &layers,
+                    fisher,
+                    seed,
+                    first_batch,
+                    progress,
+                    &mut sums,
+                    &mut saver,
+                )?,
+            }
+        } else {
+            // The first pass is complete in the checkpoint.
+            progress(problem.data.len());
         }
         allreduce_nested(&mut sums.a);
         allreduce_nested(&mut sums.s);
@@ -493,13 +573,36 @@ impl Factors {
             });
         }
         if kind == FactorKind::Ekfac {
+            let first_batch = if stage == checkpoint::Stage::Correction {
+                first_batch
+            } else {
+                0
+            };
+            at_stage(&mut saver, checkpoint::Stage::Correction);
+            let factors = &out_layers;
             match problem.dtype() {
-                DType::F32 => {
-                    Self::correction_pass::<f32>(problem, &layers, &out_layers, fisher, seed, progress, &mut sums)?
-                }
-                DType::F64 => {
-                    Self::correction_pass::<f64>(problem, &layers, &out_layers, fisher, seed, progress, &mut sums)?
-                }
+                DType::F32 => Self::correction_pass::<f32>(
+                    problem,
+                    &layers,
+                    factors,
+                    fisher,
+                    seed,
+                    first_batch,
+                    progress,
+                    &mut sums,
+                    &mut saver,
+                )?,
+                DType::F64 => Self::correction_pass::<f64>(
+                    problem,
+                    &layers,
+                    factors,
+                    fisher,
+                    seed,
+                    first_batch,
+                    progress,
+                    &mut sums,
+                    &mut saver,
+                )?,
             }
             allreduce_nested(&mut sums.corrected);
             for (li, f) in out_layers.iter_mut().enumerate() {
@@ -523,17 +626,23 @@ impl Factors {
 
     /// The first pass: `A` and `S` of every layer (batched GEMMs in the compute
     /// dtype `T`, summed in f64) and the diagonal of the other parameters.
+    #[allow(clippy::too_many_arguments)]
     fn first_pass<T: Float>(
         problem: &Problem,
         layers: &[Layer],
         fisher: FisherKind,
         seed: u64,
+        first_batch: usize,
         progress: &dyn Fn(usize),
         sums: &mut Sums,
+        saver: &mut Option<checkpoint::Saver>,
     ) -> Result<(), SolverError> {
         let model = problem.model;
         let buffers = &problem.weights.buffers;
+        let sums = std::cell::RefCell::new(sums);
         let mut visit = |node: NodeId, op: &Op, x: &Tensor<T>, gy: &Tensor<T>, first: bool| {
+            let mut sums = sums.borrow_mut();
+            let sums = &mut **sums;
             for (li, l) in layers.iter().enumerate().filter(|(_, l)| l.node == node) {
                 let (x, gy) = l.view(x, gy);
                 let a = if first { Some(sums.a[li].as_mut_slice()) } else { None };
@@ -549,19 +658,35 @@ impl Factors {
                 bn_diagonal(x, gy, &buffers[mean], &buffers[var], eps, &mut sums.diag, weight, bias);
             }
         };
-        stream_observed_as::<T>(problem, fisher, seed, progress, &mut visit, &mut |_| {})
+        let mut batch_end = |done: usize| match saver {
+            Some(saver) => saver.after_batch(done, &sums.borrow()),
+            None => Ok(()),
+        };
+        stream_observed_from::<T>(
+            problem,
+            fisher,
+            seed,
+            first_batch,
+            progress,
+            &mut visit,
+            &mut |_| {},
+            &mut batch_end,
+        )
     }
 
     /// EK-FAC's second pass: each layer's per-example gradients in the factors'
     /// eigenbases, squared and summed.
+    #[allow(clippy::too_many_arguments)]
     fn correction_pass<T: Float>(
         problem: &Problem,
         layers: &[Layer],
         factors: &[LayerFactors],
         fisher: FisherKind,
         seed: u64,
+        first_batch: usize,
         progress: &dyn Fn(usize),
         sums: &mut Sums,
+        saver: &mut Option<checkpoint::Saver>,
     ) -> Result<(), SolverError> {
         let model = problem.model;
         let bases: Vec<(Tensor<T>, Tensor<T>)> = layers
@@ -574,14 +699,29 @@ impl Factors {
                 )
             })
             .collect();
+        let sums = std::cell::RefCell::new(sums);
         let mut visit = |node: NodeId, _: &Op, x: &Tensor<T>, gy: &Tensor<T>, _: bool| {
+            let mut sums = sums.borrow_mut();
             for (li, l) in layers.iter().enumerate().filter(|(_, l)| l.node == node) {
                 let (qa, qs) = &bases[li];
                 let (x, gy) = l.view(x, gy);
                 statistics::add_corrections(l, &x, &gy, &l.w_shape(model), qa, qs, &mut sums.corrected[li]);
             }
         };
-        stream_observed_as::<T>(problem, fisher, seed, progress, &mut visit, &mut |_| {})
+        let mut batch_end = |done: usize| match saver {
+            Some(saver) => saver.after_batch(done, &sums.borrow()),
+            None => Ok(()),
+        };
+        stream_observed_from::<T>(
+            problem,
+            fisher,
+            seed,
+            first_batch,
+            progress,
+            &mut visit,
+            &mut |_| {},
+            &mut batch_end,
+        )
     }
 
     /// Names of the parameters with neither Kronecker factors nor a diagonal
