@@ -98,6 +98,67 @@ fn nothing_to_cut_when_every_parameter_is_trainable() {
     assert!(FrozenPrefix::of(&imported.model, &imported.weights, &data_shape(&data)).is_none());
 }
 
+/// Features kept in a scratch file read back as the in-memory ones, bit for
+/// bit, in any order; the file goes with them; an unusable directory is named.
+#[test]
+fn features_on_disk_equal_the_in_memory_ones_bit_for_bit() {
+    use hvp_curvature::frozen::FeatureStore;
+    use hvp_data::{Batch, Dataset};
+    let dir = case("seed_resnet");
+    let options = ImportOptions {
+        params_glob: Some("layer3.*".into()),
+    };
+    let imported = load(&dir.join("legacy.onnx"), &options).unwrap();
+    let (model, weights) = (&imported.model, &imported.weights);
+    let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
+    let frozen = FrozenPrefix::of(model, weights, &data_shape(&data)).unwrap();
+    let scratch = std::env::temp_dir().join(format!("hvp-features-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    let n = data.len();
+    let order: Vec<usize> = (0..n).rev().chain(0..n).collect();
+    let v = ParamVector::random_normal(model, 5);
+    for dtype in [DType::F32, DType::F64] {
+        let store = |s: FeatureStore| frozen.features_in(weights, &data, None, 3, dtype, &s, &|_| {}).unwrap();
+        let memory = store(FeatureStore::Memory);
+        let disk = store(FeatureStore::Disk(scratch.clone()));
+        let file = disk.on_disk().expect("kept on disk");
+        assert_eq!(file.parent(), Some(scratch.as_path()));
+        assert!(disk.describe().contains("scratch file"), "{}", disk.describe());
+        let (mut a, mut b) = (Batch::default(), Batch::default());
+        memory.read(&order, &mut a).unwrap();
+        disk.read(&order, &mut b).unwrap();
+        assert_eq!(a.x, b.x, "{dtype:?}");
+        assert_eq!(a.labels, b.labels);
+        let product = |f: &dyn Dataset| {
+            Problem::new(&frozen.tail, weights, f, 3)
+                .unwrap()
+                .with_dtype(dtype)
+                .product(Curvature::Ggn, &v, &|_| {})
+                .unwrap()
+                .value
+        };
+        let (pm, pd) = (product(&memory), product(&disk));
+        for (x, y) in pm.tensors.iter().zip(&pd.tensors) {
+            assert_eq!(x.data(), y.data(), "{dtype:?}");
+        }
+        drop(disk);
+        assert_eq!(
+            std::fs::read_dir(&scratch).unwrap().count(),
+            0,
+            "the scratch file is removed"
+        );
+    }
+    let missing = FeatureStore::Disk(scratch.join("no-such-directory"));
+    let err = frozen
+        .features_in(weights, &data, None, 3, DType::F32, &missing, &|_| {})
+        .err()
+        .expect("an unusable scratch directory is an error")
+        .to_string();
+    assert!(err.contains("no-such-directory") && err.contains("TMPDIR"), "{err}");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 fn data_shape(d: &dyn hvp_data::Dataset) -> Vec<usize> {
     d.sample_shape()
 }

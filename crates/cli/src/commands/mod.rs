@@ -54,7 +54,15 @@ pub fn frozen_features(
         progress.advance(n)
     });
     progress.finish();
-    features.context("computing the frozen prefix's features")
+    let features = features.context("computing the frozen prefix's features")?;
+    if let (Some(path), false) = (features.on_disk(), run.quiet) {
+        eprintln!(
+            "note: the frozen prefix's features of {total} examples exceed half of the free memory; kept in a \
+             scratch file in {} (removed at exit; TMPDIR chooses the directory)",
+            path.parent().unwrap_or(path).display()
+        );
+    }
+    Ok(features)
 }
 
 /// What one pass over the data computes.
