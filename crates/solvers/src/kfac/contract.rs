@@ -12,8 +12,9 @@
 //! empirical Fisher (or, over the output Hessian's square-root columns, the
 //! GGN) times every vector at once.
 
-use super::statistics::example_gradient;
+use super::statistics::example_gradient_into;
 use super::*;
+use hvp_tensor::conv::ImageGradientScratch;
 use hvp_tensor::linalg::gemm_into;
 
 /// One covered layer's vectors: `[O·A, Q]`, the weight's rows with the bias as
@@ -154,7 +155,9 @@ fn contract_pass<T: Float>(
             let rows = sink.rows(li, b, width);
             rows.par_chunks_mut(width.max(1))
                 .enumerate()
-                .for_each(|(i, row)| row.copy_from_slice(&example_gradient(l, &x, &gy, &w_shape, i)));
+                .for_each_init(ImageGradientScratch::new, |scratch, (i, row)| {
+                    example_gradient_into(l, &x, &gy, &w_shape, i, scratch, row)
+                });
             layer_dots.resize(b * q, T::ZERO);
             gemm_into(
                 layer_dots,

@@ -329,14 +329,26 @@ fn projected_gradient(
 /// `Σ_i f(i)` over the examples of a batch, in parallel over fixed groups of
 /// examples summed in order, so the result does not depend on the thread count.
 fn sum_over_examples(b: usize, len: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    sum_over_examples_with(b, len, || (), |_, i, acc| f(i, acc))
+}
+
+/// [`sum_over_examples`] with buffers made by `init` once per group of
+/// examples and handed to every `f` of the group.
+fn sum_over_examples_with<S>(
+    b: usize,
+    len: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, usize, &mut [f64]) + Sync,
+) -> Vec<f64> {
     const GROUP: usize = 8;
     let starts: Vec<usize> = (0..b).step_by(GROUP).collect();
     let parts: Vec<Vec<f64>> = starts
         .par_iter()
         .map(|&s| {
             let mut acc = vec![0.0; len];
+            let mut buffers = init();
             for i in s..(s + GROUP).min(b) {
-                f(i, &mut acc);
+                f(&mut buffers, i, &mut acc);
             }
             acc
         })

@@ -8,7 +8,8 @@
 //! multiplications (`hvp_tensor::conv::patch_gram_3x3`).
 
 use super::*;
-use hvp_tensor::linalg::gemm_into;
+use hvp_tensor::conv::ImageGradientScratch;
+use hvp_tensor::linalg::{gemm_into, gemm_strided_into, RowStrides};
 
 /// Example i's layer input as `[a_dim, T]` (im2col patches of a convolution,
 /// the input row of a dense layer), with a row of ones for the bias.
@@ -133,11 +134,21 @@ pub(super) fn add_corrections<T: Float>(
     qs: &Tensor<T>,
     acc: &mut [f64],
 ) {
-    let part = sum_over_examples(x.shape()[0], l.s_dim * l.a_dim, |i, out| {
-        let gradient = Tensor::new(vec![l.s_dim, l.a_dim], example_gradient(l, x, gy, w_shape, i)).expect("s*a");
-        let left = matmul_with(qs, true, &gradient, false, Par::Serial);
-        let p = matmul_with(&left, false, qa, false, Par::Serial);
-        out.iter_mut().zip(p.data()).for_each(|(o, v)| {
+    let (s, a) = (l.s_dim, l.a_dim);
+    // Per group of examples: the image scratch, the gradient, `Q_Sᵀ G` and `Q_Sᵀ G Q_A`.
+    let buffers = || {
+        (
+            ImageGradientScratch::new(),
+            vec![T::ZERO; s * a],
+            vec![T::ZERO; s * a],
+            vec![T::ZERO; s * a],
+        )
+    };
+    let part = sum_over_examples_with(x.shape()[0], s * a, buffers, |(scratch, gradient, left, p), i, out| {
+        example_gradient_into(l, x, gy, w_shape, i, scratch, gradient);
+        gemm_into(left, qs.data(), true, gradient, false, s, a, s, false, Par::Serial);
+        gemm_into(p, left, false, qa.data(), false, s, a, a, false, Par::Serial);
+        out.iter_mut().zip(p.iter()).for_each(|(o, v)| {
             let v = v.to_f64();
             *o += v * v;
         });
@@ -146,77 +157,61 @@ pub(super) fn add_corrections<T: Float>(
 }
 
 /// Example i's gradient of layer `l` as `[O, A]` rows (bias last), in the
-/// compute dtype: for a convolution the convolution's own weight-gradient
-/// kernel on the one image (as fast as the gradient pass's), for a dense
+/// compute dtype, written to `out` (`O·A` entries): for a convolution the
+/// convolution's own weight-gradient kernel on the one image (as fast as the
+/// gradient pass's, reusing `scratch` across the layer's images), for a dense
 /// layer the outer product `g āᵀ`.
-pub(super) fn example_gradient<T: Float>(
+pub(super) fn example_gradient_into<T: Float>(
     l: &Layer,
     x: &Tensor<T>,
     gy: &Tensor<T>,
     w_shape: &[usize],
     i: usize,
-) -> Vec<T> {
+    scratch: &mut ImageGradientScratch<T>,
+    out: &mut [T],
+) {
     let b = x.shape()[0];
-    let Some(geometry) = l.conv else {
-        let (width, out) = (x.numel() / b, gy.numel() / b);
-        let xi = &x.data()[i * width..(i + 1) * width];
-        let gi = &gy.data()[i * out..(i + 1) * out];
-        let tokens = out / l.s_dim;
-        if tokens > 1 {
-            // `Σ_t g_t a_tᵀ` of `[s, T]` and `[in, T]`, bias column `Σ_t g_t`.
-            let inputs = width / tokens;
-            let mut gw = vec![T::ZERO; l.s_dim * inputs];
-            gemm_into(
-                &mut gw,
-                gi,
-                false,
-                xi,
-                true,
-                l.s_dim,
-                inputs,
-                tokens,
-                false,
-                Par::Serial,
-            );
-            if l.bias.is_none() {
-                return gw;
-            }
-            let mut rows = Vec::with_capacity(l.s_dim * l.a_dim);
-            for (o, row) in gw.chunks_exact(inputs).enumerate() {
-                rows.extend_from_slice(row);
-                rows.push(gi[o * tokens..(o + 1) * tokens].iter().fold(T::ZERO, |acc, &v| acc + v));
-            }
-            return rows;
+    let (width, outputs) = (x.numel() / b, gy.numel() / b);
+    let xi = &x.data()[i * width..(i + 1) * width];
+    let gi = &gy.data()[i * outputs..(i + 1) * outputs];
+    let bias = l.bias.is_some();
+    let tokens = outputs / l.s_dim.max(1);
+    if let Some(geometry) = l.conv {
+        let s = x.shape();
+        conv::image_weight_gradient_into(xi, [s[1], s[2], s[3]], gi, w_shape, geometry, scratch, out, l.a_dim);
+    } else if tokens > 1 {
+        // `Σ_t g_t a_tᵀ` of `[s, T]` and `[in, T]`.
+        let inputs = width / tokens;
+        let strides = RowStrides {
+            a: tokens,
+            b: tokens,
+            c: l.a_dim,
+        };
+        let rows = &mut out[..(l.s_dim - 1) * l.a_dim + inputs];
+        gemm_strided_into(
+            rows,
+            gi,
+            false,
+            xi,
+            true,
+            l.s_dim,
+            inputs,
+            tokens,
+            strides,
+            false,
+            Par::Serial,
+        );
+    } else {
+        for (row, &g) in out.chunks_exact_mut(l.a_dim).zip(gi) {
+            row.iter_mut().zip(xi).for_each(|(r, &a)| *r = a * g);
         }
-        let mut rows = Vec::with_capacity(out * l.a_dim);
-        for &g in gi {
-            rows.extend(xi.iter().map(|&a| a * g));
-            if l.bias.is_some() {
-                rows.push(g);
-            }
+    }
+    // The bias column: `Σ_t g_t` per output.
+    if bias {
+        for (row, g) in out.chunks_exact_mut(l.a_dim).zip(gi.chunks_exact(tokens.max(1))) {
+            row[l.a_dim - 1] = g.iter().fold(T::ZERO, |acc, &v| acc + v);
         }
-        return rows;
-    };
-    let one = |t: &Tensor<T>| {
-        let s = t.shape();
-        let size: usize = s[1..].iter().product();
-        let mut shape = s.to_vec();
-        shape[0] = 1;
-        Tensor::new(shape, t.data()[i * size..(i + 1) * size].to_vec()).expect("one image")
-    };
-    let (xi, gi) = (one(x), one(gy));
-    let gw = conv::backward_weight(&xi, &gi, w_shape, geometry);
-    if l.bias.is_none() {
-        return gw.into_data();
     }
-    let width = l.a_dim - 1;
-    let plane = gi.numel() / l.s_dim;
-    let mut out = Vec::with_capacity(l.s_dim * l.a_dim);
-    for o in 0..l.s_dim {
-        out.extend_from_slice(&gw.data()[o * width..(o + 1) * width]);
-        out.push(gi.data()[o * plane..(o + 1) * plane].iter().copied().sum());
-    }
-    out
 }
 
 #[cfg(test)]

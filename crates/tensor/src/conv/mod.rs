@@ -338,6 +338,92 @@ pub fn backward_weight_dual<T: Float>(
     (gw.expect("value requested"), dgw)
 }
 
+/// Buffers of [`image_weight_gradient_into`], reused across the images of one
+/// layer (its patches' zero padding is written once, where the layer's
+/// geometry puts it, and never again).
+pub struct ImageGradientScratch<T> {
+    patches: Vec<T>,
+    gy_t: Vec<T>,
+    acc: Vec<T>,
+}
+
+impl<T: Float> ImageGradientScratch<T> {
+    /// Empty buffers, grown on first use.
+    pub fn new() -> Self {
+        ImageGradientScratch {
+            patches: Vec::new(),
+            gy_t: Vec::new(),
+            acc: Vec::new(),
+        }
+    }
+
+    fn sized(&mut self, patches: usize, gy_t: usize, acc: usize) -> (&mut [T], &mut [T], &mut [T]) {
+        for (buf, len) in [
+            (&mut self.patches, patches),
+            (&mut self.gy_t, gy_t),
+            (&mut self.acc, acc),
+        ] {
+            if buf.len() < len {
+                buf.resize(len, T::ZERO);
+            }
+        }
+        (
+            &mut self.patches[..patches],
+            &mut self.gy_t[..gy_t],
+            &mut self.acc[..acc],
+        )
+    }
+}
+
+impl<T: Float> Default for ImageGradientScratch<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One image's weight gradient, the per-example form of [`backward_weight`]
+/// (the same products): `x` `[C, H, W]` and `gy` `[O, Ho, Wo]` give row `o`
+/// of `out`, `[C, kh, kw]` flattened, at `out[o·ld ..]` (`ld ≥ C·kh·kw`; the
+/// entries between rows are left as they are). No allocation once `scratch`
+/// has grown to the layer's sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn image_weight_gradient_into<T: Float>(
+    x: &[T],
+    image_shape: [usize; 3],
+    gy: &[T],
+    w_shape: &[usize],
+    g: ConvGeometry,
+    scratch: &mut ImageGradientScratch<T>,
+    out: &mut [T],
+    ld: usize,
+) {
+    let [c, h, w] = image_shape;
+    let d = Dims::new(&[1, c, h, w], w_shape, g);
+    let (patch, plane) = (d.patch(), d.out_plane());
+    assert!(
+        ld >= patch && out.len() >= (d.o - 1) * ld + patch,
+        "image_weight_gradient_into: output rows"
+    );
+    assert_eq!(
+        (x.len(), gy.len()),
+        (c * h * w, d.o * plane),
+        "image_weight_gradient_into: image sizes"
+    );
+    if rows::applies(&d, g) {
+        return rows::image_weight_gradient_into(x, gy, &d, scratch, out, ld);
+    }
+    let (cols, gy_t, acc) = scratch.sized(patch * plane, plane * d.o, patch * d.o);
+    im2col(x, &d, g, cols);
+    transpose_into(gy, d.o, plane, gy_t);
+    // gWᵀ [patch, O] = cols [patch, HW] · gyᵀ, as the batched kernel computes it.
+    gemm_into(acc, cols, false, gy_t, false, patch, d.o, plane, false, Par::Serial);
+    for (r, row) in acc.chunks_exact(d.o).enumerate() {
+        for (o, &v) in row.iter().enumerate() {
+            out[o * ld + r] = v;
+        }
+    }
+}
+
 /// Only the tangent of the weight gradient, `Σ ġy·colsᵀ(x) + gy·colsᵀ(ẋ)`
 /// (`None` when both tangents are absent): forward-over-reverse wants `H v`, not
 /// the gradient, so the value's product is skipped.
@@ -536,6 +622,42 @@ mod tests {
                 let via_w = dot_f64(&w, &backward_weight(&x, &gy, w.shape(), g));
                 assert!((base - via_x).abs() < 1e-10 * base.abs().max(1.0), "{g:?} k={k}");
                 assert!((base - via_w).abs() < 1e-10 * base.abs().max(1.0), "{g:?} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_image_gradients_with_reused_scratch_equal_the_batched_kernel() {
+        for (h, wd) in [(7, 6), (6, 7)] {
+            for (k, stride, padding) in GEOMETRIES {
+                let g = ConvGeometry { stride, padding };
+                let x = pseudo(&[2, 3, h, wd], 0.9);
+                let w_shape = [4, 3, k, k];
+                let gy = pseudo(forward(&x, &pseudo(&w_shape, 0.1), g).shape(), 2.3);
+                let (img_in, img_out) = (x.numel() / 2, gy.numel() / 2);
+                let patch = 3 * k * k;
+                // Rows of `patch + 2` with sentinels between them, which must survive.
+                let ld = patch + 2;
+                let mut scratch = ImageGradientScratch::new();
+                for i in 0..2 {
+                    let one = |t: &Tensor<f64>, n: usize| {
+                        let mut shape = t.shape().to_vec();
+                        shape[0] = 1;
+                        Tensor::new(shape, t.data()[i * n..(i + 1) * n].to_vec()).unwrap()
+                    };
+                    let want = backward_weight(&one(&x, img_in), &one(&gy, img_out), &w_shape, g);
+                    let mut out = vec![-7.0; 4 * ld];
+                    let (xi, gi) = (&x.data()[i * img_in..][..img_in], &gy.data()[i * img_out..][..img_out]);
+                    image_weight_gradient_into(xi, [3, h, wd], gi, &w_shape, g, &mut scratch, &mut out, ld);
+                    for o in 0..4 {
+                        assert_eq!(
+                            &out[o * ld..o * ld + patch],
+                            &want.data()[o * patch..(o + 1) * patch],
+                            "{g:?} k={k}"
+                        );
+                        assert_eq!(&out[o * ld + patch..(o + 1) * ld], &[-7.0, -7.0]);
+                    }
+                }
             }
         }
     }

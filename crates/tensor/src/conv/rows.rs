@@ -209,6 +209,52 @@ pub(super) fn backward_input_dual<T: Float>(
     (Tensor::new(shape, gx).expect("b·c·h·w elements"), dgx)
 }
 
+/// [`super::image_weight_gradient_into`] on row patches: per kernel row `i`,
+/// `gW_iᵀ [C·kw × O] = rows(x)[:, i·w ..] · gyᵀ`, regrouped into the rows of `out`.
+pub(super) fn image_weight_gradient_into<T: Float>(
+    x: &[T],
+    gy: &[T],
+    d: &Dims,
+    scratch: &mut super::ImageGradientScratch<T>,
+    out: &mut [T],
+    ld: usize,
+) {
+    let n = d.h * d.w;
+    let (k, len) = (d.c * d.kw, line_len(d));
+    let (rows, g_t, acc) = scratch.sized(k * len, n * d.o, d.kh * k * d.o);
+    row_patches(x, d, rows);
+    crate::linalg::transpose_into(gy, d.o, n, g_t);
+    let strides = RowStrides { a: len, b: d.o, c: d.o };
+    for i in 0..d.kh {
+        let block = &mut acc[i * k * d.o..][..k * d.o];
+        gemm_strided_into(
+            block,
+            &rows[i * d.w..],
+            false,
+            g_t,
+            false,
+            k,
+            d.o,
+            n,
+            strides,
+            false,
+            Par::Serial,
+        );
+    }
+    // [kh][C·kw × O] → row o: [C, kh, kw].
+    for i in 0..d.kh {
+        for c in 0..d.c {
+            for j in 0..d.kw {
+                let from = &acc[(i * k + c * d.kw + j) * d.o..][..d.o];
+                let at = (c * d.kh + i) * d.kw + j;
+                for (o, &v) in from.iter().enumerate() {
+                    out[o * ld + at] = v;
+                }
+            }
+        }
+    }
+}
+
 /// [`super::weight_gradient_parts`] on row patches: per kernel row `i`,
 /// `gW_iᵀ [C·kw × O] += rows(x)[:, i·w ..] · gyᵀ` (summed by
 /// [`super::weight_gradient_sums`]).
