@@ -24,11 +24,11 @@ struct LayerVectors {
     stacked: Tensor<f64>,
 }
 
-/// A BatchNorm's γ and β entries of every vector (`[q][channel]`).
+/// A BatchNorm's γ and β entries of every vector: `[2C, Q]`, γ's C rows then β's.
 struct BatchNormVectors {
     node: NodeId,
-    gamma: Vec<Vec<f64>>,
-    beta: Vec<Vec<f64>>,
+    channels: usize,
+    stacked: Vec<f64>,
 }
 
 /// Whether every parameter of `model` lies in a layer whose per-example
@@ -85,10 +85,17 @@ impl Stacked {
         let mut norms = Vec::new();
         for (node, op) in model.graph.nodes().iter().enumerate() {
             if let Op::BatchNorm(bn) = op {
+                let channels = vectors.first().map_or(0, |v| v.tensors[bn.weight].numel());
+                let mut stacked = Vec::with_capacity(2 * channels * q);
+                for p in [bn.weight, bn.bias] {
+                    for ch in 0..channels {
+                        stacked.extend(vectors.iter().map(|v| v.tensors[p].data()[ch]));
+                    }
+                }
                 norms.push(BatchNormVectors {
                     node,
-                    gamma: vectors.iter().map(|v| v.tensors[bn.weight].data().to_vec()).collect(),
-                    beta: vectors.iter().map(|v| v.tensors[bn.bias].data().to_vec()).collect(),
+                    channels,
+                    stacked,
                 });
             }
         }
@@ -103,15 +110,15 @@ trait GradientSink<T> {
     /// [`Stacked::layers`]) of the current sample, which the pass fills.
     fn rows(&mut self, li: usize, b: usize, width: usize) -> &mut [T];
     /// The sample's `b` examples are done: `dots` is `[b][q]`, `norms` the
-    /// per-example `(γ, β)` gradients of each BatchNorm (an index of
+    /// per-example γ and β gradients `[b, 2C]` of each BatchNorm (an index of
     /// [`Stacked::norms`]) when they were asked for.
     fn sample_done(&mut self, b: usize, dots: &[f64], norms: Vec<NormGradients>);
     /// Whether BatchNorm's per-example gradients are wanted in `sample_done`.
     fn wants_norms(&self) -> bool;
 }
 
-/// One BatchNorm's per-example `(γ gradient, β gradient)`.
-type NormGradients = (usize, Vec<(Vec<f64>, Vec<f64>)>);
+/// One BatchNorm's per-example γ and β gradients, `[b, 2C]`.
+type NormGradients = (usize, Vec<f64>);
 
 /// One pass over the data forming every example's gradient (per cotangent
 /// sample of `fisher`) layer by layer into the rows `sink` gives, with the
@@ -178,15 +185,22 @@ fn contract_pass<T: Float>(
         if let (Op::BatchNorm(bn), Some(ni)) = (op, stacked.norms.iter().position(|n| n.node == node)) {
             let v = &stacked.norms[ni];
             let st = &bn.stats;
-            let per_example = bn_example_grads(x, gy, &buffers[st.mean], &buffers[st.var], st.eps);
-            let dot = |grad: &[f64], vec: &[f64]| grad.iter().zip(vec).map(|(a, b)| a * b).sum::<f64>();
-            for (i, (gg, gb)) in per_example.iter().enumerate() {
-                for k in 0..q {
-                    dots[i * q + k] += dot(gg, &v.gamma[k]) + dot(gb, &v.beta[k]);
-                }
-            }
+            let rows = bn_example_rows(x, gy, &buffers[st.mean], &buffers[st.var], st.eps);
+            // `[b, 2C] × [2C, Q]`, added to the dots.
+            gemm_into(
+                &mut dots[..b * q],
+                &rows,
+                false,
+                &v.stacked,
+                false,
+                b,
+                q,
+                2 * v.channels,
+                true,
+                Par::Serial,
+            );
             if wants_norms {
-                norms.push((ni, per_example));
+                norms.push((ni, rows));
             }
         }
     };
@@ -256,7 +270,7 @@ struct ProductSums<'a, T> {
     layers: &'a mut [Vec<f64>],
     pending: Vec<Vec<T>>,
     pending_products: usize,
-    norms: &'a mut [(Vec<f64>, Vec<f64>)],
+    norms: &'a mut [Vec<f64>],
     dots: &'a mut [Vec<f64>],
 }
 
@@ -265,7 +279,7 @@ impl<'a, T: Float> ProductSums<'a, T> {
         q: usize,
         capacity: usize,
         layers: &'a mut [Vec<f64>],
-        norms: &'a mut [(Vec<f64>, Vec<f64>)],
+        norms: &'a mut [Vec<f64>],
         dots: &'a mut [Vec<f64>],
     ) -> Self {
         let pending = layers.iter().map(|l| vec![T::ZERO; l.len()]).collect();
@@ -362,18 +376,11 @@ impl<T: Float> GradientSink<T> for ProductSums<'_, T> {
         self.gathered_dots.truncate(self.rows * q);
         self.gathered_dots.extend(dots[..b * q].iter().map(|&v| T::from_f64(v)));
         self.rows += b;
-        for (ni, per_example) in norms {
-            let (sg, sb) = &mut self.norms[ni];
-            let c = sg.len() / q;
-            for (i, (gg, gb)) in per_example.iter().enumerate() {
-                for k in 0..q {
-                    let w = dots[i * q + k];
-                    for ch in 0..c {
-                        sg[k * c + ch] += w * gg[ch];
-                        sb[k * c + ch] += w * gb[ch];
-                    }
-                }
-            }
+        for (ni, rows) in norms {
+            // `[Q, 2C] += Dᵀ [Q, b] × [b, 2C]`.
+            let sums = &mut self.norms[ni];
+            let width = sums.len() / q.max(1);
+            gemm_into(sums, &dots[..b * q], true, &rows, false, q, width, b, true, Par::Serial);
         }
     }
 
@@ -392,7 +399,7 @@ fn product_pass<T: Float>(
     capacity: usize,
     progress: &dyn Fn(usize),
     layers: &mut [Vec<f64>],
-    norms: &mut [(Vec<f64>, Vec<f64>)],
+    norms: &mut [Vec<f64>],
     dots: &mut [Vec<f64>],
 ) -> Result<(), SolverError> {
     let mut sums = ProductSums::<T>::new(stacked.q, capacity, layers, norms, dots);
@@ -502,14 +509,8 @@ fn block_product_pass(
     };
     let mut layer_sums: Vec<Vec<f64>> = stacked.layers.iter().map(|lv| vec![0.0; lv.stacked.numel()]).collect();
     // `[q][channel]` sums of each BatchNorm's γ and β.
-    let mut norm_sums: Vec<(Vec<f64>, Vec<f64>)> = stacked
-        .norms
-        .iter()
-        .map(|n| {
-            let c = n.gamma.first().map_or(0, Vec::len);
-            (vec![0.0; q * c], vec![0.0; q * c])
-        })
-        .collect();
+    // `[Q, 2C]` sums of each BatchNorm's γ and β products.
+    let mut norm_sums: Vec<Vec<f64>> = stacked.norms.iter().map(|n| vec![0.0; q * 2 * n.channels]).collect();
     let mut all_dots: Vec<Vec<f64>> = vec![Vec::new(); if want_dots { q } else { 0 }];
     let (layers, norms, dots) = (&mut layer_sums, &mut norm_sums, &mut all_dots);
     match problem.dtype() {
@@ -517,8 +518,7 @@ fn block_product_pass(
         DType::F64 => product_pass::<f64>(problem, fisher, &stacked, capacity, progress, layers, norms, dots)?,
     }
     allreduce_nested(&mut layer_sums);
-    let mut flat_norms: Vec<Vec<f64>> = norm_sums.iter().flat_map(|(g, b)| [g.clone(), b.clone()]).collect();
-    allreduce_nested(&mut flat_norms);
+    allreduce_nested(&mut norm_sums);
     let n = problem.data.len() as f64;
     let mut out: Vec<ParamVector> = vectors.iter().map(ParamVector::zeros_like).collect();
     for (lv, sums) in stacked.layers.iter().zip(&layer_sums) {
@@ -549,15 +549,17 @@ fn block_product_pass(
         Op::BatchNorm(bn) => Some((bn.weight, bn.bias)),
         _ => None,
     });
-    for pair in flat_norms.chunks(2) {
+    for sums in &norm_sums {
         let Some((gamma, beta)) = norm_params.next() else { break };
-        let c = pair[0].len() / q;
+        let width = sums.len() / q.max(1);
+        let c = width / 2;
         for (k, o) in out.iter_mut().enumerate() {
-            for (ch, v) in o.tensors[gamma].data_mut().iter_mut().enumerate() {
-                *v = pair[0][k * c + ch] / n;
+            let row = &sums[k * width..(k + 1) * width];
+            for (v, s) in o.tensors[gamma].data_mut().iter_mut().zip(&row[..c]) {
+                *v = s / n;
             }
-            for (ch, v) in o.tensors[beta].data_mut().iter_mut().enumerate() {
-                *v = pair[1][k * c + ch] / n;
+            for (v, s) in o.tensors[beta].data_mut().iter_mut().zip(&row[c..]) {
+                *v = s / n;
             }
         }
     }

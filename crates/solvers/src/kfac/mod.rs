@@ -863,23 +863,35 @@ fn bn_example_grads<T: Float>(
     var: &Tensor<f64>,
     eps: f64,
 ) -> Vec<(Vec<f64>, Vec<f64>)> {
+    let c = x.shape()[1];
+    bn_example_rows(x, gy, mean, var, eps)
+        .chunks_exact(2 * c.max(1))
+        .map(|row| (row[..c].to_vec(), row[c..].to_vec()))
+        .collect()
+}
+
+/// [`bn_example_grads`] as rows `[B, 2C]`: each example's γ gradient, then its β gradient.
+fn bn_example_rows<T: Float>(
+    x: &Tensor<T>,
+    gy: &Tensor<T>,
+    mean: &Tensor<f64>,
+    var: &Tensor<f64>,
+    eps: f64,
+) -> Vec<f64> {
     // Σ gy·(x − μ)/σ = (Σ gy·x − μ Σ gy)/σ: two plane reductions in the
     // compute dtype (as the gradient pass sums them), combined in f64.
     let c = x.shape()[1];
     let (dots, sums) = hvp_tensor::channel::dot_and_sum_per_example(x, gy);
-    dots.chunks_exact(c.max(1))
-        .zip(sums.chunks_exact(c.max(1)))
-        .map(|(d, s)| {
-            let mut gg = vec![0.0; c];
-            let mut gb = vec![0.0; c];
-            for (ch, (&mu, &v)) in mean.data().iter().zip(var.data()).enumerate().take(c) {
-                let (d, s) = (d[ch].to_f64(), s[ch].to_f64());
-                gg[ch] = (d - mu * s) / (v + eps).sqrt();
-                gb[ch] = s;
-            }
-            (gg, gb)
-        })
-        .collect()
+    let mut rows = Vec::with_capacity(2 * dots.len());
+    for (d, s) in dots.chunks_exact(c.max(1)).zip(sums.chunks_exact(c.max(1))) {
+        let stats = mean.data().iter().zip(var.data()).take(c);
+        rows.extend(d.iter().zip(s).zip(stats).map(|((d, s), (&mu, &v))| {
+            let (d, s) = (d.to_f64(), s.to_f64());
+            (d - mu * s) / (v + eps).sqrt()
+        }));
+        rows.extend(s.iter().map(|v| v.to_f64()));
+    }
+    rows
 }
 
 /// Adds the squared per-example gradients of BatchNorm's γ and β to `diag`.
