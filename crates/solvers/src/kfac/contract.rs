@@ -17,11 +17,9 @@ use super::*;
 use hvp_tensor::conv::ImageGradientScratch;
 use hvp_tensor::linalg::gemm_into;
 
-/// One covered layer's vectors: `[O·A, Q]`, the weight's rows with the bias as
-/// the last column of each row, as `G_i` is laid out.
+/// One covered layer (its vectors are laid out by [`Stacked::layer_vectors`]).
 struct LayerVectors {
     layer: Layer,
-    stacked: Tensor<f64>,
 }
 
 /// A BatchNorm's γ and β entries of every vector: `[2C, Q]`, γ's C rows then β's.
@@ -61,27 +59,10 @@ struct Stacked {
 impl Stacked {
     fn new(model: &Model, vectors: &[ParamVector]) -> Self {
         let q = vectors.len();
-        let mut layers = Vec::new();
-        for l in layers_of(model) {
-            let width = l.a_dim - l.bias.is_some() as usize;
-            // Written in order, each entry gathered from every vector.
-            let weights: Vec<&[f64]> = vectors.iter().map(|v| v.tensors[l.weight].data()).collect();
-            let biases: Option<Vec<&[f64]>> = l.bias.map(|b| vectors.iter().map(|v| v.tensors[b].data()).collect());
-            let mut stacked = Vec::with_capacity(l.s_dim * l.a_dim * q);
-            for o in 0..l.s_dim {
-                let row = l.row0() + o;
-                for a in 0..width {
-                    stacked.extend(weights.iter().map(|w| w[row * width + a]));
-                }
-                if let Some(biases) = &biases {
-                    stacked.extend(biases.iter().map(|b| b[row]));
-                }
-            }
-            layers.push(LayerVectors {
-                layer: l,
-                stacked: mat(l.s_dim * l.a_dim, q, stacked),
-            });
-        }
+        let layers = layers_of(model)
+            .into_iter()
+            .map(|layer| LayerVectors { layer })
+            .collect();
         let mut norms = Vec::new();
         for (node, op) in model.graph.nodes().iter().enumerate() {
             if let Op::BatchNorm(bn) = op {
@@ -100,6 +81,44 @@ impl Stacked {
             }
         }
         Stacked { layers, norms, q }
+    }
+
+    /// Each covered layer's vectors `[O·A, Q]` in the compute dtype: the
+    /// weight's rows with the bias as the last column of each row, as `G_i`
+    /// is laid out. Gathered 16 entries of a row at a time from every vector
+    /// (the output lines of a block stay in cache), rows in parallel.
+    fn layer_vectors<T: Float>(&self, vectors: &[ParamVector]) -> Vec<Tensor<T>> {
+        const BLOCK: usize = 16;
+        let q = self.q;
+        self.layers
+            .iter()
+            .map(|lv| {
+                let l = &lv.layer;
+                let width = l.a_dim - l.bias.is_some() as usize;
+                let mut stacked = vec![T::ZERO; l.s_dim * l.a_dim * q];
+                stacked
+                    .par_chunks_mut((l.a_dim * q).max(1))
+                    .enumerate()
+                    .for_each(|(o, out)| {
+                        let row = l.row0() + o;
+                        for a0 in (0..width).step_by(BLOCK) {
+                            let n = BLOCK.min(width - a0);
+                            for (k, v) in vectors.iter().enumerate() {
+                                let w = &v.tensors[l.weight].data()[row * width + a0..][..n];
+                                for (j, &x) in w.iter().enumerate() {
+                                    out[(a0 + j) * q + k] = T::from_f64(x);
+                                }
+                            }
+                        }
+                        if let Some(b) = l.bias {
+                            for (k, v) in vectors.iter().enumerate() {
+                                out[width * q + k] = T::from_f64(v.tensors[b].data()[row]);
+                            }
+                        }
+                    });
+                Tensor::new(vec![l.s_dim * l.a_dim, q], stacked).expect("[O·A, Q]")
+            })
+            .collect()
     }
 }
 
@@ -434,14 +453,14 @@ impl<T: Float> GradientSink<T> for ProductSums<'_, T> {
 fn product_pass<T: Float>(
     problem: &Problem,
     fisher: FisherKind,
-    stacked: &Stacked,
+    (stacked, vectors): (&Stacked, &[ParamVector]),
     capacity: usize,
     progress: &dyn Fn(usize),
     layers: &mut [Vec<f64>],
     norms: &mut [Vec<f64>],
     dots: &mut [Vec<f64>],
 ) -> Result<(), SolverError> {
-    let vectors: Vec<Tensor<T>> = stacked.layers.iter().map(|lv| lv.stacked.cast()).collect();
+    let vectors = stacked.layer_vectors::<T>(vectors);
     let mut sums = ProductSums::<T>::new(stacked.q, capacity, &vectors, layers, norms, dots);
     contract_pass::<T>(problem, fisher, stacked, &vectors, progress, &mut sums)?;
     sums.finish();
@@ -468,8 +487,8 @@ pub fn example_gradient_dots(
                 scratch: Vec::new(),
                 dots: vec![Vec::new(); vectors.len()],
             };
-            let vectors: Vec<Tensor<f32>> = stacked.layers.iter().map(|lv| lv.stacked.cast()).collect();
-            contract_pass::<f32>(problem, empirical, &stacked, &vectors, progress, &mut sink)?;
+            let stacked_vectors = stacked.layer_vectors::<f32>(vectors);
+            contract_pass::<f32>(problem, empirical, &stacked, &stacked_vectors, progress, &mut sink)?;
             sink.dots
         }
         DType::F64 => {
@@ -477,8 +496,8 @@ pub fn example_gradient_dots(
                 scratch: Vec::new(),
                 dots: vec![Vec::new(); vectors.len()],
             };
-            let vectors: Vec<Tensor<f64>> = stacked.layers.iter().map(|lv| lv.stacked.cast()).collect();
-            contract_pass::<f64>(problem, empirical, &stacked, &vectors, progress, &mut sink)?;
+            let stacked_vectors = stacked.layer_vectors::<f64>(vectors);
+            contract_pass::<f64>(problem, empirical, &stacked, &stacked_vectors, progress, &mut sink)?;
             sink.dots
         }
     };
@@ -549,15 +568,37 @@ fn block_product_pass(
         hvp_io::memory::check_fits(bytes(batch), what, fix).map_err(|e| SolverError::BadOption(e.to_string()))?;
         batch
     };
-    let mut layer_sums: Vec<Vec<f64>> = stacked.layers.iter().map(|lv| vec![0.0; lv.stacked.numel()]).collect();
+    let mut layer_sums: Vec<Vec<f64>> = stacked
+        .layers
+        .iter()
+        .map(|lv| vec![0.0; lv.layer.s_dim * lv.layer.a_dim * q])
+        .collect();
     // `[q][channel]` sums of each BatchNorm's γ and β.
     // `[Q, 2C]` sums of each BatchNorm's γ and β products.
     let mut norm_sums: Vec<Vec<f64>> = stacked.norms.iter().map(|n| vec![0.0; q * 2 * n.channels]).collect();
     let mut all_dots: Vec<Vec<f64>> = vec![Vec::new(); if want_dots { q } else { 0 }];
     let (layers, norms, dots) = (&mut layer_sums, &mut norm_sums, &mut all_dots);
     match problem.dtype() {
-        DType::F32 => product_pass::<f32>(problem, fisher, &stacked, capacity, progress, layers, norms, dots)?,
-        DType::F64 => product_pass::<f64>(problem, fisher, &stacked, capacity, progress, layers, norms, dots)?,
+        DType::F32 => product_pass::<f32>(
+            problem,
+            fisher,
+            (&stacked, vectors),
+            capacity,
+            progress,
+            layers,
+            norms,
+            dots,
+        )?,
+        DType::F64 => product_pass::<f64>(
+            problem,
+            fisher,
+            (&stacked, vectors),
+            capacity,
+            progress,
+            layers,
+            norms,
+            dots,
+        )?,
     }
     allreduce_nested(&mut layer_sums);
     allreduce_nested(&mut norm_sums);

@@ -45,7 +45,7 @@ use hvp_curvature::{batch_targets, Problem};
 use hvp_model::io::{read_safetensors, write_safetensors};
 use hvp_model::{Model, ModelError, ParamVector};
 use hvp_tensor::conv::{self, ConvGeometry};
-use hvp_tensor::linalg::{matmul, matmul_with, Par};
+use hvp_tensor::linalg::{gemm_into, matmul_with, Par};
 use hvp_tensor::{DType, Float, Tensor};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -769,56 +769,64 @@ impl Factors {
     /// side by side (`[s, Q·a]`, or `[s·Q, a]` read the other way) the
     /// eigenbasis products are four GEMMs per layer instead of four per vector.
     pub fn inverse_products(&self, vs: &[ParamVector], damping: f64) -> Vec<ParamVector> {
-        let q = vs.len();
+        let q_all = vs.len();
         let mut outs: Vec<ParamVector> = vs.to_vec();
-        if q == 0 {
+        if q_all == 0 {
             return outs;
         }
         let tensors = vs[0].tensors.len();
         let mut done = vec![false; tensors];
+        // The vectors a chunk at a time, in two buffers sized once for the
+        // largest layer: at a thousand vectors the `[s, Q, a]` blocks of one
+        // layer took 300 MB each, and every one was fresh memory to fault in.
+        const CHUNK: usize = 32;
+        let largest = self.layers.iter().map(|f| f.s_dim() * f.a_dim()).max().unwrap_or(0);
+        let mut vm = vec![0.0; largest * CHUNK.min(q_all)];
+        let mut left = vec![0.0; vm.len()];
         for f in &self.layers {
             let (s, a) = (f.s_dim(), f.a_dim());
             let win = a - f.bias.is_some() as usize;
             let rows = f.row0..f.row0 + s;
-            // `[s, Q, a]`: row r of every vector's block, vector after vector.
-            let mut vm = vec![0.0; s * q * a];
-            for (k, v) in vs.iter().enumerate() {
-                let w = v.tensors[f.weight].data();
-                for (r, wr) in rows.clone().enumerate() {
-                    let at = (r * q + k) * a;
-                    vm[at..at + win].copy_from_slice(&w[wr * win..(wr + 1) * win]);
-                    if let Some(b) = f.bias {
-                        vm[at + a - 1] = v.tensors[b].data()[wr];
+            for first in (0..q_all).step_by(CHUNK) {
+                let chunk = &vs[first..(first + CHUNK).min(q_all)];
+                let q = chunk.len();
+                let (vm, left) = (&mut vm[..s * q * a], &mut left[..s * q * a]);
+                // `[s, Q, a]`: row r of every vector's block, vector after vector.
+                for (k, v) in chunk.iter().enumerate() {
+                    let w = v.tensors[f.weight].data();
+                    for (r, wr) in rows.clone().enumerate() {
+                        let at = (r * q + k) * a;
+                        vm[at..at + win].copy_from_slice(&w[wr * win..(wr + 1) * win]);
+                        if let Some(b) = f.bias {
+                            vm[at + a - 1] = v.tensors[b].data()[wr];
+                        }
                     }
                 }
-            }
-            let qs = mat(s, s, f.s_vecs.clone());
-            let qa = mat(a, a, f.a_vecs.clone());
-            // Q_Sᵀ V Q_A: `[s, s]ᵀ × [s, Q·a]`, then `[s·Q, a] × [a, a]`.
-            let left = matmul(&qs, true, &mat(s, q * a, vm), false);
-            let mut p = matmul(&mat(s * q, a, left.into_data()), false, &qa, false);
-            for (idx, x) in p.data_mut().iter_mut().enumerate() {
-                let (r, c) = (idx / (q * a), idx % a);
-                let eig = match &f.corrected {
-                    Some(corr) => corr[r * a + c],
-                    None => f.s_vals[r] * f.a_vals[c],
-                };
-                *x /= eig.max(0.0) + damping;
-            }
-            // Back: `[s, s] × [s, Q·a]`, then `[s·Q, a] × [a, a]ᵀ`.
-            let left = matmul(&qs, false, &mat(s, q * a, p.into_data()), false);
-            let xm = matmul(&mat(s * q, a, left.into_data()), false, &qa, true);
-            let xm = xm.data();
-            for (k, out) in outs.iter_mut().enumerate() {
-                let wt = out.tensors[f.weight].data_mut();
-                for (r, wr) in rows.clone().enumerate() {
-                    let at = (r * q + k) * a;
-                    wt[wr * win..(wr + 1) * win].copy_from_slice(&xm[at..at + win]);
+                // Q_Sᵀ V Q_A: `[s, s]ᵀ × [s, Q·a]`, then `[s·Q, a] × [a, a]`.
+                gemm_into(left, &f.s_vecs, true, vm, false, s, q * a, s, false, Par::Pool);
+                gemm_into(vm, left, false, &f.a_vecs, false, s * q, a, a, false, Par::Pool);
+                for (idx, x) in vm.iter_mut().enumerate() {
+                    let (r, c) = (idx / (q * a), idx % a);
+                    let eig = match &f.corrected {
+                        Some(corr) => corr[r * a + c],
+                        None => f.s_vals[r] * f.a_vals[c],
+                    };
+                    *x /= eig.max(0.0) + damping;
                 }
-                if let Some(b) = f.bias {
-                    let bias = out.tensors[b].data_mut();
+                // Back: `[s, s] × [s, Q·a]`, then `[s·Q, a] × [a, a]ᵀ`.
+                gemm_into(left, &f.s_vecs, false, vm, false, s, q * a, s, false, Par::Pool);
+                gemm_into(vm, left, false, &f.a_vecs, true, s * q, a, a, false, Par::Pool);
+                for (k, out) in outs[first..first + q].iter_mut().enumerate() {
+                    let wt = out.tensors[f.weight].data_mut();
                     for (r, wr) in rows.clone().enumerate() {
-                        bias[wr] = xm[(r * q + k) * a + a - 1];
+                        let at = (r * q + k) * a;
+                        wt[wr * win..(wr + 1) * win].copy_from_slice(&vm[at..at + win]);
+                    }
+                    if let Some(b) = f.bias {
+                        let bias = out.tensors[b].data_mut();
+                        for (r, wr) in rows.clone().enumerate() {
+                            bias[wr] = vm[(r * q + k) * a + a - 1];
+                        }
                     }
                 }
             }
