@@ -578,28 +578,20 @@ fn block_product_pass(
     let mut norm_sums: Vec<Vec<f64>> = stacked.norms.iter().map(|n| vec![0.0; q * 2 * n.channels]).collect();
     let mut all_dots: Vec<Vec<f64>> = vec![Vec::new(); if want_dots { q } else { 0 }];
     let (layers, norms, dots) = (&mut layer_sums, &mut norm_sums, &mut all_dots);
-    match problem.dtype() {
-        DType::F32 => product_pass::<f32>(
-            problem,
-            fisher,
-            (&stacked, vectors),
-            capacity,
-            progress,
-            layers,
-            norms,
-            dots,
-        )?,
-        DType::F64 => product_pass::<f64>(
-            problem,
-            fisher,
-            (&stacked, vectors),
-            capacity,
-            progress,
-            layers,
-            norms,
-            dots,
-        )?,
-    }
+    let pass = match problem.dtype() {
+        DType::F32 => product_pass::<f32>,
+        DType::F64 => product_pass::<f64>,
+    };
+    pass(
+        problem,
+        fisher,
+        (&stacked, vectors),
+        capacity,
+        progress,
+        layers,
+        norms,
+        dots,
+    )?;
     allreduce_nested(&mut layer_sums);
     allreduce_nested(&mut norm_sums);
     let n = problem.data.len() as f64;

@@ -470,6 +470,35 @@ fn stream_observed_from<T: Float>(
     })
 }
 
+/// [`stream_observed_from`] handing `sums` to `saver` after each batch (the
+/// factor passes' checkpoints).
+#[allow(clippy::too_many_arguments)]
+fn stream_checkpointed<T: Float>(
+    problem: &Problem,
+    fisher: FisherKind,
+    seed: u64,
+    first_batch: usize,
+    progress: &dyn Fn(usize),
+    visit: TypedVisitor<T>,
+    sums: &std::cell::RefCell<&mut Sums>,
+    saver: &mut Option<checkpoint::Saver>,
+) -> Result<(), SolverError> {
+    let mut batch_end = |done: usize| match saver {
+        Some(saver) => saver.after_batch(done, &sums.borrow()),
+        None => Ok(()),
+    };
+    stream_observed_from::<T>(
+        problem,
+        fisher,
+        seed,
+        first_batch,
+        progress,
+        visit,
+        &mut |_| {},
+        &mut batch_end,
+    )
+}
+
 impl Factors {
     /// Computes the factors of `problem` (one pass; EK-FAC a second one).
     pub fn compute(
@@ -670,20 +699,7 @@ impl Factors {
                 bn_diagonal(x, gy, &buffers[mean], &buffers[var], eps, &mut sums.diag, weight, bias);
             }
         };
-        let mut batch_end = |done: usize| match saver {
-            Some(saver) => saver.after_batch(done, &sums.borrow()),
-            None => Ok(()),
-        };
-        stream_observed_from::<T>(
-            problem,
-            fisher,
-            seed,
-            first_batch,
-            progress,
-            &mut visit,
-            &mut |_| {},
-            &mut batch_end,
-        )
+        stream_checkpointed::<T>(problem, fisher, seed, first_batch, progress, &mut visit, &sums, saver)
     }
 
     /// EK-FAC's second pass: each layer's per-example gradients in the factors'
@@ -720,20 +736,7 @@ impl Factors {
                 statistics::add_corrections(l, &x, &gy, &l.w_shape(model), qa, qs, &mut sums.corrected[li]);
             }
         };
-        let mut batch_end = |done: usize| match saver {
-            Some(saver) => saver.after_batch(done, &sums.borrow()),
-            None => Ok(()),
-        };
-        stream_observed_from::<T>(
-            problem,
-            fisher,
-            seed,
-            first_batch,
-            progress,
-            &mut visit,
-            &mut |_| {},
-            &mut batch_end,
-        )
+        stream_checkpointed::<T>(problem, fisher, seed, first_batch, progress, &mut visit, &sums, saver)
     }
 
     /// Names of the parameters with neither Kronecker factors nor a diagonal
