@@ -262,3 +262,58 @@ fn factors_resumed_from_a_checkpoint_equal_the_uninterrupted_ones_bit_for_bit() 
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_factor_cache_resumes_an_interrupted_computation_of_its_key() {
+    use hvp_solvers::kfac::{cache_key, Checkpoint, FactorSource};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (m, w) = model("mlp:49,8,10", 1, 3, 1.0);
+    let data = fashion(40, true);
+    let p = Problem::new(&m, &w, &data, 8).unwrap().with_dtype(DType::F64);
+    let dir = std::env::temp_dir().join(format!("hvp-kfac-cache-resume-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let whole = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Empirical, 2, &|_| {}).unwrap();
+    // A run stopped after 7 of its 10 batches left the cache's checkpoint behind.
+    let key = cache_key(&p, FactorKind::Ekfac, FisherKind::Empirical, 2).unwrap();
+    let checkpoint = Checkpoint {
+        path: dir.join(format!("ekfac-{key}.partial")),
+        every: std::time::Duration::ZERO,
+        resume: true,
+    };
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let stopped = Problem::new(&m, &w, &data, 8)
+        .unwrap()
+        .with_dtype(DType::F64)
+        .with_watch(Arc::new(move |_| counter.fetch_add(1, Ordering::SeqCst) < 7));
+    assert!(Factors::compute_checkpointed(
+        &stopped,
+        FactorKind::Ekfac,
+        FisherKind::Empirical,
+        2,
+        &|_| {},
+        Some(&checkpoint)
+    )
+    .is_err());
+    let ran = Arc::new(AtomicUsize::new(0));
+    let counter = ran.clone();
+    let again = Problem::new(&m, &w, &data, 8)
+        .unwrap()
+        .with_dtype(DType::F64)
+        .with_watch(Arc::new(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            true
+        }));
+    let (cached, source) = Factors::cached(&again, FactorKind::Ekfac, FisherKind::Empirical, 2, &dir, &|_| {}).unwrap();
+    assert!(matches!(source, FactorSource::Computed(Some(_))), "{source:?}");
+    assert_eq!(ran.load(Ordering::SeqCst), 3, "only the batches after the checkpoint");
+    assert!(!checkpoint.path.exists(), "removed once the factors are stored");
+    let g = ParamVector::random_normal(&m, 2);
+    let (a, b) = (whole.inverse_product(&g, 0.1), cached.inverse_product(&g, 0.1));
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!(x.data(), y.data());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
