@@ -257,6 +257,13 @@ fn factors_resumed_from_a_checkpoint_equal_the_uninterrupted_ones_bit_for_bit() 
             err.contains("another model, data or setting") && err.contains("stopped-"),
             "{err}"
         );
+        // Other batches would put the saved count at other boundaries: refused.
+        let other = Problem::new(&m, &w, &data, 6).unwrap().with_dtype(DType::F32);
+        let err =
+            Factors::compute_checkpointed(&other, FactorKind::Ekfac, FisherKind::Mc, 3, &|_| {}, Some(&checkpoint))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("batches of 4") && err.contains("--batch-size 4"), "{err}");
         checkpoint.discard();
         assert!(!checkpoint.path.exists());
     }

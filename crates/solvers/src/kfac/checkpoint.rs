@@ -39,16 +39,18 @@ impl Stage {
 pub(super) struct Saver {
     path: PathBuf,
     key: String,
+    batch_size: usize,
     every: Duration,
     last: Instant,
     pub(super) stage: Stage,
 }
 
 impl Saver {
-    pub(super) fn new(checkpoint: &Checkpoint, key: &str) -> Self {
+    pub(super) fn new(checkpoint: &Checkpoint, key: &str, batch_size: usize) -> Self {
         Saver {
             path: checkpoint.path.clone(),
             key: key.to_string(),
+            batch_size,
             every: checkpoint.every,
             last: Instant::now(),
             stage: Stage::Covariance,
@@ -60,18 +62,28 @@ impl Saver {
         if self.last.elapsed() < self.every {
             return Ok(());
         }
-        save(&self.path, &self.key, self.stage, batches, sums)?;
+        save(&self.path, &self.key, self.stage, (batches, self.batch_size), sums)?;
         self.last = Instant::now();
         Ok(())
     }
 }
 
-fn save(path: &Path, key: &str, stage: Stage, batches: usize, sums: &Sums) -> Result<(), SolverError> {
+/// `(batches, batch_size)`: the batches of the pass the sums hold, and their
+/// size (the batch boundaries, and so the label sampling and the batches to
+/// skip, depend on it; the key of the factors does not).
+fn save(
+    path: &Path,
+    key: &str,
+    stage: Stage,
+    (batches, batch_size): (usize, usize),
+    sums: &Sums,
+) -> Result<(), SolverError> {
     let vector = |v: &[f64]| Tensor::new(vec![v.len()], v.to_vec()).expect("1-d");
     let mut named = vec![
         (format!("key.{key}"), vector(&[0.0])),
         ("stage".to_string(), vector(&[stage.code()])),
         ("batches".to_string(), vector(&[batches as f64])),
+        ("batch_size".to_string(), vector(&[batch_size as f64])),
     ];
     let groups = [("a", &sums.a), ("s", &sums.s), ("diag", &sums.diag)];
     for (name, parts) in groups {
@@ -97,7 +109,12 @@ fn save(path: &Path, key: &str, stage: Stage, batches: usize, sums: &Sums) -> Re
 /// Restores `sums` from the checkpoint when its file exists: the stage it was
 /// saved in and the batches of that pass it holds. A file of another
 /// configuration, or not a checkpoint, is an error naming it.
-pub(super) fn load(checkpoint: &Checkpoint, key: &str, sums: &mut Sums) -> Result<Option<(Stage, usize)>, SolverError> {
+pub(super) fn load(
+    checkpoint: &Checkpoint,
+    key: &str,
+    batch_size: usize,
+    sums: &mut Sums,
+) -> Result<Option<(Stage, usize)>, SolverError> {
     let path = &checkpoint.path;
     if !path.is_file() {
         return Ok(None);
@@ -126,6 +143,12 @@ pub(super) fn load(checkpoint: &Checkpoint, key: &str, sums: &mut Sums) -> Resul
         other => return Err(unusable(format!("names an unknown pass ({other})"))),
     };
     let batches = take("batches".into(), 1)?[0] as usize;
+    let saved_size = take("batch_size".into(), 1)?[0] as usize;
+    if saved_size != batch_size {
+        return Err(unusable(format!(
+            "was written with batches of {saved_size} (this run: {batch_size}); rerun with --batch-size {saved_size}"
+        )));
+    }
     for (name, parts) in [("a", &mut sums.a), ("s", &mut sums.s), ("diag", &mut sums.diag)] {
         for (i, v) in parts.iter_mut().enumerate() {
             *v = take(format!("{name}.{i}"), v.len())?;

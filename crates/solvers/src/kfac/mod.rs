@@ -552,7 +552,7 @@ impl Factors {
         };
         let key = checkpoint.map(|_| cache_key(problem, kind, fisher, seed)).transpose()?;
         let mut saver = match (checkpoint, &key) {
-            (Some(c), Some(key)) => Some(checkpoint::Saver::new(c, key)),
+            (Some(c), Some(key)) => Some(checkpoint::Saver::new(c, key, problem.batch_size)),
             _ => None,
         };
         let at_stage = |saver: &mut Option<checkpoint::Saver>, stage| {
@@ -561,7 +561,7 @@ impl Factors {
             }
         };
         let resumed = match (checkpoint, &key) {
-            (Some(c), Some(key)) if c.resume => checkpoint::load(c, key, &mut sums)?,
+            (Some(c), Some(key)) if c.resume => checkpoint::load(c, key, problem.batch_size, &mut sums)?,
             _ => None,
         };
         let (stage, first_batch) = resumed.unwrap_or((checkpoint::Stage::Covariance, 0));
