@@ -111,6 +111,7 @@ impl SolverOptions {
             factors: self.factors.clone(),
             fisher: parse_fisher(&self.fisher)?,
             factor_cache: None,
+            residuals: hvp_solvers::Residuals::All,
         })
     }
 }

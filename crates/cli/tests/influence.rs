@@ -300,3 +300,86 @@ fn factors_are_cached_across_runs_and_the_cache_can_be_refused() {
     let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
     assert_eq!(cached.len(), 1, "one configuration, one file");
 }
+
+#[test]
+fn influence_measures_the_residuals_it_is_asked_for_with_the_same_scores() {
+    let tmp = TempDir::new("influence-residuals");
+    let w = tmp.s("w.safetensors");
+    let d = format!("mnist:{}", repo_root().join("data/fashion-mnist-subset").display());
+    ok(&["init", "--arch", "mlp:784,32,10", "--seed", "3", "--out", &w]);
+    let run = |residuals: &str, solver: &str| {
+        let out = tmp.s(&format!("{solver}-{residuals}.csv"));
+        let args = [
+            "influence",
+            "--arch",
+            "mlp:784,32,10",
+            "--weights",
+            &w,
+            "--train",
+            &d,
+            "--test",
+            &format!("{d}:test"),
+            "--limit-train",
+            "300",
+            "--test-indices",
+            "0,1,2,3",
+            "--solver",
+            solver,
+            "--curvature",
+            "fisher",
+            "--fisher",
+            "empirical",
+            "--damping",
+            "0.01",
+            "--query-group",
+            "4",
+            "--residuals",
+            residuals,
+            "--no-factor-cache",
+            "--out",
+            &out,
+            "--quiet",
+        ];
+        (hvp(&args), out)
+    };
+    let rows = |path: &str| -> Vec<Vec<String>> {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|l| l.split(',').map(String::from).collect())
+            .collect()
+    };
+    let (all, all_csv) = run("all", "ekfac");
+    assert!(all.status.success(), "{}", String::from_utf8_lossy(&all.stderr));
+    let reference = rows(&all_csv);
+    assert_eq!(reference.len(), 4 * 300);
+    for residuals in ["1", "none"] {
+        let (out, csv) = run(residuals, "ekfac");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("residual not measured"), "{stderr}");
+        let got = rows(&csv);
+        assert_eq!(got.len(), reference.len());
+        for (g, r) in got.iter().zip(&reference) {
+            // Same example, test point, label and status; the scores agree to
+            // f32 rounding (with no residual the dots are formed per batch).
+            assert_eq!((&g[0], &g[1], &g[3], &g[4]), (&r[0], &r[1], &r[3], &r[4]));
+            let (a, b): (f64, f64) = (g[2].parse().unwrap(), r[2].parse().unwrap());
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{g:?} vs {r:?}");
+            let measured = residuals == "1" && g[1] == "0";
+            if measured {
+                assert_eq!(g[5], r[5]);
+            } else {
+                assert_eq!(g[5], "NaN", "{g:?}");
+            }
+        }
+    }
+    // Exact solvers measure every residual: asking otherwise is refused.
+    let (cg, _) = run("none", "cg");
+    assert!(!cg.status.success());
+    let stderr = String::from_utf8_lossy(&cg.stderr);
+    assert!(stderr.contains("kfac and ekfac"), "{stderr}");
+    let (bad, _) = run("some", "ekfac");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a residual choice"));
+}

@@ -10,7 +10,7 @@ use hvp_data::{Dataset, Subset};
 use hvp_influence::scores::{scores, test_gradient, top_k};
 use hvp_influence::InfluenceError;
 use hvp_model::{Architecture, Model, Weights};
-use hvp_solvers::{SolveStatus, SolverConfig, SolverKind};
+use hvp_solvers::{Residuals, SolveStatus, SolverConfig, SolverKind};
 use hvp_tensor::DType;
 
 #[test]
@@ -179,4 +179,64 @@ fn grouped_ekfac_residuals_and_scores_equal_single_test_points() {
             );
         }
     }
+}
+
+#[test]
+fn ekfac_residuals_of_the_first_k_test_points_leave_scores_unchanged() {
+    let (train, test) = (mnist("train"), mnist("test"));
+    let data = Subset::first(train.as_ref(), 30);
+    let padded = hvp_data::Padded::new(data, 2).unwrap();
+    let test = hvp_data::Padded::new(Subset::first(test.as_ref(), 4), 2).unwrap();
+    let model = Model::new(&"resnet-cifar:1,1,1".parse::<Architecture>().unwrap(), 1).unwrap();
+    let weights = Weights::init(&model, 4);
+    let problem = Problem::new(&model, &weights, &padded, 8)
+        .unwrap()
+        .with_dtype(DType::F64);
+    let all = SolverConfig {
+        curvature: Curvature::Fisher,
+        damping: 0.1,
+        fisher: hvp_solvers::kfac::FisherKind::Empirical,
+        ..SolverConfig::new(SolverKind::Ekfac)
+    };
+    let explain = |config: &SolverConfig| {
+        let prepared = config.prepare(&problem).unwrap();
+        hvp_influence::scores::explain_all(&problem, &test, &[3, 0, 2], &prepared, false, &|_| {}).unwrap()
+    };
+    let reference = explain(&all);
+    for k in [0, 1, 2, 3, 5] {
+        let config = SolverConfig {
+            residuals: Residuals::First(k),
+            ..all.clone()
+        };
+        for (j, (e, r)) in explain(&config).iter().zip(&reference).enumerate() {
+            assert_eq!(e.report.status, SolveStatus::Approximate, "k = {k}, point {j}");
+            assert_eq!(e.report.block_size, Some(3));
+            if j < k {
+                let d = (e.report.relative_residual - r.report.relative_residual).abs();
+                assert!(
+                    d <= 1e-12 * r.report.relative_residual,
+                    "k = {k}, point {j}: residual {d:e}"
+                );
+                assert!(e.report.warnings.iter().all(|w| !w.contains("not measured")));
+            } else {
+                assert!(e.report.relative_residual.is_nan(), "k = {k}, point {j}");
+                assert!(
+                    e.report.warnings.iter().any(|w| w.contains("residual not measured")),
+                    "{:?}",
+                    e.report.warnings
+                );
+            }
+            let scale = r.scores.iter().fold(0.0f64, |m, s| m.max(s.abs()));
+            for (a, b) in e.scores.iter().zip(&r.scores) {
+                assert!((a - b).abs() <= 1e-12 * scale, "k = {k}, point {j}: {a} vs {b}");
+            }
+        }
+    }
+    // Only approximate solvers may skip residuals: an exact one needs its own.
+    let cg = SolverConfig {
+        residuals: Residuals::First(0),
+        ..SolverConfig::new(SolverKind::Cg)
+    };
+    let err = cg.prepare(&problem).err().expect("cg without residuals is refused");
+    assert!(err.to_string().contains("kfac and ekfac"), "{err}");
 }

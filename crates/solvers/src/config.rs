@@ -51,6 +51,43 @@ impl SolverKind {
     }
 }
 
+/// Which solutions' exact residuals `‖(M + λI)x − g‖ / ‖g‖` an approximate
+/// solver (kfac, ekfac) measures. Exact solvers always measure theirs (it is
+/// how they stop). For K-FAC/EK-FAC on the empirical Fisher a residual costs as
+/// much as its influence scores (`Gᵀ D` next to `D = G X` in the same pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residuals {
+    /// Every solution's.
+    All,
+    /// The first k right-hand sides' of each block solved together; the
+    /// others' reports say their residual was not measured.
+    First(usize),
+}
+
+impl Residuals {
+    /// How many of `n` right-hand sides solved together get a residual.
+    pub fn count(self, n: usize) -> usize {
+        match self {
+            Residuals::All => n,
+            Residuals::First(k) => k.min(n),
+        }
+    }
+}
+
+impl std::str::FromStr for Residuals {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Residuals::All),
+            "none" => Ok(Residuals::First(0)),
+            k => k.parse().map(Residuals::First).map_err(|_| {
+                format!("`{s}` is not a residual choice: give all, none, or a count of test points per group")
+            }),
+        }
+    }
+}
+
 /// Everything a solve depends on; each solver reads the options it uses.
 #[derive(Clone, Debug)]
 pub struct SolverConfig {
@@ -79,6 +116,8 @@ pub struct SolverConfig {
     /// again under a key of model, weights, data and settings
     /// ([`Factors::cached`]); `None` computes them every time.
     pub factor_cache: Option<PathBuf>,
+    /// kfac, ekfac: which solutions' exact residuals are measured.
+    pub residuals: Residuals,
 }
 
 impl SolverConfig {
@@ -99,6 +138,7 @@ impl SolverConfig {
             factors: None,
             fisher: FisherKind::Mc,
             factor_cache: None,
+            residuals: Residuals::All,
         }
     }
 
@@ -123,6 +163,13 @@ impl SolverConfig {
                 "`solver` {} with `damping` 0: the Kronecker factors are singular wherever a layer has fewer \
                  examples than inputs, so their inverse is undefined; give a damping > 0 (e.g. 1e-3, or a small \
                  fraction of the mean eigenvalue that `hvp spectrum` reports)",
+                self.kind.name()
+            )));
+        }
+        if self.residuals != Residuals::All && !matches!(self.kind, SolverKind::Kfac | SolverKind::Ekfac) {
+            return Err(SolverError::BadOption(format!(
+                "`residuals` other than all applies to the kfac and ekfac solvers only: {} measures the exact \
+                 residual of every solution, as it needs it to stop or to be judged",
                 self.kind.name()
             )));
         }
@@ -239,7 +286,8 @@ impl PreparedSolver {
         };
         let start = std::time::Instant::now();
         let xs: Vec<ParamVector> = factors.inverse_products(gs, config.damping);
-        let Some((mut products, dots)) = kfac::fisher_products_and_dots(problem, &xs, &|_| {})? else {
+        let measured = config.residuals.count(gs.len());
+        let Some((mut products, dots)) = kfac::fisher_products_and_dots(problem, &xs, measured, &|_| {})? else {
             return Ok((self.solve_many(problem, gs)?, None));
         };
         for (p, x) in products.iter_mut().zip(&xs) {
@@ -249,7 +297,14 @@ impl PreparedSolver {
             iterations: 1,
             ..SolveReport::approximate(config.kind.name())
         };
-        let reports = crate::finish_with_products(gs, &xs, products, vec![report; gs.len()], start);
+        let measured = crate::finish_with_products(
+            &gs[..measured],
+            &xs[..measured],
+            products,
+            vec![report.clone(); measured],
+            start,
+        );
+        let reports = crate::with_unmeasured(measured, &report, &xs, start);
         Ok((xs.into_iter().zip(reports).collect(), Some(dots)))
     }
 
@@ -285,7 +340,13 @@ impl PreparedSolver {
                 let precond = |r: &ParamVector| Ok(factors.inverse_product(r, config.damping));
                 cg::solve_many(&damped, gs, &cg_opts, Some(&precond), "pcg")
             }
-            SolverKind::Kfac | SolverKind::Ekfac => kfac::solve_many(factors()?, &damped, config.damping, gs),
+            SolverKind::Kfac | SolverKind::Ekfac => kfac::solve_many(
+                factors()?,
+                &damped,
+                config.damping,
+                gs,
+                config.residuals.count(gs.len()),
+            ),
             SolverKind::Lissa | SolverKind::Arnoldi => gs.iter().map(|g| self.solve(problem, g)).collect(),
         }
     }

@@ -27,7 +27,7 @@ mod report;
 pub mod spectrum;
 pub mod subset;
 
-pub use config::{solve, PreparedSolver, SolverConfig, SolverKind};
+pub use config::{solve, PreparedSolver, Residuals, SolverConfig, SolverKind};
 
 /// λ in (M + λI) when the user gives none, in every command and binding: small
 /// against the curvature of typical networks (mean eigenvalues 1e-2–1e1 on
@@ -35,7 +35,7 @@ pub use config::{solve, PreparedSolver, SolverConfig, SolverKind};
 /// defined. Damping 0 (the undamped problem) must be asked for.
 pub const DEFAULT_DAMPING: f64 = 1e-3;
 pub use operator::{CurvatureOperator, Damped, LinearOperator};
-pub use report::{finish, finish_many, finish_with_products, SolveReport, SolveStatus};
+pub use report::{finish, finish_many, finish_with_products, with_unmeasured, SolveReport, SolveStatus};
 
 use hvp_curvature::CurvatureError;
 

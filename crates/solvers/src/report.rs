@@ -164,6 +164,52 @@ fn judge_many(residuals: Vec<f64>, reports: Vec<SolveReport>, start: std::time::
         .collect()
 }
 
+/// The reports of a block of approximate solutions `xs` solved together when
+/// only the first `measured.len()` had their residuals measured
+/// ([`crate::Residuals::First`]): the others get `template` saying theirs was
+/// not (a non-finite solution still fails), and every report counts the
+/// whole block.
+pub fn with_unmeasured(
+    mut measured: Vec<SolveReport>,
+    template: &SolveReport,
+    xs: &[ParamVector],
+    start: std::time::Instant,
+) -> Vec<SolveReport> {
+    let (k, block) = (measured.len(), xs.len());
+    measured.extend(xs[k..].iter().map(|x| unmeasured(template.clone(), x, k, block, start)));
+    for r in &mut measured {
+        r.block_size = (block > 1).then_some(block);
+    }
+    measured
+}
+
+fn unmeasured(
+    mut report: SolveReport,
+    x: &ParamVector,
+    measured: usize,
+    block: usize,
+    start: std::time::Instant,
+) -> SolveReport {
+    report.seconds = start.elapsed().as_secs_f64();
+    report.block_size = (block > 1).then_some(block);
+    report.relative_residual = f64::NAN;
+    if !x.norm().is_finite() {
+        report.fail(
+            "the solution is not finite: M + λI is singular or the products overflow; increase `damping` or use \
+             `dtype` f64"
+                .into(),
+        );
+    } else {
+        report.status = SolveStatus::Approximate;
+        report.warnings.push(format!(
+            "residual not measured: `residuals` asked for the first {measured} of the {block} solutions solved \
+             together, so this {} approximation's error is unknown here; use `residuals` all to measure it",
+            report.solver
+        ));
+    }
+    report
+}
+
 /// `‖A x − g‖ / ‖g‖` for each pair (NaN where x is not finite), the finite ones
 /// from one block product.
 fn residuals(op: &dyn LinearOperator, gs: &[ParamVector], xs: &[ParamVector]) -> Result<Vec<f64>, SolverError> {

@@ -62,6 +62,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         fisher: FisherArg::Mc,
         keep_unconverged: false,
         no_factor_cache: false,
+        residuals: hvp_solvers::Residuals::All,
     };
     // f32 products carry ~1e-7 relative rounding: the exact residual of any
     // solution stalls near there, so the reference asks what each dtype can give.

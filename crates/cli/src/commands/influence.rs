@@ -18,6 +18,7 @@ use hvp_data::{check_labels, Dataset, Subset};
 use hvp_influence::{scores, InfluenceError};
 use hvp_model::Model;
 use hvp_solvers::PreparedSolver;
+use rayon::prelude::*;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -517,9 +518,7 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let start = Instant::now();
     for group in todo.chunks(a.query_group) {
         let queries = explain_group(&problem, pass_test, group, &a.solver, &solver, &|k| progress.advance(k))?;
-        for (&t, q) in group.iter().zip(queries) {
-            write_query(&mut csv, &mut meta_file, &train_view, t, q, a.top, &mut done)?;
-        }
+        write_group(&mut csv, &mut meta_file, &train_view, group, queries, a.top, &mut done)?;
     }
     progress.finish();
     drop(csv);
@@ -581,35 +580,51 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     Ok(())
 }
 
-/// Appends one scored test point to the partial CSV and metadata files (synced,
-/// so a resumed run finds it) and to `done`.
-fn write_query(
+/// Appends a scored group of test points to the partial CSV and metadata
+/// files and to `done`. The files are synced once the whole group is written:
+/// a resumed run keeps complete groups only.
+fn write_group(
     csv: &mut PartialFile,
     meta_file: &mut PartialFile,
     train_view: &dyn Dataset,
-    t: usize,
-    q: Query,
+    group: &[usize],
+    queries: Vec<Query>,
     top: usize,
     done: &mut Vec<(usize, serde_json::Value)>,
 ) -> Result<()> {
+    // N rows per test point: formatted in parallel, written in order.
+    let blocks: Vec<(String, serde_json::Value)> = group
+        .par_iter()
+        .zip(queries)
+        .map(|(&t, q)| score_rows(train_view, t, q, top))
+        .collect();
+    for (&t, (block, meta)) in group.iter().zip(blocks) {
+        csv.write_all(block.as_bytes())?;
+        writeln!(meta_file, "{meta}")?;
+        done.push((t, meta));
+    }
+    csv.sync_data()?;
+    meta_file.sync_data()?;
+    Ok(())
+}
+
+/// One scored test point's CSV rows (one per training example) and its
+/// metadata line with the top-k helpful and harmful examples.
+fn score_rows(train_view: &dyn Dataset, t: usize, q: Query, top: usize) -> (String, serde_json::Value) {
+    use std::fmt::Write as _;
     let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
     let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
-    let mut block = String::with_capacity(q.scores.len() * 48);
+    // The columns after the label are the same on every row.
+    let tail = format!("{status},{residual:.3e}\n");
+    let mut block = String::with_capacity(q.scores.len() * (32 + tail.len()));
     for (i, s) in q.scores.iter().enumerate() {
-        block.push_str(&format!(
-            "{i},{t},{s:.9e},{},{status},{residual:.3e}\n",
-            train_view.label(i)
-        ));
+        // Writing to a String cannot fail.
+        let _ = write!(block, "{i},{t},{s:.9e},{},{tail}", train_view.label(i));
     }
-    csv.write_all(block.as_bytes())?;
-    csv.sync_data()?;
     let (helpful, harmful) = top_k(&q.scores, top);
     let entry = |i: &usize| serde_json::json!({"train_index": i, "score": q.scores[*i], "label": train_view.label(*i)});
     let mut meta = q.meta;
     meta["top_helpful"] = helpful.iter().map(entry).collect();
     meta["top_harmful"] = harmful.iter().map(entry).collect();
-    writeln!(meta_file, "{meta}")?;
-    meta_file.sync_data()?;
-    done.push((t, meta));
-    Ok(())
+    (block, meta)
 }

@@ -9,7 +9,7 @@ use hvp_curvature::Problem;
 use hvp_data::Dataset;
 use hvp_model::ParamVector;
 use hvp_solvers::kfac::FisherKind;
-use hvp_solvers::{SolveReport, SolveStatus, SolverConfig, SolverError, SolverKind};
+use hvp_solvers::{Residuals, SolveReport, SolveStatus, SolverConfig, SolverError, SolverKind};
 use hvp_tensor::DType;
 use std::path::PathBuf;
 
@@ -103,6 +103,17 @@ pub struct SolverOptions {
     /// $XDG_CACHE_HOME/hvp/factors or ~/.cache/hvp/factors).
     #[arg(long)]
     pub no_factor_cache: bool,
+    /// kfac, ekfac: which solutions' exact residuals ‖(M+λI)x − g‖/‖g‖ to
+    /// measure: all, none, or the first K right-hand sides solved together
+    /// (in `influence`, of each --query-group). On the empirical Fisher a
+    /// residual costs about as much as its test point's scores; unmeasured
+    /// ones are reported as NaN with a warning.
+    #[arg(long, default_value = "all", value_parser = parse_residuals)]
+    pub residuals: Residuals,
+}
+
+fn parse_residuals(s: &str) -> Result<Residuals, String> {
+    s.parse()
 }
 
 /// A solve that did not reach its tolerance (exit code 3).
@@ -185,6 +196,7 @@ impl SolverOptions {
             factors: self.factors.clone(),
             fisher: self.fisher.into(),
             factor_cache: if self.no_factor_cache { None } else { factor_cache_dir() },
+            residuals: self.residuals,
         }
     }
 }

@@ -85,6 +85,7 @@ pub fn run(a: SubsampleArgs) -> Result<()> {
                 fisher: super::solve::FisherArg::Mc,
                 keep_unconverged: false,
                 no_factor_cache: false,
+                residuals: hvp_solvers::Residuals::All,
             }
             .config()
         }),

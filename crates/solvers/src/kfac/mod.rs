@@ -808,14 +808,22 @@ impl Factors {
                 // Q_Sᵀ V Q_A: `[s, s]ᵀ × [s, Q·a]`, then `[s·Q, a] × [a, a]`.
                 gemm_into(left, &f.s_vecs, true, vm, false, s, q * a, s, false, Par::Pool);
                 gemm_into(vm, left, false, &f.a_vecs, false, s * q, a, a, false, Par::Pool);
-                for (idx, x) in vm.iter_mut().enumerate() {
-                    let (r, c) = (idx / (q * a), idx % a);
-                    let eig = match &f.corrected {
-                        Some(corr) => corr[r * a + c],
-                        None => f.s_vals[r] * f.a_vals[c],
-                    };
-                    *x /= eig.max(0.0) + damping;
-                }
+                // Row r of every vector's block at a time, in parallel (not an
+                // index division and remainder per entry on one thread).
+                vm.par_chunks_mut((q * a).max(1)).enumerate().for_each(|(r, block)| {
+                    for row in block.chunks_exact_mut(a.max(1)) {
+                        match &f.corrected {
+                            Some(corr) => row
+                                .iter_mut()
+                                .zip(&corr[r * a..(r + 1) * a])
+                                .for_each(|(x, e)| *x /= e.max(0.0) + damping),
+                            None => row
+                                .iter_mut()
+                                .zip(&f.a_vals)
+                                .for_each(|(x, av)| *x /= (f.s_vals[r] * av).max(0.0) + damping),
+                        }
+                    }
+                });
                 // Back: `[s, s] × [s, Q·a]`, then `[s·Q, a] × [a, a]ᵀ`.
                 gemm_into(left, &f.s_vecs, false, vm, false, s, q * a, s, false, Par::Pool);
                 gemm_into(vm, left, false, &f.a_vecs, true, s * q, a, a, false, Par::Pool);
@@ -945,13 +953,15 @@ pub fn solve(
     Ok((x, report))
 }
 
-/// [`solve`] for several right-hand sides, their exact residuals from one
-/// block product.
+/// [`solve`] for several right-hand sides, the exact residuals of the first
+/// `measured` from one block product (the others' reports say theirs was not
+/// measured).
 pub fn solve_many(
     factors: &Factors,
     exact: &dyn LinearOperator,
     damping: f64,
     gs: &[ParamVector],
+    measured: usize,
 ) -> Result<Vec<(ParamVector, SolveReport)>, SolverError> {
     let start = Instant::now();
     let xs: Vec<ParamVector> = factors.inverse_products(gs, damping);
@@ -962,6 +972,14 @@ pub fn solve_many(
             FactorKind::Ekfac => "ekfac",
         })
     };
-    let reports = crate::finish_many(exact, gs, &xs, vec![report; gs.len()], start)?;
+    let measured = measured.min(gs.len());
+    let measured = crate::finish_many(
+        exact,
+        &gs[..measured],
+        &xs[..measured],
+        vec![report.clone(); measured],
+        start,
+    )?;
+    let reports = crate::with_unmeasured(measured, &report, &xs, start);
     Ok(xs.into_iter().zip(reports).collect())
 }
