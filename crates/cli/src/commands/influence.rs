@@ -181,7 +181,21 @@ fn explain_group(
         }
         other => other?,
     };
+    // One line for the group, not one per test point.
+    let unmeasured = all.iter().filter(|e| is_unmeasured(&e.report)).count();
+    if unmeasured > 0 {
+        eprintln!(
+            "warning: residual not measured for {unmeasured} of {} test points (--residuals): the \
+             approximation's error of their s_test is unknown; --residuals all measures every one",
+            all.len()
+        );
+    }
     Ok(all.into_iter().map(|e| query(train, opts, e)).collect())
+}
+
+/// Whether a usable report's residual was left unmeasured (`--residuals`).
+fn is_unmeasured(report: &hvp_solvers::SolveReport) -> bool {
+    report.usable() && report.relative_residual.is_nan()
 }
 
 /// One explained test point with the CLI's warnings and JSON metadata.
@@ -192,7 +206,9 @@ fn query(train: &Problem, opts: &SolverOptions, e: scores::Explanation) -> Query
         super::solve::print_report(report);
         eprintln!("warning (test {t}): scoring from a FAILED solve (--keep-unconverged); the scores are not influence");
     }
-    for w in &report.warnings {
+    // The group has said which residuals were not measured.
+    let skip = |w: &&String| is_unmeasured(report) && w.starts_with("residual not measured");
+    for w in report.warnings.iter().filter(|w| !skip(w)) {
         eprintln!("warning (test {t}): {}", crate::output::as_flags(w));
     }
     let meta = serde_json::json!({

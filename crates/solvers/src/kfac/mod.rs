@@ -794,17 +794,17 @@ impl Factors {
                 let chunk = &vs[first..(first + CHUNK).min(q_all)];
                 let q = chunk.len();
                 let (vm, left) = (&mut vm[..s * q * a], &mut left[..s * q * a]);
-                // `[s, Q, a]`: row r of every vector's block, vector after vector.
-                for (k, v) in chunk.iter().enumerate() {
-                    let w = v.tensors[f.weight].data();
-                    for (r, wr) in rows.clone().enumerate() {
-                        let at = (r * q + k) * a;
-                        vm[at..at + win].copy_from_slice(&w[wr * win..(wr + 1) * win]);
+                // `[s, Q, a]`: row r of every vector's block, vector after
+                // vector; rows in parallel.
+                vm.par_chunks_mut((q * a).max(1)).enumerate().for_each(|(r, block)| {
+                    let wr = f.row0 + r;
+                    for (v, at) in chunk.iter().zip(block.chunks_exact_mut(a.max(1))) {
+                        at[..win].copy_from_slice(&v.tensors[f.weight].data()[wr * win..(wr + 1) * win]);
                         if let Some(b) = f.bias {
-                            vm[at + a - 1] = v.tensors[b].data()[wr];
+                            at[a - 1] = v.tensors[b].data()[wr];
                         }
                     }
-                }
+                });
                 // Q_Sᵀ V Q_A: `[s, s]ᵀ × [s, Q·a]`, then `[s·Q, a] × [a, a]`.
                 gemm_into(left, &f.s_vecs, true, vm, false, s, q * a, s, false, Par::Pool);
                 gemm_into(vm, left, false, &f.a_vecs, false, s * q, a, a, false, Par::Pool);
@@ -827,7 +827,7 @@ impl Factors {
                 // Back: `[s, s] × [s, Q·a]`, then `[s·Q, a] × [a, a]ᵀ`.
                 gemm_into(left, &f.s_vecs, false, vm, false, s, q * a, s, false, Par::Pool);
                 gemm_into(vm, left, false, &f.a_vecs, true, s * q, a, a, false, Par::Pool);
-                for (k, out) in outs[first..first + q].iter_mut().enumerate() {
+                outs[first..first + q].par_iter_mut().enumerate().for_each(|(k, out)| {
                     let wt = out.tensors[f.weight].data_mut();
                     for (r, wr) in rows.clone().enumerate() {
                         let at = (r * q + k) * a;
@@ -839,7 +839,7 @@ impl Factors {
                             bias[wr] = vm[(r * q + k) * a + a - 1];
                         }
                     }
-                }
+                });
             }
             done[f.weight] = true;
             if let Some(b) = f.bias {
