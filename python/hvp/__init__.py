@@ -232,6 +232,7 @@ def _solver_options(
     seed: int,
     fisher: str,
     factors: Optional[Union[str, os.PathLike]],
+    residuals: Union[str, int] = "all",
 ) -> Dict[str, Any]:
     return {
         "solver": solver,
@@ -247,6 +248,7 @@ def _solver_options(
         "seed": int(seed),
         "fisher": fisher,
         "factors": None if factors is None else os.fspath(factors),
+        "residuals": str(residuals),
     }
 
 
@@ -434,6 +436,7 @@ def influence(
     factors: Optional[Union[str, os.PathLike]] = None,
     keep_unconverged: bool = False,
     progress: bool = True,
+    residuals: Union[str, int] = "all",
 ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Influence scores of every training example on each test example:
     ``scores[q, i]`` = grad loss(z_t)^T (M + damping I)^-1 grad loss(z_i) / N for
@@ -442,9 +445,13 @@ def influence(
     = helpful). Returns (scores [Q, N] float64, report) with the report's
     ``queries`` holding each solve's report. Factors (kfac, ekfac, pcg) are
     computed once for all test points. A failed solve raises
-    :class:`SolveError`, unless ``keep_unconverged``."""
+    :class:`SolveError`, unless ``keep_unconverged``. ``residuals`` ("all",
+    "none" or a count K; kfac and ekfac only) says whose exact residuals are
+    measured: on the empirical Fisher each costs about as much as its scores;
+    unmeasured ones are reported as ``None`` with a warning in the report."""
     opts = _solver_options(
-        solver, curvature, damping, tol, max_iter, depth, repeats, scale, lissa_batch, rank, seed, fisher, factors
+        solver, curvature, damping, tol, max_iter, depth, repeats, scale, lissa_batch, rank, seed, fisher, factors,
+        residuals,
     )
     indices = None if test_indices is None else [int(t) for t in test_indices]
     raw, q, reports = problem._native.influence(

@@ -92,6 +92,7 @@ pub struct SolverOptions {
     seed: u64,
     fisher: String,
     factors: Option<PathBuf>,
+    residuals: String,
 }
 
 impl SolverOptions {
@@ -111,7 +112,7 @@ impl SolverOptions {
             factors: self.factors.clone(),
             fisher: parse_fisher(&self.fisher)?,
             factor_cache: None,
-            residuals: hvp_solvers::Residuals::All,
+            residuals: self.residuals.parse().map_err(PyValueError::new_err)?,
         })
     }
 }

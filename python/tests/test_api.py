@@ -119,6 +119,15 @@ def test_influence_equals_cli(problem, mlp_case, cli, tmp_path):
     # Solvers with factors make them once for all test points; EK-FAC is an approximation.
     ek, r = hvp.influence(problem, test, solver="ekfac", damping=0.01, test_indices=[0, 1], progress=False)
     assert ek.shape == (2, 32) and r["solve_status"] == ["approximate", "approximate"]
+    # Residuals of the first test point only: the same scores, the other residual unmeasured.
+    ek1, r1 = hvp.influence(problem, test, solver="ekfac", damping=0.01, test_indices=[0, 1], progress=False,
+                            residuals=1)
+    np.testing.assert_allclose(ek1, ek, rtol=1e-12, atol=0)
+    assert r1["queries"][0]["relative_residual"] == r["queries"][0]["relative_residual"]
+    assert r1["queries"][1]["relative_residual"] is None
+    assert any("residual not measured" in w for w in r1["queries"][1]["warnings"])
+    with pytest.raises(ValueError, match="not a residual choice"):
+        hvp.influence(problem, test, solver="ekfac", damping=0.01, test_indices=[0], progress=False, residuals="x")
 
 
 def test_self_influence_equals_cli(problem, mlp_case, cli, tmp_path):
