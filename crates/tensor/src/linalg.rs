@@ -411,6 +411,20 @@ mod tests {
     }
 
     #[test]
+    fn transpose_equals_the_definition_at_every_shape() {
+        for (rows, cols) in [(1, 1), (1, 37), (37, 1), (16, 16), (16, 1024), (17, 33), (64, 15), (5, 300)] {
+            let src: Vec<f64> = (0..rows * cols).map(|i| i as f64 * 0.5 - 3.0).collect();
+            let mut dst = vec![f64::NAN; rows * cols];
+            transpose_into(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}x{cols} at ({r}, {c})");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn all_transpose_combinations_match_naive_product() {
         let (m, n, k) = (7, 5, 9);
         let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
