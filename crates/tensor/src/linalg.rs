@@ -4,6 +4,7 @@
 use crate::onednn::{self, GemmBackend};
 use crate::{DType, Float, Tensor};
 use gemm::Parallelism;
+use std::mem::MaybeUninit;
 
 /// Whether a GEMM may use the rayon pool itself. Kernels that already run one
 /// GEMM per rayon task pass `Serial` to avoid oversubscription.
@@ -42,7 +43,20 @@ pub fn gemm_into<T: Float>(
 ) {
     check_extents(c.len(), a.len(), b.len(), m, n, k);
     let ld = RowStrides::packed(trans_a, trans_b, m, n, k);
-    dispatch(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
+    dispatch(
+        c.as_mut_ptr(),
+        c.len(),
+        a,
+        trans_a,
+        b,
+        trans_b,
+        m,
+        n,
+        k,
+        ld,
+        accumulate,
+        par,
+    );
 }
 
 /// `dst [cols × rows] = srcᵀ` for a row-major `src [rows × cols]` (a GEMM operand
@@ -97,7 +111,63 @@ pub fn gemm_strided_into<T: Float>(
     check_view("lhs", a.len(), stored(trans_a, m, k), ld.a);
     check_view("rhs", b.len(), stored(trans_b, k, n), ld.b);
     check_view("dst", c.len(), (m, n), ld.c);
-    dispatch(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
+    dispatch(
+        c.as_mut_ptr(),
+        c.len(),
+        a,
+        trans_a,
+        b,
+        trans_b,
+        m,
+        n,
+        k,
+        ld,
+        accumulate,
+        par,
+    );
+}
+
+/// [`gemm_strided_into`] without accumulating, into a destination that need
+/// not be initialised: both backends write every entry of the `m × n` view
+/// without reading it (BLAS semantics of β = 0), so a fresh output buffer
+/// need not be zeroed first. Returns the view's rows as initialised values
+/// when they cover `c` whole (row stride `n`, `m · n == c.len()`).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided_overwrite<'c, T: Float>(
+    c: &'c mut [MaybeUninit<T>],
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld: RowStrides,
+    par: Par,
+) -> Option<&'c mut [T]> {
+    let stored = |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
+    check_view("lhs", a.len(), stored(trans_a, m, k), ld.a);
+    check_view("rhs", b.len(), stored(trans_b, k, n), ld.b);
+    check_view("dst", c.len(), (m, n), ld.c);
+    // `MaybeUninit<T>` has `T`'s layout; the kernels only write through it.
+    dispatch(
+        c.as_mut_ptr() as *mut T,
+        c.len(),
+        a,
+        trans_a,
+        b,
+        trans_b,
+        m,
+        n,
+        k,
+        ld,
+        false,
+        par,
+    );
+    let whole = (ld.c == n || m <= 1) && m * n == c.len();
+    // SAFETY: the GEMM wrote all `m × n` entries of the view (k = 0 writes
+    // zeros), which here is every element of `c`.
+    whole.then(|| unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut T, c.len()) })
 }
 
 /// Panics (a caller bug) when a `rows × cols` view at row stride `ld` does not fit.
@@ -114,9 +184,12 @@ fn check_view(what: &str, len: usize, (rows, cols): (usize, usize), ld: usize) {
     );
 }
 
+/// The GEMM on `c_len` elements at `c` (valid for writes; read only when
+/// `accumulate`), with the views already checked.
 #[allow(clippy::too_many_arguments)]
 fn dispatch<T: Float>(
-    c: &mut [T],
+    c: *mut T,
+    c_len: usize,
     a: &[T],
     trans_a: bool,
     b: &[T],
@@ -134,7 +207,7 @@ fn dispatch<T: Float>(
             return;
         }
     }
-    rust_gemm(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
+    rust_gemm(c, c_len, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
 }
 
 /// Panics (a caller bug, not bad input) when the slices do not hold m×k, k×n, m×n.
@@ -163,13 +236,39 @@ pub fn gemm_into_backend<T: Float>(
     check_extents(c.len(), a.len(), b.len(), m, n, k);
     let ld = RowStrides::packed(trans_a, trans_b, m, n, k);
     match backend {
-        GemmBackend::Rust => rust_gemm(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par),
+        GemmBackend::Rust => rust_gemm(
+            c.as_mut_ptr(),
+            c.len(),
+            a,
+            trans_a,
+            b,
+            trans_b,
+            m,
+            n,
+            k,
+            ld,
+            accumulate,
+            par,
+        ),
         GemmBackend::OneDnn => {
             let lib = onednn::loaded()?;
             if T::DTYPE != DType::F32 || m == 0 || n == 0 || k == 0 {
                 return None;
             }
-            onednn_f32(lib, c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
+            onednn_f32(
+                lib,
+                c.as_mut_ptr(),
+                a,
+                trans_a,
+                b,
+                trans_b,
+                m,
+                n,
+                k,
+                ld,
+                accumulate,
+                par,
+            );
         }
     }
     Some(())
@@ -178,7 +277,7 @@ pub fn gemm_into_backend<T: Float>(
 #[allow(clippy::too_many_arguments)]
 fn onednn_f32<T: Float>(
     lib: &onednn::OneDnn,
-    c: &mut [T],
+    c: *mut T,
     a: &[T],
     trans_a: bool,
     b: &[T],
@@ -199,7 +298,7 @@ fn onednn_f32<T: Float>(
     // reinterpreted as themselves.
     let (c, a, b) = unsafe {
         (
-            std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()),
+            c as *mut f32,
             std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()),
             std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()),
         )
@@ -211,7 +310,8 @@ fn onednn_f32<T: Float>(
 
 #[allow(clippy::too_many_arguments)]
 fn rust_gemm<T: Float>(
-    c: &mut [T],
+    c: *mut T,
+    c_len: usize,
     a: &[T],
     trans_a: bool,
     b: &[T],
@@ -229,7 +329,10 @@ fn rust_gemm<T: Float>(
     if k == 0 {
         if !accumulate {
             for r in 0..m {
-                c[r * ld.c..r * ld.c + n].fill(T::ZERO);
+                let row = r * ld.c;
+                assert!(row + n <= c_len, "gemm: dst view outside its {c_len} elements");
+                // SAFETY: within the checked view; written, never read.
+                (0..n).for_each(|j| unsafe { c.add(row + j).write(T::ZERO) });
             }
         }
         return;
@@ -246,13 +349,14 @@ fn rust_gemm<T: Float>(
         (ld.b as isize, 1)
     };
     // SAFETY: the callers checked that the slices cover the m×k, k×n and m×n
-    // views at these strides; `c` is borrowed mutably and does not alias `a` or `b`.
+    // views at these strides; `c` is valid for writes (read only when
+    // `accumulate`) and does not alias `a` or `b`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ld.c as isize,
             accumulate,
@@ -411,8 +515,61 @@ mod tests {
     }
 
     #[test]
+    fn products_without_accumulating_never_read_the_destination() {
+        // `gemm_strided_overwrite` writes into uninitialised buffers on the
+        // strength of this: a destination full of NaN must not leak into C.
+        let (m, n, k) = (13, 17, 9);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut want = vec![0.0f32; m * n];
+        gemm_into_backend(
+            GemmBackend::Rust,
+            &mut want,
+            &a,
+            false,
+            &b,
+            false,
+            m,
+            n,
+            k,
+            false,
+            Par::Serial,
+        );
+        for backend in [GemmBackend::Rust, GemmBackend::OneDnn] {
+            for par in [Par::Serial, Par::Pool] {
+                let mut got = vec![f32::NAN; m * n];
+                if gemm_into_backend(backend, &mut got, &a, false, &b, false, m, n, k, false, par).is_none() {
+                    continue; // oneDNN not installed here
+                }
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{backend:?}: {g} vs {w}");
+                }
+            }
+        }
+        let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+        let ld = RowStrides::packed(false, false, m, n, k);
+        let got = gemm_strided_overwrite(&mut out, &a, false, &b, false, m, n, k, ld, Par::Serial).expect("whole");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        // A view that leaves elements of the buffer unwritten is not handed back.
+        let mut wide = vec![MaybeUninit::new(0.0f32); m * (n + 1)];
+        let ld = RowStrides { c: n + 1, ..ld };
+        assert!(gemm_strided_overwrite(&mut wide, &a, false, &b, false, m, n, k, ld, Par::Serial).is_none());
+    }
+
+    #[test]
     fn transpose_equals_the_definition_at_every_shape() {
-        for (rows, cols) in [(1, 1), (1, 37), (37, 1), (16, 16), (16, 1024), (17, 33), (64, 15), (5, 300)] {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 37),
+            (37, 1),
+            (16, 16),
+            (16, 1024),
+            (17, 33),
+            (64, 15),
+            (5, 300),
+        ] {
             let src: Vec<f64> = (0..rows * cols).map(|i| i as f64 * 0.5 - 3.0).collect();
             let mut dst = vec![f64::NAN; rows * cols];
             transpose_into(&src, rows, cols, &mut dst);

@@ -155,7 +155,7 @@ impl OneDnn {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn sgemm(
         &self,
-        c: &mut [f32],
+        c: *mut f32,
         ldc: usize,
         a: &[f32],
         lda: usize,
@@ -180,8 +180,10 @@ impl OneDnn {
             });
         }
         let beta = if accumulate { 1.0 } else { 0.0 };
-        // SAFETY: the caller checked that the slices hold the m×k, k×n and m×n
-        // operands at these row strides; `c` does not alias `a`/`b`.
+        // SAFETY: the caller checked that the slices hold the m×k and k×n
+        // operands and `c` the m×n view at these row strides (valid for
+        // writes; read only when accumulating, as β = 0 is never read); `c`
+        // does not alias `a`/`b`.
         let status = unsafe {
             (self.sgemm)(
                 if trans_a { b'T' } else { b'N' } as c_char,
@@ -195,7 +197,7 @@ impl OneDnn {
                 b.as_ptr(),
                 ldb as i64,
                 beta,
-                c.as_mut_ptr(),
+                c,
                 ldc as i64,
             )
         };

@@ -10,9 +10,10 @@
 //! `HVP_CONV=im2col` turns this path off (to compare the two).
 
 use super::{ConvGeometry, Dims, ShiftedRow};
-use crate::linalg::{gemm_strided_into, Par, RowStrides};
+use crate::linalg::{gemm_strided_into, gemm_strided_overwrite, Par, RowStrides};
 use crate::{Float, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Whether this convolution runs on row patches: stride 1, an output as large
@@ -60,6 +61,60 @@ fn row_gemms<T: Float>(out: &mut [T], wrows: &[T], m: usize, k: usize, rows: &[T
         let add = accumulate || i > 0;
         gemm_strided_into(out, a, false, &rows[i * d.w..], false, m, n, k, ld, add, Par::Serial);
     }
+}
+
+/// [`row_gemms`] overwriting an uninitialised `out` (its first product writes
+/// every entry, the others add to them); returns `out` initialised.
+fn row_gemms_into_uninit<'o, T: Float>(
+    out: &'o mut [MaybeUninit<T>],
+    wrows: &[T],
+    m: usize,
+    k: usize,
+    rows: &[T],
+    d: &Dims,
+) -> &'o mut [T] {
+    let n = d.h * d.w;
+    assert_eq!(out.len(), m * n, "row_gemms: output of {m}×{n}");
+    let ld = RowStrides {
+        a: k,
+        b: line_len(d),
+        c: n,
+    };
+    let first = gemm_strided_overwrite(out, &wrows[..m * k], false, rows, false, m, n, k, ld, Par::Serial)
+        .expect("the m × n view covers the output");
+    for i in 1..d.kh {
+        let a = &wrows[i * m * k..][..m * k];
+        gemm_strided_into(first, a, false, &rows[i * d.w..], false, m, n, k, ld, true, Par::Serial);
+    }
+    first
+}
+
+/// An output buffer of `len` values left uninitialised: every entry is
+/// written (by [`row_gemms_into_uninit`] or a copy) before [`initialised`].
+fn uninit_buffer<T>(len: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(len);
+    v.resize_with(len, MaybeUninit::uninit);
+    v
+}
+
+/// The values of a buffer from [`uninit_buffer`] once all are written.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn initialised<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment, the caller
+    // guarantees every element is initialised, and the allocation is handed
+    // over whole (pointer, length, capacity) without being freed twice.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+}
+
+/// Writes `src` into the uninitialised `dst` (of the same length).
+fn write_all<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    assert_eq!(dst.len(), src.len(), "write_all: lengths");
+    dst.iter_mut().zip(src).for_each(|(d, &s)| {
+        d.write(s);
+    });
 }
 
 /// Weights `[O, C, kh, kw]` regrouped by kernel row, `[kh][O × C·kw]`.
@@ -115,9 +170,11 @@ pub(super) fn forward_dual<T: Float>(
         let both: Vec<T> = w.data().iter().chain(dw.data()).copied().collect();
         weight_rows(&both, 2 * d.o, d)
     });
-    let mut y = vec![T::ZERO; b * img_out];
-    let mut dy = vec![T::ZERO; if tangent { b * img_out } else { 0 }];
-    let dy_chunks: Vec<&mut [T]> = if tangent {
+    // Written whole below (each image by its first product or a copy), so
+    // not zeroed first.
+    let mut y = uninit_buffer::<T>(b * img_out);
+    let mut dy = uninit_buffer::<T>(if tangent { b * img_out } else { 0 });
+    let dy_chunks: Vec<&mut [MaybeUninit<T>]> = if tangent {
         dy.chunks_mut(img_out).collect()
     } else {
         (0..b).map(|_| &mut [][..]).collect()
@@ -132,23 +189,35 @@ pub(super) fn forward_dual<T: Float>(
         |(rows, both), (im, (yb, dyb))| {
             let image = im * img_in..(im + 1) * img_in;
             row_patches(&x.data()[image.clone()], d, rows);
+            // `Ẇ·rows(x)` when it was computed (the tangent's first term).
+            let mut dy_started = None;
             if let Some(ws) = &stacked {
                 row_gemms(both, ws, 2 * d.o, k, rows, d, false);
-                yb.copy_from_slice(&both[..img_out]);
-                dyb.copy_from_slice(&both[img_out..]);
+                write_all(yb, &both[..img_out]);
+                write_all(dyb, &both[img_out..]);
+                // SAFETY: every element of `dyb` was just written.
+                dy_started = Some(unsafe { &mut *(dyb as *mut [MaybeUninit<T>] as *mut [T]) });
             } else {
-                row_gemms(yb, &w_rows, d.o, k, rows, d, false);
+                row_gemms_into_uninit(yb, &w_rows, d.o, k, rows, d);
                 if let Some(dwr) = &dw_rows {
-                    row_gemms(dyb, dwr, d.o, k, rows, d, false);
+                    dy_started = Some(row_gemms_into_uninit(dyb, dwr, d.o, k, rows, d));
                 }
             }
             if let Some(dx) = dx {
                 row_patches(&dx.data()[image], d, rows);
-                // Added onto Ẇ·rows(x) when that was computed.
-                row_gemms(dyb, &w_rows, d.o, k, rows, d, dw.is_some());
+                match dy_started {
+                    // Added onto Ẇ·rows(x).
+                    Some(dyb) => row_gemms(dyb, &w_rows, d.o, k, rows, d, true),
+                    None => {
+                        row_gemms_into_uninit(dyb, &w_rows, d.o, k, rows, d);
+                    }
+                }
             }
         },
     );
+    // SAFETY: each image of `y` was written by its first product or copy,
+    // and of `dy` (when there is a tangent, from `dx` or `dw`) likewise.
+    let (y, dy) = unsafe { (initialised(y), initialised(dy)) };
     let shape = vec![b, d.o, d.h, d.w];
     let dy = tangent.then(|| Tensor::new(shape.clone(), dy).expect("b·o·h·w elements"));
     (Tensor::new(shape, y).expect("b·o·h·w elements"), dy)
@@ -175,9 +244,10 @@ pub(super) fn backward_input_dual<T: Float>(
     let w_flip = flipped_weight_rows(&[w.data()], d);
     let dw_flip = dw.map(|dw| flipped_weight_rows(&[dw.data()], d));
     let stacked = dgy.and(dw).map(|dw| flipped_weight_rows(&[w.data(), dw.data()], d));
-    let mut gx = vec![T::ZERO; b * img_in];
-    let mut dgx = vec![T::ZERO; if tangent { b * img_in } else { 0 }];
-    let dgx_chunks: Vec<&mut [T]> = if tangent {
+    // Written whole below by each image's first product, so not zeroed first.
+    let mut gx = uninit_buffer::<T>(b * img_in);
+    let mut dgx = uninit_buffer::<T>(if tangent { b * img_in } else { 0 });
+    let dgx_chunks: Vec<&mut [MaybeUninit<T>]> = if tangent {
         dgx.chunks_mut(img_in).collect()
     } else {
         (0..b).map(|_| &mut [][..]).collect()
@@ -189,21 +259,27 @@ pub(super) fn backward_input_dual<T: Float>(
             let image = im * img_out..(im + 1) * img_out;
             let (rows_dgy, rows_gy) = rows.split_at_mut(k * len);
             row_patches(&gy.data()[image.clone()], &t, rows_gy);
-            row_gemms(gxb, &w_flip, d.c, k, rows_gy, &t, false);
+            row_gemms_into_uninit(gxb, &w_flip, d.c, k, rows_gy, &t);
             match (&stacked, dgy, &dw_flip) {
                 (Some(ws), Some(dgy), _) => {
                     row_patches(&dgy.data()[image], &t, rows_dgy);
-                    row_gemms(dgxb, ws, d.c, 2 * k, rows, &t, false);
+                    row_gemms_into_uninit(dgxb, ws, d.c, 2 * k, rows, &t);
                 }
                 (_, Some(dgy), _) => {
                     row_patches(&dgy.data()[image], &t, rows_dgy);
-                    row_gemms(dgxb, &w_flip, d.c, k, rows_dgy, &t, false);
+                    row_gemms_into_uninit(dgxb, &w_flip, d.c, k, rows_dgy, &t);
                 }
-                (_, None, Some(dwf)) => row_gemms(dgxb, dwf, d.c, k, rows_gy, &t, false),
+                (_, None, Some(dwf)) => {
+                    row_gemms_into_uninit(dgxb, dwf, d.c, k, rows_gy, &t);
+                }
+                // No tangent: `dgxb` is empty.
                 (_, None, None) => {}
             }
         },
     );
+    // SAFETY: each image of `gx` was written by its first product, and of
+    // `dgx` (when there is a tangent: `dgy` or `dw`) by one of the arms above.
+    let (gx, dgx) = unsafe { (initialised(gx), initialised(dgx)) };
     let shape = vec![b, d.c, d.h, d.w];
     let dgx = tangent.then(|| Tensor::new(shape.clone(), dgx).expect("b·c·h·w elements"));
     (Tensor::new(shape, gx).expect("b·c·h·w elements"), dgx)
