@@ -142,6 +142,93 @@ fn one_pass_multi_query_scores_equal_per_query_jvp_scores() {
 /// Fisher product and a JVP pass).
 #[test]
 fn grouped_ekfac_residuals_and_scores_equal_single_test_points() {
+    resnet_ekfac_case(0.01, |problem, test: &dyn Dataset| {
+        let config = SolverConfig {
+            curvature: Curvature::Fisher,
+            damping: 0.1,
+            fisher: hvp_solvers::kfac::FisherKind::Empirical,
+            ..SolverConfig::new(SolverKind::Ekfac)
+        };
+        let prepared = config.prepare(problem).unwrap();
+        let group = hvp_influence::scores::explain_all(problem, test, &[3, 0, 2], &prepared, false, &|_| {}).unwrap();
+        for e in &group {
+            let alone = explain_with(problem, test, e.test_index, &config, false).unwrap();
+            assert_eq!(e.report.block_size, Some(3));
+            assert_eq!(e.report.status, SolveStatus::Approximate);
+            let r = (e.report.relative_residual - alone.report.relative_residual).abs();
+            assert!(
+                r <= 1e-10 * alone.report.relative_residual,
+                "test {}: residual {r:e}",
+                e.test_index
+            );
+            let scale = alone.scores.iter().fold(0.0f64, |m, s| m.max(s.abs()));
+            for (i, (a, b)) in e.scores.iter().zip(&alone.scores).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-10 * scale,
+                    "test {} example {i}: {a} vs {b}",
+                    e.test_index
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn ekfac_residuals_of_the_first_k_test_points_leave_scores_unchanged() {
+    resnet_ekfac_case(0.0, |problem, test: &dyn Dataset| {
+        let all = SolverConfig {
+            curvature: Curvature::Fisher,
+            damping: 0.1,
+            fisher: hvp_solvers::kfac::FisherKind::Empirical,
+            ..SolverConfig::new(SolverKind::Ekfac)
+        };
+        let explain = |config: &SolverConfig| {
+            let prepared = config.prepare(problem).unwrap();
+            hvp_influence::scores::explain_all(problem, test, &[3, 0, 2], &prepared, false, &|_| {}).unwrap()
+        };
+        let reference = explain(&all);
+        for k in [0, 1, 2, 3, 5] {
+            let config = SolverConfig {
+                residuals: Residuals::First(k),
+                ..all.clone()
+            };
+            for (j, (e, r)) in explain(&config).iter().zip(&reference).enumerate() {
+                assert_eq!(e.report.status, SolveStatus::Approximate, "k = {k}, point {j}");
+                assert_eq!(e.report.block_size, Some(3));
+                if j < k {
+                    let d = (e.report.relative_residual - r.report.relative_residual).abs();
+                    assert!(
+                        d <= 1e-12 * r.report.relative_residual,
+                        "k = {k}, point {j}: residual {d:e}"
+                    );
+                    assert!(e.report.warnings.iter().all(|w| !w.contains("not measured")));
+                } else {
+                    assert!(e.report.relative_residual.is_nan(), "k = {k}, point {j}");
+                    assert!(
+                        e.report.warnings.iter().any(|w| w.contains("residual not measured")),
+                        "{:?}",
+                        e.report.warnings
+                    );
+                }
+                let scale = r.scores.iter().fold(0.0f64, |m, s| m.max(s.abs()));
+                for (a, b) in e.scores.iter().zip(&r.scores) {
+                    assert!((a - b).abs() <= 1e-12 * scale, "k = {k}, point {j}: {a} vs {b}");
+                }
+            }
+        }
+        // Only approximate solvers may skip residuals: an exact one needs its own.
+        let cg = SolverConfig {
+            residuals: Residuals::First(0),
+            ..SolverConfig::new(SolverKind::Cg)
+        };
+        let err = cg.prepare(problem).err().expect("cg without residuals is refused");
+        assert!(err.to_string().contains("kfac and ekfac"), "{err}");
+    });
+}
+
+/// A BatchNorm ResNet in f64 on 30 padded MNIST images (with `weight_decay`)
+/// and 4 test images, for the grouped EK-FAC tests.
+fn resnet_ekfac_case(weight_decay: f64, run: impl FnOnce(&Problem, &dyn Dataset)) {
     let (train, test) = (mnist("train"), mnist("test"));
     let data = Subset::first(train.as_ref(), 30);
     let padded = hvp_data::Padded::new(data, 2).unwrap();
@@ -151,92 +238,6 @@ fn grouped_ekfac_residuals_and_scores_equal_single_test_points() {
     let problem = Problem::new(&model, &weights, &padded, 8)
         .unwrap()
         .with_dtype(DType::F64)
-        .with_weight_decay(0.01);
-    let config = SolverConfig {
-        curvature: Curvature::Fisher,
-        damping: 0.1,
-        fisher: hvp_solvers::kfac::FisherKind::Empirical,
-        ..SolverConfig::new(SolverKind::Ekfac)
-    };
-    let prepared = config.prepare(&problem).unwrap();
-    let group = hvp_influence::scores::explain_all(&problem, &test, &[3, 0, 2], &prepared, false, &|_| {}).unwrap();
-    for e in &group {
-        let alone = explain_with(&problem, &test, e.test_index, &config, false).unwrap();
-        assert_eq!(e.report.block_size, Some(3));
-        assert_eq!(e.report.status, SolveStatus::Approximate);
-        let r = (e.report.relative_residual - alone.report.relative_residual).abs();
-        assert!(
-            r <= 1e-10 * alone.report.relative_residual,
-            "test {}: residual {r:e}",
-            e.test_index
-        );
-        let scale = alone.scores.iter().fold(0.0f64, |m, s| m.max(s.abs()));
-        for (i, (a, b)) in e.scores.iter().zip(&alone.scores).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-10 * scale,
-                "test {} example {i}: {a} vs {b}",
-                e.test_index
-            );
-        }
-    }
-}
-
-#[test]
-fn ekfac_residuals_of_the_first_k_test_points_leave_scores_unchanged() {
-    let (train, test) = (mnist("train"), mnist("test"));
-    let data = Subset::first(train.as_ref(), 30);
-    let padded = hvp_data::Padded::new(data, 2).unwrap();
-    let test = hvp_data::Padded::new(Subset::first(test.as_ref(), 4), 2).unwrap();
-    let model = Model::new(&"resnet-cifar:1,1,1".parse::<Architecture>().unwrap(), 1).unwrap();
-    let weights = Weights::init(&model, 4);
-    let problem = Problem::new(&model, &weights, &padded, 8)
-        .unwrap()
-        .with_dtype(DType::F64);
-    let all = SolverConfig {
-        curvature: Curvature::Fisher,
-        damping: 0.1,
-        fisher: hvp_solvers::kfac::FisherKind::Empirical,
-        ..SolverConfig::new(SolverKind::Ekfac)
-    };
-    let explain = |config: &SolverConfig| {
-        let prepared = config.prepare(&problem).unwrap();
-        hvp_influence::scores::explain_all(&problem, &test, &[3, 0, 2], &prepared, false, &|_| {}).unwrap()
-    };
-    let reference = explain(&all);
-    for k in [0, 1, 2, 3, 5] {
-        let config = SolverConfig {
-            residuals: Residuals::First(k),
-            ..all.clone()
-        };
-        for (j, (e, r)) in explain(&config).iter().zip(&reference).enumerate() {
-            assert_eq!(e.report.status, SolveStatus::Approximate, "k = {k}, point {j}");
-            assert_eq!(e.report.block_size, Some(3));
-            if j < k {
-                let d = (e.report.relative_residual - r.report.relative_residual).abs();
-                assert!(
-                    d <= 1e-12 * r.report.relative_residual,
-                    "k = {k}, point {j}: residual {d:e}"
-                );
-                assert!(e.report.warnings.iter().all(|w| !w.contains("not measured")));
-            } else {
-                assert!(e.report.relative_residual.is_nan(), "k = {k}, point {j}");
-                assert!(
-                    e.report.warnings.iter().any(|w| w.contains("residual not measured")),
-                    "{:?}",
-                    e.report.warnings
-                );
-            }
-            let scale = r.scores.iter().fold(0.0f64, |m, s| m.max(s.abs()));
-            for (a, b) in e.scores.iter().zip(&r.scores) {
-                assert!((a - b).abs() <= 1e-12 * scale, "k = {k}, point {j}: {a} vs {b}");
-            }
-        }
-    }
-    // Only approximate solvers may skip residuals: an exact one needs its own.
-    let cg = SolverConfig {
-        residuals: Residuals::First(0),
-        ..SolverConfig::new(SolverKind::Cg)
-    };
-    let err = cg.prepare(&problem).err().expect("cg without residuals is refused");
-    assert!(err.to_string().contains("kfac and ekfac"), "{err}");
+        .with_weight_decay(weight_decay);
+    run(&problem, &test);
 }

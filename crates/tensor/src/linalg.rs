@@ -43,20 +43,7 @@ pub fn gemm_into<T: Float>(
 ) {
     check_extents(c.len(), a.len(), b.len(), m, n, k);
     let ld = RowStrides::packed(trans_a, trans_b, m, n, k);
-    dispatch(
-        c.as_mut_ptr(),
-        c.len(),
-        a,
-        trans_a,
-        b,
-        trans_b,
-        m,
-        n,
-        k,
-        ld,
-        accumulate,
-        par,
-    );
+    gemm_strided_into(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
 }
 
 /// `dst [cols × rows] = srcᵀ` for a row-major `src [rows × cols]` (a GEMM operand
@@ -107,10 +94,7 @@ pub fn gemm_strided_into<T: Float>(
     accumulate: bool,
     par: Par,
 ) {
-    let stored = |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
-    check_view("lhs", a.len(), stored(trans_a, m, k), ld.a);
-    check_view("rhs", b.len(), stored(trans_b, k, n), ld.b);
-    check_view("dst", c.len(), (m, n), ld.c);
+    check_views((c.len(), a.len(), b.len()), trans_a, trans_b, m, n, k, ld);
     dispatch(
         c.as_mut_ptr(),
         c.len(),
@@ -145,10 +129,7 @@ pub fn gemm_strided_overwrite<'c, T: Float>(
     ld: RowStrides,
     par: Par,
 ) -> Option<&'c mut [T]> {
-    let stored = |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
-    check_view("lhs", a.len(), stored(trans_a, m, k), ld.a);
-    check_view("rhs", b.len(), stored(trans_b, k, n), ld.b);
-    check_view("dst", c.len(), (m, n), ld.c);
+    check_views((c.len(), a.len(), b.len()), trans_a, trans_b, m, n, k, ld);
     // `MaybeUninit<T>` has `T`'s layout; the kernels only write through it.
     dispatch(
         c.as_mut_ptr() as *mut T,
@@ -168,6 +149,23 @@ pub fn gemm_strided_overwrite<'c, T: Float>(
     // SAFETY: the GEMM wrote all `m × n` entries of the view (k = 0 writes
     // zeros), which here is every element of `c`.
     whole.then(|| unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut T, c.len()) })
+}
+
+/// [`check_view`] of a GEMM's three operands (lengths of `c`, `a`, `b`).
+#[allow(clippy::too_many_arguments)]
+fn check_views(
+    (c, a, b): (usize, usize, usize),
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld: RowStrides,
+) {
+    let stored = |trans: bool, rows: usize, cols: usize| if trans { (cols, rows) } else { (rows, cols) };
+    check_view("lhs", a, stored(trans_a, m, k), ld.a);
+    check_view("rhs", b, stored(trans_b, k, n), ld.b);
+    check_view("dst", c, (m, n), ld.c);
 }
 
 /// Panics (a caller bug) when a `rows × cols` view at row stride `ld` does not fit.
