@@ -5,7 +5,7 @@
 use hvp_curvature::{Curvature, Problem};
 use hvp_data::{open_spec, Dataset, Padded, Subset};
 use hvp_model::{Architecture, Model, ParamVector, Weights};
-use hvp_solvers::kfac::{block_product, FisherKind};
+use hvp_solvers::kfac::{block_product, example_gradient_dots, fisher_products_and_dots, FisherKind};
 use hvp_solvers::{CurvatureOperator, LinearOperator, SolveStatus, SolverConfig, SolverKind};
 use hvp_tensor::DType;
 
@@ -119,6 +119,44 @@ fn block_solves_equal_one_solve_per_right_hand_side() {
                 report.relative_residual,
                 r1.relative_residual
             );
+        }
+    }
+}
+
+#[test]
+fn dots_with_some_or_no_products_equal_the_dots_and_products_of_all() {
+    // 130 vectors: past the count from which dots without products are formed
+    // over gathered rows instead of a batch at a time.
+    for (arch, pad) in [("mlp:784,12,10", 0), ("resnet-cifar:1,1,1", 2)] {
+        let source = fashion();
+        let data = Padded::new(Subset::first(source.as_ref(), 20), pad).unwrap();
+        let (model, weights) = model_and_weights(arch);
+        let problem = Problem::new(&model, &weights, &data, 8).unwrap().with_dtype(DType::F64);
+        for q in [3, 130] {
+            let vectors: Vec<ParamVector> = (0..q).map(|s| ParamVector::random_normal(&model, s as u64)).collect();
+            let (all, dots) = fisher_products_and_dots(&problem, &vectors, q, &|_| {})
+                .unwrap()
+                .unwrap();
+            let batchwise = example_gradient_dots(&problem, &vectors, &|_| {}).unwrap().unwrap();
+            for k in [0, 1, 2] {
+                let (some, some_dots) = fisher_products_and_dots(&problem, &vectors, k, &|_| {})
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(some.len(), k, "{arch}, q = {q}");
+                for (j, (p, a)) in some.iter().zip(&all).enumerate() {
+                    let err = p.relative_error(a);
+                    assert!(err <= 1e-12, "{arch}, q = {q}, k = {k}, product {j}: {err:e}");
+                }
+                for (v, (d, (a, b))) in some_dots.iter().zip(dots.iter().zip(&batchwise)).enumerate() {
+                    let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                    for (i, ((x, y), z)) in d.iter().zip(a).zip(b).enumerate() {
+                        assert!(
+                            (x - y).abs() <= 1e-12 * scale && (x - z).abs() <= 1e-12 * scale,
+                            "{arch}, q = {q}, k = {k}, vector {v}, example {i}: {x} vs {y} vs {z}"
+                        );
+                    }
+                }
+            }
         }
     }
 }
