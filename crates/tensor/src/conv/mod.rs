@@ -5,7 +5,7 @@
 //! `lowering` holds im2col/col2im, `rows` the row-patch path of same-size
 //! stride-1 layers.
 
-use crate::linalg::{gemm_into, transpose_into, Par};
+use crate::linalg::{gemm_into, gemm_strided_overwrite, transpose_into, Par, RowStrides};
 use crate::pool::out_size;
 use crate::{Float, Tensor};
 use rayon::prelude::*;
@@ -33,6 +33,20 @@ fn copy_uninit<T: Float>(dst: &mut [MaybeUninit<T>], src: &[T]) {
     for (o, &v) in dst.iter_mut().zip(src) {
         o.write(v);
     }
+}
+
+/// `c = a [m × k] · b [k × n]` (contiguous) into an image's uninitialised
+/// output slot of exactly `m × n`, which it returns initialised.
+fn gemm_overwrite<'c, T: Float>(
+    c: &'c mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> &'c mut [T] {
+    let ld = RowStrides::packed(false, false, m, n, k);
+    gemm_strided_overwrite(c, a, false, b, false, m, n, k, ld, Par::Serial).expect("an image's whole output")
 }
 
 /// An initialised slice seen as one that may be written without reading.
@@ -133,21 +147,16 @@ pub fn forward_dual<T: Float>(
     let stacked: Option<Vec<T>> = dw
         .filter(|_| d.o < STACK_BELOW_CHANNELS)
         .map(|dw| w.data().iter().chain(dw.data()).copied().collect());
-    // The stacked path copies every output element, so its outputs start
-    // uninitialised; the GEMMs of the other write into zeroed ones.
+    // Every output element is written by a copy or a first (overwriting)
+    // product, so the outputs start uninitialised.
     let len = b * img_out;
-    let output = |wanted: bool| -> Vec<T> {
-        match (wanted, stacked.is_some()) {
-            (false, _) => Vec::new(),
-            (true, true) => Vec::with_capacity(len),
-            (true, false) => vec![T::ZERO; len],
-        }
-    };
-    let (mut y, mut dy) = (output(true), output(tangent));
-    let uninit = stacked.is_some();
+    let (mut y, mut dy) = (
+        Vec::with_capacity(len),
+        Vec::with_capacity(if tangent { len } else { 0 }),
+    );
     let (y_slots, dy_slots) = (
-        image_slots(&mut y, b, img_out, true, uninit),
-        image_slots(&mut dy, b, img_out, tangent, uninit),
+        image_slots(&mut y, b, img_out, true, true),
+        image_slots(&mut dy, b, img_out, tangent, true),
     );
     y_slots.into_par_iter().zip(dy_slots).enumerate().for_each_init(
         || {
@@ -160,6 +169,8 @@ pub fn forward_dual<T: Float>(
         |(cols, dcols, both), (k, (y_slot, dy_slot))| {
             im2col(&x.data()[k * img_in..(k + 1) * img_in], &d, g, cols);
             let (wd, o) = (w.data(), d.o);
+            // `conv(x, ẇ)` when it was computed (the tangent's first term).
+            let mut dy_started = None;
             if let Some(wstack) = &stacked {
                 gemm_into(
                     both,
@@ -175,28 +186,30 @@ pub fn forward_dual<T: Float>(
                 );
                 copy_uninit(y_slot, &both[..img_out]);
                 copy_uninit(dy_slot, &both[img_out..]);
-            }
-            // SAFETY: written just above (stacked), or zero-initialised.
-            let (yb, dyb) = unsafe { (assume_init_mut(y_slot), assume_init_mut(dy_slot)) };
-            if stacked.is_none() {
-                gemm_into(yb, wd, false, cols, false, o, plane, patch, false, Par::Serial);
+                // SAFETY: every element of `dy_slot` was just written.
+                dy_started = Some(unsafe { assume_init_mut(dy_slot) });
+            } else {
+                gemm_overwrite(y_slot, wd, cols, o, plane, patch);
                 if let Some(dw) = dw {
-                    gemm_into(dyb, dw.data(), false, cols, false, o, plane, patch, false, Par::Serial);
+                    dy_started = Some(gemm_overwrite(dy_slot, dw.data(), cols, o, plane, patch));
                 }
             }
             if let Some(dx) = dx {
                 im2col(&dx.data()[k * img_in..(k + 1) * img_in], &d, g, dcols);
-                gemm_into(dyb, wd, false, dcols, false, o, plane, patch, dw.is_some(), Par::Serial);
+                match dy_started {
+                    Some(dyb) => gemm_into(dyb, wd, false, dcols, false, o, plane, patch, true, Par::Serial),
+                    None => {
+                        gemm_overwrite(dy_slot, wd, dcols, o, plane, patch);
+                    }
+                }
             }
         },
     );
-    if stacked.is_some() {
-        // SAFETY: every image's slots were filled by the copies above (the
-        // stacked path runs only with a tangent, so both outputs are wanted).
-        unsafe {
-            y.set_len(len);
-            dy.set_len(len);
-        }
+    // SAFETY: every image's slot of `y` was filled by a copy or a first
+    // product above, and of `dy` (when there is a tangent: `dx` or `dw`) too.
+    unsafe {
+        y.set_len(len);
+        dy.set_len(if tangent { len } else { 0 });
     }
     let shape = vec![b, d.o, d.ho, d.wo];
     let dy = tangent.then(|| Tensor::new(shape.clone(), dy).expect("b·o·ho·wo elements"));

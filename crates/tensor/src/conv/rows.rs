@@ -9,7 +9,7 @@
 //!
 //! `HVP_CONV=im2col` turns this path off (to compare the two).
 
-use super::{ConvGeometry, Dims, ShiftedRow};
+use super::{assume_init_mut, copy_uninit, image_slots, ConvGeometry, Dims, ShiftedRow};
 use crate::linalg::{gemm_strided_into, gemm_strided_overwrite, Par, RowStrides};
 use crate::{Float, Tensor};
 use rayon::prelude::*;
@@ -89,34 +89,6 @@ fn row_gemms_into_uninit<'o, T: Float>(
     first
 }
 
-/// An output buffer of `len` values left uninitialised: every entry is
-/// written (by [`row_gemms_into_uninit`] or a copy) before [`initialised`].
-fn uninit_buffer<T>(len: usize) -> Vec<MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(len);
-    v.resize_with(len, MaybeUninit::uninit);
-    v
-}
-
-/// The values of a buffer from [`uninit_buffer`] once all are written.
-///
-/// # Safety
-/// Every element of `v` must have been written.
-unsafe fn initialised<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment, the caller
-    // guarantees every element is initialised, and the allocation is handed
-    // over whole (pointer, length, capacity) without being freed twice.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
-}
-
-/// Writes `src` into the uninitialised `dst` (of the same length).
-fn write_all<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
-    assert_eq!(dst.len(), src.len(), "write_all: lengths");
-    dst.iter_mut().zip(src).for_each(|(d, &s)| {
-        d.write(s);
-    });
-}
-
 /// Weights `[O, C, kh, kw]` regrouped by kernel row, `[kh][O × C·kw]`.
 fn weight_rows<T: Float>(w: &[T], o: usize, d: &Dims) -> Vec<T> {
     let mut out = Vec::with_capacity(w.len());
@@ -172,14 +144,16 @@ pub(super) fn forward_dual<T: Float>(
     });
     // Written whole below (each image by its first product or a copy), so
     // not zeroed first.
-    let mut y = uninit_buffer::<T>(b * img_out);
-    let mut dy = uninit_buffer::<T>(if tangent { b * img_out } else { 0 });
-    let dy_chunks: Vec<&mut [MaybeUninit<T>]> = if tangent {
-        dy.chunks_mut(img_out).collect()
-    } else {
-        (0..b).map(|_| &mut [][..]).collect()
-    };
-    y.par_chunks_mut(img_out).zip(dy_chunks).enumerate().for_each_init(
+    let out_len = b * img_out;
+    let (mut y, mut dy) = (
+        Vec::with_capacity(out_len),
+        Vec::with_capacity(if tangent { out_len } else { 0 }),
+    );
+    let (y_slots, dy_slots) = (
+        image_slots(&mut y, b, img_out, true, true),
+        image_slots(&mut dy, b, img_out, tangent, true),
+    );
+    y_slots.into_par_iter().zip(dy_slots).enumerate().for_each_init(
         || {
             (
                 vec![T::ZERO; k * line_len(d)],
@@ -193,10 +167,10 @@ pub(super) fn forward_dual<T: Float>(
             let mut dy_started = None;
             if let Some(ws) = &stacked {
                 row_gemms(both, ws, 2 * d.o, k, rows, d, false);
-                write_all(yb, &both[..img_out]);
-                write_all(dyb, &both[img_out..]);
+                copy_uninit(yb, &both[..img_out]);
+                copy_uninit(dyb, &both[img_out..]);
                 // SAFETY: every element of `dyb` was just written.
-                dy_started = Some(unsafe { &mut *(dyb as *mut [MaybeUninit<T>] as *mut [T]) });
+                dy_started = Some(unsafe { assume_init_mut(dyb) });
             } else {
                 row_gemms_into_uninit(yb, &w_rows, d.o, k, rows, d);
                 if let Some(dwr) = &dw_rows {
@@ -215,9 +189,12 @@ pub(super) fn forward_dual<T: Float>(
             }
         },
     );
-    // SAFETY: each image of `y` was written by its first product or copy,
-    // and of `dy` (when there is a tangent, from `dx` or `dw`) likewise.
-    let (y, dy) = unsafe { (initialised(y), initialised(dy)) };
+    // SAFETY: each image's slot of `y` was written by its first product or
+    // copy, and of `dy` (when there is a tangent, from `dx` or `dw`) likewise.
+    unsafe {
+        y.set_len(out_len);
+        dy.set_len(if tangent { out_len } else { 0 });
+    }
     let shape = vec![b, d.o, d.h, d.w];
     let dy = tangent.then(|| Tensor::new(shape.clone(), dy).expect("b·o·h·w elements"));
     (Tensor::new(shape, y).expect("b·o·h·w elements"), dy)
@@ -245,14 +222,16 @@ pub(super) fn backward_input_dual<T: Float>(
     let dw_flip = dw.map(|dw| flipped_weight_rows(&[dw.data()], d));
     let stacked = dgy.and(dw).map(|dw| flipped_weight_rows(&[w.data(), dw.data()], d));
     // Written whole below by each image's first product, so not zeroed first.
-    let mut gx = uninit_buffer::<T>(b * img_in);
-    let mut dgx = uninit_buffer::<T>(if tangent { b * img_in } else { 0 });
-    let dgx_chunks: Vec<&mut [MaybeUninit<T>]> = if tangent {
-        dgx.chunks_mut(img_in).collect()
-    } else {
-        (0..b).map(|_| &mut [][..]).collect()
-    };
-    gx.par_chunks_mut(img_in).zip(dgx_chunks).enumerate().for_each_init(
+    let out_len = b * img_in;
+    let (mut gx, mut dgx) = (
+        Vec::with_capacity(out_len),
+        Vec::with_capacity(if tangent { out_len } else { 0 }),
+    );
+    let (gx_slots, dgx_slots) = (
+        image_slots(&mut gx, b, img_in, true, true),
+        image_slots(&mut dgx, b, img_in, tangent, true),
+    );
+    gx_slots.into_par_iter().zip(dgx_slots).enumerate().for_each_init(
         // [rows(ġy); rows(gy)]: the value reads the second half alone.
         || vec![T::ZERO; 2 * k * len],
         |rows, (im, (gxb, dgxb))| {
@@ -277,9 +256,12 @@ pub(super) fn backward_input_dual<T: Float>(
             }
         },
     );
-    // SAFETY: each image of `gx` was written by its first product, and of
-    // `dgx` (when there is a tangent: `dgy` or `dw`) by one of the arms above.
-    let (gx, dgx) = unsafe { (initialised(gx), initialised(dgx)) };
+    // SAFETY: each image's slot of `gx` was written by its first product, and
+    // of `dgx` (when there is a tangent: `dgy` or `dw`) by one of the arms above.
+    unsafe {
+        gx.set_len(out_len);
+        dgx.set_len(if tangent { out_len } else { 0 });
+    }
     let shape = vec![b, d.c, d.h, d.w];
     let dgx = tangent.then(|| Tensor::new(shape.clone(), dgx).expect("b·c·h·w elements"));
     (Tensor::new(shape, gx).expect("b·c·h·w elements"), dgx)
