@@ -101,9 +101,10 @@ fn influence_scores_csv_json_and_resume_after_kill() {
         "2",
     ];
     let full = tmp.s("full.csv");
+    let full_matrix = tmp.s("full.npy");
     let json = tmp.s("full.json");
     let mut args = common.to_vec();
-    args.extend(["--out", &full, "--json", &json, "--quiet"]);
+    args.extend(["--out", &full, "--matrix", &full_matrix, "--json", &json, "--quiet"]);
     ok(&args);
     let text = std::fs::read_to_string(&full).unwrap();
     assert!(text.starts_with("train_index,test_index,score,label,solve_status,relative_residual\n"));
@@ -129,20 +130,74 @@ fn influence_scores_csv_json_and_resume_after_kill() {
         .map(|l| l.split(',').nth(2).unwrap().parse::<f64>().unwrap())
         .fold(f64::MIN, f64::max);
     assert!((best - max0).abs() <= 1e-9 * best.abs());
+    // The matrix holds the CSV's scores, row q for the q-th test index.
+    let matrix = std::fs::read(&full_matrix).unwrap();
+    let header = b"\x93NUMPY\x01\x00";
+    assert_eq!(&matrix[..8], header);
+    let header_len = 10 + u16::from_le_bytes([matrix[8], matrix[9]]) as usize;
+    let dict = String::from_utf8_lossy(&matrix[10..header_len]);
+    assert!(
+        dict.contains("'descr': '<f8'") && dict.contains("'shape': (8, 2000)"),
+        "{dict}"
+    );
+    assert_eq!(matrix.len(), header_len + 8 * 2000 * 8);
+    let value = |t: usize, i: usize| {
+        let at = header_len + (t * 2000 + i) * 8;
+        f64::from_le_bytes(matrix[at..at + 8].try_into().unwrap())
+    };
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (i, t, s): (usize, usize, f64) = (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
+        // The CSV prints 10 significant digits.
+        assert!((value(t, i) - s).abs() <= 1e-9 * s.abs(), "{line}");
+    }
 
-    // Kill a run once two test points are on disk, then resume.
-    let out = tmp.s("resumed.csv");
-    let mut args = common.to_vec();
-    args.extend(["--out", &out, "--quiet"]);
+    // Kill a run once two test points are on disk, then resume: with both
+    // outputs, and with the matrix alone.
+    for with_csv in [true, false] {
+        let out = tmp.s(&format!("resumed-{with_csv}.csv"));
+        let out_matrix = tmp.s(&format!("resumed-{with_csv}.npy"));
+        let mut args = common.to_vec();
+        if with_csv {
+            args.extend(["--out", &out]);
+        }
+        args.extend(["--matrix", &out_matrix, "--quiet"]);
+        let anchor = if with_csv { &out } else { &out_matrix };
+        kill_once_two_test_points_are_on_disk(&args, &format!("{anchor}.partial.json"));
+        for path in [&out, &out_matrix] {
+            assert!(
+                !std::path::Path::new(path).exists(),
+                "no output file before the run completes"
+            );
+        }
+        args.push("--resume");
+        ok(&args);
+        if with_csv {
+            assert_eq!(
+                std::fs::read_to_string(&out).unwrap(),
+                text,
+                "resumed scores differ from an uninterrupted run"
+            );
+        }
+        assert!(
+            std::fs::read(&out_matrix).unwrap() == matrix,
+            "resumed matrix differs from an uninterrupted run's"
+        );
+    }
+    // Neither output is refused before any work.
+    let refused = hvp(&common);
+    assert!(!refused.status.success());
+}
+
+fn kill_once_two_test_points_are_on_disk(args: &[&str], partial_meta: &str) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hvp"))
-        .args(&args)
+        .args(args)
         .env("HVP_CACHE_DIR", test_cache_dir())
         .spawn()
         .unwrap();
-    let partial_meta = tmp.path("resumed.csv.partial.json");
     let start = Instant::now();
     loop {
-        let lines = std::fs::read_to_string(&partial_meta)
+        let lines = std::fs::read_to_string(partial_meta)
             .map(|s| s.lines().count())
             .unwrap_or(0);
         // The first line is the run's fingerprint, then one line per test point.
@@ -155,18 +210,6 @@ fn influence_scores_csv_json_and_resume_after_kill() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(killed_early, "the run finished before it could be interrupted");
-    assert!(
-        !std::path::Path::new(&out).exists(),
-        "no output file before the run completes"
-    );
-    args.push("--resume");
-    let log = ok(&args);
-    let _ = log;
-    assert_eq!(
-        std::fs::read_to_string(&out).unwrap(),
-        text,
-        "resumed scores differ from an uninterrupted run"
-    );
 }
 
 #[test]

@@ -155,12 +155,23 @@ pub fn explain_all(
 }
 
 /// Top-k helpful (largest score) and harmful (smallest score) training indices,
-/// ties broken by index.
+/// ties broken by index: the first and last k of the order by descending score,
+/// then index. Each end is selected in linear time and only its k sorted (a
+/// full sort per test point took longer than formatting its CSV rows).
 pub fn top_k(scores: &[f64], k: usize) -> (Vec<usize>, Vec<usize>) {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let helpful = order.iter().take(k).copied().collect();
-    let harmful = order.iter().rev().take(k).copied().collect();
+    let n = scores.len();
+    let k = k.min(n);
+    let order = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+    let mut indices: Vec<usize> = (0..n).collect();
+    if k == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    indices.select_nth_unstable_by(k - 1, order);
+    let mut helpful = indices[..k].to_vec();
+    helpful.sort_unstable_by(order);
+    indices.select_nth_unstable_by(n - k, order);
+    let mut harmful = indices[n - k..].to_vec();
+    harmful.sort_unstable_by(|a, b| order(b, a));
     (helpful, harmful)
 }
 
@@ -175,5 +186,21 @@ mod tests {
         assert_eq!(help, vec![2, 0]);
         assert_eq!(harm, vec![4, 1]);
         assert_eq!(top_k(&s, 10).0.len(), 5);
+        assert_eq!(top_k(&s, 0), (vec![], vec![]));
+        assert_eq!(top_k(&[], 3), (vec![], vec![]));
+    }
+
+    #[test]
+    fn top_k_equals_the_ends_of_a_full_sort() {
+        // Few distinct values, so most scores tie and the index decides.
+        let scores: Vec<f64> = (0..200u64).map(|i| ((i * 7919) % 13) as f64 - 6.0).collect();
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        for k in [1, 2, 13, 100, 199, 200, 250] {
+            let (help, harm) = top_k(&scores, k);
+            let k = k.min(scores.len());
+            assert_eq!(help, order[..k].to_vec(), "k = {k}");
+            assert_eq!(harm, order.iter().rev().take(k).copied().collect::<Vec<_>>(), "k = {k}");
+        }
     }
 }

@@ -285,7 +285,7 @@ impl PreparedSolver {
             return Err(SolverError::BadOption("the solver's factors were not prepared".into()));
         };
         let start = std::time::Instant::now();
-        let xs: Vec<ParamVector> = factors.inverse_products(gs, config.damping);
+        let xs: Vec<ParamVector> = factors.inverse_products_in(problem.dtype(), gs, config.damping);
         let measured = config.residuals.count(gs.len());
         let Some((mut products, dots)) = kfac::fisher_products_and_dots(problem, &xs, measured, &|_| {})? else {
             return Ok((self.solve_many(problem, gs)?, None));
@@ -343,7 +343,7 @@ impl PreparedSolver {
             SolverKind::Kfac | SolverKind::Ekfac => kfac::solve_many(
                 factors()?,
                 &damped,
-                config.damping,
+                (config.damping, problem.dtype()),
                 gs,
                 config.residuals.count(gs.len()),
             ),
@@ -380,7 +380,7 @@ fn solve_prepared(
         SolverKind::Direct => direct::solve_to(&op, config.damping, g, config.tol),
         SolverKind::Cg => cg::solve(&damped, g, &cg_opts, None, "cg"),
         SolverKind::Arnoldi => lanczos::solve(&op, config.damping, g, config.rank, config.seed),
-        SolverKind::Kfac | SolverKind::Ekfac => kfac::solve(factors()?, &damped, config.damping, g),
+        SolverKind::Kfac | SolverKind::Ekfac => kfac::solve(factors()?, &damped, (config.damping, problem.dtype()), g),
         SolverKind::Pcg => {
             let factors = factors()?;
             let precond = |r: &ParamVector| Ok(factors.inverse_product(r, config.damping));

@@ -298,7 +298,7 @@ fn solver_configuration_dispatches_to_each_solver() {
     assert!(hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Ekfac), &g).is_err());
     let (x, rep) = hvp_solvers::solve(&p, &with_file(hvp_solvers::SolverKind::Kfac), &g).unwrap();
     let damped = Damped { inner: &op, damping };
-    let (x_kfac, _) = hvp_solvers::kfac::solve(&f, &damped, damping, &g).unwrap();
+    let (x_kfac, _) = hvp_solvers::kfac::solve(&f, &damped, (damping, hvp_tensor::DType::F64), &g).unwrap();
     assert_eq!(x.to_flat(), x_kfac.to_flat());
     assert_eq!(rep.status, hvp_solvers::SolveStatus::Approximate);
     let _ = std::fs::remove_file(&path);

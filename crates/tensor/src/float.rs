@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::fmt::{Debug, Display};
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -54,10 +55,12 @@ pub trait Float:
     fn tanh(self) -> Self;
     fn is_finite(self) -> bool;
     fn max(self, other: Self) -> Self;
+    /// `v` in this type: borrowed as it is for f64, rounded for f32.
+    fn from_f64_slice(v: &[f64]) -> Cow<'_, [Self]>;
 }
 
 macro_rules! impl_float {
-    ($t:ty, $d:expr) => {
+    ($t:ty, $d:expr, $from_f64_slice:expr) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -94,9 +97,14 @@ macro_rules! impl_float {
             fn max(self, other: Self) -> Self {
                 <$t>::max(self, other)
             }
+            fn from_f64_slice(v: &[f64]) -> Cow<'_, [Self]> {
+                $from_f64_slice(v)
+            }
         }
     };
 }
 
-impl_float!(f32, DType::F32);
-impl_float!(f64, DType::F64);
+impl_float!(f32, DType::F32, |v: &[f64]| Cow::Owned(
+    v.iter().map(|&x| x as f32).collect()
+));
+impl_float!(f64, DType::F64, Cow::Borrowed);

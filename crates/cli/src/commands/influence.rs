@@ -60,9 +60,16 @@ pub struct InfluenceArgs {
     /// Helpful and harmful examples listed per test point.
     #[arg(value_parser = crate::checks::small_count, long, default_value_t = 5)]
     pub top: usize,
-    /// Scores as CSV: train_index,test_index,score,label.
+    /// Scores as CSV: train_index,test_index,score,label,solve_status,relative_residual
+    /// (one row per training example and test point). Give this, --matrix, or both.
+    #[arg(long, required_unless_present = "matrix")]
+    pub out: Option<PathBuf>,
+    /// Scores as an NPY matrix `[Q, N]` of float64 (C order): row q holds every
+    /// training example's score for the q-th of --test-indices, column i training
+    /// example i. Written a group at a time (8·N bytes per test point, against
+    /// ~40·N for the CSV); the top-k lists go to --json.
     #[arg(long)]
-    pub out: PathBuf,
+    pub matrix: Option<PathBuf>,
     /// Metadata, solver reports and top-k lists as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -336,19 +343,74 @@ fn fingerprint(a: &InfluenceArgs, train: &dyn Dataset, test: &dyn Dataset) -> Re
     }))
 }
 
+/// Where a run's score matrix is written as it goes: the NPY header of the
+/// whole `[Q, N]` matrix, then the rows of the test points scored so far, in
+/// `--test-indices` order.
+struct PartialMatrix<'p> {
+    path: &'p Path,
+    header: Vec<u8>,
+    row_bytes: u64,
+}
+
+impl PartialMatrix<'_> {
+    /// Rows complete on disk (0 when the file is missing or its header differs).
+    fn rows_on_disk(&self) -> Result<usize> {
+        if !self.path.exists() {
+            return Ok(0);
+        }
+        let (mut f, len) = hvp_io::read::open_regular(self.path)?;
+        let mut header = vec![0u8; self.header.len()];
+        if len < self.header.len() as u64 || std::io::Read::read_exact(&mut f, &mut header).is_err() {
+            return Ok(0);
+        }
+        if header != self.header {
+            return Ok(0);
+        }
+        Ok(((len - self.header.len() as u64) / self.row_bytes.max(1)) as usize)
+    }
+
+    /// A fresh partial file holding the header and the first `rows` rows of
+    /// the old one (the rest was cut by the interruption or is scored again).
+    fn restart(&self, rows: usize, root: bool) -> Result<PartialFile> {
+        // Opened before `create` removes the name: the rows stay readable.
+        let old = if rows > 0 {
+            Some(hvp_io::read::open_regular(self.path)?.0)
+        } else {
+            None
+        };
+        let mut file = PartialFile::create(self.path, root)?;
+        match old {
+            Some(old) => {
+                let keep = self.header.len() as u64 + rows as u64 * self.row_bytes;
+                let copied = std::io::copy(&mut std::io::Read::take(old, keep), &mut file)
+                    .with_context(|| format!("keeping the scored rows of {}", self.path.display()))?;
+                if copied != keep {
+                    bail!(
+                        "{} lost rows while resuming; rerun without --resume",
+                        self.path.display()
+                    );
+                }
+            }
+            None => file.write_all(&self.header)?,
+        }
+        Ok(file)
+    }
+}
+
 /// Test points whose rows and metadata are complete in the partial files,
-/// after checking the partial files were written by the same configuration.
+/// after checking the partial files were written by the same configuration:
+/// with a CSV, all `n` of its rows are on disk; with a matrix, its row is
+/// (rows are kept for a prefix of `indices` only).
 fn completed(
-    csv: &Path,
+    csv: Option<&Path>,
+    matrix: Option<&PartialMatrix>,
     meta: &Path,
-    n: usize,
+    (n, indices): (usize, &[usize]),
     expected: &serde_json::Value,
 ) -> Result<Vec<(usize, serde_json::Value)>> {
-    if !(csv.exists() && meta.exists()) {
+    if !meta.exists() || csv.is_some_and(|c| !c.exists()) {
         return Ok(vec![]);
     }
-    // Regular files only: a FIFO planted at these names must not hang the run.
-    let (c, _) = hvp_io::read::open_regular(csv)?;
     let m = String::from_utf8_lossy(&hvp_io::read::read_bounded(meta, 1 << 30, "influence metadata")?).into_owned();
     let mut lines = m.lines().filter(|l| !l.trim().is_empty());
     let recorded: serde_json::Value = lines
@@ -373,12 +435,20 @@ fn completed(
         );
     }
     let mut counts = std::collections::BTreeMap::<usize, usize>::new();
-    for line in std::io::BufReader::new(c).lines().skip(1) {
-        let line = line?;
-        if let Some(t) = line.split(',').nth(1).and_then(|t| t.parse().ok()) {
-            *counts.entry(t).or_default() += 1;
+    if let Some(csv) = csv {
+        // Regular files only: a FIFO planted at these names must not hang the run.
+        let (c, _) = hvp_io::read::open_regular(csv)?;
+        for line in std::io::BufReader::new(c).lines().skip(1) {
+            let line = line?;
+            if let Some(t) = line.split(',').nth(1).and_then(|t| t.parse().ok()) {
+                *counts.entry(t).or_default() += 1;
+            }
         }
     }
+    let matrix_rows = match matrix {
+        Some(m) => m.rows_on_disk()?,
+        None => usize::MAX,
+    };
     let mut done = Vec::new();
     for line in lines {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -387,7 +457,9 @@ fn completed(
         let Some(t) = v["test_index"].as_u64().map(|t| t as usize) else {
             continue;
         };
-        if counts.get(&t) == Some(&n) {
+        let rows_complete = csv.is_none() || counts.get(&t) == Some(&n);
+        let row_on_disk = indices.iter().position(|&u| u == t).is_some_and(|k| k < matrix_rows);
+        if rows_complete && row_on_disk {
             done.push((t, v));
         }
     }
@@ -397,15 +469,29 @@ fn completed(
 pub fn run(a: InfluenceArgs) -> Result<()> {
     set_threads(a.run.threads)?;
     let root = hvp_dist::is_root();
+    // The CSV's path (else the matrix's) names the run's lock and metadata.
+    let anchor: &Path = match (&a.out, &a.matrix) {
+        (Some(out), _) => out,
+        (None, Some(matrix)) => matrix,
+        (None, None) => {
+            bail!("give --out scores.csv (one row per score), --matrix scores.npy (the [Q, N] matrix), or both")
+        }
+    };
+    if a.out.is_some() && a.out == a.matrix {
+        bail!("--out and --matrix name the same file; give them different paths");
+    }
     // One run per output at a time: a second fails here, before any work.
-    hvp_io::write::check_destination(&a.out)?;
+    for path in a.out.iter().chain(&a.matrix) {
+        hvp_io::write::check_destination(path)?;
+    }
     let _lock = if root {
-        Some(hvp_io::write::Lock::acquire(&a.out)?)
+        Some(hvp_io::write::Lock::acquire(anchor)?)
     } else {
         None
     };
     let mut outputs = Outputs::new();
-    let out_slot = outputs.reserve(&a.out)?;
+    let out_slot = outputs.reserve_opt(a.out.as_ref())?;
+    let matrix_slot = outputs.reserve_opt(a.matrix.as_ref())?;
     let json_slot = outputs.reserve_opt(a.json.as_ref())?;
     let picture_slot = outputs.reserve_opt(a.picture.as_ref())?;
     let (model, weights) = load_model(&a.model)?;
@@ -456,11 +542,24 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
         .with_weight_decay(a.weight_decay)
         .with_dtype(a.run.dtype.into());
     let n = train_view.len();
-    let (partial_csv, partial_meta) = partial_paths(&a.out);
+    let partial_meta = partial_paths(anchor).1;
+    let partial_csv = a.out.as_deref().map(|out| partial_paths(out).0);
+    let partial_npy = a.matrix.as_deref().map(|m| partial_paths(m).0);
+    let partial_matrix = partial_npy.as_deref().map(|path| PartialMatrix {
+        path,
+        header: hvp_data::npy_bytes("<f8", &[indices.len(), n], &[]),
+        row_bytes: 8 * n as u64,
+    });
     let config = fingerprint(&a, &train_view, test)?;
     // Only rank 0 reads and writes the partial files (one process: always).
     let mut done = if a.resume && root {
-        completed(&partial_csv, &partial_meta, n, &config)?
+        completed(
+            partial_csv.as_deref(),
+            partial_matrix.as_ref(),
+            &partial_meta,
+            (n, &indices),
+            &config,
+        )?
     } else {
         vec![]
     };
@@ -474,11 +573,15 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
         .copied()
         .collect();
     done.retain(|d| complete_groups.contains(&d.0));
+    // The matrix keeps its rows in order: only a scored prefix of the test
+    // points is kept (an uninterrupted run's groups complete in that order).
+    let prefix = indices.iter().take_while(|t| done.iter().any(|d| d.0 == **t)).count();
+    done.retain(|d| indices[..prefix].contains(&d.0));
     // Rewrite the partial files with the complete test points only.
     let mut kept_rows: Vec<String> = Vec::new();
-    if !done.is_empty() {
+    if let (false, Some(partial_csv)) = (done.is_empty(), &partial_csv) {
         let keep: std::collections::BTreeSet<usize> = done.iter().map(|d| d.0).collect();
-        let (f, _) = hvp_io::read::open_regular(&partial_csv)?;
+        let (f, _) = hvp_io::read::open_regular(partial_csv)?;
         for line in std::io::BufReader::new(f).lines().skip(1) {
             let line = line?;
             if line
@@ -491,11 +594,21 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
             }
         }
     }
-    let mut csv = PartialFile::create(&partial_csv, root)?;
-    writeln!(csv, "{CSV_HEADER}")?;
-    for r in &kept_rows {
-        writeln!(csv, "{r}")?;
-    }
+    let mut csv = match &partial_csv {
+        Some(path) => {
+            let mut csv = PartialFile::create(path, root)?;
+            writeln!(csv, "{CSV_HEADER}")?;
+            for r in &kept_rows {
+                writeln!(csv, "{r}")?;
+            }
+            Some(csv)
+        }
+        None => None,
+    };
+    let mut matrix = match &partial_matrix {
+        Some(m) => Some(m.restart(done.len(), root)?),
+        None => None,
+    };
     let mut meta_file = PartialFile::create(&partial_meta, root)?;
     writeln!(meta_file, "{}", serde_json::json!({ "fingerprint": config }))?;
     for (_, m) in &done {
@@ -534,10 +647,16 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
     let start = Instant::now();
     for group in todo.chunks(a.query_group) {
         let queries = explain_group(&problem, pass_test, group, &a.solver, &solver, &|k| progress.advance(k))?;
-        write_group(&mut csv, &mut meta_file, &train_view, group, queries, a.top, &mut done)?;
+        let files = GroupFiles {
+            csv: csv.as_mut(),
+            matrix: matrix.as_mut(),
+            meta: &mut meta_file,
+        };
+        write_group(files, &train_view, group, queries, a.top, &mut done)?;
     }
     progress.finish();
     drop(csv);
+    drop(matrix);
     drop(meta_file);
     done.sort_by_key(|d| indices.iter().position(|&t| t == d.0));
     if let Some(slot) = picture_slot {
@@ -561,14 +680,21 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
         });
         outputs.put(slot, (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
     }
-    if let Some(file) = outputs.file(out_slot) {
-        let mut partial =
-            std::fs::File::open(&partial_csv).with_context(|| format!("reading {}", partial_csv.display()))?;
-        std::io::copy(&mut partial, file).with_context(|| format!("writing {}", a.out.display()))?;
+    let finished = [(out_slot, &partial_csv, &a.out), (matrix_slot, &partial_npy, &a.matrix)];
+    for (slot, partial, path) in finished {
+        if let (Some(slot), Some(partial), Some(path)) = (slot, partial, path) {
+            if let Some(file) = outputs.file(slot) {
+                let mut partial =
+                    std::fs::File::open(partial).with_context(|| format!("reading {}", partial.display()))?;
+                std::io::copy(&mut partial, file).with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
     }
     outputs.commit()?;
     if root {
-        let _ = std::fs::remove_file(&partial_csv);
+        for partial in partial_csv.iter().chain(&partial_npy) {
+            let _ = std::fs::remove_file(partial);
+        }
         let _ = std::fs::remove_file(&partial_meta);
     }
     if !a.run.quiet {
@@ -591,51 +717,78 @@ pub fn run(a: InfluenceArgs) -> Result<()> {
             );
         }
         summary("hvp influence", todo.len() * n, start.elapsed(), false);
-        println!("scores written to {} ({CONVENTION})", a.out.display());
+        let written: Vec<String> = a.out.iter().chain(&a.matrix).map(|p| p.display().to_string()).collect();
+        println!("scores written to {} ({CONVENTION})", written.join(" and "));
     }
     Ok(())
 }
 
-/// Appends a scored group of test points to the partial CSV and metadata
-/// files and to `done`. The files are synced once the whole group is written:
-/// a resumed run keeps complete groups only.
+/// The partial files a scored group is appended to.
+struct GroupFiles<'f> {
+    csv: Option<&'f mut PartialFile>,
+    matrix: Option<&'f mut PartialFile>,
+    meta: &'f mut PartialFile,
+}
+
+/// Appends a scored group of test points to the partial CSV, matrix and
+/// metadata files and to `done`. The files are synced once the whole group is
+/// written: a resumed run keeps complete groups only.
 fn write_group(
-    csv: &mut PartialFile,
-    meta_file: &mut PartialFile,
+    files: GroupFiles,
     train_view: &dyn Dataset,
     group: &[usize],
     queries: Vec<Query>,
     top: usize,
     done: &mut Vec<(usize, serde_json::Value)>,
 ) -> Result<()> {
+    let GroupFiles {
+        mut csv,
+        mut matrix,
+        meta,
+    } = files;
+    let with_csv = csv.is_some();
     // N rows per test point: formatted in parallel, written in order.
-    let blocks: Vec<(String, serde_json::Value)> = group
+    let blocks: Vec<(String, Vec<u8>, serde_json::Value)> = group
         .par_iter()
         .zip(queries)
-        .map(|(&t, q)| score_rows(train_view, t, q, top))
+        .map(|(&t, q)| {
+            let row: Vec<u8> = q.scores.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let (block, meta) = score_rows(train_view, t, q, top, with_csv);
+            (block, row, meta)
+        })
         .collect();
-    for (&t, (block, meta)) in group.iter().zip(blocks) {
-        csv.write_all(block.as_bytes())?;
-        writeln!(meta_file, "{meta}")?;
-        done.push((t, meta));
+    for (&t, (block, row, line)) in group.iter().zip(blocks) {
+        if let Some(csv) = csv.as_mut() {
+            csv.write_all(block.as_bytes())?;
+        }
+        if let Some(matrix) = matrix.as_mut() {
+            matrix.write_all(&row)?;
+        }
+        writeln!(meta, "{line}")?;
+        done.push((t, line));
     }
-    csv.sync_data()?;
-    meta_file.sync_data()?;
+    for file in csv.into_iter().chain(matrix) {
+        file.sync_data()?;
+    }
+    meta.sync_data()?;
     Ok(())
 }
 
-/// One scored test point's CSV rows (one per training example) and its
-/// metadata line with the top-k helpful and harmful examples.
-fn score_rows(train_view: &dyn Dataset, t: usize, q: Query, top: usize) -> (String, serde_json::Value) {
+/// One scored test point's CSV rows (one per training example; empty unless
+/// `csv`) and its metadata line with the top-k helpful and harmful examples.
+fn score_rows(train_view: &dyn Dataset, t: usize, q: Query, top: usize, csv: bool) -> (String, serde_json::Value) {
     use std::fmt::Write as _;
-    let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
-    let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
-    // The columns after the label are the same on every row.
-    let tail = format!("{status},{residual:.3e}\n");
-    let mut block = String::with_capacity(q.scores.len() * (32 + tail.len()));
-    for (i, s) in q.scores.iter().enumerate() {
-        // Writing to a String cannot fail.
-        let _ = write!(block, "{i},{t},{s:.9e},{},{tail}", train_view.label(i));
+    let mut block = String::new();
+    if csv {
+        let status = q.meta["solve_status"].as_str().unwrap_or("failed").to_string();
+        let residual = q.meta["relative_residual"].as_f64().unwrap_or(f64::NAN);
+        // The columns after the label are the same on every row.
+        let tail = format!("{status},{residual:.3e}\n");
+        block.reserve(q.scores.len() * (32 + tail.len()));
+        for (i, s) in q.scores.iter().enumerate() {
+            // Writing to a String cannot fail.
+            let _ = write!(block, "{i},{t},{s:.9e},{},{tail}", train_view.label(i));
+        }
     }
     let (helpful, harmful) = top_k(&q.scores, top);
     let entry = |i: &usize| serde_json::json!({"train_index": i, "score": q.scores[*i], "label": train_view.label(*i)});

@@ -772,6 +772,23 @@ impl Factors {
     /// side by side (`[s, Q·a]`, or `[s·Q, a]` read the other way) the
     /// eigenbasis products are four GEMMs per layer instead of four per vector.
     pub fn inverse_products(&self, vs: &[ParamVector], damping: f64) -> Vec<ParamVector> {
+        self.inverse_products_in(DType::F64, vs, damping)
+    }
+
+    /// [`Factors::inverse_products`] with the rotations and eigenvalue
+    /// scaling computed in `dtype` (the results are f64 either way). An f32
+    /// problem's solves use f32: on the seed ResNet (N = 2,000, 100 test
+    /// points) its scores moved by under 1e-6 of their largest, against the
+    /// 2e-4 that the f32 per-example gradients themselves differ from f64,
+    /// and the products took 0.32 s instead of 0.46 s.
+    pub fn inverse_products_in(&self, dtype: DType, vs: &[ParamVector], damping: f64) -> Vec<ParamVector> {
+        match dtype {
+            DType::F32 => self.inverse_products_as::<f32>(vs, damping),
+            DType::F64 => self.inverse_products_as::<f64>(vs, damping),
+        }
+    }
+
+    fn inverse_products_as<T: Float>(&self, vs: &[ParamVector], damping: f64) -> Vec<ParamVector> {
         let q_all = vs.len();
         let mut outs: Vec<ParamVector> = vs.to_vec();
         if q_all == 0 {
@@ -784,12 +801,14 @@ impl Factors {
         // layer took 300 MB each, and every one was fresh memory to fault in.
         const CHUNK: usize = 32;
         let largest = self.layers.iter().map(|f| f.s_dim() * f.a_dim()).max().unwrap_or(0);
-        let mut vm = vec![0.0; largest * CHUNK.min(q_all)];
-        let mut left = vec![0.0; vm.len()];
+        let mut vm = vec![T::ZERO; largest * CHUNK.min(q_all)];
+        let mut left = vec![T::ZERO; vm.len()];
         for f in &self.layers {
             let (s, a) = (f.s_dim(), f.a_dim());
             let win = a - f.bias.is_some() as usize;
             let rows = f.row0..f.row0 + s;
+            let s_vecs: Cow<[T]> = T::from_f64_slice(&f.s_vecs);
+            let a_vecs: Cow<[T]> = T::from_f64_slice(&f.a_vecs);
             for first in (0..q_all).step_by(CHUNK) {
                 let chunk = &vs[first..(first + CHUNK).min(q_all)];
                 let q = chunk.len();
@@ -799,15 +818,16 @@ impl Factors {
                 vm.par_chunks_mut((q * a).max(1)).enumerate().for_each(|(r, block)| {
                     let wr = f.row0 + r;
                     for (v, at) in chunk.iter().zip(block.chunks_exact_mut(a.max(1))) {
-                        at[..win].copy_from_slice(&v.tensors[f.weight].data()[wr * win..(wr + 1) * win]);
+                        let w = &v.tensors[f.weight].data()[wr * win..(wr + 1) * win];
+                        at[..win].iter_mut().zip(w).for_each(|(x, &y)| *x = T::from_f64(y));
                         if let Some(b) = f.bias {
-                            at[a - 1] = v.tensors[b].data()[wr];
+                            at[a - 1] = T::from_f64(v.tensors[b].data()[wr]);
                         }
                     }
                 });
                 // Q_Sᵀ V Q_A: `[s, s]ᵀ × [s, Q·a]`, then `[s·Q, a] × [a, a]`.
-                gemm_into(left, &f.s_vecs, true, vm, false, s, q * a, s, false, Par::Pool);
-                gemm_into(vm, left, false, &f.a_vecs, false, s * q, a, a, false, Par::Pool);
+                gemm_into(left, &s_vecs, true, vm, false, s, q * a, s, false, Par::Pool);
+                gemm_into(vm, left, false, &a_vecs, false, s * q, a, a, false, Par::Pool);
                 // Row r of every vector's block at a time, in parallel (not an
                 // index division and remainder per entry on one thread).
                 vm.par_chunks_mut((q * a).max(1)).enumerate().for_each(|(r, block)| {
@@ -816,27 +836,29 @@ impl Factors {
                             Some(corr) => row
                                 .iter_mut()
                                 .zip(&corr[r * a..(r + 1) * a])
-                                .for_each(|(x, e)| *x /= e.max(0.0) + damping),
-                            None => row
-                                .iter_mut()
-                                .zip(&f.a_vals)
-                                .for_each(|(x, av)| *x /= (f.s_vals[r] * av).max(0.0) + damping),
+                                .for_each(|(x, e)| *x = T::from_f64(x.to_f64() / (e.max(0.0) + damping))),
+                            None => row.iter_mut().zip(&f.a_vals).for_each(|(x, av)| {
+                                *x = T::from_f64(x.to_f64() / ((f.s_vals[r] * av).max(0.0) + damping))
+                            }),
                         }
                     }
                 });
                 // Back: `[s, s] × [s, Q·a]`, then `[s·Q, a] × [a, a]ᵀ`.
-                gemm_into(left, &f.s_vecs, false, vm, false, s, q * a, s, false, Par::Pool);
-                gemm_into(vm, left, false, &f.a_vecs, true, s * q, a, a, false, Par::Pool);
+                gemm_into(left, &s_vecs, false, vm, false, s, q * a, s, false, Par::Pool);
+                gemm_into(vm, left, false, &a_vecs, true, s * q, a, a, false, Par::Pool);
                 outs[first..first + q].par_iter_mut().enumerate().for_each(|(k, out)| {
                     let wt = out.tensors[f.weight].data_mut();
                     for (r, wr) in rows.clone().enumerate() {
                         let at = (r * q + k) * a;
-                        wt[wr * win..(wr + 1) * win].copy_from_slice(&vm[at..at + win]);
+                        wt[wr * win..(wr + 1) * win]
+                            .iter_mut()
+                            .zip(&vm[at..at + win])
+                            .for_each(|(x, y)| *x = y.to_f64());
                     }
                     if let Some(b) = f.bias {
                         let bias = out.tensors[b].data_mut();
                         for (r, wr) in rows.clone().enumerate() {
-                            bias[wr] = vm[(r * q + k) * a + a - 1];
+                            bias[wr] = vm[(r * q + k) * a + a - 1].to_f64();
                         }
                     }
                 });
@@ -936,12 +958,14 @@ fn bn_diagonal<T: Float>(
 pub fn solve(
     factors: &Factors,
     exact: &dyn LinearOperator,
-    damping: f64,
+    (damping, dtype): (f64, DType),
     g: &ParamVector,
 ) -> Result<(ParamVector, SolveReport), SolverError> {
     let start = Instant::now();
     let p0 = exact.products();
-    let x = factors.inverse_product(g, damping);
+    let x = factors
+        .inverse_products_in(dtype, std::slice::from_ref(g), damping)
+        .remove(0);
     let report = SolveReport {
         iterations: 1,
         ..SolveReport::approximate(match factors.kind {
@@ -959,12 +983,12 @@ pub fn solve(
 pub fn solve_many(
     factors: &Factors,
     exact: &dyn LinearOperator,
-    damping: f64,
+    (damping, dtype): (f64, DType),
     gs: &[ParamVector],
     measured: usize,
 ) -> Result<Vec<(ParamVector, SolveReport)>, SolverError> {
     let start = Instant::now();
-    let xs: Vec<ParamVector> = factors.inverse_products(gs, damping);
+    let xs: Vec<ParamVector> = factors.inverse_products_in(dtype, gs, damping);
     let report = SolveReport {
         iterations: 1,
         ..SolveReport::approximate(match factors.kind {
