@@ -746,13 +746,16 @@ fn write_group(
         mut matrix,
         meta,
     } = files;
-    let with_csv = csv.is_some();
+    let (with_csv, with_matrix) = (csv.is_some(), matrix.is_some());
     // N rows per test point: formatted in parallel, written in order.
     let blocks: Vec<(String, Vec<u8>, serde_json::Value)> = group
         .par_iter()
         .zip(queries)
         .map(|(&t, q)| {
-            let row: Vec<u8> = q.scores.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let row: Vec<u8> = match with_matrix {
+                true => q.scores.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                false => Vec::new(),
+            };
             let (block, meta) = score_rows(train_view, t, q, top, with_csv);
             (block, row, meta)
         })
