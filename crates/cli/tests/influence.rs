@@ -187,6 +187,8 @@ fn influence_scores_csv_json_and_resume_after_kill() {
     // Neither output is refused before any work.
     let refused = hvp(&common);
     assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--out") && stderr.contains("--matrix"), "{stderr}");
 }
 
 fn kill_once_two_test_points_are_on_disk(args: &[&str], partial_meta: &str) {

@@ -26,6 +26,7 @@ use std::time::Instant;
 pub use hvp_influence::scores::{top_k, CONVENTION};
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("scores_output").required(true).multiple(true).args(["out", "matrix"])))]
 pub struct InfluenceArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -62,7 +63,7 @@ pub struct InfluenceArgs {
     pub top: usize,
     /// Scores as CSV: train_index,test_index,score,label,solve_status,relative_residual
     /// (one row per training example and test point). Give this, --matrix, or both.
-    #[arg(long, required_unless_present = "matrix")]
+    #[arg(long)]
     pub out: Option<PathBuf>,
     /// Scores as an NPY matrix `[Q, N]` of float64 (C order): row q holds every
     /// training example's score for the q-th of --test-indices, column i training
