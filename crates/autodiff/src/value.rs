@@ -53,9 +53,18 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// in one pass (and one more for a dual's tangent), without materialising
     /// the affine map's output.
     fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self;
-    /// Per-channel `(Σ x·g, Σ g)` in one pass (BatchNorm's parameter cotangents);
-    /// a dual also carries their tangents `(Σ ẋ·g + x·ġ, Σ ġ)`, same pass.
-    fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self);
+    /// An eval-mode BatchNorm's backward in one pass, optionally through the
+    /// ReLU after it: with `m(g) = g·1[y > 0]` where the ReLU's output `y` is
+    /// given (else `m(g) = g`), `(m(g)·s` when `s` is given, `Σ x·m(g)`,
+    /// `Σ m(g))` per channel, a dual's with their tangents — bit for bit what the
+    /// ReLU's VJP, [`Value::channel_affine`] and the per-channel sums give one
+    /// after the other.
+    fn channel_affine_backward(
+        relu_out: Option<&Tensor<T>>,
+        x: &Self,
+        g: &Self,
+        s: Option<&Self>,
+    ) -> (Option<Self>, Self, Self);
     /// `self + other`.
     fn add(&self, other: &Self) -> Self;
     /// `max(self + other, 0)`: a residual sum and its ReLU in one pass (and one
@@ -111,8 +120,14 @@ impl<T: Float> Value<T> for Tensor<T> {
     fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self {
         channel::affine_relu(x, s, t)
     }
-    fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self) {
-        channel::dot_and_sum(x, g)
+    fn channel_affine_backward(
+        relu_out: Option<&Tensor<T>>,
+        x: &Self,
+        g: &Self,
+        s: Option<&Self>,
+    ) -> (Option<Self>, Self, Self) {
+        let r = channel::affine_backward(relu_out, (x, None), (g, None), s.map(|s| (s, None)));
+        (r.gx, r.xg, r.sg)
     }
     fn add(&self, other: &Self) -> Self {
         elementwise::add(self, other)
@@ -253,17 +268,27 @@ impl<T: Float> Value<T> for Dual<T> {
         );
         Self { primal, tangent }
     }
-    fn channel_dot_and_sum(x: &Self, g: &Self) -> (Self, Self) {
-        let (xg, sg, dxg, dsg) =
-            channel::dot_and_sum_dual(&x.primal, x.tangent.as_ref(), &g.primal, g.tangent.as_ref());
+    fn channel_affine_backward(
+        relu_out: Option<&Tensor<T>>,
+        x: &Self,
+        g: &Self,
+        s: Option<&Self>,
+    ) -> (Option<Self>, Self, Self) {
+        let r = channel::affine_backward(
+            relu_out,
+            (&x.primal, x.tangent.as_ref()),
+            (&g.primal, g.tangent.as_ref()),
+            s.map(|s| (&s.primal, s.tangent.as_ref())),
+        );
         (
+            r.gx.map(|primal| Self { primal, tangent: r.dgx }),
             Self {
-                primal: xg,
-                tangent: dxg,
+                primal: r.xg,
+                tangent: r.dxg,
             },
             Self {
-                primal: sg,
-                tangent: dsg,
+                primal: r.sg,
+                tangent: r.dsg,
             },
         )
     }

@@ -167,7 +167,7 @@ fn activations() {
     )
     .unwrap();
     check("relu", vec![x.clone()], &|d| activation::relu(&d[0]), &|d, g| {
-        vec![activation::relu_vjp(&activation::relu(&d[0]), g)]
+        vec![activation::relu_vjp(&activation::relu(&d[0]), g.clone())]
     });
     check("tanh", vec![x], &|d| activation::tanh(&d[0]), &|d, g| {
         vec![activation::tanh_vjp(&d[0], g)]

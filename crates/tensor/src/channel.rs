@@ -281,6 +281,213 @@ pub fn dot_and_sum_dual<T: Float>(
     (channel_vec(xg), channel_vec(sg), tangent_dot, tangent_sum)
 }
 
+/// What [`affine_backward`] returns: the input cotangent (when a scale was
+/// given) and the per-channel reductions of the masked cotangent, each tangent
+/// `None` where its inputs carry none.
+pub struct MaskedBackward<T> {
+    /// `m(g)·s`.
+    pub gx: Option<Tensor<T>>,
+    /// `m(ġ)·s + m(g)·ṡ`.
+    pub dgx: Option<Tensor<T>>,
+    /// `Σ x·m(g)`.
+    pub xg: Tensor<T>,
+    /// `Σ m(g)`.
+    pub sg: Tensor<T>,
+    /// `Σ ẋ·m(g) + x·m(ġ)`.
+    pub dxg: Option<Tensor<T>>,
+    /// `Σ m(ġ)`.
+    pub dsg: Option<Tensor<T>>,
+}
+
+/// An eval-mode BatchNorm's backward, one pass over each plane while it is in
+/// cache, optionally through the ReLU after it. With `m(g) = g·1[y > 0]` where
+/// the ReLU's output `y` is given (`m(g) = g` where not): the input cotangent
+/// `m(g)·s` and its tangent `m(ġ)·s + m(g)·ṡ` (when `scale` = `(s, ṡ)` is
+/// given), and [`dot_and_sum_dual`]`(x, ẋ, m(g), m(ġ))`. Equals
+/// [`crate::elementwise::relu_mask`], [`dot_and_sum_dual`] and
+/// [`affine`]/[`affine_tangent`] run one after the other, bit for bit (the same
+/// operations in the same order; planes run in parallel, their sums are added
+/// in order), without the masked cotangents ever being stored.
+pub fn affine_backward<T: Float>(
+    relu_out: Option<&Tensor<T>>,
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (g, dg): (&Tensor<T>, Option<&Tensor<T>>),
+    scale: Option<(&Tensor<T>, Option<&Tensor<T>>)>,
+) -> MaskedBackward<T> {
+    for t in [relu_out, dx, Some(g), dg].into_iter().flatten() {
+        assert_eq!(t.shape(), x.shape(), "affine_backward: shapes differ");
+    }
+    let (b, c, inner) = layout(x);
+    let n = x.numel();
+    if n == 0 {
+        // No planes: the reductions are zero and the cotangents empty.
+        let (gx, dgx, xg, sg, dxg, dsg) = affine_backward_unfused(relu_out, (x, dx), (g, dg), scale);
+        return MaskedBackward {
+            gx,
+            dgx,
+            xg,
+            sg,
+            dxg,
+            dsg,
+        };
+    }
+    let zero = vec![T::ZERO; c];
+    let (sd, rd) = match scale {
+        Some((s, ds)) => (s.data(), ds.map(|ds| ds.data())),
+        None => (&zero[..], None),
+    };
+    let tangent_out = scale.is_some() && (dg.is_some() || rd.is_some());
+    let (mut gx, mut dgx): (Vec<T>, Vec<T>) = (
+        Vec::with_capacity(if scale.is_some() { n } else { 0 }),
+        Vec::with_capacity(if tangent_out { n } else { 0 }),
+    );
+    // One slot per example (`None` where that output is not formed).
+    fn slots<T>(v: &mut Vec<T>, on: bool, b: usize, n: usize) -> Vec<Option<&mut [std::mem::MaybeUninit<T>]>> {
+        if on {
+            v.spare_capacity_mut()[..n].chunks_mut(n / b).map(Some).collect()
+        } else {
+            (0..b).map(|_| None).collect()
+        }
+    }
+    let (gx_slots, dgx_slots) = (
+        slots(&mut gx, scale.is_some(), b, n),
+        slots(&mut dgx, tangent_out, b, n),
+    );
+    // Per plane: Σ x·m(g), Σ m(g), Σ ẋ·m(g), Σ x·m(ġ), Σ m(ġ).
+    const SUMS: usize = 5;
+    let mut partial = vec![T::ZERO; b * c * SUMS];
+    let (yd, xd, gd) = (relu_out.map(|y| y.data()), x.data(), g.data());
+    partial
+        .par_chunks_mut(c * SUMS)
+        .zip(gx_slots)
+        .zip(dgx_slots)
+        .enumerate()
+        .for_each(|(bi, ((sums, mut gx), mut dgx))| {
+            let scratch = if yd.is_some() { inner } else { 0 };
+            let (mut masked, mut dmasked) = (vec![T::ZERO; scratch], vec![T::ZERO; scratch]);
+            for ch in 0..c {
+                let r = (bi * c + ch) * inner..(bi * c + ch + 1) * inner;
+                // The plane of `g` (or of `ġ`) as the reductions and the scaling read it.
+                let plane_of = |from: &[T], to: &mut Vec<T>| {
+                    if let Some(yd) = yd {
+                        for ((o, &v), &m) in to.iter_mut().zip(from).zip(&yd[r.clone()]) {
+                            *o = if m > T::ZERO { v } else { T::ZERO };
+                        }
+                    }
+                };
+                plane_of(&gd[r.clone()], &mut masked);
+                let gp: &[T] = if yd.is_some() { &masked } else { &gd[r.clone()] };
+                let xp = &xd[r.clone()];
+                let p = &mut sums[ch * SUMS..][..SUMS];
+                p[0] = plane_dot(xp, gp);
+                p[1] = plane_sum(gp);
+                if let Some(dx) = dx {
+                    p[2] = plane_dot(&dx.data()[r.clone()], gp);
+                }
+                let dgp: Option<&[T]> = dg.map(|dg| {
+                    plane_of(&dg.data()[r.clone()], &mut dmasked);
+                    if yd.is_some() {
+                        &dmasked[..]
+                    } else {
+                        &dg.data()[r.clone()]
+                    }
+                });
+                if let Some(dgp) = dgp {
+                    p[3] = plane_dot(xp, dgp);
+                    p[4] = plane_sum(dgp);
+                }
+                let plane = ch * inner..(ch + 1) * inner;
+                let sc = sd[ch];
+                if let Some(out) = gx.as_deref_mut() {
+                    for (o, &v) in out[plane.clone()].iter_mut().zip(gp) {
+                        o.write(v * sc + T::ZERO);
+                    }
+                }
+                if let Some(out) = dgx.as_deref_mut() {
+                    let out = &mut out[plane];
+                    match (dgp, rd) {
+                        (Some(dgp), Some(rd)) => {
+                            let rc = rd[ch];
+                            for ((o, &a), &v) in out.iter_mut().zip(dgp).zip(gp) {
+                                o.write(a * sc + v * rc + T::ZERO);
+                            }
+                        }
+                        (Some(dgp), None) => {
+                            for (o, &a) in out.iter_mut().zip(dgp) {
+                                o.write(a * sc + T::ZERO);
+                            }
+                        }
+                        (None, Some(rd)) => {
+                            let rc = rd[ch];
+                            for (o, &v) in out.iter_mut().zip(gp) {
+                                o.write(v * rc + T::ZERO);
+                            }
+                        }
+                        (None, None) => unreachable!("a tangent output needs ġ or ṡ"),
+                    }
+                }
+            }
+        });
+    // SAFETY: each formed output's slots partition its first n elements, one
+    // example each, and every plane of every slot was written above.
+    unsafe {
+        gx.set_len(if scale.is_some() { n } else { 0 });
+        dgx.set_len(if tangent_out { n } else { 0 });
+    }
+    let (mut xg, mut sg, mut dxg, mut dsg) = (vec![T::ZERO; c], vec![T::ZERO; c], vec![T::ZERO; c], vec![T::ZERO; c]);
+    for p in partial.chunks_exact(c * SUMS) {
+        for ch in 0..c {
+            let q = &p[ch * SUMS..][..SUMS];
+            xg[ch] += q[0];
+            sg[ch] += q[1];
+            if dx.is_some() {
+                dxg[ch] += q[2];
+            }
+            if dg.is_some() {
+                dxg[ch] += q[3];
+                dsg[ch] += q[4];
+            }
+        }
+    }
+    let shaped = |v: Vec<T>| Tensor::new(x.shape().to_vec(), v).expect("n elements");
+    MaskedBackward {
+        gx: scale.is_some().then(|| shaped(gx)),
+        dgx: tangent_out.then(|| shaped(dgx)),
+        xg: channel_vec(xg),
+        sg: channel_vec(sg),
+        dxg: (dx.is_some() || dg.is_some()).then(|| channel_vec(dxg)),
+        dsg: dg.is_some().then(|| channel_vec(dsg)),
+    }
+}
+
+/// [`affine_backward`] as the separate passes it fuses (the reference its
+/// tests compare with, and the path for empty tensors).
+#[allow(clippy::type_complexity)]
+fn affine_backward_unfused<T: Float>(
+    relu_out: Option<&Tensor<T>>,
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (g, dg): (&Tensor<T>, Option<&Tensor<T>>),
+    scale: Option<(&Tensor<T>, Option<&Tensor<T>>)>,
+) -> (
+    Option<Tensor<T>>,
+    Option<Tensor<T>>,
+    Tensor<T>,
+    Tensor<T>,
+    Option<Tensor<T>>,
+    Option<Tensor<T>>,
+) {
+    let masked = |g: &Tensor<T>| match relu_out {
+        Some(y) => crate::elementwise::relu_mask(y, g),
+        None => g.clone(),
+    };
+    let mg = masked(g);
+    let mdg = dg.map(masked);
+    let (xg, sg, dxg, dsg) = dot_and_sum_dual(x, dx, &mg, mdg.as_ref());
+    let gx = scale.map(|(s, _)| affine(&mg, s, None));
+    let dgx = scale.and_then(|(s, ds)| affine_tangent(&mg, mdg.as_ref(), s, ds, None));
+    (gx, dgx, xg, sg, dxg, dsg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,5 +588,46 @@ mod tests {
         let (_, _, only_dx, no_dsum) = dot_and_sum_dual(&x, Some(&dx), &g, None);
         assert!(close(&only_dx.unwrap(), &naive(&dx, Some(&g))) && no_dsum.is_none());
         assert!(dot_and_sum_dual(&x, None, &g, None).2.is_none());
+    }
+
+    #[test]
+    fn fused_affine_backward_equals_the_separate_passes_bit_for_bit() {
+        // 37 elements per plane (the 8-lane body and a tail); about half masked.
+        let shape = [3, 4, 37];
+        let make = |f: &dyn Fn(f32) -> f32| {
+            Tensor::<f32>::new(shape.to_vec(), (0..444).map(|i| f(i as f32)).collect()).unwrap()
+        };
+        let y = make(&|i| (0.37 * i).sin().max(0.0));
+        let (x, dx) = (make(&|i| (0.11 * i).cos() * 3.0), make(&|i| (0.23 * i).sin()));
+        let (g, dg) = (make(&|i| (0.7 * i).sin() - 0.1), make(&|i| 1.0 / (1.0 + i)));
+        let (s, ds) = (
+            Tensor::new(vec![4], vec![1.5f32, -0.5, 2.0, 0.3]).unwrap(),
+            Tensor::new(vec![4], vec![0.25f32, 0.5, -1.0, 0.0]).unwrap(),
+        );
+        let mut cases = 0;
+        for mask in [None, Some(&y)] {
+            for dx in [None, Some(&dx)] {
+                for dg in [None, Some(&dg)] {
+                    for scale in [None, Some((&s, None)), Some((&s, Some(&ds)))] {
+                        let fused = affine_backward(mask, (&x, dx), (&g, dg), scale);
+                        let (gx, dgx, xg, sg, dxg, dsg) = affine_backward_unfused(mask, (&x, dx), (&g, dg), scale);
+                        assert_eq!(fused.gx, gx);
+                        assert_eq!(fused.dgx, dgx);
+                        assert_eq!((fused.xg, fused.sg), (xg, sg));
+                        assert_eq!((fused.dxg, fused.dsg), (dxg, dsg));
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 24);
+        // The mask matters: the masked reductions differ from the unmasked ones.
+        let masked = affine_backward(Some(&y), (&x, None), (&g, None), None);
+        assert_ne!(masked.sg, sum(&g));
+        assert_eq!(affine_backward(None, (&x, None), (&g, None), None).sg, sum(&g));
+        // Empty planes.
+        let empty = Tensor::<f32>::zeros(&[2, 4, 0]);
+        let none = affine_backward(Some(&empty), (&empty, None), (&empty, None), Some((&s, None)));
+        assert_eq!(none.gx.map(|t| t.numel()), Some(0));
     }
 }

@@ -101,6 +101,21 @@ pub fn relu_mask<T: Float>(x: &Tensor<T>, g: &Tensor<T>) -> Tensor<T> {
     zip_map(x, g, |xv, gv| if xv > T::ZERO { gv } else { T::ZERO })
 }
 
+/// [`relu_mask`] in place: `g ← g · 1[x > 0]`, for a cotangent no one else holds
+/// (no new buffer to allocate and fault in).
+pub fn relu_mask_in_place<T: Float>(x: &Tensor<T>, g: &mut Tensor<T>) {
+    assert_eq!(x.shape(), g.shape(), "relu_mask_in_place: shapes differ");
+    // As `relu_mask`: kept only where `m > 0` (a NaN `m` masks too).
+    let f = |(v, &m): (&mut T, &T)| {
+        *v = if m > T::ZERO { *v } else { T::ZERO };
+    };
+    if g.numel() >= PAR_MIN {
+        g.data_mut().par_iter_mut().zip(x.data().par_iter()).for_each(f);
+    } else {
+        g.data_mut().iter_mut().zip(x.data()).for_each(f);
+    }
+}
+
 /// Sum of all elements, accumulated in f64.
 pub fn sum_f64<T: Float>(a: &Tensor<T>) -> f64 {
     a.data().iter().map(|v| v.to_f64()).sum()
@@ -128,5 +143,24 @@ mod tests {
         assert_eq!(y, relu(&add(&a, &b)));
         assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
         assert_eq!(add_relu_tangent(&y, &da, &db), relu_mask(&y, &add(&da, &db)));
+    }
+
+    #[test]
+    fn relu_mask_in_place_equals_relu_mask() {
+        let x = Tensor::new(vec![6], vec![1.0f32, 0.0, -0.0, -2.0, f32::NAN, 3.0]).unwrap();
+        let g = Tensor::new(vec![6], vec![0.5f32, 2.0, 3.0, 4.0, 5.0, f32::NAN]).unwrap();
+        let want = relu_mask(&x, &g);
+        let mut got = g.clone();
+        relu_mask_in_place(&x, &mut got);
+        let bits = |t: &Tensor<f32>| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        assert_eq!(got.data()[..5], [0.5, 0.0, 0.0, 0.0, 0.0]);
+        // Past the parallel threshold too.
+        let n = PAR_MIN + 3;
+        let x = Tensor::new(vec![n], (0..n).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+        let g = Tensor::new(vec![n], (0..n).map(|i| i as f32).collect()).unwrap();
+        let mut got = g.clone();
+        relu_mask_in_place(&x, &mut got);
+        assert_eq!(got, relu_mask(&x, &g));
     }
 }

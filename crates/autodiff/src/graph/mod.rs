@@ -495,11 +495,32 @@ impl Graph {
         let mut cots: Vec<Option<V>> = (0..n).map(|_| None).collect();
         let mut grads: Vec<Option<V>> = (0..params.len()).map(|_| None).collect();
         cots[n - 1] = Some(output_cot);
+        // Nodes run with their ReLU in the forward pass (as `run_forward` chose)
+        // also take its mask into their own VJP; not where an observer must see
+        // each node's masked cotangent.
+        let fused = if train || observer.is_some() {
+            vec![false; n]
+        } else {
+            self.fused_with_relu()
+        };
+        // The output of the ReLU after a fused node, held for that node's VJP.
+        let mut relu_out: Option<V> = None;
         for i in (0..n).rev() {
             let Some(gy) = cots[i].take() else {
                 values[i] = None;
                 continue;
             };
+            if i > 0 && fused[i - 1] && values[i].is_some() {
+                // This is the ReLU reading node i − 1, its only user: the
+                // cotangent passes unmasked, with the ReLU's output for the mask.
+                if self.needs_grad[i - 1] {
+                    relu_out = values[i].take();
+                    debug_assert!(cots[i - 1].is_none(), "a fused node's only user is its ReLU");
+                    cots[i - 1] = Some(gy);
+                }
+                values[i] = None;
+                continue;
+            }
             let op = &self.nodes[i];
             let cx = Backward {
                 node: i,
@@ -515,7 +536,10 @@ impl Graph {
                 obs(i, op, cx.value(input).primal(), gy.primal());
             }
             let mut out = Cotangents::new();
-            op.vjp(&cx, gy, &mut out);
+            match relu_out.take() {
+                Some(y) if fused[i] => op.vjp_relu(&cx, gy, &y, &mut out),
+                _ => op.vjp(&cx, gy, &mut out),
+            }
             for (j, g) in out.inputs {
                 if self.needs_grad[j] {
                     accumulate(&mut cots[j], g);
@@ -668,6 +692,29 @@ mod tests {
         assert_eq!(jv_a.data(), jv_b.data(), "forward tangent");
         for (p, (a, b)) in hv_a.iter().zip(&hv_b).enumerate() {
             assert_eq!(a.data(), b.data(), "H v block of parameter {p}");
+        }
+        // The backward pass too (the BatchNorm's VJP takes the ReLU's mask into
+        // its own pass), in reverse mode and for a dual's value and tangent.
+        let primal: Vec<Tensor<f64>> = params.iter().map(|p| p.primal().clone()).collect();
+        let gradient = |graph: &Graph| -> Vec<Tensor<f64>> {
+            let tape = graph.forward(&primal, &buffers, input.clone());
+            let out = loss::softmax_cross_entropy(tape.output(), &[0, 1, 1], 1.0);
+            let g = graph.backward(&primal, &buffers, tape, out.cotangent);
+            g.into_iter().map(|g| g.unwrap()).collect()
+        };
+        let dual_backward = |graph: &Graph| -> Vec<Dual<f64>> {
+            let tape = graph.forward(&params, &buffers, Dual::constant(input.clone()));
+            let out = loss::softmax_cross_entropy(tape.output(), &[0, 1, 1], 1.0);
+            graph
+                .backward(&params, &buffers, tape, out.cotangent)
+                .into_iter()
+                .map(|g| g.unwrap())
+                .collect()
+        };
+        assert_eq!(gradient(&fused), gradient(&split), "gradient");
+        for (p, (a, b)) in dual_backward(&fused).iter().zip(&dual_backward(&split)).enumerate() {
+            assert_eq!(a.primal().data(), b.primal().data(), "gradient of parameter {p}");
+            assert_eq!(a.tangent(), b.tangent(), "tangent of parameter {p}'s gradient");
         }
     }
 

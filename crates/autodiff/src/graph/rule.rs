@@ -63,6 +63,13 @@ pub trait Rule {
     /// output cotangent `gy`, to `out`.
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>);
 
+    /// [`Rule::vjp`] of a node run with its ReLU ([`Rule::forward_relu`]), given
+    /// the cotangent `gy` of the ReLU's output `relu_out` (not yet masked): a
+    /// node may fold the mask into its own passes. By default, masked first.
+    fn vjp_relu<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, relu_out: &V, out: &mut Cotangents<V>) {
+        self.vjp(cx, crate::primitives::activation::relu_vjp(relu_out, gy), out)
+    }
+
     /// For layers with K-FAC statistics: the input whose value, with the
     /// output cotangent, [`Graph::backward_observed`](super::Graph::backward_observed) shows.
     fn observed_input(&self) -> Option<NodeId> {
@@ -226,6 +233,9 @@ macro_rules! operations {
             }
             pub(in crate::graph) fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
                 match self { $(Op::$name(op) => op.vjp(cx, gy, out),)* }
+            }
+            pub(in crate::graph) fn vjp_relu<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, relu_out: &V, out: &mut Cotangents<V>) {
+                match self { $(Op::$name(op) => op.vjp_relu(cx, gy, relu_out, out),)* }
             }
         }
     };

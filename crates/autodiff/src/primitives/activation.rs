@@ -10,10 +10,13 @@ pub fn relu<T: Float, V: Value<T>>(x: &V) -> V {
 
 /// `gx = gy · 1[y > 0]` with `y = relu(x)` the ReLU's *output* (`y > 0` exactly
 /// where `x > 0`, so the input need not be kept): linear in `gy`; the mask's
-/// derivative is 0 almost everywhere.
-pub fn relu_vjp<T: Float, V: Value<T>>(y: &V, gy: &V) -> V {
+/// derivative is 0 almost everywhere. Masks `gy` in place.
+pub fn relu_vjp<T: Float, V: Value<T>>(y: &V, gy: V) -> V {
     let y = y.primal();
-    gy.linear(|g| elementwise::relu_mask(y, g))
+    gy.linear_owned(|mut g| {
+        elementwise::relu_mask_in_place(y, &mut g);
+        g
+    })
 }
 
 /// `tanh(x)`, smooth: used where finite differences must converge (tests).

@@ -44,7 +44,8 @@ pub fn forward_relu<T: Float, V: Value<T>>(x: &V, gamma: &V, beta: &V, st: &Stat
     V::channel_affine_relu(x, &s, Some(&t))
 }
 
-/// Cotangents `(gx, gγ, gβ)`; `gx` only when `need_input`.
+/// Cotangents `(gx, gγ, gβ)`; `gx` only when `need_input`; the reductions and
+/// the input's scaling in one pass over `gy` ([`Value::channel_affine_backward`]).
 pub fn vjp<T: Float, V: Value<T>>(
     x: &V,
     gamma: &V,
@@ -53,14 +54,38 @@ pub fn vjp<T: Float, V: Value<T>>(
     gy: &V,
     need_input: bool,
 ) -> (Option<V>, V, V) {
-    let gx = need_input.then(|| input_vjp(gamma, beta, st, gy));
-    let (gs, gt) = V::channel_dot_and_sum(x, gy);
-    // s = γ·inv_std and t = β − μ·s, so gγ = (gs − μ·gt)·inv_std and gβ = gt.
+    let s = need_input.then(|| scale_and_shift(gamma, beta, st).0);
+    let (gx, gs, gt) = V::channel_affine_backward(None, x, gy, s.as_ref());
+    let g_gamma = gamma_cotangent(st, &gs, &gt);
+    (gx, g_gamma, gt)
+}
+
+/// [`vjp`] of a BatchNorm whose output went through a ReLU, `relu_out` being the
+/// ReLU's output: the ReLU's mask, the reductions and the input's scaling in
+/// one pass over the cotangent ([`Value::channel_affine_backward`]), bit for bit
+/// what the ReLU's VJP followed by [`vjp`] gives.
+#[allow(clippy::too_many_arguments)]
+pub fn vjp_through_relu<T: Float, V: Value<T>>(
+    relu_out: &Tensor<T>,
+    x: &V,
+    gamma: &V,
+    beta: &V,
+    st: &Stats<T>,
+    gy: &V,
+    need_input: bool,
+) -> (Option<V>, V, V) {
+    let s = need_input.then(|| scale_and_shift(gamma, beta, st).0);
+    let (gx, gs, gt) = V::channel_affine_backward(Some(relu_out), x, gy, s.as_ref());
+    let g_gamma = gamma_cotangent(st, &gs, &gt);
+    (gx, g_gamma, gt)
+}
+
+/// `s = γ·inv_std` and `t = β − μ·s`, so `gγ = (gs − μ·gt)·inv_std` (and `gβ = gt`).
+fn gamma_cotangent<T: Float, V: Value<T>>(st: &Stats<T>, gs: &V, gt: &V) -> V {
     let inv_std = st.inv_std();
     let neg_mean = elementwise::scale(st.mean, -T::ONE);
     let gs_total = gs.add(&gt.linear(|g| elementwise::mul(g, &neg_mean)));
-    let g_gamma = gs_total.linear(|g| elementwise::mul(g, &inv_std));
-    (gx, g_gamma, gt)
+    gs_total.linear(|g| elementwise::mul(g, &inv_std))
 }
 
 /// The input's cotangent alone (eval mode): `gy` scaled per channel by `γ/σ`.

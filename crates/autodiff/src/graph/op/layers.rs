@@ -446,6 +446,26 @@ impl Rule for BatchNorm {
         out.param(self.weight, gg);
         out.param(self.bias, gb);
     }
+    fn vjp_relu<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, relu_out: &V, out: &mut Cotangents<V>) {
+        if !cx.params_wanted() || cx.is_train() {
+            return self.vjp(cx, crate::primitives::activation::relu_vjp(relu_out, gy), out);
+        }
+        let st = self.stats.eval((cx.buffer(self.stats.mean), cx.buffer(self.stats.var)));
+        let (gx, gg, gb) = batchnorm::vjp_through_relu(
+            relu_out.primal(),
+            cx.value(self.input),
+            cx.param(self.weight),
+            cx.param(self.bias),
+            &st,
+            &gy,
+            cx.needs(self.input),
+        );
+        if let Some(g) = gx {
+            out.input(self.input, g);
+        }
+        out.param(self.weight, gg);
+        out.param(self.bias, gb);
+    }
     fn observed_input(&self) -> Option<NodeId> {
         Some(self.input)
     }

@@ -27,7 +27,7 @@ impl Rule for Relu {
     }
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
         // Masked by its own output, so a fused producer need not keep its input.
-        out.input(self.input, activation::relu_vjp(cx.output(), &gy));
+        out.input(self.input, activation::relu_vjp(cx.output(), gy));
     }
 }
 
