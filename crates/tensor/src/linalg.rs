@@ -46,18 +46,6 @@ pub fn gemm_into<T: Float>(
     gemm_strided_into(c, a, trans_a, b, trans_b, m, n, k, ld, accumulate, par);
 }
 
-/// `dst [cols × rows] = srcᵀ` for a row-major `src [rows × cols]` (a GEMM operand
-/// turned around where the kernels run faster on the other orientation).
-pub fn transpose_into<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    assert_eq!(src.len(), rows * cols, "transpose: source is not {rows}x{cols}");
-    assert_eq!(dst.len(), rows * cols, "transpose: destination is not {cols}x{rows}");
-    for (r, row) in src.chunks_exact(cols.max(1)).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            dst[c * rows + r] = v;
-        }
-    }
-}
-
 /// Row strides (elements from one stored row to the next) of a GEMM's operands,
 /// for views into larger buffers (a window of columns of a wider matrix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -554,29 +542,6 @@ mod tests {
         let mut wide = vec![MaybeUninit::new(0.0f32); m * (n + 1)];
         let ld = RowStrides { c: n + 1, ..ld };
         assert!(gemm_strided_overwrite(&mut wide, &a, false, &b, false, m, n, k, ld, Par::Serial).is_none());
-    }
-
-    #[test]
-    fn transpose_equals_the_definition_at_every_shape() {
-        for (rows, cols) in [
-            (1, 1),
-            (1, 37),
-            (37, 1),
-            (16, 16),
-            (16, 1024),
-            (17, 33),
-            (64, 15),
-            (5, 300),
-        ] {
-            let src: Vec<f64> = (0..rows * cols).map(|i| i as f64 * 0.5 - 3.0).collect();
-            let mut dst = vec![f64::NAN; rows * cols];
-            transpose_into(&src, rows, cols, &mut dst);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}x{cols} at ({r}, {c})");
-                }
-            }
-        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `lowering` holds im2col/col2im, `rows` the row-patch path of same-size
 //! stride-1 layers.
 
-use crate::linalg::{gemm_into, gemm_strided_overwrite, transpose_into, Par, RowStrides};
+use crate::linalg::{gemm_into, gemm_strided_overwrite, Par, RowStrides};
 use crate::pool::out_size;
 use crate::{Float, Tensor};
 use rayon::prelude::*;
@@ -356,7 +356,6 @@ pub fn backward_weight_dual<T: Float>(
 /// geometry puts it, and never again).
 pub struct ImageGradientScratch<T> {
     patches: Vec<T>,
-    gy_t: Vec<T>,
     acc: Vec<T>,
 }
 
@@ -365,26 +364,17 @@ impl<T: Float> ImageGradientScratch<T> {
     pub fn new() -> Self {
         ImageGradientScratch {
             patches: Vec::new(),
-            gy_t: Vec::new(),
             acc: Vec::new(),
         }
     }
 
-    fn sized(&mut self, patches: usize, gy_t: usize, acc: usize) -> (&mut [T], &mut [T], &mut [T]) {
-        for (buf, len) in [
-            (&mut self.patches, patches),
-            (&mut self.gy_t, gy_t),
-            (&mut self.acc, acc),
-        ] {
+    fn sized(&mut self, patches: usize, acc: usize) -> (&mut [T], &mut [T]) {
+        for (buf, len) in [(&mut self.patches, patches), (&mut self.acc, acc)] {
             if buf.len() < len {
                 buf.resize(len, T::ZERO);
             }
         }
-        (
-            &mut self.patches[..patches],
-            &mut self.gy_t[..gy_t],
-            &mut self.acc[..acc],
-        )
+        (&mut self.patches[..patches], &mut self.acc[..acc])
     }
 }
 
@@ -425,11 +415,10 @@ pub fn image_weight_gradient_into<T: Float>(
     if rows::applies(&d, g) {
         return rows::image_weight_gradient_into(x, gy, &d, scratch, out, ld);
     }
-    let (cols, gy_t, acc) = scratch.sized(patch * plane, plane * d.o, patch * d.o);
+    let (cols, acc) = scratch.sized(patch * plane, patch * d.o);
     im2col(x, &d, g, cols);
-    transpose_into(gy, d.o, plane, gy_t);
     // gWᵀ [patch, O] = cols [patch, HW] · gyᵀ, as the batched kernel computes it.
-    gemm_into(acc, cols, false, gy_t, false, patch, d.o, plane, false, Par::Serial);
+    gemm_into(acc, cols, false, gy, true, patch, d.o, plane, false, Par::Serial);
     for (r, row) in acc.chunks_exact(d.o).enumerate() {
         for (o, &v) in row.iter().enumerate() {
             out[o * ld + r] = v;
@@ -472,18 +461,15 @@ fn weight_gradient_parts<T: Float>(
         return rows::weight_gradient_parts(x, dx, gy, dgy, &d, want_value);
     }
     // Accumulated transposed, gWᵀ [patch, O] += cols [patch, HW] · gyᵀ: with the long
-    // HW dimension as k and patch as m this runs ~2× faster than gy · colsᵀ; and
-    // with gyᵀ stored `[HW × O]` (one small transpose per image) as an NN product,
-    // faster again than NT (144×16×1024: 84 vs 65 GFLOP/s, `examples/gemm_shapes.rs`).
+    // HW dimension as k and patch as m this runs ~2× faster than gy · colsᵀ.
     let (gwt, dgwt) = weight_gradient_sums(
         (x, dx),
         (gy, dgy),
-        d.o,
         want_value,
         d.o * patch,
         patch * plane,
         |image, cols| im2col(image, &d, g, cols),
-        |acc, cols, g_t| gemm_into(acc, cols, false, g_t, false, patch, d.o, plane, true, Par::Serial),
+        |acc, cols, g| gemm_into(acc, cols, false, g, true, patch, d.o, plane, true, Par::Serial),
     );
     let transpose = |t: &[T]| -> Tensor<T> {
         let mut out = Tensor::zeros(w_shape);
@@ -498,17 +484,17 @@ fn weight_gradient_parts<T: Float>(
 }
 
 /// The weight-gradient sums shared by both convolution lowerings: over the
-/// images, `product(patches(x_b), gy_bᵀ)` (the value, when `want_value`) and
-/// `product(patches(x_b), ġy_bᵀ) + product(patches(ẋ_b), gy_bᵀ)` (the tangent,
-/// when a tangent is present), with `gy_b` handed over transposed, `[H·W × O]`.
-/// `patches` fills an image's patch buffer of `patch_len`; `product` adds one
-/// product into an accumulator of `len`. Partial sums over fixed groups of
-/// images are added in order, so the result does not depend on the thread count.
+/// images, `product(patches(x_b), gy_b)` (the value, when `want_value`) and
+/// `product(patches(x_b), ġy_b) + product(patches(ẋ_b), gy_b)` (the tangent,
+/// when a tangent is present), with `gy_b` as stored, `[O × H·W]` (the product
+/// is NT: no transposed copy per image, see `docs/performance.md`). `patches`
+/// fills an image's patch buffer of `patch_len`; `product` adds one product
+/// into an accumulator of `len`. Partial sums over fixed groups of images are
+/// added in order, so the result does not depend on the thread count.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn weight_gradient_sums<T: Float>(
     (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
     (gy, dgy): (&Tensor<T>, Option<&Tensor<T>>),
-    out_channels: usize,
     want_value: bool,
     len: usize,
     patch_len: usize,
@@ -517,7 +503,6 @@ fn weight_gradient_sums<T: Float>(
 ) -> (Vec<T>, Vec<T>) {
     let b = x.shape()[0];
     let (img_in, img_out) = (x.numel() / b.max(1), gy.numel() / b.max(1));
-    let plane = img_out / out_channels.max(1);
     let tangent = dx.is_some() || dgy.is_some();
     let groups: Vec<usize> = (0..b).step_by(WEIGHT_GRAD_GROUP).collect();
     let partials: Vec<(Vec<T>, Vec<T>)> = groups
@@ -526,21 +511,19 @@ fn weight_gradient_sums<T: Float>(
             let mut acc = vec![T::ZERO; if want_value { len } else { 0 }];
             let mut dacc = vec![T::ZERO; if tangent { len } else { 0 }];
             let mut cols = vec![T::ZERO; patch_len];
-            let (mut gy_t, mut dgy_t) = (vec![T::ZERO; img_out], vec![T::ZERO; img_out]);
             for k in start..(start + WEIGHT_GRAD_GROUP).min(b) {
                 patches(&x.data()[k * img_in..(k + 1) * img_in], &mut cols);
                 let image = k * img_out..(k + 1) * img_out;
-                transpose_into(&gy.data()[image.clone()], out_channels, plane, &mut gy_t);
+                let g = &gy.data()[image.clone()];
                 if want_value {
-                    product(&mut acc, &cols, &gy_t);
+                    product(&mut acc, &cols, g);
                 }
                 if let Some(dgy) = dgy {
-                    transpose_into(&dgy.data()[image], out_channels, plane, &mut dgy_t);
-                    product(&mut dacc, &cols, &dgy_t);
+                    product(&mut dacc, &cols, &dgy.data()[image]);
                 }
                 if let Some(dx) = dx {
                     patches(&dx.data()[k * img_in..(k + 1) * img_in], &mut cols);
-                    product(&mut dacc, &cols, &gy_t);
+                    product(&mut dacc, &cols, g);
                 }
             }
             (acc, dacc)

@@ -279,18 +279,17 @@ pub(super) fn image_weight_gradient_into<T: Float>(
 ) {
     let n = d.h * d.w;
     let (k, len) = (d.c * d.kw, line_len(d));
-    let (rows, g_t, acc) = scratch.sized(k * len, n * d.o, d.kh * k * d.o);
+    let (rows, acc) = scratch.sized(k * len, d.kh * k * d.o);
     row_patches(x, d, rows);
-    crate::linalg::transpose_into(gy, d.o, n, g_t);
-    let strides = RowStrides { a: len, b: d.o, c: d.o };
+    let strides = RowStrides { a: len, b: n, c: d.o };
     for i in 0..d.kh {
         let block = &mut acc[i * k * d.o..][..k * d.o];
         gemm_strided_into(
             block,
             &rows[i * d.w..],
             false,
-            g_t,
-            false,
+            gy,
+            true,
             k,
             d.o,
             n,
@@ -328,31 +327,17 @@ pub(super) fn weight_gradient_parts<T: Float>(
     let (k, len) = (d.c * d.kw, line_len(d));
     let tangent = dx.is_some() || dgy.is_some();
     let wn = d.o * d.c * d.kh * d.kw;
-    let ld = RowStrides { a: len, b: d.o, c: d.o };
-    // `gᵀ` stored `[H·W × O]`: the NN product runs up to 2× faster than NT with
-    // B = g (48×16×1024: 83 vs 46 GFLOP/s, `examples/gemm_shapes.rs`).
-    let add_products = |acc: &mut [T], rows: &[T], g_t: &[T]| {
+    // `g` as stored, `[O × H·W]`: an NT product.
+    let ld = RowStrides { a: len, b: n, c: d.o };
+    let add_products = |acc: &mut [T], rows: &[T], g: &[T]| {
         for i in 0..d.kh {
             let out = &mut acc[i * k * d.o..][..k * d.o];
-            gemm_strided_into(
-                out,
-                &rows[i * d.w..],
-                false,
-                g_t,
-                false,
-                k,
-                d.o,
-                n,
-                ld,
-                true,
-                Par::Serial,
-            );
+            gemm_strided_into(out, &rows[i * d.w..], false, g, true, k, d.o, n, ld, true, Par::Serial);
         }
     };
     let (gwt, dgwt) = super::weight_gradient_sums(
         (x, dx),
         (gy, dgy),
-        d.o,
         want_value,
         wn,
         k * len,
