@@ -297,3 +297,35 @@ pub(super) fn add_column_phases<T: Float>(phases: &[T], h: usize, w: usize, xc: 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_phases_and_their_adjoint_at_every_width() {
+        // Widths below, at and past the 8-pair blocks, odd and even.
+        for w in 1..=37usize {
+            let h = 3;
+            let x: Vec<f64> = (0..h * w).map(|i| i as f64 * 0.5 + 1.0).collect();
+            let wp = w.div_ceil(2);
+            let mut phases = vec![f64::NAN; 2 * h * wp];
+            column_phases(&x, h, w, &mut phases);
+            for y in 0..h {
+                for u in 0..wp {
+                    for q in 0..2 {
+                        let want = if 2 * u + q < w { x[y * w + 2 * u + q] } else { 0.0 };
+                        assert_eq!(phases[q * h * wp + y * wp + u], want, "w={w} ({y}, {u}, {q})");
+                    }
+                }
+            }
+            // ⟨phases(x), p⟩ = ⟨x, add_phases(p)⟩ (adding onto ones adds).
+            let p: Vec<f64> = (0..2 * h * wp).map(|i| (i as f64 * 0.7).sin()).collect();
+            let mut back = vec![1.0; h * w];
+            add_column_phases(&p, h, w, &mut back);
+            let lhs: f64 = phases.iter().zip(&p).map(|(a, b)| a * b).sum();
+            let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * (b - 1.0)).sum();
+            assert!((lhs - rhs).abs() < 1e-9, "w={w}: {lhs} vs {rhs}");
+        }
+    }
+}
