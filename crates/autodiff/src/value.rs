@@ -173,6 +173,18 @@ impl<T: Float> Dual<T> {
     }
 }
 
+/// The channel affine map of a dual (followed by a ReLU when `relu`), value and
+/// tangent in one pass ([`channel::affine_dual`]).
+fn affine_dual<T: Float>(x: &Dual<T>, s: &Dual<T>, t: Option<&Dual<T>>, relu: bool) -> Dual<T> {
+    let (primal, tangent) = channel::affine_dual(
+        (&x.primal, x.tangent.as_ref()),
+        (&s.primal, s.tangent.as_ref()),
+        (t.map(|t| &t.primal), t.and_then(|t| t.tangent.as_ref())),
+        relu,
+    );
+    Dual { primal, tangent }
+}
+
 fn add_opt<T: Float>(a: Option<Tensor<T>>, b: Option<Tensor<T>>) -> Option<Tensor<T>> {
     match (a, b) {
         (Some(mut x), Some(y)) => {
@@ -245,28 +257,10 @@ impl<T: Float> Value<T> for Dual<T> {
         }
     }
     fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self {
-        Self {
-            primal: channel::affine(&x.primal, &s.primal, t.map(|t| &t.primal)),
-            tangent: channel::affine_tangent(
-                &x.primal,
-                x.tangent.as_ref(),
-                &s.primal,
-                s.tangent.as_ref(),
-                t.and_then(|t| t.tangent.as_ref()),
-            ),
-        }
+        affine_dual(x, s, t, false)
     }
     fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self {
-        let primal = channel::affine_relu(&x.primal, &s.primal, t.map(|t| &t.primal));
-        let tangent = channel::affine_relu_tangent(
-            &primal,
-            &x.primal,
-            x.tangent.as_ref(),
-            &s.primal,
-            s.tangent.as_ref(),
-            t.and_then(|t| t.tangent.as_ref()),
-        );
-        Self { primal, tangent }
+        affine_dual(x, s, t, true)
     }
     fn channel_affine_backward(
         relu_out: Option<&Tensor<T>>,

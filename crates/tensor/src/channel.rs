@@ -144,6 +144,85 @@ fn affine_sum<T: Float>(
     Tensor::new(like.shape().to_vec(), data).expect("n elements")
 }
 
+/// [`affine`] (or [`affine_relu`] when `relu`) and its tangent in one pass
+/// over each plane, reading `x` and `ẋ` once: `(post(x·s + t), post'(ẋ·s +
+/// x·ṡ + ṫ))`, the tangent `None` when `ẋ`, `ṡ` and `ṫ` are all absent. Equals
+/// the value and tangent functions run one after the other, bit for bit.
+pub fn affine_dual<T: Float>(
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (s, ds): (&Tensor<T>, Option<&Tensor<T>>),
+    (t, dt): (Option<&Tensor<T>>, Option<&Tensor<T>>),
+    relu: bool,
+) -> (Tensor<T>, Option<Tensor<T>>) {
+    if let Some(dx) = dx {
+        assert_eq!(dx.shape(), x.shape(), "affine_dual: tangent shape differs");
+    }
+    let tangent = dx.is_some() || ds.is_some() || dt.is_some();
+    let (_, c, inner) = layout(x);
+    let (n, inner) = (x.numel(), inner.max(1));
+    if n == 0 || !tangent {
+        let y = if relu { affine_relu(x, s, t) } else { affine(x, s, t) };
+        let dy = if relu {
+            affine_relu_tangent(&y, x, dx, s, ds, dt)
+        } else {
+            affine_tangent(x, dx, s, ds, dt)
+        };
+        return (y, dy);
+    }
+    let zero = vec![T::ZERO; c];
+    let (sd, td) = (s.data(), t.map_or(&zero[..], |t| t.data()));
+    let (rd, dtd) = (ds.map_or(&zero[..], |r| r.data()), dt.map_or(&zero[..], |t| t.data()));
+    let (xd, dxd) = (x.data(), dx.map(|dx| dx.data()));
+    let (mut y, mut dy): (Vec<T>, Vec<T>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    y.spare_capacity_mut()[..n]
+        .par_chunks_mut(c * inner)
+        .zip(dy.spare_capacity_mut()[..n].par_chunks_mut(c * inner))
+        .enumerate()
+        .for_each(|(b, (ys, dys))| {
+            for (ch, (yp, dyp)) in ys.chunks_mut(inner).zip(dys.chunks_mut(inner)).enumerate() {
+                let base = (b * c + ch) * inner;
+                let (sc, tc, rc, dtc) = (sd[ch], td[ch], rd[ch], dtd[ch]);
+                let xp = &xd[base..base + inner];
+                match (dxd.map(|d| &d[base..base + inner]), ds.is_some()) {
+                    (Some(dxp), true) => {
+                        affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |k, xv| dxp[k] * sc + xv * rc + dtc)
+                    }
+                    (Some(dxp), false) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |k, _| dxp[k] * sc + dtc),
+                    (None, true) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |_, xv| xv * rc + dtc),
+                    (None, false) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |_, _| dtc),
+                }
+            }
+        });
+    // SAFETY: the chunks above partition the first n slots of both outputs
+    // (each example's chunk split into its C planes), every plane written whole.
+    unsafe {
+        y.set_len(n);
+        dy.set_len(n);
+    }
+    let shape = x.shape().to_vec();
+    (
+        Tensor::new(shape.clone(), y).expect("n elements"),
+        Some(Tensor::new(shape, dy).expect("n elements")),
+    )
+}
+
+/// One plane of [`affine_dual`]: `y = post(x·sc + tc)` and `ẏ = post'(tangent(k, x))`.
+fn affine_dual_plane<T: Float>(
+    y: &mut [std::mem::MaybeUninit<T>],
+    dy: &mut [std::mem::MaybeUninit<T>],
+    x: &[T],
+    (sc, tc, relu): (T, T, bool),
+    tangent: impl Fn(usize, T) -> T,
+) {
+    for (k, ((o, d), &xv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).enumerate() {
+        let v = xv * sc + tc;
+        let yv = if v > T::ZERO || !relu { v } else { T::ZERO };
+        o.write(yv);
+        let tv = tangent(k, xv);
+        d.write(if yv > T::ZERO || !relu { tv } else { T::ZERO });
+    }
+}
+
 /// A `shape`-shaped tensor whose channel `c` holds `t[c]` everywhere.
 pub fn broadcast<T: Float>(t: &Tensor<T>, shape: &[usize]) -> Tensor<T> {
     let mut out = Tensor::zeros(shape);
@@ -629,5 +708,45 @@ mod tests {
         let empty = Tensor::<f32>::zeros(&[2, 4, 0]);
         let none = affine_backward(Some(&empty), (&empty, None), (&empty, None), Some((&s, None)));
         assert_eq!(none.gx.map(|t| t.numel()), Some(0));
+    }
+
+    #[test]
+    fn affine_dual_equals_the_value_and_tangent_passes_bit_for_bit() {
+        let shape = [2, 3, 37];
+        let make = |f: &dyn Fn(f32) -> f32| {
+            Tensor::<f32>::new(shape.to_vec(), (0..222).map(|i| f(i as f32)).collect()).unwrap()
+        };
+        let (x, dx) = (make(&|i| (0.3 * i).sin() * 2.0), make(&|i| (0.17 * i).cos()));
+        let c = |v: [f32; 3]| Tensor::new(vec![3], v.to_vec()).unwrap();
+        let (s, ds, t, dt) = (
+            c([1.5, -0.5, 2.0]),
+            c([0.25, 0.5, -1.0]),
+            c([0.1, -0.2, 0.3]),
+            c([0.5, 0.0, -0.25]),
+        );
+        let mut cases = 0;
+        for relu in [false, true] {
+            for dx in [None, Some(&dx)] {
+                for ds in [None, Some(&ds)] {
+                    for (t, dt) in [(None, None), (Some(&t), None), (Some(&t), Some(&dt))] {
+                        let (y, dy) = affine_dual((&x, dx), (&s, ds), (t, dt), relu);
+                        let want_y = if relu {
+                            affine_relu(&x, &s, t)
+                        } else {
+                            affine(&x, &s, t)
+                        };
+                        let want_dy = if relu {
+                            affine_relu_tangent(&want_y, &x, dx, &s, ds, dt)
+                        } else {
+                            affine_tangent(&x, dx, &s, ds, dt)
+                        };
+                        assert_eq!(y, want_y, "relu {relu}");
+                        assert_eq!(dy, want_dy, "relu {relu}");
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 24);
     }
 }
