@@ -9,6 +9,19 @@ pub type DualKernel<'a, T> =
 pub type TangentKernel<'a, T> =
     &'a dyn Fn(&Tensor<T>, Option<&Tensor<T>>, &Tensor<T>, Option<&Tensor<T>>) -> Option<Tensor<T>>;
 
+/// One operand of a [`PairKernel`]: its value and tangent (when present).
+pub type Operand<'a, T> = (&'a Tensor<T>, Option<&'a Tensor<T>>);
+
+/// Two results of three operands computed in one pass, each with its product
+/// rule built in: `((a, ȧ), (b, ḃ), (c, ċ), second_value) ↦ [(value, tangent); 2]`.
+/// The second result's value is `None` exactly when `second_value` is false.
+pub type PairKernel<'a, T> = &'a dyn Fn(
+    Operand<'_, T>,
+    Operand<'_, T>,
+    Operand<'_, T>,
+    bool,
+) -> ((Tensor<T>, Option<Tensor<T>>), (Option<Tensor<T>>, Option<Tensor<T>>));
+
 /// What a primitive computes on: a plain tensor (reverse mode) or a [`Dual`]
 /// (forward mode, and forward-over-reverse when the backward pass runs on them).
 ///
@@ -43,6 +56,12 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
         f: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
         tangent: TangentKernel<T>,
     ) -> Self;
+    /// Two results sharing one pass over three operands (a convolution's input
+    /// and weight gradients from the same rows of its output gradient). When
+    /// `second_value` is false only the second result's tangent is read, as in
+    /// [`Value::bilinear_tangent_only`]: a dual leaves its value empty (shape
+    /// `[0]`); a plain tensor always computes it.
+    fn fused_pair(a: &Self, b: &Self, c: &Self, second_value: bool, kernel: PairKernel<T>) -> (Self, Self);
     /// `f(x)` for any differentiable `f`, with its JVP rule `jvp(x, ẋ)`.
     fn nonlinear(&self, f: impl Fn(&Tensor<T>) -> Tensor<T>, jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>)
         -> Self;
@@ -113,6 +132,10 @@ impl<T: Float> Value<T> for Tensor<T> {
         _jvp: impl Fn(&Tensor<T>, &Tensor<T>) -> Tensor<T>,
     ) -> Self {
         f(self)
+    }
+    fn fused_pair(a: &Self, b: &Self, c: &Self, _: bool, kernel: PairKernel<T>) -> (Self, Self) {
+        let ((first, _), (second, _)) = kernel((a, None), (b, None), (c, None), true);
+        (first, second.unwrap_or_else(|| Tensor::zeros(&[0])))
     }
     fn channel_affine(x: &Self, s: &Self, t: Option<&Self>) -> Self {
         channel::affine(x, s, t)
@@ -245,6 +268,24 @@ impl<T: Float> Value<T> for Dual<T> {
             primal: Tensor::zeros(&[0]),
             tangent: tangent(&a.primal, a.tangent.as_ref(), &b.primal, b.tangent.as_ref()),
         }
+    }
+    fn fused_pair(a: &Self, b: &Self, c: &Self, second_value: bool, kernel: PairKernel<T>) -> (Self, Self) {
+        let ((first, first_tangent), (second, second_tangent)) = kernel(
+            (&a.primal, a.tangent.as_ref()),
+            (&b.primal, b.tangent.as_ref()),
+            (&c.primal, c.tangent.as_ref()),
+            second_value,
+        );
+        (
+            Self {
+                primal: first,
+                tangent: first_tangent,
+            },
+            Self {
+                primal: second.unwrap_or_else(|| Tensor::zeros(&[0])),
+                tangent: second_tangent,
+            },
+        )
     }
     fn nonlinear(
         &self,

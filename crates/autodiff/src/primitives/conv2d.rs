@@ -25,10 +25,16 @@ pub fn vjp<T: Float, V: Value<T>>(
     need_input: bool,
     weight_value: bool,
 ) -> (Option<V>, V, Option<V>) {
-    let xs = x.primal().shape();
-    let hw = (xs[2], xs[3]);
+    let gb = has_bias.then(|| gy.linear(channel::sum));
+    if need_input {
+        // Both gradients in one pass (they share the rows of `gy`).
+        let (gx, gw) = V::fused_pair(x, gy, w, weight_value, &|(x, dx), (gy, dgy), (w, dw), want_value| {
+            let r = conv::backward_dual((x, dx), (gy, dgy), (w, dw), g, want_value);
+            ((r.gx, r.dgx), (r.gw, r.dgw))
+        });
+        return (Some(gx), gw, gb);
+    }
     let w_shape = w.primal().shape().to_vec();
-    let gx = need_input.then(|| input_vjp(w, gy, hw, g));
     let value = |x: &Tensor<T>, gy: &Tensor<T>| conv::backward_weight(x, gy, &w_shape, g);
     let gw = if weight_value {
         V::bilinear_fused(x, gy, value, &|x, dx, gy, dgy| {
@@ -39,8 +45,7 @@ pub fn vjp<T: Float, V: Value<T>>(
             conv::backward_weight_tangent(x, dx, gy, dgy, &w_shape, g)
         })
     };
-    let gb = has_bias.then(|| gy.linear(channel::sum));
-    (gx, gw, gb)
+    (None, gw, gb)
 }
 
 /// The input's cotangent alone, for an input of spatial size `hw`.

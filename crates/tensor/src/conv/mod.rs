@@ -332,6 +332,42 @@ pub fn backward_input_dual<T: Float>(
 }
 
 /// Gradient with respect to the weights: `Σ_b gy_b · im2col(x_b)ᵀ`, shape of `w_shape`.
+/// A convolution's input and weight gradients with their tangents (see [`backward_dual`]).
+pub struct Gradients<T> {
+    /// `W'⋆gy`.
+    pub gx: Tensor<T>,
+    /// `W'⋆ġy + Ẇ'⋆gy`, when `ġy` or `Ẇ` is present.
+    pub dgx: Option<Tensor<T>>,
+    /// `Σ gy·colsᵀ(x)`, when wanted.
+    pub gw: Option<Tensor<T>>,
+    /// `Σ ġy·colsᵀ(x) + gy·colsᵀ(ẋ)`, when `ẋ` or `ġy` is present.
+    pub dgw: Option<Tensor<T>>,
+}
+
+/// [`backward_input_dual`] and [`backward_weight_dual`] (its value only when
+/// `want_weight_value`) in one pass over the images: the same-size stride-1
+/// convolutions build each image's rows of the output gradient once for both
+/// (the weight gradient then needs no rows of the input), the others run the
+/// two kernels one after the other.
+#[allow(clippy::type_complexity)]
+pub fn backward_dual<T: Float>(
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (gy, dgy): (&Tensor<T>, Option<&Tensor<T>>),
+    (w, dw): (&Tensor<T>, Option<&Tensor<T>>),
+    g: ConvGeometry,
+    want_weight_value: bool,
+) -> Gradients<T> {
+    let d = Dims::new(x.shape(), w.shape(), g);
+    let b = x.shape()[0];
+    assert_eq!(gy.shape(), [b, d.o, d.ho, d.wo], "conv backward: gradient shape");
+    if rows::applies(&d, g) {
+        return rows::backward_dual((x, dx), (gy, dgy), (w, dw), &d, want_weight_value);
+    }
+    let (gx, dgx) = backward_input_dual(gy, dgy, w, dw, (d.h, d.w), g);
+    let (gw, dgw) = weight_gradient_parts(x, dx, gy, dgy, w.shape(), g, want_weight_value);
+    Gradients { gx, dgx, gw, dgw }
+}
+
 pub fn backward_weight<T: Float>(x: &Tensor<T>, gy: &Tensor<T>, w_shape: &[usize], g: ConvGeometry) -> Tensor<T> {
     backward_weight_dual(x, None, gy, None, w_shape, g).0
 }
@@ -737,5 +773,27 @@ mod tests {
         assert!(close(&dgx.unwrap(), &backward_input(&dgy, &w, (6, 6), g)));
         let (_, dgx) = backward_input_dual(&gy, None, &w, Some(&dw), (6, 6), g);
         assert!(close(&dgx.unwrap(), &backward_input(&gy, &dw, (6, 6), g)));
+        // Both gradients in one pass: what the two kernels give, for every
+        // subset of tangents, with and without the weight gradient's value.
+        let mut seen = 0;
+        for dx in [None, Some(&dx)] {
+            for dgy in [None, Some(&dgy)] {
+                for dw in [None, Some(&dw)] {
+                    for want_value in [false, true] {
+                        let both = backward_dual((&x, dx), (&gy, dgy), (&w, dw), g, want_value);
+                        let (gx, dgx) = backward_input_dual(&gy, dgy, &w, dw, (6, 6), g);
+                        let (gw, dgw) = weight_gradient_parts(&x, dx, &gy, dgy, w.shape(), g, want_value);
+                        assert!(close(&both.gx, &gx));
+                        assert_eq!(both.dgx.is_some(), dgx.is_some());
+                        assert!(both.dgx.iter().zip(&dgx).all(|(a, b)| close(a, b)));
+                        assert_eq!((both.gw.is_some(), both.dgw.is_some()), (gw.is_some(), dgw.is_some()));
+                        assert!(both.gw.iter().zip(&gw).all(|(a, b)| close(a, b)));
+                        assert!(both.dgw.iter().zip(&dgw).all(|(a, b)| close(a, b)));
+                        seen += usize::from(both.dgw.is_some());
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, 12, "the weight gradient's tangent wherever ẋ or ġy is present");
     }
 }

@@ -213,14 +213,9 @@ pub(super) fn backward_input_dual<T: Float>(
     let b = gy.shape()[0];
     let n = d.h * d.w;
     let (img_in, img_out) = (d.c * n, d.o * n);
-    // The transposed convolution maps O channels to C: its row patches have O·kw lines.
-    let t = Dims { c: d.o, o: d.c, ..*d };
-    let k = d.o * d.kw;
-    let len = line_len(d);
+    let (k, len) = (d.o * d.kw, line_len(d));
     let tangent = dgy.is_some() || dw.is_some();
-    let w_flip = flipped_weight_rows(&[w.data()], d);
-    let dw_flip = dw.map(|dw| flipped_weight_rows(&[dw.data()], d));
-    let stacked = dgy.and(dw).map(|dw| flipped_weight_rows(&[w.data(), dw.data()], d));
+    let flips = FlippedWeights::new(w, dw, dgy.is_some(), d);
     // Written whole below by each image's first product, so not zeroed first.
     let out_len = b * img_in;
     let (mut gx, mut dgx) = (
@@ -232,32 +227,22 @@ pub(super) fn backward_input_dual<T: Float>(
         image_slots(&mut dgx, b, img_in, tangent, true),
     );
     gx_slots.into_par_iter().zip(dgx_slots).enumerate().for_each_init(
-        // [rows(ġy); rows(gy)]: the value reads the second half alone.
         || vec![T::ZERO; 2 * k * len],
         |rows, (im, (gxb, dgxb))| {
             let image = im * img_out..(im + 1) * img_out;
-            let (rows_dgy, rows_gy) = rows.split_at_mut(k * len);
-            row_patches(&gy.data()[image.clone()], &t, rows_gy);
-            row_gemms_into_uninit(gxb, &w_flip, d.c, k, rows_gy, &t);
-            match (&stacked, dgy, &dw_flip) {
-                (Some(ws), Some(dgy), _) => {
-                    row_patches(&dgy.data()[image], &t, rows_dgy);
-                    row_gemms_into_uninit(dgxb, ws, d.c, 2 * k, rows, &t);
-                }
-                (_, Some(dgy), _) => {
-                    row_patches(&dgy.data()[image], &t, rows_dgy);
-                    row_gemms_into_uninit(dgxb, &w_flip, d.c, k, rows_dgy, &t);
-                }
-                (_, None, Some(dwf)) => {
-                    row_gemms_into_uninit(dgxb, dwf, d.c, k, rows_gy, &t);
-                }
-                // No tangent: `dgxb` is empty.
-                (_, None, None) => {}
-            }
+            image_input_gradient(
+                &gy.data()[image.clone()],
+                dgy.map(|g| &g.data()[image]),
+                &flips,
+                d,
+                rows,
+                gxb,
+                dgxb,
+            );
         },
     );
     // SAFETY: each image's slot of `gx` was written by its first product, and
-    // of `dgx` (when there is a tangent: `dgy` or `dw`) by one of the arms above.
+    // of `dgx` (when there is a tangent: `dgy` or `dw`) by `image_input_gradient`.
     unsafe {
         gx.set_len(out_len);
         dgx.set_len(if tangent { out_len } else { 0 });
@@ -265,6 +250,178 @@ pub(super) fn backward_input_dual<T: Float>(
     let shape = vec![b, d.c, d.h, d.w];
     let dgx = tangent.then(|| Tensor::new(shape.clone(), dgx).expect("b·c·h·w elements"));
     (Tensor::new(shape, gx).expect("b·c·h·w elements"), dgx)
+}
+
+/// The flipped weights of an input gradient (see [`flipped_weight_rows`]): of
+/// `W`, of `Ẇ`, and of both side by side (for `[W' | Ẇ']⋆[ġy; gy]`).
+struct FlippedWeights<T> {
+    w: Vec<T>,
+    dw: Option<Vec<T>>,
+    stacked: Option<Vec<T>>,
+}
+
+impl<T: Float> FlippedWeights<T> {
+    /// The stacked form only where both tangent terms are present (`ġy` and `Ẇ`).
+    fn new(w: &Tensor<T>, dw: Option<&Tensor<T>>, with_dgy: bool, d: &Dims) -> Self {
+        FlippedWeights {
+            w: flipped_weight_rows(&[w.data()], d),
+            dw: dw.map(|dw| flipped_weight_rows(&[dw.data()], d)),
+            stacked: dw
+                .filter(|_| with_dgy)
+                .map(|dw| flipped_weight_rows(&[w.data(), dw.data()], d)),
+        }
+    }
+}
+
+/// One image's input gradient on row patches: `W'⋆gy` into `gxb` and its
+/// tangent into `dgxb` (empty when there is none), leaving `[rows(ġy);
+/// rows(gy)]` in `rows` (`rows(ġy)` only when `dgy` is given).
+fn image_input_gradient<T: Float>(
+    gy: &[T],
+    dgy: Option<&[T]>,
+    flips: &FlippedWeights<T>,
+    d: &Dims,
+    rows: &mut [T],
+    gxb: &mut [MaybeUninit<T>],
+    dgxb: &mut [MaybeUninit<T>],
+) {
+    // The transposed convolution maps O channels to C: its row patches have O·kw lines.
+    let t = Dims { c: d.o, o: d.c, ..*d };
+    let k = d.o * d.kw;
+    let (rows_dgy, rows_gy) = rows.split_at_mut(k * line_len(d));
+    row_patches(gy, &t, rows_gy);
+    row_gemms_into_uninit(gxb, &flips.w, d.c, k, rows_gy, &t);
+    match (flips.stacked.as_deref(), dgy, flips.dw.as_deref()) {
+        (Some(ws), Some(dgy), _) => {
+            row_patches(dgy, &t, rows_dgy);
+            row_gemms_into_uninit(dgxb, ws, d.c, 2 * k, rows, &t);
+        }
+        (_, Some(dgy), _) => {
+            row_patches(dgy, &t, rows_dgy);
+            row_gemms_into_uninit(dgxb, &flips.w, d.c, k, rows_dgy, &t);
+        }
+        (_, None, Some(dwf)) => {
+            row_gemms_into_uninit(dgxb, dwf, d.c, k, rows_gy, &t);
+        }
+        // No tangent: `dgxb` is empty.
+        (_, None, None) => {}
+    }
+}
+
+/// [`super::backward_dual`] on row patches: the input gradient as
+/// [`backward_input_dual`], and the weight gradient from the same rows of the
+/// output gradient instead of rows of the input — `gW[o, c, kh−1−i, kw−1−j] =
+/// Σ_t rows(gy)[(o, j), i·w + t] · x[c, t]`, per kernel row `i` one NT product
+/// `[O·kw × H·W]·[C × H·W]ᵀ` (and `rows(ġy)·xᵀ + rows(gy)·ẋᵀ` for its tangent) —
+/// so no rows of `x` or `ẋ` are built. Images run in fixed groups whose partial
+/// sums are added in order, so the result does not depend on the thread count.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(super) fn backward_dual<T: Float>(
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (gy, dgy): (&Tensor<T>, Option<&Tensor<T>>),
+    (w, dw): (&Tensor<T>, Option<&Tensor<T>>),
+    d: &Dims,
+    want_weight_value: bool,
+) -> super::Gradients<T> {
+    let b = gy.shape()[0];
+    let n = d.h * d.w;
+    let (img_in, img_out) = (d.c * n, d.o * n);
+    let (k, len) = (d.o * d.kw, line_len(d));
+    let in_tangent = dgy.is_some() || dw.is_some();
+    let w_tangent = dx.is_some() || dgy.is_some();
+    let flips = FlippedWeights::new(w, dw, dgy.is_some(), d);
+    // Written whole below by each image's first product, so not zeroed first.
+    let out_len = b * img_in;
+    let (mut gx, mut dgx) = (
+        Vec::with_capacity(out_len),
+        Vec::with_capacity(if in_tangent { out_len } else { 0 }),
+    );
+    let mut gx_slots = image_slots(&mut gx, b, img_in, true, true);
+    let mut dgx_slots = image_slots(&mut dgx, b, img_in, in_tangent, true);
+    // Per kernel row i, `[O·kw × C]`.
+    let wlen = d.kh * k * d.c;
+    let ld = RowStrides { a: len, b: n, c: d.c };
+    let add_products = |acc: &mut [T], rows: &[T], image: &[T]| {
+        for i in 0..d.kh {
+            let out = &mut acc[i * k * d.c..][..k * d.c];
+            gemm_strided_into(
+                out,
+                &rows[i * d.w..],
+                false,
+                image,
+                true,
+                k,
+                d.c,
+                n,
+                ld,
+                true,
+                Par::Serial,
+            );
+        }
+    };
+    let partials: Vec<(Vec<T>, Vec<T>)> = gx_slots
+        .par_chunks_mut(super::WEIGHT_GRAD_GROUP)
+        .zip(dgx_slots.par_chunks_mut(super::WEIGHT_GRAD_GROUP))
+        .enumerate()
+        .map(|(group, (gx_group, dgx_group))| {
+            let mut acc = vec![T::ZERO; if want_weight_value { wlen } else { 0 }];
+            let mut dacc = vec![T::ZERO; if w_tangent { wlen } else { 0 }];
+            let mut rows = vec![T::ZERO; 2 * k * len];
+            for (j, (gxb, dgxb)) in gx_group.iter_mut().zip(dgx_group.iter_mut()).enumerate() {
+                let im = group * super::WEIGHT_GRAD_GROUP + j;
+                let out = im * img_out..(im + 1) * img_out;
+                let dgy_image = dgy.map(|g| &g.data()[out.clone()]);
+                image_input_gradient(&gy.data()[out], dgy_image, &flips, d, &mut rows, gxb, dgxb);
+                let (rows_dgy, rows_gy) = rows.split_at(k * len);
+                let input = im * img_in..(im + 1) * img_in;
+                if want_weight_value {
+                    add_products(&mut acc, rows_gy, &x.data()[input.clone()]);
+                }
+                if dgy.is_some() {
+                    add_products(&mut dacc, rows_dgy, &x.data()[input.clone()]);
+                }
+                if let Some(dx) = dx {
+                    add_products(&mut dacc, rows_gy, &dx.data()[input]);
+                }
+            }
+            (acc, dacc)
+        })
+        .collect();
+    drop((gx_slots, dgx_slots));
+    // SAFETY: each image's slot of `gx` was written by its first product, and
+    // of `dgx` (when there is a tangent: `dgy` or `dw`) by `image_input_gradient`.
+    unsafe {
+        gx.set_len(out_len);
+        dgx.set_len(if in_tangent { out_len } else { 0 });
+    }
+    let mut gwf = vec![T::ZERO; if want_weight_value { wlen } else { 0 }];
+    let mut dgwf = vec![T::ZERO; if w_tangent { wlen } else { 0 }];
+    for (p, dp) in partials {
+        gwf.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+        dgwf.iter_mut().zip(dp).for_each(|(a, v)| *a += v);
+    }
+    // [kh][(o, j) × C] of the flipped kernel → [O, C, kh, kw].
+    let regroup = |f: &[T]| -> Tensor<T> {
+        let mut out = vec![T::ZERO; d.o * d.c * d.kh * d.kw];
+        for i in 0..d.kh {
+            for o in 0..d.o {
+                for j in 0..d.kw {
+                    let row = &f[(i * k + o * d.kw + j) * d.c..][..d.c];
+                    for (c, &v) in row.iter().enumerate() {
+                        out[((o * d.c + c) * d.kh + (d.kh - 1 - i)) * d.kw + (d.kw - 1 - j)] = v;
+                    }
+                }
+            }
+        }
+        Tensor::new(vec![d.o, d.c, d.kh, d.kw], out).expect("o·c·kh·kw elements")
+    };
+    let shape = vec![b, d.c, d.h, d.w];
+    super::Gradients {
+        dgx: in_tangent.then(|| Tensor::new(shape.clone(), dgx).expect("b·c·h·w elements")),
+        gx: Tensor::new(shape, gx).expect("b·c·h·w elements"),
+        gw: want_weight_value.then(|| regroup(&gwf)),
+        dgw: w_tangent.then(|| regroup(&dgwf)),
+    }
 }
 
 /// [`super::image_weight_gradient_into`] on row patches: per kernel row `i`,
