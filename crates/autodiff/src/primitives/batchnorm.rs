@@ -54,10 +54,7 @@ pub fn vjp<T: Float, V: Value<T>>(
     gy: &V,
     need_input: bool,
 ) -> (Option<V>, V, V) {
-    let s = need_input.then(|| scale_and_shift(gamma, beta, st).0);
-    let (gx, gs, gt) = V::channel_affine_backward(None, x, gy, s.as_ref());
-    let g_gamma = gamma_cotangent(st, &gs, &gt);
-    (gx, g_gamma, gt)
+    masked_vjp(None, x, gamma, beta, st, gy, need_input)
 }
 
 /// [`vjp`] of a BatchNorm whose output went through a ReLU, `relu_out` being the
@@ -74,18 +71,28 @@ pub fn vjp_through_relu<T: Float, V: Value<T>>(
     gy: &V,
     need_input: bool,
 ) -> (Option<V>, V, V) {
-    let s = need_input.then(|| scale_and_shift(gamma, beta, st).0);
-    let (gx, gs, gt) = V::channel_affine_backward(Some(relu_out), x, gy, s.as_ref());
-    let g_gamma = gamma_cotangent(st, &gs, &gt);
-    (gx, g_gamma, gt)
+    masked_vjp(Some(relu_out), x, gamma, beta, st, gy, need_input)
 }
 
-/// `s = γ·inv_std` and `t = β − μ·s`, so `gγ = (gs − μ·gt)·inv_std` (and `gβ = gt`).
-fn gamma_cotangent<T: Float, V: Value<T>>(st: &Stats<T>, gs: &V, gt: &V) -> V {
+/// [`vjp`] with `gy` masked by `relu_out > 0` where given, in the same pass.
+#[allow(clippy::too_many_arguments)]
+fn masked_vjp<T: Float, V: Value<T>>(
+    relu_out: Option<&Tensor<T>>,
+    x: &V,
+    gamma: &V,
+    beta: &V,
+    st: &Stats<T>,
+    gy: &V,
+    need_input: bool,
+) -> (Option<V>, V, V) {
+    let s = need_input.then(|| scale_and_shift(gamma, beta, st).0);
+    let (gx, gs, gt) = V::channel_affine_backward(relu_out, x, gy, s.as_ref());
+    // s = γ·inv_std and t = β − μ·s, so gγ = (gs − μ·gt)·inv_std and gβ = gt.
     let inv_std = st.inv_std();
     let neg_mean = elementwise::scale(st.mean, -T::ONE);
     let gs_total = gs.add(&gt.linear(|g| elementwise::mul(g, &neg_mean)));
-    gs_total.linear(|g| elementwise::mul(g, &inv_std))
+    let g_gamma = gs_total.linear(|g| elementwise::mul(g, &inv_std));
+    (gx, g_gamma, gt)
 }
 
 /// The input's cotangent alone (eval mode): `gy` scaled per channel by `γ/σ`.
