@@ -1,6 +1,7 @@
 //! The lowering of convolutions to GEMMs: im2col (patch matrices; contiguous
-//! row copies for same-size stride-1 layers, even/odd column phases for
-//! stride 2) and its adjoint col2im.
+//! row copies for same-size stride-1 layers, the four phase planes of
+//! stride-2 layers whose output is half the input, even/odd column phases for
+//! other stride-2 ones) and its adjoint col2im.
 
 use super::*;
 
@@ -22,8 +23,116 @@ pub(super) fn valid_range(d: &Dims, g: ConvGeometry, j: usize) -> (usize, usize)
 pub(super) fn im2col<T: Float>(x: &[T], d: &Dims, g: ConvGeometry, cols: &mut [T]) {
     if g.stride == 1 && d.ho == d.h && d.wo == d.w {
         im2col_same(x, d, g.padding, cols)
+    } else if halves(d, g) {
+        im2col_halving(x, d, g.padding, cols)
     } else {
         im2col_rows(x, d, g, cols)
+    }
+}
+
+/// Whether a convolution has stride 2 and an output of exactly half the input
+/// (rounded up): the ResNet's downsampling 3×3 (padding 1) and 1×1 (padding 0).
+/// Then every patch row is one of the input's four phase planes shifted by at
+/// most a plane's size, which [`im2col_halving`] copies whole.
+pub(super) fn halves(d: &Dims, g: ConvGeometry) -> bool {
+    g.stride == 2 && d.ho == d.h.div_ceil(2) && d.wo == d.w.div_ceil(2)
+}
+
+/// The four phase planes of a plane `[h, w]`:
+/// `phases[2·qy + qx][y, u] = x[2y + qy, 2u + qx]`, each `[⌈h/2⌉, ⌈w/2⌉]`, 0 past
+/// the plane's last row or column.
+pub(super) fn phase_planes<T: Float>(xc: &[T], h: usize, w: usize, phases: &mut [T]) {
+    let (hp, wp) = (h.div_ceil(2), w.div_ceil(2));
+    let n = hp * wp;
+    for y in 0..2 * hp {
+        let (qy, yp) = (y % 2, y / 2);
+        let (even, rest) = phases[2 * qy * n..].split_at_mut(n);
+        let (e, o) = (&mut even[yp * wp..][..wp], &mut rest[yp * wp..][..wp]);
+        if y >= h {
+            e.fill(T::ZERO);
+            o.fill(T::ZERO);
+            continue;
+        }
+        let pairs = xc[y * w..(y + 1) * w].chunks_exact(2);
+        if let [last] = pairs.remainder() {
+            e[wp - 1] = *last;
+            o[wp - 1] = T::ZERO;
+        }
+        for ((pe, po), pair) in e.iter_mut().zip(o.iter_mut()).zip(pairs) {
+            *pe = pair[0];
+            *po = pair[1];
+        }
+    }
+}
+
+/// The adjoint of [`phase_planes`] into a fresh (uninitialised) plane:
+/// `x[2y + qy, 2u + qx] = phases[2·qy + qx][y, u]`.
+pub(super) fn interleave_phase_planes<T: Float>(phases: &[T], h: usize, w: usize, xc: &mut [MaybeUninit<T>]) {
+    let (hp, wp) = (h.div_ceil(2), w.div_ceil(2));
+    let n = hp * wp;
+    for (y, dst) in xc.chunks_exact_mut(w).enumerate().take(h) {
+        let at = 2 * (y % 2) * n + (y / 2) * wp;
+        let (e, o) = (&phases[at..at + wp], &phases[at + n..at + n + wp]);
+        let mut pairs = dst.chunks_exact_mut(2);
+        for ((pair, &pe), &po) in pairs.by_ref().zip(e).zip(o) {
+            pair[0].write(pe);
+            pair[1].write(po);
+        }
+        if let [last] = pairs.into_remainder() {
+            last.write(e[wp - 1]);
+        }
+    }
+}
+
+/// Patch row `(i, j)` of a [`halves`] convolution with padding `p`, as a phase
+/// plane and a shift within it: input row `2·oy + i − p` is row
+/// `oy + ⌊(i − p)/2⌋` of the phase `(i − p) mod 2`, and likewise along columns.
+fn halving_shifts(d: &Dims, p: usize) -> Vec<(usize, ShiftedRow)> {
+    let (hp, wp) = (d.ho, d.wo);
+    (0..d.kh)
+        .flat_map(|i| (0..d.kw).map(move |j| (i as isize - p as isize, j as isize - p as isize)))
+        .map(|(di, dj)| {
+            let phase = (2 * di.rem_euclid(2) + dj.rem_euclid(2)) as usize;
+            (phase, ShiftedRow::with_offset(hp, wp, di.div_euclid(2), dj.div_euclid(2)))
+        })
+        .collect()
+}
+
+/// [`im2col`] of a [`halves`] convolution: each patch row is one contiguous copy
+/// of a shifted phase plane (instead of one short gather per output row).
+pub(super) fn im2col_halving<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T]) {
+    let (plane, n) = (d.h * d.w, d.out_plane());
+    let shifts = halving_shifts(d, p);
+    let mut phases = vec![T::ZERO; 4 * n];
+    for c in 0..d.c {
+        phase_planes(&x[c * plane..(c + 1) * plane], d.h, d.w, &mut phases);
+        for (ij, (q, r)) in shifts.iter().enumerate() {
+            r.fill(&mut cols[(c * d.kh * d.kw + ij) * n..][..n], &phases[q * n..][..n], d.wo);
+        }
+    }
+}
+
+/// [`col2im_into`] of a [`halves`] convolution: each patch row is added to its
+/// shifted phase plane in one contiguous loop, then the phases are interleaved
+/// into the image (`cols` is scratch: its wrapped entries are zeroed).
+fn col2im_halving_into<T: Float>(cols: &mut [T], d: &Dims, p: usize, x: &mut [MaybeUninit<T>]) {
+    let (plane, n) = (d.h * d.w, d.out_plane());
+    let shifts = halving_shifts(d, p);
+    let mut phases = vec![T::ZERO; 4 * n];
+    for (c, xc) in x.chunks_mut(plane.max(1)).enumerate().take(d.c) {
+        phases.fill(T::ZERO);
+        for (ij, (q, r)) in shifts.iter().enumerate() {
+            if r.b <= r.a {
+                continue;
+            }
+            let row = &mut cols[(c * d.kh * d.kw + ij) * n..][..n];
+            r.zero_wrapped(row, d.wo);
+            let dst = q * n + r.source();
+            for (acc, &v) in phases[dst..dst + (r.b - r.a)].iter_mut().zip(&row[r.a..r.b]) {
+                *acc += v;
+            }
+        }
+        interleave_phase_planes(&phases, d.h, d.w, xc);
     }
 }
 
@@ -115,9 +224,13 @@ pub(super) struct ShiftedRow {
 
 impl ShiftedRow {
     pub(super) fn new(d: &Dims, p: usize, i: usize, j: usize) -> Self {
-        let (h, w) = (d.h as isize, d.w as isize);
+        Self::with_offset(d.h, d.w, i as isize - p as isize, j as isize - p as isize)
+    }
+
+    /// Output position `(oy, ox)` of an `[h, w]` plane reads input `(oy + di, ox + dj)`.
+    fn with_offset(h: usize, w: usize, di: isize, dj: isize) -> Self {
+        let (h, w) = (h as isize, w as isize);
         let n = h * w;
-        let (di, dj) = (i as isize - p as isize, j as isize - p as isize);
         // Output rows whose input row oy + di lies inside the image.
         let oy_lo = (-di).clamp(0, h);
         let oy_hi = (h - di).clamp(oy_lo, h);
@@ -201,6 +314,9 @@ pub(super) fn im2col_same<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [T])
 /// pixel unshifted, is written first (no zero-fill); otherwise the image is
 /// zeroed and [`col2im_rows_add`] adds into it.
 pub(super) fn col2im_into<T: Float>(cols: &mut [T], d: &Dims, g: ConvGeometry, x: &mut [MaybeUninit<T>]) {
+    if halves(d, g) {
+        return col2im_halving_into(cols, d, g.padding, x);
+    }
     if !(g.stride == 1 && d.ho == d.h && d.wo == d.w) {
         x.iter_mut().for_each(|v| {
             v.write(T::ZERO);
@@ -301,6 +417,41 @@ pub(super) fn add_column_phases<T: Float>(phases: &[T], h: usize, w: usize, xc: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn halving_im2col_and_col2im_equal_the_row_by_row_ones() {
+        // Odd and even sizes, single rows and columns; kernels 3 (padding 1),
+        // 1 (padding 0) and 5 (padding 2) halve every size.
+        let mut checked = 0;
+        for (h, w) in [(8, 8), (7, 6), (6, 7), (1, 1), (1, 5), (5, 1), (2, 3), (9, 9)] {
+            for (k, p) in [(3, 1), (1, 0), (5, 2)] {
+                let g = ConvGeometry { stride: 2, padding: p };
+                let d = Dims::new(&[1, 2, h, w], &[1, 2, k, k], g);
+                assert!(halves(&d, g), "{h}x{w}, kernel {k}, padding {p}");
+                let x: Vec<f64> = (0..2 * h * w).map(|i| (i as f64 * 0.37).sin()).collect();
+                let len = d.patch() * d.out_plane();
+                let (mut want, mut got) = (vec![f64::NAN; len], vec![f64::NAN; len]);
+                im2col_rows(&x, &d, g, &mut want);
+                im2col_halving(&x, &d, p, &mut got);
+                assert_eq!(got, want, "im2col {h}x{w}, kernel {k}, padding {p}");
+                let mut rows: Vec<f64> = (0..len).map(|i| (i as f64 * 0.91).cos()).collect();
+                let mut zeroed = vec![0.0; 2 * h * w];
+                col2im_rows_add(&rows, &d, g, &mut zeroed);
+                let mut fresh = vec![MaybeUninit::<f64>::uninit(); 2 * h * w];
+                col2im_into(&mut rows, &d, g, &mut fresh);
+                // SAFETY: col2im_into writes the whole image.
+                let fresh = unsafe { assume_init_mut(&mut fresh) };
+                for (a, b) in fresh.iter().zip(&zeroed) {
+                    assert!((a - b).abs() < 1e-12, "col2im {h}x{w}, kernel {k}, padding {p}: {a} vs {b}");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 24);
+        // A shrinking stride-2 output is not a halving one.
+        let g = ConvGeometry { stride: 2, padding: 0 };
+        assert!(!halves(&Dims::new(&[1, 1, 8, 8], &[1, 1, 3, 3], g), g));
+    }
 
     #[test]
     fn column_phases_and_their_adjoint_at_every_width() {
