@@ -72,6 +72,10 @@ pub trait Value<T: Float>: Clone + Send + Sync + Sized {
     /// in one pass (and one more for a dual's tangent), without materialising
     /// the affine map's output.
     fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self;
+    /// `max(x·s + t + r, 0)`: [`Value::channel_affine`], the residual sum with
+    /// `r` and its ReLU in one pass (a dual's value and tangent together), bit
+    /// for bit what the three give one after the other.
+    fn channel_affine_add_relu(x: &Self, s: &Self, t: Option<&Self>, r: &Self) -> Self;
     /// An eval-mode BatchNorm's backward in one pass, optionally through the
     /// ReLU after it: with `m(g) = g·1[y > 0]` where the ReLU's output `y` is
     /// given (else `m(g) = g`), `(m(g)·s` when `s` is given, `Σ x·m(g)`,
@@ -142,6 +146,9 @@ impl<T: Float> Value<T> for Tensor<T> {
     }
     fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self {
         channel::affine_relu(x, s, t)
+    }
+    fn channel_affine_add_relu(x: &Self, s: &Self, t: Option<&Self>, r: &Self) -> Self {
+        channel::affine_add_relu(x, s, t, r)
     }
     fn channel_affine_backward(
         relu_out: Option<&Tensor<T>>,
@@ -302,6 +309,15 @@ impl<T: Float> Value<T> for Dual<T> {
     }
     fn channel_affine_relu(x: &Self, s: &Self, t: Option<&Self>) -> Self {
         affine_dual(x, s, t, true)
+    }
+    fn channel_affine_add_relu(x: &Self, s: &Self, t: Option<&Self>, r: &Self) -> Self {
+        let (primal, tangent) = channel::affine_add_relu_dual(
+            (&x.primal, x.tangent.as_ref()),
+            (&s.primal, s.tangent.as_ref()),
+            (t.map(|t| &t.primal), t.and_then(|t| t.tangent.as_ref())),
+            (&r.primal, r.tangent.as_ref()),
+        );
+        Dual { primal, tangent }
     }
     fn channel_affine_backward(
         relu_out: Option<&Tensor<T>>,

@@ -38,6 +38,22 @@ pub fn affine_relu<T: Float>(x: &Tensor<T>, s: &Tensor<T>, t: Option<&Tensor<T>>
     affine_sum(x, Some(x), s, None, t, |v, _| if v > T::ZERO { v } else { T::ZERO })
 }
 
+/// `max(x·s + t + r, 0)` per channel in one pass: a BatchNorm, the residual sum
+/// after it and that sum's ReLU, without storing the BatchNorm's output or the
+/// sum (bit for bit [`affine`], then the sum, then the ReLU).
+pub fn affine_add_relu<T: Float>(x: &Tensor<T>, s: &Tensor<T>, t: Option<&Tensor<T>>, r: &Tensor<T>) -> Tensor<T> {
+    assert_eq!(r.shape(), x.shape(), "affine_add_relu: residual shape differs");
+    let rd = r.data();
+    affine_sum(x, Some(x), s, None, t, |v, k| {
+        let u = v + rd[k];
+        if u > T::ZERO {
+            u
+        } else {
+            T::ZERO
+        }
+    })
+}
+
 /// The JVP of [`affine_relu`] in one pass, `1[y > 0]·(ẋ·s + x·ṡ + ṫ)` with `y` its
 /// output (`y > 0` exactly where the affine map is), `None` when no tangent is present.
 pub fn affine_relu_tangent<T: Float>(
@@ -154,12 +170,48 @@ pub fn affine_dual<T: Float>(
     (t, dt): (Option<&Tensor<T>>, Option<&Tensor<T>>),
     relu: bool,
 ) -> (Tensor<T>, Option<Tensor<T>>) {
+    affine_residual_dual((x, dx), (s, ds), (t, dt), None, relu)
+}
+
+/// [`affine_dual`] with a residual `r` (and its tangent `ṙ`) added before the
+/// ReLU: `(max(x·s + t + r, 0), 1[y > 0]·(ẋ·s + x·ṡ + ṫ + ṙ))` in one pass, bit
+/// for bit the BatchNorm's dual, the sum's and the ReLU's one after the other.
+pub fn affine_add_relu_dual<T: Float>(
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (s, ds): (&Tensor<T>, Option<&Tensor<T>>),
+    (t, dt): (Option<&Tensor<T>>, Option<&Tensor<T>>),
+    (r, dr): (&Tensor<T>, Option<&Tensor<T>>),
+) -> (Tensor<T>, Option<Tensor<T>>) {
+    assert_eq!(r.shape(), x.shape(), "affine_add_relu_dual: residual shape differs");
+    if let Some(dr) = dr {
+        assert_eq!(
+            dr.shape(),
+            x.shape(),
+            "affine_add_relu_dual: residual tangent shape differs"
+        );
+    }
+    affine_residual_dual((x, dx), (s, ds), (t, dt), Some((r, dr)), true)
+}
+
+fn affine_residual_dual<T: Float>(
+    (x, dx): (&Tensor<T>, Option<&Tensor<T>>),
+    (s, ds): (&Tensor<T>, Option<&Tensor<T>>),
+    (t, dt): (Option<&Tensor<T>>, Option<&Tensor<T>>),
+    residual: Option<(&Tensor<T>, Option<&Tensor<T>>)>,
+    relu: bool,
+) -> (Tensor<T>, Option<Tensor<T>>) {
     if let Some(dx) = dx {
         assert_eq!(dx.shape(), x.shape(), "affine_dual: tangent shape differs");
     }
-    let tangent = dx.is_some() || ds.is_some() || dt.is_some();
+    let residual_tangent = residual.and_then(|(_, dr)| dr);
+    let tangent = dx.is_some() || ds.is_some() || dt.is_some() || residual_tangent.is_some();
     let (_, c, inner) = layout(x);
     let (n, inner) = (x.numel(), inner.max(1));
+    if let Some((r, dr)) = residual.filter(|_| n == 0 || !tangent) {
+        let y = affine_add_relu(x, s, t, r);
+        let dy = dr.map(|dr| crate::elementwise::relu_mask(&y, dr));
+        return (y, dy);
+    }
     if n == 0 || !tangent {
         let y = if relu { affine_relu(x, s, t) } else { affine(x, s, t) };
         let dy = if relu {
@@ -173,6 +225,7 @@ pub fn affine_dual<T: Float>(
     let (sd, td) = (s.data(), t.map_or(&zero[..], |t| t.data()));
     let (rd, dtd) = (ds.map_or(&zero[..], |r| r.data()), dt.map_or(&zero[..], |t| t.data()));
     let (xd, dxd) = (x.data(), dx.map(|dx| dx.data()));
+    let (resd, dresd) = (residual.map(|(r, _)| r.data()), residual_tangent.map(|dr| dr.data()));
     let (mut y, mut dy): (Vec<T>, Vec<T>) = (Vec::with_capacity(n), Vec::with_capacity(n));
     y.spare_capacity_mut()[..n]
         .par_chunks_mut(c * inner)
@@ -183,13 +236,24 @@ pub fn affine_dual<T: Float>(
                 let base = (b * c + ch) * inner;
                 let (sc, tc, rc, dtc) = (sd[ch], td[ch], rd[ch], dtd[ch]);
                 let xp = &xd[base..base + inner];
+                let res = (
+                    resd.map(|d| &d[base..base + inner]),
+                    dresd.map(|d| &d[base..base + inner]),
+                );
+                let affine_tangent_present = dxd.is_some() || ds.is_some() || dt.is_some();
                 match (dxd.map(|d| &d[base..base + inner]), ds.is_some()) {
                     (Some(dxp), true) => {
-                        affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |k, xv| dxp[k] * sc + xv * rc + dtc)
+                        affine_dual_plane(yp, dyp, xp, (sc, tc, relu), res, |k, xv| dxp[k] * sc + xv * rc + dtc)
                     }
-                    (Some(dxp), false) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |k, _| dxp[k] * sc + dtc),
-                    (None, true) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |_, xv| xv * rc + dtc),
-                    (None, false) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), |_, _| dtc),
+                    (Some(dxp), false) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), res, |k, _| dxp[k] * sc + dtc),
+                    (None, true) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), res, |_, xv| xv * rc + dtc),
+                    (None, false) if affine_tangent_present => {
+                        affine_dual_plane(yp, dyp, xp, (sc, tc, relu), res, |_, _| dtc)
+                    }
+                    // Only the residual has a tangent: the sum's tangent is ṙ itself.
+                    (None, false) => affine_dual_plane(yp, dyp, xp, (sc, tc, relu), (res.0, None), |k, _| {
+                        res.1.map_or(T::ZERO, |dr| dr[k])
+                    }),
                 }
             }
         });
@@ -206,20 +270,37 @@ pub fn affine_dual<T: Float>(
     )
 }
 
-/// One plane of [`affine_dual`]: `y = post(x·sc + tc)` and `ẏ = post'(tangent(k, x))`.
+/// One plane of [`affine_dual`]: `y = post(x·sc + tc [+ r])` and
+/// `ẏ = post'(tangent(k, x) [+ ṙ])`, the residual's terms where given.
 fn affine_dual_plane<T: Float>(
     y: &mut [std::mem::MaybeUninit<T>],
     dy: &mut [std::mem::MaybeUninit<T>],
     x: &[T],
     (sc, tc, relu): (T, T, bool),
+    (r, dr): (Option<&[T]>, Option<&[T]>),
     tangent: impl Fn(usize, T) -> T,
 ) {
-    for (k, ((o, d), &xv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).enumerate() {
-        let v = xv * sc + tc;
+    let write = |v: T, tv: T, o: &mut std::mem::MaybeUninit<T>, d: &mut std::mem::MaybeUninit<T>| {
         let yv = if v > T::ZERO || !relu { v } else { T::ZERO };
         o.write(yv);
-        let tv = tangent(k, xv);
         d.write(if yv > T::ZERO || !relu { tv } else { T::ZERO });
+    };
+    match (r, dr) {
+        (None, _) => {
+            for (k, ((o, d), &xv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).enumerate() {
+                write(xv * sc + tc, tangent(k, xv), o, d);
+            }
+        }
+        (Some(r), None) => {
+            for (k, ((o, d), &xv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).enumerate() {
+                write(xv * sc + tc + r[k], tangent(k, xv), o, d);
+            }
+        }
+        (Some(r), Some(dr)) => {
+            for (k, ((o, d), &xv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).enumerate() {
+                write(xv * sc + tc + r[k], tangent(k, xv) + dr[k], o, d);
+            }
+        }
     }
 }
 
@@ -748,5 +829,56 @@ mod tests {
             }
         }
         assert_eq!(cases, 24);
+    }
+
+    #[test]
+    fn affine_add_relu_equals_the_affine_map_the_sum_and_the_relu_bit_for_bit() {
+        use crate::elementwise::{add_relu, add_relu_tangent, relu_mask};
+        let shape = [2, 3, 37];
+        let make = |f: &dyn Fn(f32) -> f32| {
+            Tensor::<f32>::new(shape.to_vec(), (0..222).map(|i| f(i as f32)).collect()).unwrap()
+        };
+        let (x, dx) = (make(&|i| (0.3 * i).sin() * 2.0), make(&|i| (0.17 * i).cos()));
+        let (r, dr) = (make(&|i| (0.11 * i).cos() * 1.5), make(&|i| (0.23 * i).sin()));
+        let c = |v: [f32; 3]| Tensor::new(vec![3], v.to_vec()).unwrap();
+        let (s, ds, t, dt) = (
+            c([1.5, -0.5, 2.0]),
+            c([0.25, 0.5, -1.0]),
+            c([0.1, -0.2, 0.3]),
+            c([0.5, 0.0, -0.25]),
+        );
+        let mut cases = 0;
+        for dr in [None, Some(&dr)] {
+            for dx in [None, Some(&dx)] {
+                for ds in [None, Some(&ds)] {
+                    for (t, dt) in [(None, None), (Some(&t), None), (Some(&t), Some(&dt))] {
+                        let (y, dy) = affine_add_relu_dual((&x, dx), (&s, ds), (t, dt), (&r, dr));
+                        // The BatchNorm's dual, then the sum's with its ReLU.
+                        let (bn, dbn) = affine_dual((&x, dx), (&s, ds), (t, dt), false);
+                        let want_y = add_relu(&bn, &r);
+                        let want_dy = match (&dbn, dr) {
+                            (Some(a), Some(b)) => Some(add_relu_tangent(&want_y, a, b)),
+                            (Some(a), None) | (None, Some(a)) => Some(relu_mask(&want_y, a)),
+                            (None, None) => None,
+                        };
+                        assert_eq!(
+                            y,
+                            want_y,
+                            "value (ẋ {}, ṡ {}, ṫ {})",
+                            dx.is_some(),
+                            ds.is_some(),
+                            dt.is_some()
+                        );
+                        assert_eq!(dy, want_dy, "tangent (ṙ {}, ẋ {})", dr.is_some(), dx.is_some());
+                        assert_eq!(affine_add_relu(&x, &s, t, &r), want_y);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 24);
+        // Some outputs are clipped and some are not, so the mask is exercised.
+        let y = affine_add_relu(&x, &s, Some(&t), &r);
+        assert!(y.data().iter().any(|&v| v == 0.0) && y.data().iter().any(|&v| v > 0.0));
     }
 }

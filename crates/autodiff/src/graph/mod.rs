@@ -266,6 +266,33 @@ impl Graph {
             .collect()
     }
 
+    /// For each node run as one with the residual sum after it and that sum's
+    /// ReLU ([`Rule::forward_add_relu`]): the sum's other operand. That is an
+    /// eval-mode BatchNorm whose only user is the sum right after it, the sum
+    /// fused with its ReLU (`relu_fused`, from [`Graph::fused_with_relu`]), and
+    /// the other operand computed before the BatchNorm.
+    fn fused_into_sum(&self, relu_fused: &[bool]) -> Vec<Option<NodeId>> {
+        let mut users = vec![0usize; self.nodes.len()];
+        for op in &self.nodes {
+            for j in op.inputs() {
+                users[j] += 1;
+            }
+        }
+        (0..self.nodes.len())
+            .map(|i| {
+                if !self.nodes[i].fuses_add_relu() || users[i] != 1 || !relu_fused.get(i + 1).copied().unwrap_or(false)
+                {
+                    return None;
+                }
+                let Some(Op::Add(sum)) = self.nodes.get(i + 1) else {
+                    return None;
+                };
+                let other = if sum.a == i { sum.b } else { sum.a };
+                (other < i).then_some(other)
+            })
+            .collect()
+    }
+
     /// Multiply-add FLOPs (2 per multiply-add) of the Conv2d and Dense nodes in
     /// one forward pass of a single example of `sample_shape`, given the
     /// parameter shapes. The unit the benchmark reports throughput in. Only the
@@ -362,6 +389,11 @@ impl Graph {
         } else {
             self.fused_with_relu()
         };
+        let into_sum = if train {
+            vec![None; self.nodes.len()]
+        } else {
+            self.fused_into_sum(&fused)
+        };
         // The output of a node fused with its ReLU, held for the ReLU's node.
         let mut pending_relu: Option<V> = None;
         for (i, op) in self.nodes.iter().enumerate() {
@@ -375,7 +407,14 @@ impl Graph {
             };
             // A fused node's own slot stays empty: nothing reads it, since the
             // ReLU's backward masks with its own output.
-            let out = if fused[i] {
+            let out = if let Some(other) = into_sum[i] {
+                // This node, the sum after it and the sum's ReLU at once: the
+                // result waits (through the sum's empty slot) for the ReLU's node.
+                pending_relu = Some(op.forward_add_relu(&cx, cx.value(other)));
+                None
+            } else if i > 0 && into_sum[i - 1].is_some() {
+                None
+            } else if fused[i] {
                 pending_relu = Some(op.forward_relu(&cx));
                 None
             } else {
@@ -573,7 +612,7 @@ mod tests {
         .unwrap()
     }
 
-    /// conv → BN → ReLU → (+ conv output) → ReLU → conv (+ the first conv's
+    /// conv → BN → ReLU → (+ BN of the conv output) → ReLU → conv (+ the first conv's
     /// weight again as a `Param` node when `tie`) → pool → dense.
     fn small_net(tie: bool) -> (Graph, Vec<Vec<usize>>) {
         small_net_with(tie, false)
@@ -610,8 +649,27 @@ mod tests {
             bn
         };
         let r = g.push(Relu { input: bn });
-        // A residual sum and its ReLU.
-        let sum = g.push(Add { a: r, b: c1 });
+        // A BatchNorm on the shortcut (sharing the first one's parameters),
+        // then the residual sum and its ReLU.
+        let shortcut = g.push(BatchNorm {
+            input: c1,
+            weight: 1,
+            bias: 2,
+            stats: BatchNormStats {
+                mean: 0,
+                var: 1,
+                eps: 1e-5,
+            },
+        });
+        let shortcut = if split {
+            g.push(Reshape {
+                input: shortcut,
+                shape: vec![Dim::Batch, Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(5)],
+            })
+        } else {
+            shortcut
+        };
+        let sum = g.push(Add { a: r, b: shortcut });
         let sum = if split {
             g.push(Reshape {
                 input: sum,
@@ -679,7 +737,15 @@ mod tests {
         let (fused, shapes) = small_net_with(false, false);
         let (split, _) = small_net_with(false, true);
         assert_eq!(fused.fused_with_relu().iter().filter(|&&f| f).count(), 2);
+        assert_eq!(
+            fused.fused_into_sum(&fused.fused_with_relu()).iter().flatten().count(),
+            1
+        );
         assert!(!split.fused_with_relu().contains(&true));
+        assert!(split
+            .fused_into_sum(&split.fused_with_relu())
+            .iter()
+            .all(Option::is_none));
         let (params, buffers, input) = small_net_operands(&shapes);
         let hvp = |graph: &Graph| -> (Tensor<f64>, Vec<Tensor<f64>>) {
             let tape = graph.forward(&params, &buffers, Dual::constant(input.clone()));
@@ -773,8 +839,8 @@ mod tests {
             seen
         };
         let (full, alone) = (run(true), run(false));
-        // Two convolutions, the BatchNorm and the dense layer.
-        assert_eq!(full.len(), 4);
+        // Two convolutions, the two BatchNorms and the dense layer.
+        assert_eq!(full.len(), 5);
         assert_eq!(full.len(), alone.len());
         for ((na, xa, ga), (nb, xb, gb)) in full.iter().zip(&alone) {
             assert_eq!(na, nb);

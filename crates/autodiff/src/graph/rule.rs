@@ -59,6 +59,17 @@ pub trait Rule {
         crate::primitives::activation::relu(&self.forward(cx))
     }
 
+    /// Whether [`Rule::forward_add_relu`] runs this node, the residual sum
+    /// reading it and that sum's ReLU as one.
+    fn fuses_add_relu(&self) -> bool {
+        false
+    }
+
+    /// `max(this node + residual, 0)` in one pass (only where [`Rule::fuses_add_relu`]).
+    fn forward_add_relu<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>, residual: &V) -> V {
+        self.forward(cx).add_relu(residual)
+    }
+
     /// Sends the cotangents of this node's inputs and parameters, given its
     /// output cotangent `gy`, to `out`.
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>);
@@ -230,6 +241,12 @@ macro_rules! operations {
             }
             pub(in crate::graph) fn forward_relu<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>) -> V {
                 match self { $(Op::$name(op) => op.forward_relu(cx),)* }
+            }
+            pub(in crate::graph) fn fuses_add_relu(&self) -> bool {
+                match self { $(Op::$name(op) => op.fuses_add_relu(),)* }
+            }
+            pub(in crate::graph) fn forward_add_relu<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>, residual: &V) -> V {
+                match self { $(Op::$name(op) => op.forward_add_relu(cx, residual),)* }
             }
             pub(in crate::graph) fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
                 match self { $(Op::$name(op) => op.vjp(cx, gy, out),)* }

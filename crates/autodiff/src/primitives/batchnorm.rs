@@ -44,6 +44,15 @@ pub fn forward_relu<T: Float, V: Value<T>>(x: &V, gamma: &V, beta: &V, st: &Stat
     V::channel_affine_relu(x, &s, Some(&t))
 }
 
+/// [`forward`], the residual sum with `residual` and the sum's ReLU,
+/// `max(BN(x) + r, 0)`, in one pass: the graph runs it where a BatchNorm's only
+/// user is a sum whose only user is a ReLU. Neither the BatchNorm's output nor
+/// the sum is stored (their VJPs do not read them).
+pub fn forward_add_relu<T: Float, V: Value<T>>(x: &V, gamma: &V, beta: &V, st: &Stats<T>, residual: &V) -> V {
+    let (s, t) = scale_and_shift(gamma, beta, st);
+    V::channel_affine_add_relu(x, &s, Some(&t), residual)
+}
+
 /// Cotangents `(gx, gγ, gβ)`; `gx` only when `need_input`; the reductions and
 /// the input's scaling in one pass over `gy` ([`Value::channel_affine_backward`]).
 pub fn vjp<T: Float, V: Value<T>>(

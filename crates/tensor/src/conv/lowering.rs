@@ -93,7 +93,10 @@ fn halving_shifts(d: &Dims, p: usize) -> Vec<(usize, ShiftedRow)> {
         .flat_map(|i| (0..d.kw).map(move |j| (i as isize - p as isize, j as isize - p as isize)))
         .map(|(di, dj)| {
             let phase = (2 * di.rem_euclid(2) + dj.rem_euclid(2)) as usize;
-            (phase, ShiftedRow::with_offset(hp, wp, di.div_euclid(2), dj.div_euclid(2)))
+            (
+                phase,
+                ShiftedRow::with_offset(hp, wp, di.div_euclid(2), dj.div_euclid(2)),
+            )
         })
         .collect()
 }
@@ -107,7 +110,11 @@ pub(super) fn im2col_halving<T: Float>(x: &[T], d: &Dims, p: usize, cols: &mut [
     for c in 0..d.c {
         phase_planes(&x[c * plane..(c + 1) * plane], d.h, d.w, &mut phases);
         for (ij, (q, r)) in shifts.iter().enumerate() {
-            r.fill(&mut cols[(c * d.kh * d.kw + ij) * n..][..n], &phases[q * n..][..n], d.wo);
+            r.fill(
+                &mut cols[(c * d.kh * d.kw + ij) * n..][..n],
+                &phases[q * n..][..n],
+                d.wo,
+            );
         }
     }
 }
@@ -442,7 +449,10 @@ mod tests {
                 // SAFETY: col2im_into writes the whole image.
                 let fresh = unsafe { assume_init_mut(&mut fresh) };
                 for (a, b) in fresh.iter().zip(&zeroed) {
-                    assert!((a - b).abs() < 1e-12, "col2im {h}x{w}, kernel {k}, padding {p}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() < 1e-12,
+                        "col2im {h}x{w}, kernel {k}, padding {p}: {a} vs {b}"
+                    );
                 }
                 checked += 1;
             }

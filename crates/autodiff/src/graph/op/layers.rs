@@ -427,6 +427,14 @@ impl Rule for BatchNorm {
         let st = self.stats.eval((cx.buffer(self.stats.mean), cx.buffer(self.stats.var)));
         batchnorm::forward_relu(cx.value(self.input), cx.param(self.weight), cx.param(self.bias), &st)
     }
+    fn fuses_add_relu(&self) -> bool {
+        true
+    }
+    fn forward_add_relu<T: Float, V: Value<T>>(&self, cx: &Forward<'_, T, V>, residual: &V) -> V {
+        let st = self.stats.eval((cx.buffer(self.stats.mean), cx.buffer(self.stats.var)));
+        let (x, gamma, beta) = (cx.value(self.input), cx.param(self.weight), cx.param(self.bias));
+        batchnorm::forward_add_relu(x, gamma, beta, &st, residual)
+    }
     fn vjp<T: Float, V: Value<T>>(&self, cx: &Backward<'_, T, V>, gy: V, out: &mut Cotangents<V>) {
         if !cx.params_wanted() && !cx.is_train() {
             // The scale and shift's reductions skipped: only the input's cotangent.
