@@ -43,15 +43,34 @@ pub fn affine_relu<T: Float>(x: &Tensor<T>, s: &Tensor<T>, t: Option<&Tensor<T>>
 /// sum (bit for bit [`affine`], then the sum, then the ReLU).
 pub fn affine_add_relu<T: Float>(x: &Tensor<T>, s: &Tensor<T>, t: Option<&Tensor<T>>, r: &Tensor<T>) -> Tensor<T> {
     assert_eq!(r.shape(), x.shape(), "affine_add_relu: residual shape differs");
-    let rd = r.data();
-    affine_sum(x, Some(x), s, None, t, |v, k| {
-        let u = v + rd[k];
-        if u > T::ZERO {
-            u
-        } else {
-            T::ZERO
-        }
-    })
+    let (_, c, inner) = layout(x);
+    let n = x.numel();
+    if n == 0 {
+        return x.clone();
+    }
+    let inner = inner.max(1);
+    let zero = vec![T::ZERO; c];
+    let (sd, td) = (s.data(), t.map_or(&zero[..], |t| t.data()));
+    // Written once into uninitialised capacity; the three planes zipped (no
+    // indexing), so the loop vectorises.
+    let mut data: Vec<T> = Vec::with_capacity(n);
+    data.spare_capacity_mut()[..n]
+        .par_chunks_mut(c * inner)
+        .zip(x.data().par_chunks(c * inner))
+        .zip(r.data().par_chunks(c * inner))
+        .for_each(|((out, xe), re)| {
+            let planes = out.chunks_mut(inner).zip(xe.chunks(inner)).zip(re.chunks(inner));
+            for (ch, ((o, xp), rp)) in planes.enumerate() {
+                let (sc, tc) = (sd[ch], td[ch]);
+                for ((o, &xv), &rv) in o.iter_mut().zip(xp).zip(rp) {
+                    let u = xv * sc + tc + rv;
+                    o.write(if u > T::ZERO { u } else { T::ZERO });
+                }
+            }
+        });
+    // SAFETY: the chunks above partition the first n slots, every plane written whole.
+    unsafe { data.set_len(n) };
+    Tensor::new(x.shape().to_vec(), data).expect("n elements")
 }
 
 /// The JVP of [`affine_relu`] in one pass, `1[y > 0]·(ẋ·s + x·ṡ + ṫ)` with `y` its
@@ -292,13 +311,14 @@ fn affine_dual_plane<T: Float>(
             }
         }
         (Some(r), None) => {
-            for (k, ((o, d), &xv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).enumerate() {
-                write(xv * sc + tc + r[k], tangent(k, xv), o, d);
+            for (k, (((o, d), &xv), &rv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).zip(r).enumerate() {
+                write(xv * sc + tc + rv, tangent(k, xv), o, d);
             }
         }
         (Some(r), Some(dr)) => {
-            for (k, ((o, d), &xv)) in y.iter_mut().zip(dy.iter_mut()).zip(x).enumerate() {
-                write(xv * sc + tc + r[k], tangent(k, xv) + dr[k], o, d);
+            let planes = y.iter_mut().zip(dy.iter_mut()).zip(x).zip(r.iter().zip(dr));
+            for (k, (((o, d), &xv), (&rv, &drv))) in planes.enumerate() {
+                write(xv * sc + tc + rv, tangent(k, xv) + drv, o, d);
             }
         }
     }
