@@ -46,6 +46,14 @@ impl OwnedTargets {
     }
 }
 
+/// Node values (activations, and a dual's tangents alike) one sub-batch should
+/// hold at most by default: 8 M elements, 16–17 images of the seed ResNet
+/// (about 467 k elements each), where `hvp bench` measured its best times (the
+/// gradient 7% and the HVP 3% faster than one sub-batch per thread, at a fifth
+/// of the memory; docs/performance.md). Models with small activations (MLPs)
+/// keep one sub-batch per thread.
+pub const SUB_BATCH_ELEMENTS: usize = 8 << 20;
+
 /// `batch` cut into at most `parts` contiguous sub-batches (count, inputs, targets).
 fn split_batch(batch: &Batch, sample: usize, parts: usize) -> Vec<(usize, Vec<f64>, OwnedTargets)> {
     let n = batch.len();
@@ -105,9 +113,11 @@ pub struct Problem<'a> {
     /// L2 coefficient w of the objective `L(θ) + (w/2)‖θ‖²`: adds `wθ` to the
     /// gradient and `w·I` to every curvature (0 by default).
     pub weight_decay: f64,
-    /// Sub-batches each batch is cut into (`None`: one per worker thread).
+    /// Sub-batches each batch is cut into (`None`: see [`Problem::sub_batch_count`]).
     /// Private, so that a `Problem` exists only through [`Problem::new`].
     sub_batches: Option<usize>,
+    /// Elements of all node values of one example (what a sub-batch holds per example).
+    example_elements: usize,
     /// The compute dtype of every pass (see [`Problem::with_dtype`]).
     dtype: DType,
     /// Told of each batch before it is read (see [`Problem::with_watch`]).
@@ -173,6 +183,7 @@ impl<'a> Problem<'a> {
             batch_size: batch_size.max(1),
             weight_decay: 0.0,
             sub_batches: None,
+            example_elements: elements,
             dtype: DType::F32,
             watch: None,
         })
@@ -185,8 +196,8 @@ impl<'a> Problem<'a> {
     }
 
     /// The same problem with each batch cut into `n` sub-batches (each run whole
-    /// by one worker) instead of one per worker thread; `1` runs each batch as
-    /// one piece with the threads inside the kernels.
+    /// by one worker) instead of the default ([`Problem::sub_batch_count`]); `1`
+    /// runs each batch as one piece with the threads inside the kernels.
     pub fn with_sub_batches(mut self, n: usize) -> Self {
         self.sub_batches = Some(n.max(1));
         self
@@ -272,8 +283,21 @@ impl<'a> Problem<'a> {
         }
     }
 
-    fn split_threads(&self) -> usize {
-        self.sub_batches.unwrap_or_else(rayon::current_num_threads)
+    /// Sub-batches a batch of `examples` is cut into: as many as asked
+    /// ([`Problem::with_sub_batches`]), else one per worker thread, and more (a
+    /// multiple of the workers) where a sub-batch's node values would exceed
+    /// [`SUB_BATCH_ELEMENTS`]:
+    /// each sub-batch runs whole on one worker, layer after layer, so a small one
+    /// keeps each layer's activations in that core's cache between the passes
+    /// over them (rayon hands the sub-batches to workers as they free up).
+    pub fn sub_batch_count(&self, examples: usize) -> usize {
+        if let Some(n) = self.sub_batches {
+            return n;
+        }
+        let per_part = (SUB_BATCH_ELEMENTS / self.example_elements.max(1)).max(1);
+        // A multiple of the workers, so that none idles at a batch's end.
+        let threads = rayon::current_num_threads().max(1);
+        examples.div_ceil(per_part).div_ceil(threads).max(1) * threads
     }
 
     fn theta(&self) -> ParamVector {
@@ -330,7 +354,7 @@ impl<'a> Problem<'a> {
         let sample: usize = self.data.sample_shape().iter().product();
         let mut out = Vec::with_capacity(hvp_dist::shard(self.data.len()).len());
         self.for_each_batch(|k, idx, batch| {
-            let parts = split_batch(batch, sample, self.split_threads());
+            let parts = split_batch(batch, sample, self.sub_batch_count(batch.len()));
             let values: Vec<Vec<f64>> = parts
                 .par_iter()
                 .map(|part| f(self.sub_batch_input(part), part.2.as_targets()))
@@ -419,40 +443,27 @@ impl<'a> Problem<'a> {
         let mut loss_sum = 0.0;
         let sample: usize = self.data.sample_shape().iter().product();
         self.for_each_batch(|k, indices, batch| {
-            // One sub-batch per worker thread, each run whole by one worker: no
-            // synchronisation between layers, and each worker's activations stay
-            // in its own cache. Sums are combined in f64 below.
-            let parts = split_batch(batch, sample, self.split_threads());
+            // Sub-batches each run whole by one worker: no synchronisation
+            // between layers, and each worker's activations stay in its own
+            // cache. Every sub-batch's sums are added in f64.
+            let parts = split_batch(batch, sample, self.sub_batch_count(batch.len()));
             let results: Vec<(f64, Vec<Option<Tensor<T>>>)> = parts
                 .par_iter()
                 .map(|part| per_batch(self.sub_batch_input(part), part.2.as_targets(), weight))
                 .collect();
             let mut loss = 0.0;
-            let mut parts_sum: Vec<Option<Tensor<T>>> = Vec::new();
-            for (l, p) in results {
+            for (l, part) in results {
                 loss += l;
-                if parts_sum.is_empty() {
-                    parts_sum = p;
-                } else {
-                    for (acc_t, t) in parts_sum.iter_mut().zip(p) {
-                        match (acc_t.as_mut(), t) {
-                            (Some(a), Some(t)) => hvp_tensor::elementwise::add_assign(a, &t),
-                            (None, Some(t)) => *acc_t = Some(t),
-                            _ => {}
-                        }
+                for (a, p) in acc.tensors.iter_mut().zip(part) {
+                    if let Some(p) = p {
+                        a.data_mut()
+                            .iter_mut()
+                            .zip(p.data())
+                            .for_each(|(x, &y)| *x += y.to_f64());
                     }
                 }
             }
-            let parts = parts_sum;
             loss_sum += loss;
-            for (a, p) in acc.tensors.iter_mut().zip(parts) {
-                if let Some(p) = p {
-                    a.data_mut()
-                        .iter_mut()
-                        .zip(p.data())
-                        .for_each(|(x, &y)| *x += y.to_f64());
-                }
-            }
             if !loss.is_finite() || acc.tensors.iter().any(|t| !t.all_finite()) {
                 return Err(CurvatureError::NonFinite { what, batch: k });
             }

@@ -215,3 +215,39 @@ fn weight_decay_adds_to_gradient_and_curvature() {
             < 1e-14
     );
 }
+
+#[test]
+fn sub_batches_follow_the_activation_size_and_leave_results_unchanged() {
+    let in_pool = |threads: usize, f: &(dyn Fn() -> usize + Sync)| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    };
+    // The seed ResNet on CIFAR-shaped images: ~467 k node values per image, so
+    // a batch of 250 is cut into sub-batches of at most 17 images, rounded up to
+    // a multiple of the workers.
+    let (m, w, d) = setup("resnet-cifar:2,2,2", 3, &[3, 32, 32], 250, 8);
+    let p = Problem::new(&m, &w, &d, 250).unwrap();
+    assert_eq!(in_pool(2, &|| p.sub_batch_count(250)), 16);
+    assert_eq!(in_pool(3, &|| p.sub_batch_count(250)), 15);
+    assert_eq!(in_pool(2, &|| p.sub_batch_count(10)), 2, "never fewer than the workers");
+    let asked = Problem::new(&m, &w, &d, 250).unwrap().with_sub_batches(5);
+    assert_eq!(in_pool(2, &|| asked.sub_batch_count(250)), 5);
+    // A small MLP: one sub-batch per worker.
+    let (m, w, d) = setup("mlp:64,32,10", 1, &[64], 300, 9);
+    let p = Problem::new(&m, &w, &d, 300).unwrap();
+    assert_eq!(in_pool(2, &|| p.sub_batch_count(300)), 2);
+    // However a batch is cut, the sums agree to rounding in f64.
+    let (m, w, d) = setup("resnet-cifar:1,1,1", 3, &[3, 8, 8], 11, 5);
+    let v = ParamVector::random_normal(&m, 4);
+    let whole = Problem::new(&m, &w, &d, 11).unwrap().with_sub_batches(1);
+    let reference = whole.product_as::<f64>(Curvature::Hessian, &v, &no_progress).unwrap();
+    for parts in [2, 3, 11] {
+        let p = Problem::new(&m, &w, &d, 11).unwrap().with_sub_batches(parts);
+        let r = p.product_as::<f64>(Curvature::Hessian, &v, &no_progress).unwrap();
+        let e = r.value.relative_error(&reference.value);
+        assert!(e < 1e-13, "{parts} sub-batches: {e:e}");
+    }
+}

@@ -82,6 +82,12 @@ fn main() {
         (48, 16, 1024),
         (96, 32, 256),
         (192, 64, 64),
+        // Weight gradients with few input channels (the 3-channel stem, rows of
+        // x or of gy), and all three kernel rows as one product.
+        (9, 16, 1024),
+        (48, 3, 1024),
+        (3, 48, 1024),
+        (48, 48, 1024),
     ] {
         let speeds: Vec<String> = [(false, false), (false, true), (true, false), (true, true)]
             .iter()

@@ -35,8 +35,9 @@ pub struct BenchArgs {
     /// Architecture to time (default: the seed ResNet).
     #[arg(long, default_value = "resnet-cifar:2,2,2")]
     pub arch: String,
-    /// Sub-batches per batch (default: one per worker thread; 1 runs each batch
-    /// whole with the threads inside the kernels).
+    /// Sub-batches per batch (default: one per worker thread, more for models
+    /// with large activations, so each stays in a core's cache; 1 runs each
+    /// batch whole with the threads inside the kernels).
     #[arg(value_parser = crate::checks::iterations, long)]
     pub sub_batches: Option<usize>,
     /// Also write the rows as JSON lines here.
