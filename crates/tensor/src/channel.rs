@@ -811,20 +811,29 @@ mod tests {
         assert_eq!(none.gx.map(|t| t.numel()), Some(0));
     }
 
-    #[test]
-    fn affine_dual_equals_the_value_and_tangent_passes_bit_for_bit() {
-        let shape = [2, 3, 37];
-        let make = |f: &dyn Fn(f32) -> f32| {
-            Tensor::<f32>::new(shape.to_vec(), (0..222).map(|i| f(i as f32)).collect()).unwrap()
-        };
-        let (x, dx) = (make(&|i| (0.3 * i).sin() * 2.0), make(&|i| (0.17 * i).cos()));
+    /// A `[2, 3, 37]` tensor of `f(index)` (planes past the 8-lane blocks).
+    fn plane_tensor(f: &dyn Fn(f32) -> f32) -> Tensor<f32> {
+        Tensor::new(vec![2, 3, 37], (0..222).map(|i| f(i as f32)).collect()).unwrap()
+    }
+
+    /// Per-channel scale, its tangent, shift and its tangent for [`plane_tensor`]s.
+    fn channel_operands() -> [Tensor<f32>; 4] {
         let c = |v: [f32; 3]| Tensor::new(vec![3], v.to_vec()).unwrap();
-        let (s, ds, t, dt) = (
+        [
             c([1.5, -0.5, 2.0]),
             c([0.25, 0.5, -1.0]),
             c([0.1, -0.2, 0.3]),
             c([0.5, 0.0, -0.25]),
+        ]
+    }
+
+    #[test]
+    fn affine_dual_equals_the_value_and_tangent_passes_bit_for_bit() {
+        let (x, dx) = (
+            plane_tensor(&|i| (0.3 * i).sin() * 2.0),
+            plane_tensor(&|i| (0.17 * i).cos()),
         );
+        let [s, ds, t, dt] = channel_operands();
         let mut cases = 0;
         for relu in [false, true] {
             for dx in [None, Some(&dx)] {
@@ -854,19 +863,15 @@ mod tests {
     #[test]
     fn affine_add_relu_equals_the_affine_map_the_sum_and_the_relu_bit_for_bit() {
         use crate::elementwise::{add_relu, add_relu_tangent, relu_mask};
-        let shape = [2, 3, 37];
-        let make = |f: &dyn Fn(f32) -> f32| {
-            Tensor::<f32>::new(shape.to_vec(), (0..222).map(|i| f(i as f32)).collect()).unwrap()
-        };
-        let (x, dx) = (make(&|i| (0.3 * i).sin() * 2.0), make(&|i| (0.17 * i).cos()));
-        let (r, dr) = (make(&|i| (0.11 * i).cos() * 1.5), make(&|i| (0.23 * i).sin()));
-        let c = |v: [f32; 3]| Tensor::new(vec![3], v.to_vec()).unwrap();
-        let (s, ds, t, dt) = (
-            c([1.5, -0.5, 2.0]),
-            c([0.25, 0.5, -1.0]),
-            c([0.1, -0.2, 0.3]),
-            c([0.5, 0.0, -0.25]),
+        let (x, dx) = (
+            plane_tensor(&|i| (0.3 * i).sin() * 2.0),
+            plane_tensor(&|i| (0.17 * i).cos()),
         );
+        let (r, dr) = (
+            plane_tensor(&|i| (0.11 * i).cos() * 1.5),
+            plane_tensor(&|i| (0.23 * i).sin()),
+        );
+        let [s, ds, t, dt] = channel_operands();
         let mut cases = 0;
         for dr in [None, Some(&dr)] {
             for dx in [None, Some(&dx)] {

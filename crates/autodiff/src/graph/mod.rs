@@ -247,16 +247,22 @@ impl Graph {
         Some(FrozenSplit { prefix, tail, frontier })
     }
 
-    /// `true` at each node that fuses with a ReLU (eval-mode BatchNorm, residual
-    /// sum) whose only user is the ReLU right after it: the forward pass runs
-    /// the two as one ([`Rule::forward_relu`]).
-    fn fused_with_relu(&self) -> Vec<bool> {
+    /// How many nodes read each node's value.
+    fn user_counts(&self) -> Vec<usize> {
         let mut users = vec![0usize; self.nodes.len()];
         for op in &self.nodes {
             for j in op.inputs() {
                 users[j] += 1;
             }
         }
+        users
+    }
+
+    /// `true` at each node that fuses with a ReLU (eval-mode BatchNorm, residual
+    /// sum) whose only user is the ReLU right after it: the forward pass runs
+    /// the two as one ([`Rule::forward_relu`]).
+    fn fused_with_relu(&self) -> Vec<bool> {
+        let users = self.user_counts();
         (0..self.nodes.len())
             .map(|i| {
                 self.nodes[i].fuses_relu()
@@ -272,12 +278,7 @@ impl Graph {
     /// fused with its ReLU (`relu_fused`, from [`Graph::fused_with_relu`]), and
     /// the other operand computed before the BatchNorm.
     fn fused_into_sum(&self, relu_fused: &[bool]) -> Vec<Option<NodeId>> {
-        let mut users = vec![0usize; self.nodes.len()];
-        for op in &self.nodes {
-            for j in op.inputs() {
-                users[j] += 1;
-            }
-        }
+        let users = self.user_counts();
         (0..self.nodes.len())
             .map(|i| {
                 if !self.nodes[i].fuses_add_relu() || users[i] != 1 || !relu_fused.get(i + 1).copied().unwrap_or(false)
@@ -630,54 +631,38 @@ mod tests {
             bias: None,
             geometry,
         });
-        let bn = g.push(BatchNorm {
-            input: c1,
-            weight: 1,
-            bias: 2,
-            stats: BatchNormStats {
-                mean: 0,
-                var: 1,
-                eps: 1e-5,
-            },
-        });
-        let bn = if split {
-            g.push(Reshape {
-                input: bn,
-                shape: vec![Dim::Batch, Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(5)],
+        // A BatchNorm of the first conv's output (all share its parameters), and,
+        // when `split`, an identity reshape after a node so nothing fuses with it.
+        let batch_norm = |g: &mut Graph, input: NodeId| {
+            g.push(BatchNorm {
+                input,
+                weight: 1,
+                bias: 2,
+                stats: BatchNormStats {
+                    mean: 0,
+                    var: 1,
+                    eps: 1e-5,
+                },
             })
-        } else {
-            bn
         };
+        let seam = |g: &mut Graph, input: NodeId| {
+            if split {
+                g.push(Reshape {
+                    input,
+                    shape: vec![Dim::Batch, Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(5)],
+                })
+            } else {
+                input
+            }
+        };
+        let bn = batch_norm(&mut g, c1);
+        let bn = seam(&mut g, bn);
         let r = g.push(Relu { input: bn });
-        // A BatchNorm on the shortcut (sharing the first one's parameters),
-        // then the residual sum and its ReLU.
-        let shortcut = g.push(BatchNorm {
-            input: c1,
-            weight: 1,
-            bias: 2,
-            stats: BatchNormStats {
-                mean: 0,
-                var: 1,
-                eps: 1e-5,
-            },
-        });
-        let shortcut = if split {
-            g.push(Reshape {
-                input: shortcut,
-                shape: vec![Dim::Batch, Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(5)],
-            })
-        } else {
-            shortcut
-        };
+        // A BatchNorm on the shortcut, then the residual sum and its ReLU.
+        let shortcut = batch_norm(&mut g, c1);
+        let shortcut = seam(&mut g, shortcut);
         let sum = g.push(Add { a: r, b: shortcut });
-        let sum = if split {
-            g.push(Reshape {
-                input: sum,
-                shape: vec![Dim::Batch, Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(5)],
-            })
-        } else {
-            sum
-        };
+        let sum = seam(&mut g, sum);
         let r = g.push(Relu { input: sum });
         let c2 = g.push(Conv2d {
             input: r,
