@@ -49,7 +49,7 @@ impl OwnedTargets {
 /// Node values (activations, and a dual's tangents alike) one sub-batch should
 /// hold at most by default: 8 M elements, 16–17 images of the seed ResNet
 /// (about 467 k elements each), where `hvp bench` measured its best times (the
-/// gradient 7% and the HVP 3% faster than one sub-batch per thread, at a fifth
+/// gradient 7% and the HVP 2% faster than one sub-batch per thread, at a fifth
 /// of the memory; docs/performance.md). Models with small activations (MLPs)
 /// keep one sub-batch per thread.
 pub const SUB_BATCH_ELEMENTS: usize = 8 << 20;
@@ -286,10 +286,10 @@ impl<'a> Problem<'a> {
     /// Sub-batches a batch of `examples` is cut into: as many as asked
     /// ([`Problem::with_sub_batches`]), else one per worker thread, and more (a
     /// multiple of the workers) where a sub-batch's node values would exceed
-    /// [`SUB_BATCH_ELEMENTS`]:
-    /// each sub-batch runs whole on one worker, layer after layer, so a small one
-    /// keeps each layer's activations in that core's cache between the passes
-    /// over them (rayon hands the sub-batches to workers as they free up).
+    /// [`SUB_BATCH_ELEMENTS`]. Each sub-batch runs whole on one worker, layer
+    /// after layer, so a small one keeps each layer's activations in that core's
+    /// cache between the passes over them (rayon hands the sub-batches to the
+    /// workers as they free up).
     pub fn sub_batch_count(&self, examples: usize) -> usize {
         if let Some(n) = self.sub_batches {
             return n;
