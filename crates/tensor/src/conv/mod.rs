@@ -3,7 +3,7 @@
 //! (GEMM + col2im) and with respect to the weights (GEMM against the im2col
 //! patches). One image per rayon task, GEMMs single-threaded inside.
 //! `lowering` holds im2col/col2im, `rows` the row-patch path of same-size
-//! stride-1 layers, `winograd` the F(2×2, 3×3) path of the 3×3 ones among them.
+//! stride-1 layers.
 
 use crate::linalg::{gemm_into, gemm_strided_overwrite, Par, RowStrides};
 use crate::pool::out_size;
@@ -15,7 +15,6 @@ mod gram;
 mod grouped;
 mod lowering;
 mod rows;
-mod winograd;
 
 pub use grouped::{backward_input_dual_grouped, backward_weight_grouped, forward_dual_grouped, Grouping};
 
@@ -135,9 +134,6 @@ pub fn forward_dual<T: Float>(
     g: ConvGeometry,
 ) -> (Tensor<T>, Option<Tensor<T>>) {
     let d = Dims::new(x.shape(), w.shape(), g);
-    if winograd::applies(&d, g) {
-        return winograd::conv_dual(x, dx, w.data(), dw.map(|t| t.data()), &d);
-    }
     if rows::applies(&d, g) {
         return rows::forward_dual(x, dx, w, dw, &d, d.o < STACK_BELOW_CHANNELS);
     }
@@ -260,9 +256,6 @@ pub fn backward_input_dual<T: Float>(
     let ws = w.shape();
     let d = Dims::new(&[b, ws[1], input_hw.0, input_hw.1], ws, g);
     assert_eq!(gy.shape(), [b, d.o, d.ho, d.wo], "conv backward_input: gradient shape");
-    if winograd::applies(&d, g) {
-        return winograd::backward_input_dual(gy, dgy, w, dw, &d);
-    }
     if rows::applies(&d, g) {
         return rows::backward_input_dual(gy, dgy, w, dw, &d);
     }
@@ -367,9 +360,7 @@ pub fn backward_dual<T: Float>(
     let d = Dims::new(x.shape(), w.shape(), g);
     let b = x.shape()[0];
     assert_eq!(gy.shape(), [b, d.o, d.ho, d.wo], "conv backward: gradient shape");
-    // Winograd's input gradient shares nothing with the weight gradient's row
-    // patches: the two kernels run one after the other (below).
-    if rows::applies(&d, g) && !winograd::applies(&d, g) {
+    if rows::applies(&d, g) {
         return rows::backward_dual((x, dx), (gy, dgy), (w, dw), &d, want_weight_value);
     }
     let (gx, dgx) = backward_input_dual(gy, dgy, w, dw, (d.h, d.w), g);
