@@ -4,9 +4,13 @@
 //! kernels for the CPU it runs on and is what PyTorch uses on CPUs. Loading it
 //! with `dlopen` keeps the build free of a C dependency: a machine without the
 //! library runs the pure-Rust `gemm` crate, one `apt-get install libdnnl2` away
-//! from the fast path. `HVP_GEMM=rust` forces the Rust kernels (used by the
-//! tests that compare the two paths); `HVP_GEMM=onednn` makes a missing library
-//! an error instead of a silent fallback.
+//! from the fast path. It is the default on Intel CPUs only: on AMD EPYC (Zen 4)
+//! the `gemm` crate ran the seed ResNet's convolution shapes faster (e.g. 106
+//! against 44 GFLOP/s at 48×16×1024, `examples/gemm_shapes.rs`) and the whole
+//! exact HVP ~8% faster (docs/performance.md). `HVP_GEMM=rust` forces the Rust
+//! kernels (used by the tests that compare the two paths); `HVP_GEMM=onednn`
+//! uses oneDNN on any CPU and makes a missing library an error instead of a
+//! silent fallback.
 
 use libloading::Library;
 use std::cell::Cell;
@@ -108,10 +112,34 @@ fn requested() -> Option<GemmBackend> {
     }
 }
 
-/// oneDNN when it is installed and not disabled by `HVP_GEMM=rust`.
+/// Whether this CPU is an Intel one (CPUID vendor `GenuineIntel`), where
+/// oneDNN's kernels are the faster of the two.
+fn intel_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        let id = std::arch::x86_64::__cpuid(0);
+        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        vendor == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether oneDNN is wanted: asked for by `HVP_GEMM`, else on Intel CPUs.
+fn wanted() -> bool {
+    match requested() {
+        Some(backend) => backend == GemmBackend::OneDnn,
+        None => intel_cpu(),
+    }
+}
+
+/// oneDNN when it is installed and wanted (see [`wanted`]).
 pub(crate) fn library() -> Option<&'static OneDnn> {
     static CHOSEN: OnceLock<bool> = OnceLock::new();
-    let use_it = *CHOSEN.get_or_init(|| requested() != Some(GemmBackend::Rust));
+    let use_it = *CHOSEN.get_or_init(wanted);
     if !use_it {
         return None;
     }
@@ -128,6 +156,12 @@ pub(crate) fn loaded() -> Option<&'static OneDnn> {
 pub fn gemm_backend() -> (GemmBackend, String) {
     if requested() == Some(GemmBackend::Rust) {
         return (GemmBackend::Rust, "gemm crate (HVP_GEMM=rust)".into());
+    }
+    if !wanted() {
+        return (
+            GemmBackend::Rust,
+            "gemm crate (non-Intel CPU, where it outruns oneDNN; HVP_GEMM=onednn to use oneDNN)".into(),
+        );
     }
     match ONEDNN.get_or_init(load) {
         Ok(lib) => (GemmBackend::OneDnn, format!("oneDNN ({})", lib.name)),

@@ -49,6 +49,37 @@ fn gemm_overwrite<'c, T: Float>(
     gemm_strided_overwrite(c, a, false, b, false, m, n, k, ld, Par::Serial).expect("an image's whole output")
 }
 
+/// `dst [cols × rows] = srcᵀ` for a row-major `src [rows × cols]`, by 8×8
+/// blocks held in registers (full blocks as fixed-size arrays, so they compile
+/// to shuffles rather than one scattered store per element).
+fn transpose_into<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    assert!(
+        src.len() >= rows * cols && dst.len() >= rows * cols,
+        "transpose of {rows}×{cols}"
+    );
+    const B: usize = 8;
+    for r0 in (0..rows).step_by(B) {
+        let rn = B.min(rows - r0);
+        for c0 in (0..cols).step_by(B) {
+            let cn = B.min(cols - c0);
+            if rn == B && cn == B {
+                let block: [[T; B]; B] =
+                    std::array::from_fn(|r| std::array::from_fn(|c| src[(r0 + r) * cols + c0 + c]));
+                for c in 0..B {
+                    let line: [T; B] = std::array::from_fn(|r| block[r][c]);
+                    dst[(c0 + c) * rows + r0..][..B].copy_from_slice(&line);
+                }
+            } else {
+                for r in r0..r0 + rn {
+                    for c in c0..c0 + cn {
+                        dst[c * rows + r] = src[r * cols + c];
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// An initialised slice seen as one that may be written without reading.
 fn as_uninit<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
     // SAFETY: same layout; callers only write initialised `T`s through it, so
@@ -689,6 +720,20 @@ mod tests {
                         );
                         assert_eq!(&out[o * ld + patch..(o + 1) * ld], &[-7.0, -7.0]);
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_into_transposes_every_shape() {
+        for (rows, cols) in [(16, 1024), (3, 5), (8, 8), (9, 17), (1, 7), (7, 1), (24, 40)] {
+            let src: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
+            let mut dst = vec![f64::NAN; rows * cols];
+            transpose_into(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}×{cols} at ({r}, {c})");
                 }
             }
         }
