@@ -151,6 +151,11 @@ pub(crate) fn loaded() -> Option<&'static OneDnn> {
     ONEDNN.get_or_init(load).as_ref().ok()
 }
 
+/// Whether oneDNN can be loaded here (whether or not it is the default).
+pub fn is_installed() -> bool {
+    loaded().is_some()
+}
+
 /// The backend f32 GEMMs use in this process, and a description for logs
 /// (library name, or why oneDNN is not used).
 pub fn gemm_backend() -> (GemmBackend, String) {
@@ -158,9 +163,14 @@ pub fn gemm_backend() -> (GemmBackend, String) {
         return (GemmBackend::Rust, "gemm crate (HVP_GEMM=rust)".into());
     }
     if !wanted() {
+        let override_hint = if is_installed() {
+            "; HVP_GEMM=onednn to use the installed oneDNN"
+        } else {
+            ""
+        };
         return (
             GemmBackend::Rust,
-            "gemm crate (non-Intel CPU, where it outruns oneDNN; HVP_GEMM=onednn to use oneDNN)".into(),
+            format!("gemm crate (non-Intel CPU, where it outruns oneDNN{override_hint})"),
         );
     }
     match ONEDNN.get_or_init(load) {
