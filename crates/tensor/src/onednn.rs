@@ -117,7 +117,7 @@ fn requested() -> Option<GemmBackend> {
 fn intel_cpu() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        // CPUID leaf 0 (the vendor string) exists on every x86-64 CPU.
         let id = std::arch::x86_64::__cpuid(0);
         let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
         vendor == b"GenuineIntel"
