@@ -6,15 +6,16 @@
 use hvp_data::{npy_bytes as npy, Batch, Cifar10, Dataset, Idx, NpyDataset};
 use hvp_io::fuzz::{run_cases, Mutator};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const CASES: u64 = 2000;
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hvp-fuzz-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch folder, removed when the returned guard drops.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("hvp-fuzz-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Reads every example of a dataset that opened, as a command would.
@@ -38,7 +39,8 @@ fn expect_no_panics(what: &str, panics: Vec<(u64, String)>) {
 
 #[test]
 fn npy_reader_survives_mutated_files() {
-    let d = temp_dir("npy");
+    let scratch = temp_dir("npy");
+    let d = scratch.path();
     let x: Vec<u8> = (0..6 * 16).flat_map(|i| (i as f32 * 0.1).to_le_bytes()).collect();
     let y: Vec<u8> = (0..6i64).flat_map(|i| (i % 3).to_le_bytes()).collect();
     let t: Vec<u8> = (0..12).flat_map(|i| (i as f64).to_le_bytes()).collect();
@@ -84,7 +86,8 @@ fn idx_files(dir: &Path, gz: bool, images: &[u8], labels: &[u8]) {
 
 #[test]
 fn idx_reader_survives_mutated_headers_raw_and_gzipped() {
-    let d = temp_dir("idx");
+    let scratch = temp_dir("idx");
+    let d = scratch.path();
     let mut images = vec![0, 0, 8, 3];
     for v in [10u32, 28, 28] {
         images.extend(v.to_be_bytes());
@@ -105,8 +108,8 @@ fn idx_reader_survives_mutated_headers_raw_and_gzipped() {
         } else {
             (images.clone(), m.mutate(&labels))
         };
-        idx_files(&d, seed % 4 < 2, &im, &lb);
-        match Idx::open(&d, false) {
+        idx_files(d, seed % 4 < 2, &im, &lb);
+        match Idx::open(d, false) {
             Ok(ds) => read_all(&ds),
             Err(e) => {
                 assert!(!e.to_string().is_empty());
@@ -122,7 +125,7 @@ fn idx_reader_survives_mutated_headers_raw_and_gzipped() {
         enc.write_all(&images).unwrap();
         let gz = Mutator::new(seed).mutate(&enc.finish().unwrap());
         std::fs::write(d.join("t10k-images-idx3-ubyte.gz"), gz).unwrap();
-        if let Ok(ds) = Idx::open(&d, false) {
+        if let Ok(ds) = Idx::open(d, false) {
             read_all(&ds)
         }
     });
@@ -131,7 +134,8 @@ fn idx_reader_survives_mutated_headers_raw_and_gzipped() {
 
 #[test]
 fn gzip_bomb_is_refused_before_inflating_beyond_the_declared_size() {
-    let d = temp_dir("bomb");
+    let scratch = temp_dir("bomb");
+    let d = scratch.path();
     // A header declaring 10 images of 28x28, then 200 MB of zeros.
     let mut images = vec![0, 0, 8, 3];
     for v in [10u32, 28, 28] {
@@ -151,7 +155,7 @@ fn gzip_bomb_is_refused_before_inflating_beyond_the_declared_size() {
     labels.extend([0u8; 10]);
     std::fs::write(d.join("t10k-labels-idx1-ubyte"), labels).unwrap();
     let start = std::time::Instant::now();
-    let ds = Idx::open(&d, false).expect("the declared 10 images are read, the rest ignored");
+    let ds = Idx::open(d, false).expect("the declared 10 images are read, the rest ignored");
     assert_eq!(ds.len(), 10);
     assert!(
         start.elapsed().as_secs_f64() < 2.0,
@@ -165,7 +169,7 @@ fn gzip_bomb_is_refused_before_inflating_beyond_the_declared_size() {
     }
     std::fs::write(d.join("t10k-images-idx3-ubyte"), &huge).unwrap();
     let _ = std::fs::remove_file(d.join("t10k-images-idx3-ubyte.gz"));
-    let e = Idx::open(&d, false).err().expect("absurd header");
+    let e = Idx::open(d, false).err().expect("absurd header");
     assert!(
         e.to_string().contains("header") || e.to_string().contains("overflow"),
         "{e}"
@@ -174,13 +178,14 @@ fn gzip_bomb_is_refused_before_inflating_beyond_the_declared_size() {
 
 #[test]
 fn cifar_reader_survives_mutated_batches() {
-    let d = temp_dir("cifar");
+    let scratch = temp_dir("cifar");
+    let d = scratch.path();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/cifar10/test_batch.bin");
     let valid = std::fs::read(fixture).unwrap();
     let mut rejected = 0;
     let panics = run_cases(CASES / 2, |seed| {
         std::fs::write(d.join("test_batch.bin"), Mutator::new(seed).mutate(&valid)).unwrap();
-        match Cifar10::open(&d, false) {
+        match Cifar10::open(d, false) {
             Ok(ds) => read_all(&ds),
             Err(_) => rejected += 1,
         }

@@ -44,8 +44,11 @@ mod tests {
 
     #[test]
     fn only_paths_inside_the_folder_resolve() {
-        let root = std::env::temp_dir().join(format!("hvp-io-confine-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let scratch = tempfile::Builder::new()
+            .prefix("hvp-io-confine-")
+            .tempdir()
+            .expect("temp dir");
+        let root = scratch.path();
         let base = root.join("model");
         std::fs::create_dir_all(base.join("sub")).expect("dirs");
         std::fs::write(base.join("sub/w.bin"), b"x").expect("w");

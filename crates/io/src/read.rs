@@ -112,11 +112,12 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn temp_dir(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("hvp-io-read-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("temp dir");
-        d
+    /// A fresh scratch folder, removed when the returned guard drops.
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("hvp-io-read-{tag}-"))
+            .tempdir()
+            .expect("temp dir")
     }
 
     #[test]
@@ -125,7 +126,8 @@ mod tests {
             let e = read_bounded(Path::new(p), 1 << 20, "a test").expect_err(p);
             assert!(matches!(e, IoError::NotRegular { .. }), "{p}: {e}");
         }
-        let d = temp_dir("fifo");
+        let scratch = temp_dir("fifo");
+        let d = scratch.path();
         let fifo = d.join("pipe");
         let made = std::process::Command::new("mkfifo").arg(&fifo).status();
         if made.is_ok_and(|s| s.success()) {
@@ -137,7 +139,8 @@ mod tests {
 
     #[test]
     fn size_limit_and_gzip_bomb() {
-        let d = temp_dir("size");
+        let scratch = temp_dir("size");
+        let d = scratch.path();
         let p = d.join("f");
         std::fs::write(&p, vec![7u8; 100]).expect("write");
         assert_eq!(read_bounded(&p, 100, "x").expect("fits").len(), 100);

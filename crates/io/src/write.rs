@@ -304,11 +304,12 @@ impl Drop for Lock {
 mod tests {
     use super::*;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("hvp-io-write-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("temp dir");
-        d
+    /// A fresh scratch folder, removed when the returned guard drops.
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("hvp-io-write-{tag}-"))
+            .tempdir()
+            .expect("temp dir")
     }
 
     fn leftovers(d: &Path) -> Vec<String> {
@@ -321,7 +322,8 @@ mod tests {
 
     #[test]
     fn all_outputs_or_none() {
-        let d = temp_dir("all");
+        let scratch = temp_dir("all");
+        let d = scratch.path();
         let (a, b) = (d.join("a"), d.join("b"));
         std::fs::write(&a, b"old a").expect("old");
         {
@@ -333,7 +335,7 @@ mod tests {
         }
         assert_eq!(std::fs::read(&a).expect("a"), b"old a");
         assert!(!b.exists());
-        assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+        assert!(leftovers(d).is_empty(), "{:?}", leftovers(d));
         let mut out = Outputs::new();
         let ia = out.reserve(&a).expect("a");
         let ib = out.reserve(&b).expect("b");
@@ -346,14 +348,15 @@ mod tests {
         out.reserve(&a).expect("a");
         assert!(out.reserve(&d.join(".").join("a")).is_err(), "same file twice");
         assert!(Outputs::new().reserve(&d.join("missing/x")).is_err());
-        assert!(Outputs::new().reserve(&d).is_err());
+        assert!(Outputs::new().reserve(d).is_err());
         assert!(Outputs::new().reserve(Path::new("/dev/null")).is_err());
         assert!(Outputs::new().reserve(Path::new("/dev/stdout")).is_err());
     }
 
     #[test]
     fn planted_symlinks_are_replaced_not_followed() {
-        let d = temp_dir("symlink");
+        let scratch = temp_dir("symlink");
+        let d = scratch.path();
         let victim = d.join("victim");
         std::fs::write(&victim, b"precious").expect("victim");
         let out = d.join("out");
@@ -371,7 +374,8 @@ mod tests {
 
     #[test]
     fn second_lock_fails_and_stale_lock_is_taken_over() {
-        let d = temp_dir("lock");
+        let scratch = temp_dir("lock");
+        let d = scratch.path();
         let out = d.join("scores.csv");
         let first = Lock::acquire(&out).expect("first");
         let e = Lock::acquire(&out).err().expect("second must fail");

@@ -8,8 +8,8 @@ use hvp_tensor::DType;
 
 #[test]
 fn safetensors_reader_survives_mutated_files() {
-    let dir = std::env::temp_dir().join(format!("hvp-fuzz-st-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::Builder::new().prefix("hvp-fuzz-st-").tempdir().unwrap();
+    let dir = scratch.path();
     let arch: Architecture = "mlp:6,5,3".parse().unwrap();
     let model = Model::new(&arch, 1).unwrap();
     let path = dir.join("w.safetensors");

@@ -112,9 +112,8 @@ fn features_on_disk_equal_the_in_memory_ones_bit_for_bit() {
     let (model, weights) = (&imported.model, &imported.weights);
     let data = NpyDataset::open(&dir.join("inputs.npy"), &dir.join("labels.npy")).unwrap();
     let frozen = FrozenPrefix::of(model, weights, &data_shape(&data)).unwrap();
-    let scratch = std::env::temp_dir().join(format!("hvp-features-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).unwrap();
+    let scratch_dir = tempfile::Builder::new().prefix("hvp-features-test-").tempdir().unwrap();
+    let scratch = scratch_dir.path().to_path_buf();
     let n = data.len();
     let order: Vec<usize> = (0..n).rev().chain(0..n).collect();
     let v = ParamVector::random_normal(model, 5);
@@ -156,7 +155,6 @@ fn features_on_disk_equal_the_in_memory_ones_bit_for_bit() {
         .expect("an unusable scratch directory is an error")
         .to_string();
     assert!(err.contains("no-such-directory") && err.contains("TMPDIR"), "{err}");
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 fn data_shape(d: &dyn hvp_data::Dataset) -> Vec<usize> {

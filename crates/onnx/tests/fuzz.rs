@@ -10,7 +10,7 @@ use hvp_io::fuzz::{run_cases, Mutator};
 use hvp_onnx::proto::{ModelProto, StringStringEntryProto};
 use hvp_onnx::{load, ImportOptions, SUPPORTED_OPS};
 use prost::Message;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn fixture(name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -19,13 +19,18 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hvp-fuzz-onnx-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+/// A fresh scratch folder (removed when the guard drops) with a `model/`
+/// folder and files inside and outside it.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("hvp-fuzz-onnx-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let d = guard.path();
     std::fs::create_dir_all(d.join("model")).unwrap();
     std::fs::write(d.join("outside.bin"), vec![1u8; 4096]).unwrap();
     std::fs::write(d.join("model/w.bin"), vec![0u8; 4096]).unwrap();
-    d
+    guard
 }
 
 const EXTREME_DIMS: [i64; 8] = [0, -1, 1, 7, 1 << 20, 1 << 31, 1 << 40, i64::MAX];
@@ -175,9 +180,10 @@ fn import_and_run(dir: &Path, bytes: &[u8]) -> bool {
 }
 
 fn fuzz_model(name: &str, cases: u64) {
-    let dir = temp_dir(&name.replace('/', "-"));
+    let scratch = temp_dir(&name.replace('/', "-"));
+    let dir = scratch.path();
     let valid = fixture(name);
-    assert!(import_and_run(&dir, &valid), "{name}: the unmutated fixture imports");
+    assert!(import_and_run(dir, &valid), "{name}: the unmutated fixture imports");
     let parsed = ModelProto::decode(&valid[..]).unwrap();
     let mut accepted = 0;
     let panics = run_cases(cases, |seed| {
@@ -191,7 +197,7 @@ fn fuzz_model(name: &str, cases: u64) {
             }
             model.encode_to_vec()
         };
-        if import_and_run(&dir, &bytes) {
+        if import_and_run(dir, &bytes) {
             accepted += 1;
         }
     });
@@ -225,7 +231,8 @@ fn seed_resnet_exports_survive_mutation() {
 
 #[test]
 fn external_data_is_read_only_from_inside_the_model_folder() {
-    let dir = temp_dir("external");
+    let scratch = temp_dir("external");
+    let dir = scratch.path();
     let mut model = ModelProto::decode(&fixture("mlp/legacy.onnx")[..]).unwrap();
     let g = model.graph.as_mut().unwrap();
     let k = g.initializer.iter().position(|t| t.name == "0.bias").unwrap();

@@ -22,12 +22,16 @@ fn mlp() -> ModelProto {
     ModelProto::decode(std::fs::read(case("mlp").join("legacy.onnx")).unwrap().as_slice()).unwrap()
 }
 
-fn save(model: &ModelProto, tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hvp-onnx-ops-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("m.onnx");
+/// The model written to `m.onnx` in a fresh scratch folder, removed when the
+/// returned guard drops.
+fn save(model: &ModelProto, tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("hvp-onnx-ops-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("m.onnx");
     std::fs::write(&path, model.encode_to_vec()).unwrap();
-    path
+    (dir, path)
 }
 
 fn node(op: &str, name: &str, domain: &str) -> NodeProto {
@@ -49,7 +53,7 @@ fn every_unsupported_operator_is_named_in_one_error() {
     g.node.push(node("Bar", "bar", ""));
     g.node.push(node("Foo", "foo2", ""));
     g.node.push(node("Baz", "baz", "com.example"));
-    let path = save(&model, "unsupported");
+    let (_scratch, path) = save(&model, "unsupported");
     eprintln!("model with unsupported operators: {}", path.display());
     let err = load(&path, &ImportOptions::default()).err().expect("refused");
     assert!(matches!(err, OnnxError::UnsupportedOps { count: 3, .. }), "{err}");
@@ -130,7 +134,7 @@ fn elementwise_operators_have_exact_second_derivatives() {
             relu.input.push(t.name.clone());
         }
         g.initializer.extend(extra);
-        let path = save(&model, op);
+        let (_scratch, path) = save(&model, op);
         let imported = load(&path, &ImportOptions::default()).unwrap_or_else(|e| panic!("{op}: {e}"));
         let (m, w) = (&imported.model, &imported.weights);
         let problem = Problem::new(m, w, &data, 4).unwrap();
@@ -208,7 +212,7 @@ fn layer_normalization_computes_and_differentiates_exactly() {
             ..Default::default()
         },
     );
-    let path = save(&model, "layernorm");
+    let (_scratch, path) = save(&model, "layernorm");
     let imported = load(&path, &ImportOptions::default()).unwrap();
     let (m, w) = (&imported.model, &imported.weights);
     // Parameters in the file's initializer order (PyTorch writes its state_dict's).
@@ -343,7 +347,7 @@ fn reduce_sum_computes_and_differentiates_exactly() {
         for (i, n) in added.into_iter().enumerate() {
             g.node.insert(k + i, n);
         }
-        let path = save(&model, if sum { "reduce-sum" } else { "reduce-mean" });
+        let (_scratch, path) = save(&model, if sum { "reduce-sum" } else { "reduce-mean" });
         load(&path, &ImportOptions::default()).unwrap()
     };
     let (with_sum, with_mean) = (build(true), build(false));
@@ -418,7 +422,7 @@ fn instance_normalization_differentiates_exactly() {
             ..Default::default()
         },
     );
-    let path = save(&model, "instancenorm");
+    let (_scratch, path) = save(&model, "instancenorm");
     let imported = load(&path, &ImportOptions::default()).unwrap();
     let (m, w) = (&imported.model, &imported.weights);
     assert!(m.param_names().contains(&"in.weight") && m.param_names().contains(&"in.bias"));

@@ -96,12 +96,12 @@ fn ekfac_errors_preconditioned_cg_and_save_load() {
     eprintln!("CG {} iterations, EK-FAC PCG {}", plain.iterations, pre.iterations);
     assert!(pre.converged && pre.iterations < 2 * plain.iterations);
 
-    let dir = std::env::temp_dir().join(format!("hvp-kfac-{}.safetensors", std::process::id()));
-    ekfac.save(&m, &dir).unwrap();
-    let back = Factors::load(&m, &dir).unwrap();
+    let scratch = scratch_dir("hvp-kfac-");
+    let file = scratch.path().join("ekfac.safetensors");
+    ekfac.save(&m, &file).unwrap();
+    let back = Factors::load(&m, &file).unwrap();
     assert_eq!(back.kind, FactorKind::Ekfac);
     assert_eq!(back.inverse_product(&g, damping), ekfac.inverse_product(&g, damping));
-    let _ = std::fs::remove_file(dir);
 }
 
 #[test]
@@ -151,8 +151,9 @@ fn cached_factors_are_reused_bit_for_bit_and_keyed_by_the_weights() {
     let (m, w) = model("mlp:49,8,10", 1, 3, 1.0);
     let data = fashion(40, true);
     let p = Problem::new(&m, &w, &data, 16).unwrap().with_dtype(DType::F64);
-    let dir = std::env::temp_dir().join(format!("hvp-kfac-cache-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = scratch_dir("hvp-kfac-cache-test-");
+    // A cache folder that does not exist yet: `cached` creates it.
+    let dir = scratch.path().join("cache");
     let (first, s1) = Factors::cached(&p, FactorKind::Ekfac, FisherKind::Mc, 4, &dir, &|_| {}).unwrap();
     assert!(matches!(s1, FactorSource::Computed(Some(_))), "{s1:?}");
     let (again, s2) = Factors::cached(&p, FactorKind::Ekfac, FisherKind::Mc, 4, &dir, &|_| {}).unwrap();
@@ -170,7 +171,6 @@ fn cached_factors_are_reused_bit_for_bit_and_keyed_by_the_weights() {
     w2.params[0].data_mut()[0] += 1e-9;
     let p2 = Problem::new(&m, &w2, &data, 16).unwrap().with_dtype(DType::F64);
     assert_ne!(key, cache_key(&p2, FactorKind::Ekfac, FisherKind::Mc, 4).unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -210,9 +210,8 @@ fn factors_resumed_from_a_checkpoint_equal_the_uninterrupted_ones_bit_for_bit() 
     let data = fashion(24, false);
     // 6 batches per pass: EK-FAC's two passes see 12.
     let p = Problem::new(&m, &w, &data, 4).unwrap().with_dtype(DType::F32);
-    let dir = std::env::temp_dir().join(format!("hvp-kfac-resume-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = scratch_dir("hvp-kfac-resume-test-");
+    let dir = scratch.path();
     let whole = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Mc, 3, &|_| {}).unwrap();
     whole.save(&m, &dir.join("whole.safetensors")).unwrap();
     let expected = std::fs::read(dir.join("whole.safetensors")).unwrap();
@@ -274,7 +273,6 @@ fn factors_resumed_from_a_checkpoint_equal_the_uninterrupted_ones_bit_for_bit() 
         checkpoint.discard();
         assert!(!checkpoint.path.exists());
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -285,9 +283,8 @@ fn the_factor_cache_resumes_an_interrupted_computation_of_its_key() {
     let (m, w) = model("mlp:49,8,10", 1, 3, 1.0);
     let data = fashion(40, true);
     let p = Problem::new(&m, &w, &data, 8).unwrap().with_dtype(DType::F64);
-    let dir = std::env::temp_dir().join(format!("hvp-kfac-cache-resume-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = scratch_dir("hvp-kfac-cache-resume-test-");
+    let dir = scratch.path();
     let whole = Factors::compute(&p, FactorKind::Ekfac, FisherKind::Empirical, 2, &|_| {}).unwrap();
     // A run stopped after 7 of its 10 batches left the cache's checkpoint behind.
     let key = cache_key(&p, FactorKind::Ekfac, FisherKind::Empirical, 2).unwrap();
@@ -320,7 +317,7 @@ fn the_factor_cache_resumes_an_interrupted_computation_of_its_key() {
             counter.fetch_add(1, Ordering::SeqCst);
             true
         }));
-    let (cached, source) = Factors::cached(&again, FactorKind::Ekfac, FisherKind::Empirical, 2, &dir, &|_| {}).unwrap();
+    let (cached, source) = Factors::cached(&again, FactorKind::Ekfac, FisherKind::Empirical, 2, dir, &|_| {}).unwrap();
     assert!(matches!(source, FactorSource::Computed(Some(_))), "{source:?}");
     assert_eq!(ran.load(Ordering::SeqCst), 3, "only the batches after the checkpoint");
     assert!(!checkpoint.path.exists(), "removed once the factors are stored");
@@ -329,5 +326,10 @@ fn the_factor_cache_resumes_an_interrupted_computation_of_its_key() {
     for (x, y) in a.tensors.iter().zip(&b.tensors) {
         assert_eq!(x.data(), y.data());
     }
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh scratch folder, removed when the returned guard drops (also when a
+/// test fails).
+fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
 }

@@ -281,7 +281,8 @@ fn solver_configuration_dispatches_to_each_solver() {
     let (_, rep) = hvp_solvers::solve(&p, &config(hvp_solvers::SolverKind::Arnoldi), &g).unwrap();
     assert_eq!(rep.status, hvp_solvers::SolveStatus::Approximate);
     // K-FAC factors saved to a file: the ekfac solver refuses them, kfac uses them.
-    let path = std::env::temp_dir().join(format!("hvp-dispatch-{}.safetensors", std::process::id()));
+    let scratch = tempfile::Builder::new().prefix("hvp-dispatch-").tempdir().unwrap();
+    let path = scratch.path().join("kfac.safetensors");
     let f = hvp_solvers::kfac::Factors::compute(
         &p,
         hvp_solvers::kfac::FactorKind::Kfac,
@@ -301,7 +302,6 @@ fn solver_configuration_dispatches_to_each_solver() {
     let (x_kfac, _) = hvp_solvers::kfac::solve(&f, &damped, (damping, hvp_tensor::DType::F64), &g).unwrap();
     assert_eq!(x.to_flat(), x_kfac.to_flat());
     assert_eq!(rep.status, hvp_solvers::SolveStatus::Approximate);
-    let _ = std::fs::remove_file(&path);
 }
 
 #[test]

@@ -17,9 +17,11 @@ pub fn fixture(case: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(case)
 }
 
-/// The factor cache of this test process (never the user's).
+/// The factor cache of this test process (never the user's), under Cargo's
+/// scratch folder for integration tests in `target/`, so a run leaves nothing
+/// in the system's temp folder; shared by the tests of one process.
 pub fn test_cache_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("hvp-test-factor-cache-{}", std::process::id()))
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("factor-cache-{}", std::process::id()))
 }
 
 /// Runs `hvp` with `args`.
