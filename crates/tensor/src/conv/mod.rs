@@ -50,32 +50,104 @@ fn gemm_overwrite<'c, T: Float>(
 }
 
 /// `dst [cols × rows] = srcᵀ` for a row-major `src [rows × cols]`, by 8×8
-/// blocks held in registers (full blocks as fixed-size arrays, so they compile
-/// to shuffles rather than one scattered store per element).
+/// blocks: f32 blocks by AVX shuffles where the CPU has AVX (eight vector loads
+/// and stores per block), others element by element.
 fn transpose_into<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
     assert!(
         src.len() >= rows * cols && dst.len() >= rows * cols,
         "transpose of {rows}×{cols}"
     );
     const B: usize = 8;
+    #[cfg(target_arch = "x86_64")]
+    let simd = simd_transpose::for_type::<T>();
     for r0 in (0..rows).step_by(B) {
         let rn = B.min(rows - r0);
         for c0 in (0..cols).step_by(B) {
             let cn = B.min(cols - c0);
+            #[cfg(target_arch = "x86_64")]
             if rn == B && cn == B {
-                let block: [[T; B]; B] =
-                    std::array::from_fn(|r| std::array::from_fn(|c| src[(r0 + r) * cols + c0 + c]));
-                for c in 0..B {
-                    let line: [T; B] = std::array::from_fn(|r| block[r][c]);
-                    dst[(c0 + c) * rows + r0..][..B].copy_from_slice(&line);
-                }
-            } else {
-                for r in r0..r0 + rn {
-                    for c in c0..c0 + cn {
-                        dst[c * rows + r] = src[r * cols + c];
-                    }
+                if let Some(block) = simd {
+                    block(&src[r0 * cols + c0..], cols, &mut dst[c0 * rows + r0..], rows);
+                    continue;
                 }
             }
+            for r in r0..r0 + rn {
+                for c in c0..c0 + cn {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+/// The 8×8 f32 block transpose of [`transpose_into`] on AVX.
+#[cfg(target_arch = "x86_64")]
+mod simd_transpose {
+    use crate::Float;
+    use std::any::TypeId;
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    /// `block(src, src_ld, dst, dst_ld)`: `dst[c·dst_ld + r] = src[r·src_ld + c]`
+    /// for `r, c < 8`.
+    pub(super) type Block<T> = fn(&[T], usize, &mut [T], usize);
+
+    /// The AVX block for f32 on a CPU with AVX; `None` otherwise.
+    pub(super) fn for_type<T: Float>() -> Option<Block<T>> {
+        static AVX: OnceLock<bool> = OnceLock::new();
+        let avx = *AVX.get_or_init(|| is_x86_feature_detected!("avx"));
+        if !avx || TypeId::of::<T>() != TypeId::of::<f32>() {
+            return None;
+        }
+        // SAFETY: T is f32 (checked above), so the two fn types are the same type.
+        Some(unsafe { std::mem::transmute::<Block<f32>, Block<T>>(block_f32) })
+    }
+
+    fn block_f32(src: &[f32], src_ld: usize, dst: &mut [f32], dst_ld: usize) {
+        assert!(
+            src_ld >= 8 && dst_ld >= 8 && src.len() >= 7 * src_ld + 8 && dst.len() >= 7 * dst_ld + 8,
+            "8×8 transpose block out of bounds"
+        );
+        // SAFETY: AVX was detected before this function was handed out, and the
+        // assertion above keeps the eight rows read and written in bounds.
+        unsafe { block_f32_avx(src.as_ptr(), src_ld, dst.as_mut_ptr(), dst_ld) }
+    }
+
+    /// # Safety
+    /// The CPU has AVX; `src` holds 8 rows of 8 at stride `src_ld`, `dst` 8 rows of
+    /// 8 at stride `dst_ld`.
+    #[target_feature(enable = "avx")]
+    unsafe fn block_f32_avx(src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize) {
+        // SAFETY: in bounds by the caller's contract.
+        let row = |r: usize| unsafe { _mm256_loadu_ps(src.add(r * src_ld)) };
+        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+        let (r4, r5, r6, r7) = (row(4), row(5), row(6), row(7));
+        // Pairs of rows interleaved, then quads, then the 128-bit halves swapped.
+        let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+        let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+        let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+        let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+        let q0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let q1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let q2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let q3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let q4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let q5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let q6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let q7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let columns = [
+            _mm256_permute2f128_ps::<0x20>(q0, q4),
+            _mm256_permute2f128_ps::<0x20>(q1, q5),
+            _mm256_permute2f128_ps::<0x20>(q2, q6),
+            _mm256_permute2f128_ps::<0x20>(q3, q7),
+            _mm256_permute2f128_ps::<0x31>(q0, q4),
+            _mm256_permute2f128_ps::<0x31>(q1, q5),
+            _mm256_permute2f128_ps::<0x31>(q2, q6),
+            _mm256_permute2f128_ps::<0x31>(q3, q7),
+        ];
+        for (c, v) in columns.into_iter().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            unsafe { _mm256_storeu_ps(dst.add(c * dst_ld), v) };
         }
     }
 }
@@ -727,16 +799,26 @@ mod tests {
 
     #[test]
     fn transpose_into_transposes_every_shape() {
-        for (rows, cols) in [(16, 1024), (3, 5), (8, 8), (9, 17), (1, 7), (7, 1), (24, 40)] {
-            let src: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
-            let mut dst = vec![f64::NAN; rows * cols];
-            transpose_into(&src, rows, cols, &mut dst);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}×{cols} at ({r}, {c})");
+        fn check<T: Float>() {
+            for (rows, cols) in [(16, 1024), (3, 5), (8, 8), (9, 17), (1, 7), (7, 1), (24, 40), (17, 23)] {
+                let src: Vec<T> = (0..rows * cols).map(|i| T::from_f64(i as f64)).collect();
+                let mut dst = vec![T::from_f64(f64::NAN); rows * cols];
+                transpose_into(&src, rows, cols, &mut dst);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        assert_eq!(
+                            dst[c * rows + r].to_f64(),
+                            (r * cols + c) as f64,
+                            "{:?} {rows}×{cols} at ({r}, {c})",
+                            T::DTYPE
+                        );
+                    }
                 }
             }
         }
+        // f32 runs the AVX blocks where the CPU has AVX, f64 the scalar ones.
+        check::<f32>();
+        check::<f64>();
     }
 
     #[test]
