@@ -53,15 +53,7 @@ pub(super) fn phase_planes<T: Float>(xc: &[T], h: usize, w: usize, phases: &mut 
             o.fill(T::ZERO);
             continue;
         }
-        let pairs = xc[y * w..(y + 1) * w].chunks_exact(2);
-        if let [last] = pairs.remainder() {
-            e[wp - 1] = *last;
-            o[wp - 1] = T::ZERO;
-        }
-        for ((pe, po), pair) in e.iter_mut().zip(o.iter_mut()).zip(pairs) {
-            *pe = pair[0];
-            *po = pair[1];
-        }
+        split_even_odd(&xc[y * w..(y + 1) * w], e, o);
     }
 }
 
@@ -73,14 +65,34 @@ pub(super) fn interleave_phase_planes<T: Float>(phases: &[T], h: usize, w: usize
     for (y, dst) in xc.chunks_exact_mut(w).enumerate().take(h) {
         let at = 2 * (y % 2) * n + (y / 2) * wp;
         let (e, o) = (&phases[at..at + wp], &phases[at + n..at + n + wp]);
-        let mut pairs = dst.chunks_exact_mut(2);
-        for ((pair, &pe), &po) in pairs.by_ref().zip(e).zip(o) {
-            pair[0].write(pe);
-            pair[1].write(po);
+        let half = w / 2;
+        let (e_pairs, o_pairs, out) = (&e[..half], &o[..half], &mut dst[..2 * half]);
+        // Indexed over slices of exact lengths: no bounds checks, so it vectorises.
+        for u in 0..half {
+            out[2 * u].write(e_pairs[u]);
+            out[2 * u + 1].write(o_pairs[u]);
         }
-        if let [last] = pairs.into_remainder() {
-            last.write(e[wp - 1]);
+        if w % 2 == 1 {
+            dst[w - 1].write(e[wp - 1]);
         }
+    }
+}
+
+/// `e[u] = row[2u]`, `o[u] = row[2u + 1]` for one row of length `w`, into
+/// slices of `⌈w/2⌉` (`o`'s last entry 0 when `w` is odd).
+fn split_even_odd<T: Float>(row: &[T], e: &mut [T], o: &mut [T]) {
+    let w = row.len();
+    if w % 2 == 1 {
+        e[w / 2] = row[w - 1];
+        o[w / 2] = T::ZERO;
+    }
+    let half = w / 2;
+    let (e, o, pairs) = (&mut e[..half], &mut o[..half], &row[..2 * half]);
+    // Indexed over slices of exact lengths: no bounds checks, so the loop
+    // vectorises (the even and odd lanes separated by shuffles).
+    for u in 0..half {
+        e[u] = pairs[2 * u];
+        o[u] = pairs[2 * u + 1];
     }
 }
 
@@ -154,15 +166,7 @@ pub(super) fn column_phases<T: Float>(xc: &[T], h: usize, w: usize, phases: &mut
         .zip(even.chunks_exact_mut(wp))
         .zip(odd.chunks_exact_mut(wp))
     {
-        let pairs = src.chunks_exact(2);
-        if let [last] = pairs.remainder() {
-            e[wp - 1] = *last;
-            o[wp - 1] = T::ZERO;
-        }
-        for ((pe, po), pair) in e.iter_mut().zip(o.iter_mut()).zip(pairs) {
-            *pe = pair[0];
-            *po = pair[1];
-        }
+        split_even_odd(src, e, o);
     }
 }
 
@@ -445,10 +449,22 @@ mod tests {
 
     #[test]
     fn halving_im2col_and_col2im_equal_the_row_by_row_ones() {
-        // Odd and even sizes, single rows and columns; kernels 3 (padding 1),
-        // 1 (padding 0) and 5 (padding 2) halve every size.
+        // Odd and even sizes, single rows and columns, rows long enough for the
+        // vectorised even/odd split; kernels 3 (padding 1), 1 (padding 0) and
+        // 5 (padding 2) halve every size.
         let mut checked = 0;
-        for (h, w) in [(8, 8), (7, 6), (6, 7), (1, 1), (1, 5), (5, 1), (2, 3), (9, 9)] {
+        for (h, w) in [
+            (8, 8),
+            (7, 6),
+            (6, 7),
+            (1, 1),
+            (1, 5),
+            (5, 1),
+            (2, 3),
+            (9, 9),
+            (32, 32),
+            (5, 67),
+        ] {
             for (k, p) in [(3, 1), (1, 0), (5, 2)] {
                 let g = ConvGeometry { stride: 2, padding: p };
                 let d = Dims::new(&[1, 2, h, w], &[1, 2, k, k], g);
@@ -465,7 +481,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 24);
+        assert_eq!(checked, 30);
         // A shrinking stride-2 output is not a halving one.
         let g = ConvGeometry { stride: 2, padding: 0 };
         assert!(!halves(&Dims::new(&[1, 1, 8, 8], &[1, 1, 3, 3], g), g));
