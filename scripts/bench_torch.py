@@ -11,6 +11,9 @@ Methods (float32, BatchNorm in eval mode, loss = mean cross-entropy over N):
   func     torch.func.jvp(torch.func.grad(loss)) per chunk (forward-over-reverse)
   grad     one gradient over N per chunk (the cost unit)
 Each (method, N) runs in a fresh process: peak RSS is that process's ru_maxrss.
+With --rounds R the whole sequence (every torch method and hvp, for every N) runs R
+times in turn, so slow stretches of a shared machine fall on both tools, and a table
+gives each ratio of issue 19's goals per round and its median over the rounds.
 If torch is missing, the script creates a venv in ~/.cache/hvp-bench-venv, installs
 torch there with pip (about 3 GB), says so, and re-runs itself with it.
 """
@@ -93,6 +96,101 @@ def one(method, n, chunk, threads, repeats):
             "threads": threads, "chunk": chunk, "torch": torch.__version__}
 
 
+def run_torch(a, n, rnd):
+    """Every torch method at N, each in a fresh process."""
+    rows = []
+    for method in a.methods.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", method, str(n), "--chunk", str(a.chunk),
+                              "--threads", str(a.threads), "--repeats", str(a.repeats)],
+                             check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        row["tool"], row["round"] = "torch", rnd
+        rows.append(row)
+        print(f"torch {method:8s} N={n:5d}  {row['seconds']:8.3f} s  {n / row['seconds']:8.1f} images/s  "
+              f"peak RSS {row['peak_rss_bytes'] / 1e6:7.0f} MB", flush=True)
+    return rows
+
+
+def run_hvp(a, n, rnd):
+    """`hvp bench` at N (gradient, HVP, GGN) in one process."""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"hvp-bench-{os.getpid()}.jsonl"
+    subprocess.run([a.hvp, "bench", "--sizes", str(n), "--threads", str(a.threads), "--batch-size",
+                    str(a.chunk), "--repeats", str(a.repeats), "--json", str(tmp)], check=True,
+                   stdout=subprocess.DEVNULL)
+    rows = []
+    for line in tmp.read_text().splitlines():
+        row = json.loads(line)
+        row["tool"], row["round"] = "hvp", rnd
+        rows.append(row)
+        print(f"hvp   {row['method']:8s} N={n:5d}  {row['seconds']:8.3f} s  {row['images_per_s']:8.1f} images/s  "
+              f"peak RSS {row['peak_rss_bytes'] / 1e6:7.0f} MB", flush=True)
+    tmp.unlink()
+    return rows
+
+
+def cell(rows, tool, method, n, rnd):
+    return next((r for r in rows if r["tool"] == tool and r["method"] == method and r["n"] == n
+                 and r.get("round", 0) == rnd), None)
+
+
+def best_torch_hvp(rows, n, rnd):
+    ts = [r for r in rows if r["tool"] == "torch" and r["n"] == n and r.get("round", 0) == rnd
+          and r["method"] != "grad"]
+    return min(ts, key=lambda r: r["seconds"]) if ts else None
+
+
+def print_speedups(rows):
+    print("\n| round | N | hvp HVP (s) | best torch HVP (s) | speed-up | hvp peak RSS | torch peak RSS | hvp HVP / hvp grad |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rnd in sorted({r.get("round", 0) for r in rows}):
+        for n in sorted({r["n"] for r in rows}):
+            h, hg = cell(rows, "hvp", "hvp", n, rnd), cell(rows, "hvp", "grad", n, rnd)
+            best = best_torch_hvp(rows, n, rnd)
+            if not h or not best:
+                continue
+            ratio = f"{h['seconds'] / hg['seconds']:.2f}" if hg else "–"
+            print(f"| {rnd + 1} | {n} | {h['seconds']:.3f} | {best['seconds']:.3f} ({best['method']}) | "
+                  f"{best['seconds'] / h['seconds']:.2f}x | {h['peak_rss_bytes'] / 1e6:.0f} MB | "
+                  f"{best['peak_rss_bytes'] / 1e6:.0f} MB | {ratio} |")
+
+
+# Issue 19's goals: (name, value from one round's cells, threshold, True when the value must be at least it).
+GOALS = [
+    ("HVP speed-up over torch's best", lambda c: c["torch_best"]["seconds"] / c["hvp"]["seconds"], 2.0, True),
+    ("gradient speed-up over torch's", lambda c: c["torch_grad"]["seconds"] / c["grad"]["seconds"], 1.25, True),
+    ("HVP time / hvp gradient time", lambda c: c["hvp"]["seconds"] / c["grad"]["seconds"], 2.2, False),
+    ("HVP time / GGN time", lambda c: c["hvp"]["seconds"] / c["ggn"]["seconds"], 1.5, True),
+    ("peak RSS / torch's (HVP)", lambda c: c["hvp"]["peak_rss_bytes"] / c["torch_best"]["peak_rss_bytes"], 0.4, False),
+    ("HVP share of the GEMM peak", lambda c: c["hvp"]["of_gemm_peak"], 0.65, True),
+]
+
+
+def print_goals(rows):
+    """Each goal's value per round and its median over the rounds."""
+    rounds = sorted({r.get("round", 0) for r in rows})
+    print(f"\n| goal | N | {' | '.join(f'round {r + 1}' for r in rounds)} | median | met by the median |")
+    print(f"|---|---|{'---|' * len(rounds)}---|---|")
+    for name, value, threshold, at_least in GOALS:
+        for n in sorted({r["n"] for r in rows}):
+            values = []
+            for rnd in rounds:
+                c = {"hvp": cell(rows, "hvp", "hvp", n, rnd), "grad": cell(rows, "hvp", "grad", n, rnd),
+                     "ggn": cell(rows, "hvp", "ggn", n, rnd), "torch_grad": cell(rows, "torch", "grad", n, rnd),
+                     "torch_best": best_torch_hvp(rows, n, rnd)}
+                try:
+                    values.append(value(c))
+                except (TypeError, KeyError, ZeroDivisionError):
+                    values.append(None)
+            known = sorted(v for v in values if v is not None)
+            if not known:
+                continue
+            median = known[len(known) // 2] if len(known) % 2 else (known[len(known) // 2 - 1] + known[len(known) // 2]) / 2
+            met = median >= threshold if at_least else median <= threshold
+            shown = " | ".join("–" if v is None else f"{v:.2f}" for v in values)
+            sign = "≥" if at_least else "≤"
+            print(f"| {name} ({sign} {threshold}) | {n} | {shown} | {median:.2f} | {'yes' if met else 'NO'} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,4000")
@@ -102,48 +200,27 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hvp", help="path of the hvp binary: also run `hvp bench` for each N, in the same sitting")
     ap.add_argument("--json", help="append all rows here as JSON lines")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole torch-then-hvp sequence this many times in turn (rows carry their round)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     ensure_torch()
     if a.one:
         print(json.dumps(one(a.one[0], int(a.one[1]), a.chunk, a.threads, a.repeats)))
         return
+    if a.rounds < 1:
+        sys.exit("--rounds must be at least 1")
     rows = []
-    for n in [int(s) for s in a.sizes.split(",")]:
-        for method in a.methods.split(","):
-            out = subprocess.run([sys.executable, __file__, "--one", method, str(n), "--chunk", str(a.chunk),
-                                  "--threads", str(a.threads), "--repeats", str(a.repeats)],
-                                 check=True, capture_output=True, text=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
-            row["tool"] = "torch"
-            rows.append(row)
-            print(f"torch {method:8s} N={n:5d}  {row['seconds']:8.3f} s  {n / row['seconds']:8.1f} images/s  "
-                  f"peak RSS {row['peak_rss_bytes'] / 1e6:7.0f} MB", flush=True)
-        if a.hvp:
-            tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"hvp-bench-{os.getpid()}.jsonl"
-            subprocess.run([a.hvp, "bench", "--sizes", str(n), "--threads", str(a.threads), "--batch-size",
-                            str(a.chunk), "--repeats", str(a.repeats), "--json", str(tmp)], check=True,
-                           stdout=subprocess.DEVNULL)
-            for line in tmp.read_text().splitlines():
-                row = json.loads(line)
-                row["tool"] = "hvp"
-                rows.append(row)
-                print(f"hvp   {row['method']:8s} N={n:5d}  {row['seconds']:8.3f} s  {row['images_per_s']:8.1f} images/s  "
-                      f"peak RSS {row['peak_rss_bytes'] / 1e6:7.0f} MB", flush=True)
-            tmp.unlink()
+    for rnd in range(a.rounds):
+        if a.rounds > 1:
+            print(f"round {rnd + 1} of {a.rounds}", flush=True)
+        for n in [int(s) for s in a.sizes.split(",")]:
+            rows += run_torch(a, n, rnd)
+            if a.hvp:
+                rows += run_hvp(a, n, rnd)
     if a.hvp:
-        print("\n| N | hvp HVP (s) | best torch HVP (s) | speed-up | hvp peak RSS | torch peak RSS | hvp HVP / hvp grad |")
-        print("|---|---|---|---|---|---|---|")
-        for n in sorted({r["n"] for r in rows}):
-            h = next((r for r in rows if r["tool"] == "hvp" and r["n"] == n and r["method"] == "hvp"), None)
-            hg = next((r for r in rows if r["tool"] == "hvp" and r["n"] == n and r["method"] == "grad"), None)
-            ts = [r for r in rows if r["tool"] == "torch" and r["n"] == n and r["method"] != "grad"]
-            if not h or not ts:
-                continue
-            best = min(ts, key=lambda r: r["seconds"])
-            print(f"| {n} | {h['seconds']:.3f} | {best['seconds']:.3f} ({best['method']}) | "
-                  f"{best['seconds'] / h['seconds']:.2f}x | {h['peak_rss_bytes'] / 1e6:.0f} MB | "
-                  f"{best['peak_rss_bytes'] / 1e6:.0f} MB | {h['seconds'] / hg['seconds']:.2f} |")
+        print_speedups(rows)
+        print_goals(rows)
     if a.json:
         with open(a.json, "a") as f:
             for r in rows:
