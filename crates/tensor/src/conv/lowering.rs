@@ -261,16 +261,16 @@ impl ShiftedRow {
         }
     }
 
-    /// Zeroes the wrapped columns of `row[t0..t1]` (at most `p` per line: plain
-    /// stores, not memset calls).
+    /// Zeroes the wrapped columns of `row[t0..t1]`: column by column (at most
+    /// `p` on each side), one strided store per line, rather than splitting
+    /// every line into its wrapped and kept parts.
     fn zero_wrapped<T: Float>(&self, row: &mut [T], w: usize) {
         if self.lo == 0 && self.hi == w {
             return;
         }
-        for line in row[self.t0..self.t1].chunks_exact_mut(w) {
-            let (left, rest) = line.split_at_mut(self.lo);
-            let right = &mut rest[self.hi.max(self.lo) - self.lo..];
-            for v in left.iter_mut().chain(right.iter_mut()) {
+        let lines = &mut row[self.t0..self.t1];
+        for col in (0..self.lo).chain(self.hi.max(self.lo)..w) {
+            for v in lines.iter_mut().skip(col).step_by(w) {
                 *v = T::ZERO;
             }
         }
