@@ -12,8 +12,9 @@ Methods (float32, BatchNorm in eval mode, loss = mean cross-entropy over N):
   grad     one gradient over N per chunk (the cost unit)
 Each (method, N) runs in a fresh process: peak RSS is that process's ru_maxrss.
 With --rounds R the whole sequence (every torch method and hvp, for every N) runs R
-times in turn, so slow stretches of a shared machine fall on both tools, and a table
-gives each ratio of issue 19's goals per round and its median over the rounds.
+times in turn, torch first in odd-numbered rounds and hvp first in even-numbered ones,
+so slow stretches of a shared machine fall on both tools, and a table gives each ratio
+of issue 19's goals per round and its median over the rounds.
 If torch is missing, the script creates a venv in ~/.cache/hvp-bench-venv, installs
 torch there with pip (about 3 GB), says so, and re-runs itself with it.
 """
@@ -215,8 +216,12 @@ def main():
         if a.rounds > 1:
             print(f"round {rnd + 1} of {a.rounds}", flush=True)
         for n in [int(s) for s in a.sizes.split(",")]:
+            # Odd rounds run hvp first: whichever tool runs second starts on a
+            # machine that has been busy longer (a throttled or shared CPU).
+            if a.hvp and rnd % 2 == 1:
+                rows += run_hvp(a, n, rnd)
             rows += run_torch(a, n, rnd)
-            if a.hvp:
+            if a.hvp and rnd % 2 == 0:
                 rows += run_hvp(a, n, rnd)
     if a.hvp:
         print_speedups(rows)
