@@ -154,3 +154,57 @@ fn weight_decay_adds_w_times_v_to_the_product() {
         }
     }
 }
+
+/// `hvp bench` times every method at every size and rates each row against the
+/// highest GEMM peak it read during the run, the same for every row.
+#[test]
+fn bench_rates_every_row_against_the_best_gemm_peak_of_the_run() {
+    let tmp = TempDir::new("bench");
+    let json = tmp.s("rows.jsonl");
+    let o = hvp(&[
+        "bench",
+        "--arch",
+        "mlp:64,32,10",
+        "--sizes",
+        "40,80",
+        "--batch-size",
+        "16",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        &json,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    // One reading before the first timing and one after each size.
+    assert_eq!(stderr.matches("GEMM peak, ").count(), 3, "{stderr}");
+    let text = std::fs::read_to_string(&json).unwrap();
+    let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let keys: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| (r["method"].as_str().unwrap().to_string(), r["n"].as_u64().unwrap()))
+        .collect();
+    let expected: Vec<(String, u64)> = [40, 80]
+        .iter()
+        .flat_map(|&n| ["grad", "hvp", "ggn"].map(|m| (m.to_string(), n)))
+        .collect();
+    assert_eq!(keys, expected);
+    let peak = rows[0]["gemm_peak_gflop_per_s"].as_f64().unwrap();
+    assert!(peak > 0.1, "GEMM peak {peak} GFLOP/s");
+    assert!(
+        stdout.contains(&format!("GEMM peak here: {peak:.1} GFLOP/s")),
+        "{stdout}"
+    );
+    for r in &rows {
+        assert_eq!(r["gemm_peak_gflop_per_s"].as_f64().unwrap(), peak);
+        let (rate, share) = (r["gflop_per_s"].as_f64().unwrap(), r["of_gemm_peak"].as_f64().unwrap());
+        assert!(rate > 0.0 && r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!((share - rate / peak).abs() <= 1e-12 * share, "{r}");
+    }
+    for r in rows.iter().filter(|r| r["method"] == "grad") {
+        assert_eq!(r["ratio_to_grad"].as_f64().unwrap(), 1.0);
+    }
+}
