@@ -15,6 +15,10 @@ With --rounds R the whole sequence (every torch method and hvp, for every N) run
 times in turn, torch first in odd-numbered rounds and hvp first in even-numbered ones,
 so slow stretches of a shared machine fall on both tools, and a table gives each ratio
 of issue 19's goals per round and its median over the rounds.
+`--summarize F.jsonl [G.jsonl ...]` times nothing: it prints the same tables for rows
+written earlier by --json, pooling the rounds of several runs (no torch needed):
+
+    python3 scripts/bench_torch.py --summarize docs/bench/2026-12-03-amd-rounds1[0-2].jsonl
 If torch is missing, the script creates a venv in ~/.cache/hvp-bench-venv, installs
 torch there with pip (about 3 GB), says so, and re-runs itself with it.
 """
@@ -166,11 +170,20 @@ GOALS = [
 ]
 
 
+# Above this many rounds the goal table gives each goal's range instead of every round.
+MAX_ROUND_COLUMNS = 6
+
+
 def print_goals(rows):
-    """Each goal's value per round and its median over the rounds."""
+    """Each goal's value per round (or, over many rounds, its range) and its median."""
     rounds = sorted({r.get("round", 0) for r in rows})
-    print(f"\n| goal | N | {' | '.join(f'round {r + 1}' for r in rounds)} | median | met by the median |")
-    print(f"|---|---|{'---|' * len(rounds)}---|---|")
+    compact = len(rounds) > MAX_ROUND_COLUMNS
+    if compact:
+        print(f"\n| goal | N | rounds | min | max | median | met by the median |")
+        print("|---|---|---|---|---|---|---|")
+    else:
+        print(f"\n| goal | N | {' | '.join(f'round {r + 1}' for r in rounds)} | median | met by the median |")
+        print(f"|---|---|{'---|' * len(rounds)}---|---|")
     for name, value, threshold, at_least in GOALS:
         for n in sorted({r["n"] for r in rows}):
             values = []
@@ -187,9 +200,35 @@ def print_goals(rows):
                 continue
             median = known[len(known) // 2] if len(known) % 2 else (known[len(known) // 2 - 1] + known[len(known) // 2]) / 2
             met = median >= threshold if at_least else median <= threshold
-            shown = " | ".join("–" if v is None else f"{v:.2f}" for v in values)
+            if compact:
+                shown = f"{len(known)} | {known[0]:.2f} | {known[-1]:.2f}"
+            else:
+                shown = " | ".join("–" if v is None else f"{v:.2f}" for v in values)
             sign = "≥" if at_least else "≤"
             print(f"| {name} ({sign} {threshold}) | {n} | {shown} | {median:.2f} | {'yes' if met else 'NO'} |")
+
+
+def load_rows(paths):
+    """The rows of several `--json` files, each file's rounds renumbered after the
+    previous file's, so runs made at different times pool into one table."""
+    rows = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            sys.exit(f"cannot read {path}: {e.strerror}")
+        first = 1 + max((r["round"] for r in rows), default=-1)
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row["round"] = first + int(row.get("round", 0))
+                row["tool"], row["method"], row["n"], row["seconds"]
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                sys.exit(f"{path}:{number}: not a row written by --json ({type(e).__name__}: {e})")
+            rows.append(row)
+    return rows
 
 
 def main():
@@ -203,8 +242,16 @@ def main():
     ap.add_argument("--json", help="append all rows here as JSON lines")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the whole torch-then-hvp sequence this many times in turn (rows carry their round)")
+    ap.add_argument("--summarize", nargs="+", metavar="JSONL",
+                    help="time nothing: print the tables for rows written earlier by --json; several "
+                         "files pool their rounds (torch is not needed)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.summarize:
+        rows = load_rows(a.summarize)
+        print_speedups(rows)
+        print_goals(rows)
+        return
     ensure_torch()
     if a.one:
         print(json.dumps(one(a.one[0], int(a.one[1]), a.chunk, a.threads, a.repeats)))

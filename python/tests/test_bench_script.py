@@ -56,3 +56,43 @@ def test_a_missing_cell_is_shown_and_left_out_of_the_median(capsys):
     rows = [r for r in rows if not (r["round"] == 1 and r["method"] == "ggn")]
     ggn = goal_lines(capsys, rows)["HVP time / GGN time (≥ 1.5)"]
     assert "| 1.50 | – | 1.50 | yes |" in ggn, ggn
+
+
+def write_rows(path, rows):
+    import json
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+
+
+def test_summarize_pools_the_rounds_of_several_runs(tmp_path, capsys):
+    # Two runs of two rounds each, both numbered from 0 in their own file.
+    speedups = [2.4, 1.6, 2.2, 1.9]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_rows(first, rows_of_round(0, 3.0 * speedups[0], 2.0, 3.0, 1.2, 2.0)
+               + rows_of_round(1, 3.0 * speedups[1], 2.0, 3.0, 1.2, 2.0))
+    write_rows(second, rows_of_round(0, 3.0 * speedups[2], 2.0, 3.0, 1.2, 2.0)
+               + rows_of_round(1, 3.0 * speedups[3], 2.0, 3.0, 1.2, 2.0))
+    script = load_script()
+    rows = script.load_rows([first, second])
+    assert sorted({r["round"] for r in rows}) == [0, 1, 2, 3]
+    hvp = goal_lines(capsys, rows)["HVP speed-up over torch's best (≥ 2.0)"]
+    # Four rounds keep their columns; the median is over both runs.
+    assert "| 2.40 | 1.60 | 2.20 | 1.90 | 2.05 | yes |" in hvp, hvp
+
+
+def test_many_rounds_show_their_range_and_median(capsys):
+    speedups = [1.5, 2.5, 2.2, 1.8, 2.3, 1.7, 2.05]
+    rows = [r for i, s in enumerate(speedups) for r in rows_of_round(i, 3.0 * s, 2.0, 3.0, 1.2, 2.0)]
+    hvp = goal_lines(capsys, rows)["HVP speed-up over torch's best (≥ 2.0)"]
+    assert hvp.endswith("| 1000 | 7 | 1.50 | 2.50 | 2.05 | yes |"), hvp
+
+
+def test_summarize_names_the_line_that_is_not_a_row(tmp_path):
+    import pytest
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tool": "hvp", "method": "hvp", "n": 1000, "seconds": 3.0, "round": 0}\n{"tool": "hvp"}\n')
+    with pytest.raises(SystemExit) as e:
+        load_script().load_rows([bad])
+    assert str(e.value).startswith(f"{bad}:2: not a row written by --json"), e.value
+    with pytest.raises(SystemExit) as e:
+        load_script().load_rows([tmp_path / "missing.jsonl"])
+    assert "cannot read" in str(e.value) and "missing.jsonl" in str(e.value), e.value
